@@ -1,1 +1,5 @@
-//! placeholder
+//! A partner's node: loads its data under its IG policy, answers differentially
+//! private aggregate queries, keeps the budget ledger, release cache and audit log,
+//! and serves phm.v1.NodeService over mutual TLS.
+
+pub mod engine;

@@ -1,0 +1,1 @@
+//! Differentially private aggregate engine over DataFusion (being built).

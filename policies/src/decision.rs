@@ -1,0 +1,140 @@
+//! What `decide` returns: either the exact limits a node must run a query under, or
+//! every reason for refusal. The node's engine takes `Limits` and nothing else from
+//! the policy, so what the IG lead signed off is what runs.
+
+use crate::model::{ColumnType, Mechanism, Period, Rounding, Scope, SourceFormat, TotalKind};
+use phm_proto::AggregateKind;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Decision {
+    Allow(Box<Limits>),
+    Deny(Vec<Refusal>),
+}
+
+/// One reason for refusal, tied to the rule that caused it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    /// The policy rule, e.g. `requesters.dsu.purposes`.
+    pub rule: String,
+    /// Plain English an analyst or IG lead can act on.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RefusalKind {
+    UnknownRequester,
+    RequesterRevoked,
+    PurposeNotPermitted,
+    DatasetNotPermitted,
+    UnknownDataset,
+    UnknownColumn,
+    IdentifierColumn,
+    NotFilterable,
+    NotGroupable,
+    NotAggregatable,
+    TypeMismatch,
+    BinTooNarrow,
+    TooManyCells,
+    ProjectRequired,
+    UnknownProject,
+    ProjectNotForRequester,
+    ProjectExpired,
+    ProjectDatasetNotApproved,
+    ProjectColumnNotApproved,
+    ProjectOnlyForResearch,
+    EpsilonInvalid,
+    EpsilonOverCap,
+    UnsupportedAggregate,
+    OptOutMissing,
+}
+
+/// A privacy-budget ledger a query must be charged to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerCharge {
+    /// "requester:<id>" or "project:<id>".
+    pub ledger: String,
+    pub period: Period,
+    /// Label of the current period, e.g. "2026-11-23", "2026-11" or "2026-Q4".
+    pub period_label: String,
+    /// Epsilon the ledger holds per period.
+    pub total: f64,
+    pub per_query_cap: f64,
+}
+
+impl LedgerCharge {
+    /// Key under which this period's spend is stored.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.ledger, self.period_label)
+    }
+}
+
+/// A resolved column the query touches.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ColumnLimits {
+    pub name: String,
+    pub column_type: ColumnType,
+    /// Clamping bounds for numeric columns.
+    pub bounds: Option<(f64, f64)>,
+}
+
+/// The full set of group keys a group-by column releases.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum GroupDomain {
+    /// Declared categories, rendered as text the way results label them
+    /// (integers as "1", booleans as "true").
+    Categories(Vec<String>),
+    /// Numeric bins: key i covers [edges[i], edges[i+1]); the last bin is closed.
+    /// Labels are the lower edges, rendered like "40" (or "40.5").
+    Bins { edges: Vec<f64> },
+    /// No declared domain: keys are observed, then kept only if they pass DP
+    /// thresholding with the policy's delta.
+    Thresholded,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupLimits {
+    pub column: ColumnLimits,
+    /// Label in results, e.g. "imd_quintile" or "bin(age, 10)".
+    pub label: String,
+    pub domain: GroupDomain,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AggregateLimits {
+    pub alias: String,
+    pub kind: AggregateKind,
+    /// `None` for COUNT(*).
+    pub column: Option<ColumnLimits>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Limits {
+    /// Content hash of the policy that decided this.
+    pub policy_version: String,
+    pub dataset: String,
+    pub source_format: SourceFormat,
+    /// As written in the policy (relative to the policy file's folder unless absolute).
+    pub source_path: String,
+    pub person_id: String,
+    pub max_rows_per_person: u32,
+    pub total_kind: TotalKind,
+    /// Rows with this boolean column true are excluded before anything else.
+    pub exclude_opted_out: Option<String>,
+    pub group_by: Vec<GroupLimits>,
+    pub aggregates: Vec<AggregateLimits>,
+    /// Columns the filter reads, with their types (all checked filterable).
+    pub filter_columns: Vec<ColumnLimits>,
+    /// Total epsilon this query spends at this node (what was requested, within caps).
+    pub epsilon: f64,
+    pub mechanism: Mechanism,
+    pub delta: f64,
+    pub min_reportable_count: f64,
+    pub rounding: Rounding,
+    pub scope: Scope,
+    /// Every ledger to debit, atomically, before the answer leaves.
+    pub charges: Vec<LedgerCharge>,
+    /// Public registered population to report for coverage, if declared.
+    pub registered_population: Option<u64>,
+}

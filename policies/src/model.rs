@@ -1,0 +1,346 @@
+//! The policy file's data model, exactly as an IG lead writes it in TOML.
+//! Unknown fields are refused: a misspelt rule must never be silently ignored.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The whole policy file of one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Format version of the policy language; only 1 exists today.
+    pub version: u32,
+    pub organisation: Organisation,
+    #[serde(default)]
+    pub release: ReleaseRules,
+    /// National Data Opt-out handling. Absent means the data holds no opted-out
+    /// patients (the node then refuses planning and research queries on datasets
+    /// with patient rows unless `opt_out_not_applicable` is set on the dataset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opt_out: Option<OptOut>,
+    #[serde(default)]
+    pub datasets: Vec<Dataset>,
+    #[serde(default)]
+    pub requesters: Vec<Requester>,
+    #[serde(default)]
+    pub projects: Vec<Project>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OrganisationKind {
+    GpPractice,
+    AcuteTrust,
+    CommunityTrust,
+    MentalHealthTrust,
+    SocialCare,
+    LocalAuthority,
+    Other,
+}
+
+impl OrganisationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrganisationKind::GpPractice => "gp_practice",
+            OrganisationKind::AcuteTrust => "acute_trust",
+            OrganisationKind::CommunityTrust => "community_trust",
+            OrganisationKind::MentalHealthTrust => "mental_health_trust",
+            OrganisationKind::SocialCare => "social_care",
+            OrganisationKind::LocalAuthority => "local_authority",
+            OrganisationKind::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Organisation {
+    /// ODS code, e.g. "A81001" for a practice or "RXF" for a trust.
+    pub ods_code: String,
+    pub name: String,
+    pub kind: OrganisationKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcn: Option<String>,
+    /// Published registered population (e.g. the GP list size NHS England publishes
+    /// monthly). Public, so reporting it costs no privacy budget; used for coverage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_population: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Rounding {
+    None,
+    /// Round to the nearest 5 (NHS Digital / OpenSAFELY default).
+    Nearest5,
+    Nearest10,
+    /// OpenSAFELY "midpoint 6": values become the midpoint of 6-wide bands.
+    Midpoint6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// This organisation's figures may be shown on their own.
+    Standalone,
+    /// Only inside a system-level total.
+    SystemTotalOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    /// OpenDP discrete Laplace, pure epsilon-DP.
+    DiscreteLaplace,
+    /// OpenDP discrete Gaussian under zCDP, converted to (epsilon, delta).
+    DiscreteGaussian,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReleaseRules {
+    /// Cells whose noisy value is at or below this are suppressed. Default 7.
+    pub min_reportable_count: f64,
+    /// Default nearest_5.
+    pub rounding: Rounding,
+    /// Default standalone.
+    pub scope: Scope,
+    /// No single query may spend more than this at this node. Default 1.0.
+    pub per_query_epsilon_cap: f64,
+    /// Default discrete_laplace.
+    pub mechanism: Mechanism,
+    /// Delta for mechanisms that need it (Gaussian, thresholding). Default 1e-9.
+    pub delta: f64,
+    /// Most group cells one query may ask for (product of group-key domain sizes),
+    /// which limits isolating individuals by combining quasi-identifiers. Default 500.
+    pub max_group_cells: u64,
+    /// How long a signed query stays valid after it was issued, in seconds. Default 300.
+    pub query_validity_seconds: u64,
+}
+
+impl Default for ReleaseRules {
+    fn default() -> Self {
+        ReleaseRules {
+            min_reportable_count: 7.0,
+            rounding: Rounding::Nearest5,
+            scope: Scope::Standalone,
+            per_query_epsilon_cap: 1.0,
+            mechanism: Mechanism::DiscreteLaplace,
+            delta: 1e-9,
+            max_group_cells: 500,
+            query_validity_seconds: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OptOut {
+    /// Boolean column, true for patients who opted out (present in every dataset
+    /// unless the dataset says `opt_out_not_applicable`).
+    pub column: String,
+    /// Purposes the opt-out applies to. Default planning and research.
+    #[serde(default = "default_opt_out_purposes")]
+    pub purposes: Vec<String>,
+}
+
+fn default_opt_out_purposes() -> Vec<String> {
+    vec!["planning".into(), "research".into()]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    Parquet,
+    Csv,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub format: SourceFormat,
+    /// File path, relative to the policy file's folder unless absolute.
+    pub path: String,
+}
+
+/// How the system total of this dataset across partners should be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TotalKind {
+    /// Each person belongs to exactly one partner (e.g. GP registration).
+    DistinctPeople,
+    /// A person may appear at several partners (e.g. admissions at two trusts).
+    SumOfPartnerCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Dataset {
+    /// Logical name shared across the federation, e.g. "gp_patients".
+    pub name: String,
+    pub source: Source,
+    /// Column holding the pseudonymous person id (the privacy unit).
+    pub person_id: String,
+    /// Most rows one person may contribute; extra rows are dropped at random.
+    pub max_rows_per_person: u32,
+    #[serde(default = "default_total_kind")]
+    pub total_kind: TotalKind,
+    /// Set when this dataset cannot contain opted-out patients' rows.
+    #[serde(default)]
+    pub opt_out_not_applicable: bool,
+    pub columns: Vec<Column>,
+}
+
+fn default_total_kind() -> TotalKind {
+    TotalKind::SumOfPartnerCounts
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Integer,
+    Real,
+    Text,
+    Boolean,
+    /// ISO date, YYYY-MM-DD.
+    Date,
+}
+
+impl ColumnType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColumnType::Integer => "integer",
+            ColumnType::Real => "real",
+            ColumnType::Text => "text",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Date => "date",
+        }
+    }
+
+    pub fn is_numeric(self) -> bool {
+        matches!(self, ColumnType::Integer | ColumnType::Real)
+    }
+}
+
+/// How a column may be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Grouping {
+    /// Not a group key.
+    No,
+    /// Group over the declared `domain` (or `bin_edges`/bounds for numbers): every
+    /// declared key is released, zeros included.
+    Declared,
+    /// Group over observed keys, kept only if they pass DP thresholding.
+    Threshold,
+}
+
+/// A declared category domain: a list of values, or an integer range "1..5".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Domain {
+    /// Inclusive integer range written as "1..5".
+    Range(String),
+    Integers(Vec<i64>),
+    Texts(Vec<String>),
+    Booleans(Vec<bool>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Column {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub column_type: ColumnType,
+    /// Identifier columns (NHS number, postcode, date of birth, the person id) can
+    /// never be filtered, grouped or aggregated, whatever else is written.
+    #[serde(default)]
+    pub identifier: bool,
+    #[serde(default)]
+    pub filter: bool,
+    #[serde(default = "default_grouping")]
+    pub group: Grouping,
+    #[serde(default)]
+    pub aggregate: bool,
+    /// Clamping bounds [lower, upper] for numeric columns that are aggregated or
+    /// binned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<[f64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<Domain>,
+    /// Explicit bin edges for numeric group keys (GROUP BY col uses these bins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bin_edges: Option<Vec<f64>>,
+    /// Narrowest width allowed in `bin(col, width)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_bin_width: Option<f64>,
+}
+
+fn default_grouping() -> Grouping {
+    Grouping::No
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    Day,
+    Month,
+    Quarter,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+            Period::Quarter => "quarter",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Total epsilon per period.
+    pub epsilon: f64,
+    pub period: Period,
+    /// Most epsilon one query may spend from this budget.
+    pub per_query_cap: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Requester {
+    pub id: String,
+    pub organisation: String,
+    pub role: String,
+    /// Ed25519 public key, standard base64 of the 32 raw bytes (`phm keys new`).
+    pub public_key: String,
+    /// Any of direct_care, planning, research.
+    pub purposes: Vec<String>,
+    pub datasets: Vec<String>,
+    pub budget: Budget,
+    /// A revoked requester is refused, whatever its signature.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    pub id: String,
+    /// e.g. the REC/IRAS or data-access committee reference.
+    pub approval_ref: String,
+    pub lead: String,
+    /// Requester ids allowed to query under this project.
+    pub requesters: Vec<String>,
+    pub datasets: Vec<String>,
+    /// Columns the project may touch (in any approved dataset).
+    pub columns: Vec<String>,
+    /// Last day of approval: a TOML date, YYYY-MM-DD.
+    #[schemars(with = "String")]
+    pub expires: toml::value::Datetime,
+    pub budget: Budget,
+}
