@@ -1,0 +1,4 @@
+//! Library half of the `phm` command, so its parsers and generators can be tested and
+//! fuzzed apart from the binary.
+
+pub mod sql;
