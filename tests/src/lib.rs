@@ -1,1 +1,429 @@
-//! placeholder
+//! Harness for the end-to-end tests: builds and finds the real binaries, synthesises a
+//! small ICS, and starts nodes and a coordinator as real processes on loopback ports
+//! chosen at run time, with the certificates `phm synth` generated for the test.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub mod client;
+
+/// Paths of the three real binaries, built once per test run.
+#[derive(Debug)]
+pub struct Bins {
+    pub phm: PathBuf,
+    pub node: PathBuf,
+    pub coordinator: PathBuf,
+}
+
+/// Build (if needed) and locate `phm`, `phm-node` and `phm-coordinator` in the same
+/// target directory as this test binary, so `cargo test --workspace` alone suffices.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| match build_bins() {
+        Ok(b) => b,
+        Err(e) => panic!("cannot build the binaries under test: {e:#}"),
+    })
+}
+
+fn build_bins() -> Result<Bins> {
+    let exe = std::env::current_exe().context("locate test binary")?;
+    // target/<profile>/deps/e2e-… → target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test binary path {}", exe.display()))?
+        .to_path_buf();
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| anyhow!("unexpected profile dir {}", profile_dir.display()))?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("debug");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--bins",
+        "-p",
+        "phm",
+        "-p",
+        "phm-node",
+        "-p",
+        "phm-coordinator",
+    ])
+    .env("CARGO_TARGET_DIR", target_dir)
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile != "debug" {
+        cmd.args(["--profile", profile]);
+    }
+    let status = cmd.status().context("run cargo build for the binaries")?;
+    if !status.success() {
+        bail!("cargo build of the binaries failed: {status}");
+    }
+    let bin = |n: &str| profile_dir.join(format!("{n}{}", std::env::consts::EXE_SUFFIX));
+    let b = Bins {
+        phm: bin("phm"),
+        node: bin("phm-node"),
+        coordinator: bin("phm-coordinator"),
+    };
+    for p in [&b.phm, &b.node, &b.coordinator] {
+        if !p.exists() {
+            bail!("binary {} missing after build", p.display());
+        }
+    }
+    Ok(b)
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// Run `phm` with arguments; returns (exit code, stdout, stderr).
+pub fn phm(args: &[&str]) -> (i32, String, String) {
+    run(&bins().phm, args)
+}
+
+pub fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A synthetic ICS on disk (`phm synth`), in a temporary folder removed on drop.
+pub struct Ics {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Ics {
+    pub fn synth(population: u32, seed: u64) -> Ics {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let root = tmp.path().join("ics");
+        let (code, out, err) = phm(&[
+            "synth",
+            "--out",
+            &root.display().to_string(),
+            "--population",
+            &population.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]);
+        assert_eq!(code, 0, "phm synth failed:\n{out}\n{err}");
+        Ics { _tmp: tmp, root }
+    }
+
+    /// Every node config the synthesis wrote, sorted by organisation folder.
+    pub fn node_configs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.root)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path().join("node.toml"))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn coordinator_config(&self) -> PathBuf {
+        self.root.join("coordinator").join("coordinator.toml")
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.root.join("certs")
+    }
+
+    pub fn key(&self, requester: &str) -> PathBuf {
+        self.root.join("keys").join(format!("{requester}.key"))
+    }
+}
+
+/// A running child process that is killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log file: {e}"));
+        let err = file
+            .try_clone()
+            .unwrap_or_else(|e| panic!("log file clone: {e}"));
+        let child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status();
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait up to `timeout` for a clean exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.signal("TERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Poll `f` until it returns `Some`, or fail after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Rewrite a TOML file in place with `edit`.
+pub fn edit_toml(path: &Path, edit: impl FnOnce(&mut toml::Table)) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut t: toml::Table = text
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    edit(&mut t);
+    std::fs::write(path, toml::to_string(&t).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// A running federation: nodes and (optionally) a coordinator, on free loopback ports.
+pub struct Federation {
+    pub ics: Ics,
+    pub nodes: Vec<RunningNode>,
+    pub coordinator: Option<RunningCoordinator>,
+}
+
+pub struct RunningNode {
+    /// ODS code (the organisation's folder name).
+    pub id: String,
+    pub config: PathBuf,
+    pub addr: String,
+    pub proc: Proc,
+}
+
+impl RunningNode {
+    pub fn endpoint(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.config
+            .parent()
+            .map(|p| p.join("state"))
+            .unwrap_or_default()
+    }
+
+    /// Start the same node again (after a kill) on the same port.
+    pub fn restart(&mut self) {
+        let log = self.proc.log.with_extension("restart.log");
+        self.proc = Proc::spawn(
+            &self.id,
+            &bins().node,
+            &["--config", &self.config.display().to_string()],
+            log,
+        );
+        wait_listening(&self.addr, &mut self.proc);
+    }
+}
+
+pub struct RunningCoordinator {
+    pub config: PathBuf,
+    pub addr: String,
+    pub proc: Proc,
+}
+
+impl RunningCoordinator {
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+fn wait_listening(addr: &str, proc: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if !proc.is_running() {
+            panic!(
+                "{} exited before listening on {addr}; its log:\n{}",
+                proc.name,
+                proc.log_text()
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} did not listen on {addr} within 120 s; its log:\n{}",
+                proc.name,
+                proc.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Federation {
+    /// Synthesise an ICS and start `max_nodes` of its nodes (all when `None`), with
+    /// a coordinator registering exactly the started nodes.
+    pub fn start(population: u32, seed: u64, max_nodes: Option<usize>) -> Federation {
+        let ics = Ics::synth(population, seed);
+        Self::start_in(ics, max_nodes, true)
+    }
+
+    pub fn start_in(ics: Ics, max_nodes: Option<usize>, with_coordinator: bool) -> Federation {
+        let mut configs = ics.node_configs();
+        if let Some(n) = max_nodes {
+            configs.truncate(n);
+        }
+        let mut endpoints = std::collections::BTreeMap::new();
+        let mut nodes = Vec::new();
+        for config in configs {
+            let id = config
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let addr = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
+            edit_toml(&config, |t| {
+                t.insert("listen".into(), addr.clone().into());
+                t.insert("metrics_listen".into(), metrics.into());
+            });
+            let log = config.with_extension("log");
+            let proc = Proc::spawn(
+                &id,
+                &bins().node,
+                &["--config", &config.display().to_string()],
+                log,
+            );
+            endpoints.insert(id.clone(), addr.clone());
+            nodes.push(RunningNode {
+                id,
+                config,
+                addr,
+                proc,
+            });
+        }
+        for n in &mut nodes {
+            wait_listening(&n.addr.clone(), &mut n.proc);
+        }
+        let coordinator = with_coordinator.then(|| {
+            let config = ics.coordinator_config();
+            let addr = format!("127.0.0.1:{}", free_port());
+            edit_toml(&config, |t| {
+                t.insert("listen".into(), addr.clone().into());
+                if let Some(toml::Value::Array(list)) = t.get_mut("nodes") {
+                    list.retain(|n| {
+                        n.get("id")
+                            .and_then(|v| v.as_str())
+                            .is_some_and(|id| endpoints.contains_key(id))
+                    });
+                    for n in list.iter_mut() {
+                        let id = n
+                            .get("id")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or_default()
+                            .to_string();
+                        if let (Some(tbl), Some(a)) = (n.as_table_mut(), endpoints.get(&id)) {
+                            tbl.insert("endpoint".into(), format!("https://{a}").into());
+                        }
+                    }
+                }
+            });
+            let mut proc = Proc::spawn(
+                "coordinator",
+                &bins().coordinator,
+                &["--config", &config.display().to_string()],
+                config.with_extension("log"),
+            );
+            wait_listening(&addr, &mut proc);
+            RunningCoordinator { config, addr, proc }
+        });
+        Federation {
+            ics,
+            nodes,
+            coordinator,
+        }
+    }
+
+    pub fn node(&mut self, id: &str) -> &mut RunningNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    pub fn coordinator_url(&self) -> String {
+        self.coordinator
+            .as_ref()
+            .map(RunningCoordinator::url)
+            .unwrap_or_else(|| panic!("federation started without a coordinator"))
+    }
+}
