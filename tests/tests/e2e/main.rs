@@ -1,1 +1,13 @@
-//! placeholder
+//! End-to-end tests: real `phm-node`, `phm-coordinator` and `phm` processes on loopback
+//! ports chosen at run time, over mutual TLS with certificates generated for the test.
+//! One binary of modules, so the slow link happens once.
+
+mod node_server;
+
+/// A current-thread runtime for the async gRPC clients; the harness itself is blocking.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
