@@ -1,0 +1,320 @@
+//! A real coordinator with real nodes over mTLS: system answers against the synthetic
+//! truth, coverage when nodes die, stall or refuse, and idempotent resubmission.
+
+use crate::rt;
+use phm_e2e::client::{self, body, count, sign};
+use phm_e2e::{Federation, Ics, edit_toml, phm};
+use phm_proto::proto::NodeOutcome;
+use phm_proto::{GroupKey, Purpose};
+use std::time::{Duration, Instant};
+
+/// Largest k with P(Binomial(n, p) <= k) < 1e-6: observing more than k successes is
+/// what a correct 95% interval produces except with probability below one in a million.
+fn binomial_floor(n: usize, p: f64) -> usize {
+    let mut cdf = 0.0;
+    for k in 0..=n {
+        let ln_choose: f64 = (1..=k).map(|i| ((n - k + i) as f64 / i as f64).ln()).sum();
+        cdf += (ln_choose + k as f64 * p.ln() + (n - k) as f64 * (1.0 - p).ln()).exp();
+        if cdf >= 1e-6 {
+            return k.saturating_sub(1);
+        }
+    }
+    n
+}
+
+fn query_json(
+    fed: &Federation,
+    key: &str,
+    purpose: &str,
+    project: Option<&str>,
+    sql: &str,
+) -> serde_json::Value {
+    let certs = fed.ics.certs();
+    let key_path = fed.ics.key(key).display().to_string();
+    let ca = certs.join("ca.pem").display().to_string();
+    let cert = certs.join("dsu-client.pem").display().to_string();
+    let cert_key = certs.join("dsu-client.key").display().to_string();
+    let url = fed.coordinator_url();
+    let mut args = vec![
+        "query",
+        "--coordinator",
+        &url,
+        "--key",
+        &key_path,
+        "--purpose",
+        purpose,
+        "--format",
+        "json",
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--cert-key",
+        &cert_key,
+    ];
+    if let Some(p) = project {
+        args.extend(["--project", p]);
+    }
+    args.push(sql);
+    let (code, out, err) = phm(&args);
+    assert_eq!(code, 0, "phm query failed for {sql}:\n{out}\n{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("phm query --format json: {e}\n{out}"))
+}
+
+#[test]
+fn system_answers_cover_the_truth_and_say_who_answered() {
+    let fed = Federation::start(30_000, 21, None);
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fed.ics.root.join("reference_answers.json")).unwrap(),
+    )
+    .unwrap();
+    let questions = [
+        "population_by_imd_age",
+        "diabetes_by_imd_age",
+        "population_by_ethnicity",
+        "hypertension_by_ethnicity",
+        "emergency_admissions_by_place",
+    ];
+    let (mut cells, mut covered) = (0usize, 0usize);
+    for id in questions {
+        let q = reference["questions"]
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["id"] == id))
+            .unwrap_or_else(|| panic!("reference answer {id}"));
+        let sql = q["sql"].as_str().unwrap();
+        let answer = query_json(&fed, "dsu", "planning", None, sql);
+        let answered = answer["coverage"]["answered"].as_array().unwrap();
+        assert!(!answered.is_empty(), "{id}: someone must answer");
+        assert!(
+            answer["coverage"]["unreachable"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{id}: every node is up"
+        );
+        for truth in q["rows"].as_array().unwrap() {
+            let key: Vec<String> = truth["key"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            let row = answer["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| {
+                    let g = r["group"].as_object().unwrap();
+                    g.values().map(|v| v.as_str().unwrap_or_default().to_string()).collect::<Vec<_>>() == key
+                })
+                .unwrap_or_else(|| panic!("{id}: group {key:?} missing from the answer (every declared group is released)"));
+            for (alias, exact) in truth["values"].as_object().unwrap() {
+                let v = &row["values"][alias];
+                if v["suppressed"].as_bool() == Some(true) {
+                    continue;
+                }
+                let (lo, hi) = (
+                    v["ci95"][0].as_f64().unwrap(),
+                    v["ci95"][1].as_f64().unwrap(),
+                );
+                let exact = exact.as_f64().unwrap();
+                cells += 1;
+                if lo <= exact && exact <= hi {
+                    covered += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        cells >= 40,
+        "too few released cells to judge coverage: {cells}"
+    );
+    // Combined intervals are normal approximations of sums of discrete-Laplace noise;
+    // a single Laplace term covers ~93.7% at +-1.96 sd, so judge against 0.93.
+    let floor = binomial_floor(cells, 0.93);
+    assert!(
+        covered > floor,
+        "only {covered} of {cells} 95% intervals contain the exact answer (floor {floor})"
+    );
+
+    // A node's policy refuses the fuel-poverty question: reported with its reason.
+    let refused = query_json(
+        &fed,
+        "dsu",
+        "planning",
+        None,
+        "SELECT housing_tenure, COUNT(*) AS residents FROM la_residents WHERE fuel_poverty = TRUE GROUP BY housing_tenure",
+    );
+    let refusals = refused["coverage"]["refused"].as_array().unwrap();
+    assert!(
+        !refusals.is_empty(),
+        "the local authority's refusal is reported: {refused}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .all(|r| !r["reason"].as_str().unwrap_or_default().is_empty()),
+        "every refusal carries the policy's reason: {refused}"
+    );
+}
+
+fn imd_query(requester: &str) -> phm_proto::QueryBody {
+    body(
+        requester,
+        Purpose::Planning,
+        "gp_patients",
+        vec![GroupKey::Column("imd_quintile".into())],
+        vec![count("patients")],
+        None,
+        0.25,
+    )
+}
+
+#[test]
+fn dead_and_stalled_nodes_are_reported_and_never_delay_the_answer() {
+    let ics = Ics::synth(20_000, 22);
+    edit_toml(&ics.coordinator_config(), |t| {
+        t.insert("node_deadline_ms".into(), 3000.into());
+    });
+    let mut fed = Federation::start_in(ics, None, true);
+    let gp: Vec<String> = fed
+        .nodes
+        .iter()
+        .filter(|n| {
+            std::fs::read_to_string(n.config.parent().unwrap().join("policy.toml"))
+                .map(|t| t.contains("\"gp_patients\""))
+                .unwrap_or(false)
+        })
+        .map(|n| n.id.clone())
+        .collect();
+    assert!(gp.len() >= 3, "need three GP practices, got {gp:?}");
+    let (dead, stalled) = (gp[0].clone(), gp[1].clone());
+    fed.node(&dead).proc.kill9();
+    fed.node(&stalled).proc.signal("STOP");
+
+    let dsu = client::load_key(&fed.ics.key("dsu"));
+    let certs = fed.ics.certs();
+    let url = fed.coordinator_url();
+    let started = Instant::now();
+    let (progress, result) = rt().block_on(async {
+        let ch = client::channel(&url, &certs, Some("dsu-client"))
+            .await
+            .unwrap();
+        client::submit(ch, sign(imd_query("dsu"), &dsu))
+            .await
+            .expect("submit")
+    });
+    let elapsed = started.elapsed();
+    fed.node(&stalled).proc.signal("CONT");
+
+    let outcome = |id: &str| {
+        progress
+            .iter()
+            .find(|p| p.node.as_ref().is_some_and(|n| n.node_id == id))
+            .map(|p| p.outcome())
+            .unwrap_or_else(|| panic!("no progress event for {id}: {progress:?}"))
+    };
+    assert_eq!(outcome(&dead), NodeOutcome::Unreachable);
+    assert_eq!(outcome(&stalled), NodeOutcome::TimedOut);
+    for id in &gp[2..] {
+        assert_eq!(outcome(id), NodeOutcome::Answered, "{id} should answer");
+    }
+    assert!(
+        elapsed < Duration::from_millis(3000 + 4000),
+        "the answer took {elapsed:?}, past the 3 s node deadline plus margin"
+    );
+    let result = result.expect("a combined result despite the failures");
+    let coverage = result.coverage.expect("coverage");
+    assert!(
+        coverage.partial,
+        "an answer missing nodes is labelled partial"
+    );
+    assert!(coverage.unreachable.iter().any(|n| n.node_id == dead));
+    assert!(coverage.timed_out.iter().any(|n| n.node_id == stalled));
+    assert_eq!(result.rows.len(), 5);
+}
+
+#[test]
+fn resubmitting_a_query_returns_the_same_answer_without_new_spend() {
+    let fed = Federation::start(20_000, 23, Some(4));
+    let dsu = client::load_key(&fed.ics.key("dsu"));
+    let certs = fed.ics.certs();
+    let url = fed.coordinator_url();
+    let signed = sign(imd_query("dsu"), &dsu);
+    rt().block_on(async {
+        let ch = client::channel(&url, &certs, Some("dsu-client"))
+            .await
+            .unwrap();
+        let (_, first) = client::submit(ch.clone(), signed.clone())
+            .await
+            .expect("first");
+        let first = first.expect("first result");
+        let budget_before = federated_spent(ch.clone(), &dsu).await;
+        let (_, second) = client::submit(ch.clone(), signed.clone())
+            .await
+            .expect("second");
+        let second = second.expect("second result");
+        assert_eq!(
+            first, second,
+            "a resubmitted query id returns the stored answer"
+        );
+        let budget_after = federated_spent(ch.clone(), &dsu).await;
+        assert_eq!(
+            budget_before, budget_after,
+            "resubmission must not spend budget"
+        );
+
+        let mut c = phm_proto::proto::coordinator_service_client::CoordinatorServiceClient::new(ch);
+        let stored = c
+            .get_result(phm_proto::proto::GetResultRequest {
+                query_id: first.query_id.clone(),
+            })
+            .await
+            .expect("GetResult")
+            .into_inner();
+        assert_eq!(stored, first);
+    });
+}
+
+/// Total epsilon spent by `dsu` across every node, via the coordinator's Budget relay.
+async fn federated_spent(
+    ch: tonic::transport::Channel,
+    key: &ed25519_dalek::SigningKey,
+) -> Vec<(String, u64)> {
+    let mut c = phm_proto::proto::coordinator_service_client::CoordinatorServiceClient::new(ch);
+    let proof = phm_proto::RequesterProof::signed(
+        phm_proto::ProofOp::Budget,
+        "dsu".into(),
+        None,
+        client::now_ms(),
+        client::nonce(),
+        key,
+    );
+    let fb = c
+        .budget(phm_proto::proto::BudgetRequest {
+            proof: Some(proof.into()),
+        })
+        .await
+        .expect("budget")
+        .into_inner();
+    let mut v: Vec<(String, u64)> = fb
+        .nodes
+        .iter()
+        .map(|n| {
+            let spent: f64 = n
+                .budget
+                .as_ref()
+                .map(|b| b.ledgers.iter().map(|l| l.epsilon_spent).sum())
+                .unwrap_or(-1.0);
+            (
+                n.node
+                    .as_ref()
+                    .map(|r| r.node_id.clone())
+                    .unwrap_or_default(),
+                (spent * 1e9).round() as u64,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
