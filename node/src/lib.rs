@@ -2,4 +2,7 @@
 //! private aggregate queries, keeps the budget ledger, release cache and audit log,
 //! and serves phm.v1.NodeService over mutual TLS.
 
+pub mod audit;
+pub mod config;
 pub mod engine;
+pub mod store;
