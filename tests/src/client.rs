@@ -147,5 +147,145 @@ pub async fn submit(
 
 /// The `phm-reason` of a refusal, e.g. "POLICY_DENIED".
 pub fn reason(status: &tonic::Status) -> String {
-    phm_proto::Denial::from_status(status).reason_name().to_string()
+    phm_proto::Denial::from_status(status)
+        .reason_name()
+        .to_string()
+}
+
+/// Any text a refusal carries: its message and every individual reason, so tests can
+/// check that a refusal names the column or rule it is about.
+pub fn denial_text(status: &tonic::Status) -> String {
+    let d = phm_proto::Denial::from_status(status);
+    let mut text = format!("{} {}", status.message(), d.message);
+    for r in &d.reasons {
+        text.push(' ');
+        text.push_str(r);
+    }
+    text
+}
+
+/// A signed "it is me asking" for Describe or Budget.
+pub fn proof(
+    op: phm_proto::ProofOp,
+    requester: &str,
+    project: Option<&str>,
+    key: &SigningKey,
+) -> proto::RequesterProof {
+    phm_proto::RequesterProof::signed(
+        op,
+        requester.into(),
+        project.map(str::to_string),
+        now_ms(),
+        nonce(),
+        key,
+    )
+    .into()
+}
+
+/// The node's Budget RPC for `requester` (and `project`, for research ledgers).
+pub async fn node_budget(
+    ch: Channel,
+    requester: &str,
+    project: Option<&str>,
+    key: &SigningKey,
+) -> Result<proto::BudgetResponse, tonic::Status> {
+    let mut c = proto::node_service_client::NodeServiceClient::new(ch);
+    c.budget(proto::BudgetRequest {
+        proof: Some(proof(phm_proto::ProofOp::Budget, requester, project, key)),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// The node's Describe RPC for `requester`.
+pub async fn node_describe(
+    ch: Channel,
+    requester: &str,
+    project: Option<&str>,
+    key: &SigningKey,
+) -> Result<proto::DescribeResponse, tonic::Status> {
+    let mut c = proto::node_service_client::NodeServiceClient::new(ch);
+    c.describe(proto::DescribeRequest {
+        proof: Some(proof(phm_proto::ProofOp::Describe, requester, project, key)),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// The ledger named `ledger` (e.g. "requester:dsu") in a Budget answer.
+pub fn ledger<'a>(b: &'a proto::BudgetResponse, ledger: &str) -> Option<&'a proto::BudgetLedger> {
+    b.ledgers.iter().find(|l| l.ledger == ledger)
+}
+
+/// A codec that sends and receives message bodies as raw bytes, so tests can put
+/// malformed protobuf on the wire exactly as an attacker would.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        let mut v = vec![0u8; src.remaining()];
+        src.copy_to_slice(&mut v);
+        Ok(Some(v))
+    }
+}
+
+/// Send `bytes` as the request body of the unary RPC at `path`
+/// (e.g. "/phm.v1.NodeService/Query"); returns the raw response body.
+pub async fn unary_raw(
+    ch: Channel,
+    path: &'static str,
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    grpc.unary(tonic::Request::new(bytes), path, RawCodec)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Protobuf bytes of a `QueryRequest` for `q`.
+pub fn query_request_bytes(q: proto::AggregateQuery) -> Vec<u8> {
+    use prost::Message;
+    proto::QueryRequest { query: Some(q) }.encode_to_vec()
 }

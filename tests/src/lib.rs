@@ -341,6 +341,17 @@ impl Federation {
         if let Some(n) = max_nodes {
             configs.truncate(n);
         }
+        Self::start_configs(ics, configs, with_coordinator)
+    }
+
+    /// Start exactly the nodes whose organisation folders are `ids` (in that order),
+    /// and a coordinator registering only them when `with_coordinator`.
+    pub fn start_nodes(ics: Ics, ids: &[String], with_coordinator: bool) -> Federation {
+        let configs = ids.iter().map(|id| ics.node_config(id)).collect();
+        Self::start_configs(ics, configs, with_coordinator)
+    }
+
+    fn start_configs(ics: Ics, configs: Vec<PathBuf>, with_coordinator: bool) -> Federation {
         let mut endpoints = std::collections::BTreeMap::new();
         let mut nodes = Vec::new();
         for config in configs {
@@ -426,4 +437,174 @@ impl Federation {
             .map(RunningCoordinator::url)
             .unwrap_or_else(|| panic!("federation started without a coordinator"))
     }
+}
+
+impl Ics {
+    /// `DIR/<id>/node.toml`.
+    pub fn node_config(&self, id: &str) -> PathBuf {
+        self.root.join(id).join("node.toml")
+    }
+
+    /// `DIR/<id>/policy.toml`.
+    pub fn policy_path(&self, id: &str) -> PathBuf {
+        self.root.join(id).join("policy.toml")
+    }
+
+    /// Organisation folders whose policy exposes `dataset`, sorted.
+    pub fn nodes_serving(&self, dataset: &str) -> Vec<String> {
+        self.node_configs()
+            .iter()
+            .filter_map(|c| {
+                let dir = c.parent()?;
+                let policy = read_toml(&dir.join("policy.toml"));
+                let serves = policy
+                    .get("datasets")
+                    .and_then(toml::Value::as_array)
+                    .is_some_and(|ds| {
+                        ds.iter()
+                            .any(|d| d.get("name").and_then(toml::Value::as_str) == Some(dataset))
+                    });
+                serves.then(|| dir.file_name()?.to_str().map(str::to_string))?
+            })
+            .collect()
+    }
+}
+
+/// Parse a TOML file, panicking with its path on failure (test set-up only).
+pub fn read_toml(path: &Path) -> toml::Table {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `phm audit verify --data-dir DIR`; returns (exit code, stdout + stderr).
+pub fn audit_verify(data_dir: &Path) -> (i32, String) {
+    let (code, out, err) = phm(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    (code, format!("{out}{err}"))
+}
+
+/// How a start attempt ended.
+#[derive(Debug)]
+pub enum StartOutcome {
+    /// The process is listening (and now owned by the `RunningNode`).
+    Listening,
+    /// The process exited before listening, with this code and log.
+    Exited { code: Option<i32>, log: String },
+}
+
+impl RunningNode {
+    /// The node's policy file.
+    pub fn policy_path(&self) -> PathBuf {
+        self.config
+            .parent()
+            .map(|p| p.join("policy.toml"))
+            .unwrap_or_default()
+    }
+
+    /// Start the node again and report whether it came up or exited (and why), for
+    /// tests that damage its files first. Waits up to `timeout`.
+    pub fn try_restart(&mut self, timeout: Duration) -> StartOutcome {
+        let log = self.proc.log.with_extension("try.log");
+        let mut proc = Proc::spawn(
+            &self.id,
+            &bins().node,
+            &["--config", &self.config.display().to_string()],
+            log,
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                return StartOutcome::Exited {
+                    code: status.code(),
+                    log: proc.log_text(),
+                };
+            }
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                self.proc = proc;
+                return StartOutcome::Listening;
+            }
+            if Instant::now() > deadline {
+                let log = proc.log_text();
+                proc.kill9();
+                return StartOutcome::Exited { code: None, log };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Restart the node with these signals ignored (an ignored disposition survives
+    /// exec), e.g. `XFSZ` so that exceeding a file-size limit fails the write with
+    /// EFBIG instead of killing the process. The shell execs the node, so the pid is
+    /// the node's own.
+    pub fn restart_ignoring_signals(&mut self, signals: &[&str]) {
+        let log = self.proc.log.with_extension("restart.log");
+        let script = format!("trap '' {}; exec \"$0\" \"$@\"", signals.join(" "));
+        let node = bins().node.display().to_string();
+        let config = self.config.display().to_string();
+        self.proc = Proc::spawn(
+            &self.id,
+            Path::new("/bin/sh"),
+            &["-c", &script, &node, "--config", &config],
+            log,
+        );
+        wait_listening(&self.addr, &mut self.proc);
+    }
+}
+
+impl RunningCoordinator {
+    /// Start the coordinator again (after a kill) on the same port.
+    pub fn restart(&mut self) {
+        let log = self.proc.log.with_extension("restart.log");
+        self.proc = Proc::spawn(
+            "coordinator",
+            &bins().coordinator,
+            &["--config", &self.config.display().to_string()],
+            log,
+        );
+        wait_listening(&self.addr, &mut self.proc);
+    }
+}
+
+/// Set the budget (total epsilon per period and per-query cap) of requester or
+/// project `id` in a policy file; `section` is "requesters" or "projects". Also lifts
+/// the node-wide per-query cap to at least `per_query_cap`, so the test controls the
+/// limit it is about. Panics if `id` is not in the file.
+pub fn set_budget(policy: &Path, section: &str, id: &str, epsilon: f64, per_query_cap: f64) {
+    let mut found = false;
+    edit_toml(policy, |t| {
+        if let Some(toml::Value::Array(list)) = t.get_mut(section) {
+            for entry in list
+                .iter_mut()
+                .filter(|e| e.get("id").and_then(toml::Value::as_str) == Some(id))
+            {
+                if let Some(b) = entry.get_mut("budget").and_then(toml::Value::as_table_mut) {
+                    b.insert("epsilon".into(), epsilon.into());
+                    b.insert("per_query_cap".into(), per_query_cap.into());
+                    found = true;
+                }
+            }
+        }
+        let release = t
+            .entry("release")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(r) = release.as_table_mut() {
+            let cap = r
+                .get("per_query_epsilon_cap")
+                .and_then(toml::Value::as_float)
+                .unwrap_or(1.0);
+            if cap < per_query_cap {
+                r.insert("per_query_epsilon_cap".into(), per_query_cap.into());
+            }
+        }
+    });
+    assert!(
+        found,
+        "{}: no {section} entry {id:?} with a budget",
+        policy.display()
+    );
 }

@@ -2,7 +2,10 @@
 //! ports chosen at run time, over mutual TLS with certificates generated for the test.
 //! One binary of modules, so the slow link happens once.
 
+mod faults;
+mod federation;
 mod node_server;
+mod redteam;
 
 /// A current-thread runtime for the async gRPC clients; the harness itself is blocking.
 pub fn rt() -> tokio::runtime::Runtime {
