@@ -3,12 +3,17 @@
 //! No IO and no async here: callers read files and pass text in.
 
 pub mod decision;
+mod domain;
+mod engine;
 pub mod model;
+mod parse;
+mod validate;
 
 pub use decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
     Refusal, RefusalKind,
 };
+pub use engine::{ExplainLine, period_label};
 pub use model::PolicyFile;
 
 use phm_proto::QueryBody;
@@ -26,9 +31,12 @@ pub struct Policy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
     pub file: String,
+    /// 1-based line of the offending value (or key).
     pub line: usize,
+    /// 1-based column, counted in characters.
     pub column: usize,
-    /// Dotted path to the field, e.g. `requesters[0].purposes`.
+    /// Dotted path to the field, e.g. `requesters[0].purposes[1]`; empty for syntax
+    /// errors that belong to no field.
     pub field: String,
     pub message: String,
 }
@@ -39,11 +47,15 @@ impl std::fmt::Display for PolicyError {
             f,
             "{}:{}:{}: {}",
             self.file, self.line, self.column, self.message
-        )
+        )?;
+        if !self.field.is_empty() {
+            write!(f, " (at {})", self.field)?;
+        }
+        Ok(())
     }
 }
 
-/// Every problem found in a policy file (all are reported at once).
+/// Every problem found in a policy file (all are reported at once, in file order).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct PolicyErrors(pub Vec<PolicyError>);
 
@@ -61,17 +73,45 @@ impl std::fmt::Display for PolicyErrors {
 
 impl Policy {
     /// Parse and validate policy text. `source_name` (usually the file name) is used
-    /// in error locations.
+    /// in error locations. Every syntax error is reported; when the syntax is sound,
+    /// every structural and cross-field problem is reported.
     pub fn parse(source_name: &str, text: &str) -> Result<Policy, PolicyErrors> {
-        let file: PolicyFile = toml::from_str(text).map_err(|e| {
-            PolicyErrors(vec![PolicyError {
-                file: source_name.to_string(),
-                line: 1,
-                column: 1,
-                field: String::new(),
-                message: e.message().to_string(),
-            }])
-        })?;
+        let located = |problems: Vec<parse::Located>| {
+            let map = parse::LineMap::new(text);
+            let mut errors: Vec<(usize, PolicyError)> = problems
+                .into_iter()
+                .map(|p| {
+                    let (line, column) = map.locate(p.offset);
+                    (
+                        p.offset,
+                        PolicyError {
+                            file: source_name.to_string(),
+                            line,
+                            column,
+                            field: p.field,
+                            message: p.message,
+                        },
+                    )
+                })
+                .collect();
+            // Stable sort keeps messages about the same spot in the order they were found.
+            errors.sort_by_key(|(offset, _)| *offset);
+            PolicyErrors(errors.into_iter().map(|(_, e)| e).collect())
+        };
+        let (file, index) = parse::parse(text).map_err(located)?;
+        let problems = validate::validate(&file);
+        if !problems.is_empty() {
+            return Err(located(
+                problems
+                    .into_iter()
+                    .map(|(field, message)| parse::Located {
+                        offset: index.offset_of(&field),
+                        field,
+                        message,
+                    })
+                    .collect(),
+            ));
+        }
         Ok(Policy {
             file,
             version: hex::encode(Sha256::digest(text.as_bytes())),
@@ -101,9 +141,34 @@ impl Policy {
         self.requester(id)
             .and_then(|r| phm_proto::signing::public_key_from_base64(&r.public_key).ok())
     }
+
+    pub fn dataset(&self, name: &str) -> Option<&model::Dataset> {
+        self.file.datasets.iter().find(|d| d.name == name)
+    }
+
+    pub fn project(&self, id: &str) -> Option<&model::Project> {
+        self.file.projects.iter().find(|p| p.id == id)
+    }
 }
 
-/// Decide whether `query` may run under `policy` at time `now`. Default deny.
-pub fn decide(_policy: &Policy, _query: &QueryBody, _now: chrono::DateTime<chrono::Utc>) -> Decision {
-    Decision::Deny(vec![])
+/// Decide whether `query` may run under `policy` at time `now`. Default deny: the
+/// answer is `Allow` only when every check passed, otherwise `Deny` with every
+/// reason found (not just the first).
+pub fn decide(policy: &Policy, query: &QueryBody, now: chrono::DateTime<chrono::Utc>) -> Decision {
+    engine::evaluate(policy, query, now).decision
+}
+
+/// Line by line, which rule allowed or refused each part of `query` (the same
+/// evaluation `decide` runs, so the explanation cannot drift from the decision).
+pub fn explain(
+    policy: &Policy,
+    query: &QueryBody,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<ExplainLine> {
+    engine::evaluate(policy, query, now).lines
+}
+
+/// JSON Schema of the policy file format (for editors and documentation).
+pub fn schema() -> serde_json::Value {
+    schemars::schema_for!(PolicyFile).to_value()
 }

@@ -73,10 +73,14 @@ pub struct Organisation {
 #[serde(rename_all = "snake_case")]
 pub enum Rounding {
     None,
-    /// Round to the nearest 5 (NHS Digital / OpenSAFELY default).
+    /// Round to the nearest 5 (NHS Digital / OpenSAFELY default). Also accepted
+    /// as "nearest_5", the spelling these docs use.
+    #[serde(alias = "nearest_5")]
     Nearest5,
+    #[serde(alias = "nearest_10")]
     Nearest10,
     /// OpenSAFELY "midpoint 6": values become the midpoint of 6-wide bands.
+    #[serde(alias = "midpoint_6")]
     Midpoint6,
 }
 

@@ -1,0 +1,1018 @@
+//! The decision: one pass over a query that records, for every part, the rule that
+//! allowed or refused it. `decide` keeps the verdict, `explain` keeps the lines, so an
+//! explanation can never disagree with the decision it explains.
+
+use crate::Policy;
+use crate::decision::{
+    AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
+    Refusal, RefusalKind,
+};
+use crate::domain::{self, PlainGroup};
+use crate::model::{Budget, Column, ColumnType, Dataset, Grouping, Period, Project, Requester};
+use chrono::{DateTime, Datelike, Utc};
+use phm_proto::{AggregateKind, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody};
+use serde::Serialize;
+
+/// One step of a decision: which part of the query, which rule, and the outcome.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExplainLine {
+    pub allowed: bool,
+    /// Set on refused lines.
+    pub kind: Option<RefusalKind>,
+    /// The part of the query, e.g. `requester dsu` or `group key bin(age, 10)`.
+    pub subject: String,
+    /// The policy rule, e.g. `requesters.dsu.purposes`.
+    pub rule: String,
+    pub detail: String,
+}
+
+impl std::fmt::Display for ExplainLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mark = if self.allowed { "allowed" } else { "REFUSED" };
+        write!(
+            f,
+            "{mark:<8} {}  [{}]  {}",
+            self.subject, self.rule, self.detail
+        )
+    }
+}
+
+/// Label of the budget period `now` falls in: "2026-11-23", "2026-11" or "2026-Q4".
+pub fn period_label(period: Period, now: DateTime<Utc>) -> String {
+    match period {
+        Period::Day => now.format("%Y-%m-%d").to_string(),
+        Period::Month => now.format("%Y-%m").to_string(),
+        Period::Quarter => format!("{}-Q{}", now.year(), (now.month() - 1) / 3 + 1),
+    }
+}
+
+pub(crate) struct Evaluation {
+    pub decision: Decision,
+    pub lines: Vec<ExplainLine>,
+}
+
+#[derive(Default)]
+struct Trace {
+    lines: Vec<ExplainLine>,
+    refusals: Vec<Refusal>,
+}
+
+impl Trace {
+    fn allow(
+        &mut self,
+        subject: impl Into<String>,
+        rule: impl Into<String>,
+        detail: impl Into<String>,
+    ) {
+        self.lines.push(ExplainLine {
+            allowed: true,
+            kind: None,
+            subject: subject.into(),
+            rule: rule.into(),
+            detail: detail.into(),
+        });
+    }
+
+    fn refuse(
+        &mut self,
+        kind: RefusalKind,
+        subject: impl Into<String>,
+        rule: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let (rule, message) = (rule.into(), message.into());
+        self.lines.push(ExplainLine {
+            allowed: false,
+            kind: Some(kind),
+            subject: subject.into(),
+            rule: rule.clone(),
+            detail: message.clone(),
+        });
+        let refusal = Refusal {
+            kind,
+            rule,
+            message,
+        };
+        // The same column may be refused in several places; say it once.
+        if !self.refusals.contains(&refusal) {
+            self.refusals.push(refusal);
+        }
+    }
+}
+
+/// A group key's domain before it is built: sizes are checked first.
+enum PendingDomain {
+    Categories(Vec<String>),
+    Bins(Vec<f64>),
+    IntegerValues(i64, i64),
+    BinWidth { lower: f64, upper: f64, width: f64 },
+    Thresholded,
+}
+
+impl PendingDomain {
+    /// Number of keys, `None` when keys are observed and thresholded.
+    fn size(&self) -> Option<f64> {
+        match self {
+            PendingDomain::Categories(v) => Some(v.len() as f64),
+            PendingDomain::Bins(e) => Some(e.len().saturating_sub(1) as f64),
+            PendingDomain::IntegerValues(lo, hi) => Some((*hi as f64 - *lo as f64 + 1.0).max(0.0)),
+            PendingDomain::BinWidth {
+                lower,
+                upper,
+                width,
+            } => Some(domain::bin_count(*lower, *upper, *width)),
+            PendingDomain::Thresholded => None,
+        }
+    }
+
+    fn build(self) -> GroupDomain {
+        match self {
+            PendingDomain::Categories(v) => GroupDomain::Categories(v),
+            PendingDomain::Bins(edges) => GroupDomain::Bins { edges },
+            PendingDomain::IntegerValues(lo, hi) => {
+                GroupDomain::Categories((lo..=hi).map(|i| i.to_string()).collect())
+            }
+            PendingDomain::BinWidth {
+                lower,
+                upper,
+                width,
+            } => GroupDomain::Bins {
+                edges: domain::bin_edges(lower, upper, width),
+            },
+            PendingDomain::Thresholded => GroupDomain::Thresholded,
+        }
+    }
+}
+
+fn column_limits(c: &Column) -> ColumnLimits {
+    ColumnLimits {
+        name: c.name.clone(),
+        column_type: c.column_type,
+        bounds: c.bounds.map(|[lo, hi]| (lo, hi)),
+    }
+}
+
+struct DatasetCtx<'a> {
+    d: &'a Dataset,
+    path: String,
+}
+
+impl<'a> DatasetCtx<'a> {
+    fn col_rule(&self, c: &str, field: &str) -> String {
+        format!("{}.columns.{c}.{field}", self.path)
+    }
+
+    fn visible(&self) -> String {
+        let v: Vec<&str> = self
+            .d
+            .columns
+            .iter()
+            .filter(|c| !c.identifier)
+            .map(|c| c.name.as_str())
+            .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    }
+
+    /// The column, if it exists and is not an identifier.
+    fn resolve(&self, t: &mut Trace, subject: &str, name: &str) -> Option<&'a Column> {
+        match self.d.columns.iter().find(|c| c.name == name) {
+            None => {
+                t.refuse(
+                    RefusalKind::UnknownColumn,
+                    subject,
+                    format!("{}.columns", self.path),
+                    format!(
+                        "dataset {} has no column {name:?}; visible columns: {}",
+                        self.d.name,
+                        self.visible()
+                    ),
+                );
+                None
+            }
+            Some(c) if c.identifier => {
+                t.refuse(
+                    RefusalKind::IdentifierColumn,
+                    subject,
+                    self.col_rule(name, "identifier"),
+                    format!(
+                        "column {name} is an identifier; identifiers can never be filtered, \
+                         grouped or aggregated"
+                    ),
+                );
+                None
+            }
+            Some(c) => Some(c),
+        }
+    }
+}
+
+pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Evaluation {
+    let mut t = Trace::default();
+    let f = policy.file();
+    let requester = check_requester(policy, q, &mut t);
+    let dataset = check_dataset(policy, q, requester, &mut t);
+    let project = check_project(policy, q, requester, now, &mut t);
+
+    let mut group_by = Vec::new();
+    let mut aggregates = Vec::new();
+    let mut filter_columns: Vec<ColumnLimits> = Vec::new();
+    let mut exclude_opted_out = None;
+    if let Some(d) = dataset {
+        let ctx = DatasetCtx {
+            d,
+            path: format!("datasets.{}", d.name),
+        };
+        group_by = check_group_keys(policy, q, &ctx, &mut t);
+        aggregates = check_aggregates(q, &ctx, &mut t);
+        if let Some(filter) = &q.filter {
+            filter_columns = check_filter(filter, &ctx, &mut t);
+        }
+        if let Some(p) = project {
+            check_project_columns(q, p, &mut t);
+        }
+        exclude_opted_out = check_opt_out(policy, q, d, &mut t);
+    }
+    check_epsilon(policy, q, requester, project, &mut t);
+
+    let mut charges = Vec::new();
+    let mut charge = |ledger: String, b: &Budget, t: &mut Trace, rule: String| {
+        let c = LedgerCharge {
+            ledger,
+            period: b.period,
+            period_label: period_label(b.period, now),
+            total: b.epsilon,
+            per_query_cap: b.per_query_cap,
+        };
+        t.allow(
+            format!("budget {}", c.key()),
+            rule,
+            format!(
+                "charged epsilon {} from {} per {}",
+                q.epsilon,
+                b.epsilon,
+                b.period.as_str()
+            ),
+        );
+        charges.push(c);
+    };
+    if let Some(r) = requester {
+        charge(
+            format!("requester:{}", r.id),
+            &r.budget,
+            &mut t,
+            format!("requesters.{}.budget", r.id),
+        );
+    }
+    if let Some(p) = project {
+        charge(
+            format!("project:{}", p.id),
+            &p.budget,
+            &mut t,
+            format!("projects.{}.budget", p.id),
+        );
+    }
+
+    let r = &f.release;
+    t.allow(
+        "release",
+        "release",
+        format!(
+            "mechanism {:?}, delta {}, suppress at or below {}, rounding {:?}, scope {:?}",
+            r.mechanism, r.delta, r.min_reportable_count, r.rounding, r.scope
+        ),
+    );
+
+    let decision = match (requester, dataset) {
+        (Some(_), Some(d)) if t.refusals.is_empty() => Decision::Allow(Box::new(Limits {
+            policy_version: policy.version().to_string(),
+            dataset: d.name.clone(),
+            source_format: d.source.format,
+            source_path: d.source.path.clone(),
+            person_id: d.person_id.clone(),
+            max_rows_per_person: d.max_rows_per_person,
+            total_kind: d.total_kind,
+            exclude_opted_out,
+            group_by,
+            aggregates,
+            filter_columns,
+            epsilon: q.epsilon,
+            mechanism: r.mechanism,
+            delta: r.delta,
+            min_reportable_count: r.min_reportable_count,
+            rounding: r.rounding,
+            scope: r.scope,
+            charges,
+            registered_population: f.organisation.registered_population,
+        })),
+        _ => Decision::Deny(t.refusals),
+    };
+    Evaluation {
+        decision,
+        lines: t.lines,
+    }
+}
+
+fn check_requester<'a>(policy: &'a Policy, q: &QueryBody, t: &mut Trace) -> Option<&'a Requester> {
+    let id = &q.requester_id;
+    let subject = format!("requester {id}");
+    let Some(r) = policy.requester(id) else {
+        t.refuse(
+            RefusalKind::UnknownRequester,
+            subject,
+            "requesters",
+            format!("requester {id:?} is not listed in this node's policy"),
+        );
+        return None;
+    };
+    if r.revoked {
+        t.refuse(
+            RefusalKind::RequesterRevoked,
+            &subject,
+            format!("requesters.{id}.revoked"),
+            format!("requester {id:?} has been revoked"),
+        );
+    } else {
+        t.allow(
+            &subject,
+            format!("requesters.{id}"),
+            format!("listed ({}, {}), not revoked", r.role, r.organisation),
+        );
+    }
+    let purpose = q.purpose.as_str();
+    let rule = format!("requesters.{id}.purposes");
+    if r.purposes.iter().any(|p| p == purpose) {
+        t.allow(
+            format!("purpose {purpose}"),
+            rule,
+            "permitted for this requester",
+        );
+    } else {
+        t.refuse(
+            RefusalKind::PurposeNotPermitted,
+            format!("purpose {purpose}"),
+            rule,
+            format!(
+                "requester {id:?} may query for {} only, not {purpose}",
+                r.purposes.join(", ")
+            ),
+        );
+    }
+    Some(r)
+}
+
+fn check_dataset<'a>(
+    policy: &'a Policy,
+    q: &QueryBody,
+    requester: Option<&Requester>,
+    t: &mut Trace,
+) -> Option<&'a Dataset> {
+    let name = &q.dataset;
+    let subject = format!("dataset {name}");
+    let Some(d) = policy.dataset(name) else {
+        let offered: Vec<&str> = policy
+            .file()
+            .datasets
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        t.refuse(
+            RefusalKind::UnknownDataset,
+            subject,
+            "datasets",
+            format!(
+                "dataset {name:?} is not offered by this node (offered: {})",
+                if offered.is_empty() {
+                    "none".to_string()
+                } else {
+                    offered.join(", ")
+                }
+            ),
+        );
+        return None;
+    };
+    if let Some(r) = requester {
+        let rule = format!("requesters.{}.datasets", r.id);
+        if r.datasets.iter().any(|x| x == name) {
+            t.allow(&subject, rule, "permitted for this requester");
+        } else {
+            t.refuse(
+                RefusalKind::DatasetNotPermitted,
+                &subject,
+                rule,
+                format!(
+                    "requester {:?} may not query dataset {name} (permitted: {})",
+                    r.id,
+                    if r.datasets.is_empty() {
+                        "none".to_string()
+                    } else {
+                        r.datasets.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+    Some(d)
+}
+
+fn check_project<'a>(
+    policy: &'a Policy,
+    q: &QueryBody,
+    requester: Option<&Requester>,
+    now: DateTime<Utc>,
+    t: &mut Trace,
+) -> Option<&'a Project> {
+    match (q.purpose, &q.project_id) {
+        (Purpose::Research, None) => {
+            t.refuse(
+                RefusalKind::ProjectRequired,
+                "project",
+                "projects",
+                "research queries must name an approved project",
+            );
+            None
+        }
+        (Purpose::Research, Some(id)) => {
+            let subject = format!("project {id}");
+            let Some(p) = policy.project(id) else {
+                t.refuse(
+                    RefusalKind::UnknownProject,
+                    subject,
+                    "projects",
+                    format!("project {id:?} is not approved at this node"),
+                );
+                return None;
+            };
+            let base = format!("projects.{id}");
+            if requester.is_some() {
+                if p.requesters.contains(&q.requester_id) {
+                    t.allow(
+                        &subject,
+                        format!("{base}.requesters"),
+                        "requester is on the project",
+                    );
+                } else {
+                    t.refuse(
+                        RefusalKind::ProjectNotForRequester,
+                        &subject,
+                        format!("{base}.requesters"),
+                        format!(
+                            "requester {:?} is not on project {id} ({})",
+                            q.requester_id,
+                            p.requesters.join(", ")
+                        ),
+                    );
+                }
+            }
+            match crate::validate::expiry_date(&p.expires) {
+                Some(expires) if expires >= now.date_naive() => t.allow(
+                    &subject,
+                    format!("{base}.expires"),
+                    format!("approval {} valid until {expires}", p.approval_ref),
+                ),
+                _ => t.refuse(
+                    RefusalKind::ProjectExpired,
+                    &subject,
+                    format!("{base}.expires"),
+                    format!("project {id} approval expired on {}", p.expires),
+                ),
+            }
+            if policy.dataset(&q.dataset).is_some() {
+                if p.datasets.contains(&q.dataset) {
+                    t.allow(
+                        &subject,
+                        format!("{base}.datasets"),
+                        format!("dataset {} approved", q.dataset),
+                    );
+                } else {
+                    t.refuse(
+                        RefusalKind::ProjectDatasetNotApproved,
+                        &subject,
+                        format!("{base}.datasets"),
+                        format!(
+                            "project {id} is not approved for dataset {} (approved: {})",
+                            q.dataset,
+                            p.datasets.join(", ")
+                        ),
+                    );
+                }
+            }
+            Some(p)
+        }
+        (_, Some(id)) => {
+            t.refuse(
+                RefusalKind::ProjectOnlyForResearch,
+                format!("project {id}"),
+                "projects",
+                format!(
+                    "a project is named but the purpose is {}; projects apply to research only",
+                    q.purpose
+                ),
+            );
+            None
+        }
+        (_, None) => None,
+    }
+}
+
+fn check_project_columns(q: &QueryBody, p: &Project, t: &mut Trace) {
+    for c in q.columns() {
+        let rule = format!("projects.{}.columns", p.id);
+        if p.columns.iter().any(|x| x == c) {
+            t.allow(format!("column {c}"), rule, "approved for the project");
+        } else {
+            t.refuse(
+                RefusalKind::ProjectColumnNotApproved,
+                format!("column {c}"),
+                rule,
+                format!("project {} is not approved to use column {c}", p.id),
+            );
+        }
+    }
+}
+
+fn check_group_keys(
+    policy: &Policy,
+    q: &QueryBody,
+    ctx: &DatasetCtx<'_>,
+    t: &mut Trace,
+) -> Vec<GroupLimits> {
+    let mut pending = Vec::new();
+    for g in &q.group_by {
+        let subject = format!("group key {}", g.label());
+        let Some(c) = ctx.resolve(t, &subject, g.column()) else {
+            continue;
+        };
+        if let Some(d) = group_domain(g, c, ctx, t, &subject) {
+            pending.push((g, c, d));
+        }
+    }
+    if pending.len() != q.group_by.len() {
+        return Vec::new();
+    }
+    let max = policy.file().release.max_group_cells;
+    let cells = pending
+        .iter()
+        .filter_map(|(_, _, d)| d.size())
+        .fold(1.0_f64, |acc, n| acc * n);
+    let thresholded = pending.iter().any(|(_, _, d)| d.size().is_none());
+    let note = if thresholded {
+        " (thresholded keys not counted: only keys passing DP thresholding are released)"
+    } else {
+        ""
+    };
+    if !q.group_by.is_empty() {
+        if cells > max as f64 || !cells.is_finite() {
+            t.refuse(
+                RefusalKind::TooManyCells,
+                "group cells",
+                "release.max_group_cells",
+                format!(
+                    "the group keys make {cells} cells; this node releases at most {max} per query{note}"
+                ),
+            );
+            return Vec::new();
+        }
+        t.allow(
+            "group cells",
+            "release.max_group_cells",
+            format!("{cells} cells, at most {max}{note}"),
+        );
+    }
+    pending
+        .into_iter()
+        .map(|(g, c, d)| GroupLimits {
+            column: column_limits(c),
+            label: g.label(),
+            domain: d.build(),
+        })
+        .collect()
+}
+
+fn group_domain(
+    g: &GroupKey,
+    c: &Column,
+    ctx: &DatasetCtx<'_>,
+    t: &mut Trace,
+    subject: &str,
+) -> Option<PendingDomain> {
+    let name = &c.name;
+    if c.group == Grouping::No {
+        t.refuse(
+            RefusalKind::NotGroupable,
+            subject,
+            ctx.col_rule(name, "group"),
+            format!("column {name} may not be grouped by"),
+        );
+        return None;
+    }
+    match g {
+        GroupKey::Column(_) => {
+            if c.group == Grouping::Threshold {
+                t.allow(
+                    subject,
+                    ctx.col_rule(name, "group"),
+                    "observed keys, kept only if they pass DP thresholding",
+                );
+                return Some(PendingDomain::Thresholded);
+            }
+            let rule = ctx.col_rule(name, "group");
+            let d = match domain::plain_group(c) {
+                PlainGroup::Categories(v) => PendingDomain::Categories(v),
+                PlainGroup::Bins(e) => PendingDomain::Bins(e),
+                PlainGroup::IntegerValues { low, high } => PendingDomain::IntegerValues(low, high),
+                PlainGroup::TooNarrow { min_bin_width } => {
+                    t.refuse(
+                        RefusalKind::BinTooNarrow,
+                        subject,
+                        ctx.col_rule(name, "min_bin_width"),
+                        format!(
+                            "grouping by single values of {name} is narrower than its \
+                             min_bin_width {min_bin_width}; use bin({name}, {min_bin_width}) or wider"
+                        ),
+                    );
+                    return None;
+                }
+                PlainGroup::NeedsBin | PlainGroup::Undeclared => {
+                    t.refuse(
+                        RefusalKind::NotGroupable,
+                        subject,
+                        rule,
+                        format!(
+                            "{name} has no declared categories; group by bin({name}, width) instead"
+                        ),
+                    );
+                    return None;
+                }
+            };
+            t.allow(
+                subject,
+                rule,
+                format!("declared domain of {} keys", d.size().unwrap_or(0.0)),
+            );
+            Some(d)
+        }
+        GroupKey::Bin { width, .. } => {
+            let width = *width;
+            if !c.column_type.is_numeric() {
+                t.refuse(
+                    RefusalKind::TypeMismatch,
+                    subject,
+                    ctx.col_rule(name, "type"),
+                    format!(
+                        "bin() needs an integer or real column; {name} is {}",
+                        c.column_type.as_str()
+                    ),
+                );
+                return None;
+            }
+            let min = c.min_bin_width.unwrap_or(0.0);
+            if !(width.is_finite() && width > 0.0) || width < min {
+                t.refuse(
+                    RefusalKind::BinTooNarrow,
+                    subject,
+                    ctx.col_rule(name, "min_bin_width"),
+                    format!(
+                        "bin width {width} for {name} is narrower than the minimum {}",
+                        c.min_bin_width
+                            .map_or("(positive)".to_string(), |m| m.to_string())
+                    ),
+                );
+                return None;
+            }
+            let Some([lower, upper]) = c.bounds else {
+                t.refuse(
+                    RefusalKind::NotGroupable,
+                    subject,
+                    ctx.col_rule(name, "bounds"),
+                    format!("{name} has no bounds, so bin({name}, width) has no declared bins"),
+                );
+                return None;
+            };
+            t.allow(
+                subject,
+                ctx.col_rule(name, "min_bin_width"),
+                format!("width {width} at least {min}; bins over bounds [{lower}, {upper}]"),
+            );
+            Some(PendingDomain::BinWidth {
+                lower,
+                upper,
+                width,
+            })
+        }
+    }
+}
+
+fn check_aggregates(q: &QueryBody, ctx: &DatasetCtx<'_>, t: &mut Trace) -> Vec<AggregateLimits> {
+    let mut out = Vec::new();
+    if q.aggregates.is_empty() {
+        t.refuse(
+            RefusalKind::UnsupportedAggregate,
+            "aggregates",
+            "release",
+            "the query asks for no aggregate; use COUNT(*), SUM(col) or AVG(col)",
+        );
+    }
+    for a in &q.aggregates {
+        let arg = a.column.as_deref().unwrap_or("*");
+        let subject = format!("{}({arg}) AS {}", a.kind.name(), a.alias);
+        match (a.kind, &a.column) {
+            (AggregateKind::Count, None) => {
+                t.allow(&subject, "release", "person-level count");
+                out.push(AggregateLimits {
+                    alias: a.alias.clone(),
+                    kind: a.kind,
+                    column: None,
+                });
+            }
+            (AggregateKind::Count, Some(c)) => t.refuse(
+                RefusalKind::UnsupportedAggregate,
+                &subject,
+                "release",
+                format!("COUNT({c}) is not supported; use COUNT(*) with WHERE {c} IS NOT NULL"),
+            ),
+            (AggregateKind::Quantile(_), _) => t.refuse(
+                RefusalKind::UnsupportedAggregate,
+                &subject,
+                "release",
+                "QUANTILE is not supported yet; use COUNT(*) over bins instead",
+            ),
+            (AggregateKind::Sum | AggregateKind::Mean, None) => t.refuse(
+                RefusalKind::UnsupportedAggregate,
+                &subject,
+                "release",
+                format!("{} needs a column", a.kind.name()),
+            ),
+            (AggregateKind::Sum | AggregateKind::Mean, Some(name)) => {
+                let Some(c) = ctx.resolve(t, &subject, name) else {
+                    continue;
+                };
+                if !c.column_type.is_numeric() {
+                    t.refuse(
+                        RefusalKind::TypeMismatch,
+                        &subject,
+                        ctx.col_rule(name, "type"),
+                        format!(
+                            "{} needs an integer or real column; {name} is {}",
+                            a.kind.name(),
+                            c.column_type.as_str()
+                        ),
+                    );
+                } else if !c.aggregate || c.bounds.is_none() {
+                    t.refuse(
+                        RefusalKind::NotAggregatable,
+                        &subject,
+                        ctx.col_rule(name, "aggregate"),
+                        format!("column {name} may not be summed or averaged"),
+                    );
+                } else {
+                    let limits = column_limits(c);
+                    if let Some((lo, hi)) = limits.bounds {
+                        t.allow(
+                            &subject,
+                            ctx.col_rule(name, "aggregate"),
+                            format!("values clamped to [{lo}, {hi}]"),
+                        );
+                    }
+                    out.push(AggregateLimits {
+                        alias: a.alias.clone(),
+                        kind: a.kind,
+                        column: Some(limits),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Leaves of a filter tree, without recursion (a hostile tree cannot exhaust the stack).
+fn leaves(p: &Predicate) -> Vec<&Predicate> {
+    let mut out = Vec::new();
+    let mut stack = vec![p];
+    while let Some(p) = stack.pop() {
+        match p {
+            Predicate::All(ps) | Predicate::Any(ps) => stack.extend(ps.iter().rev()),
+            Predicate::Not(inner) => stack.push(inner),
+            leaf => out.push(leaf),
+        }
+    }
+    out
+}
+
+fn check_filter(filter: &Predicate, ctx: &DatasetCtx<'_>, t: &mut Trace) -> Vec<ColumnLimits> {
+    let mut cols: Vec<ColumnLimits> = Vec::new();
+    for leaf in leaves(filter) {
+        let subject = format!("filter {leaf}");
+        let (name, literals, ordered): (&str, Vec<&Literal>, bool) = match leaf {
+            Predicate::Compare { column, op, value } => (
+                column,
+                vec![value],
+                !matches!(op, CompareOp::Eq | CompareOp::Ne),
+            ),
+            Predicate::InList { column, values, .. } => (column, values.iter().collect(), false),
+            Predicate::Between {
+                column, low, high, ..
+            } => (column, vec![low, high], true),
+            Predicate::IsNull { column, .. } => (column, Vec::new(), false),
+            Predicate::All(_) | Predicate::Any(_) | Predicate::Not(_) => continue,
+        };
+        let Some(c) = ctx.resolve(t, &subject, name) else {
+            continue;
+        };
+        if !c.filter {
+            t.refuse(
+                RefusalKind::NotFilterable,
+                &subject,
+                ctx.col_rule(name, "filter"),
+                format!("column {name} may not be filtered on"),
+            );
+            continue;
+        }
+        let mut ok = true;
+        if ordered && c.column_type == ColumnType::Boolean {
+            ok = false;
+            t.refuse(
+                RefusalKind::TypeMismatch,
+                &subject,
+                ctx.col_rule(name, "type"),
+                format!("{name} is boolean; compare it with = or <> only"),
+            );
+        }
+        for lit in literals {
+            if let Err(why) = literal_fits(c, lit) {
+                ok = false;
+                t.refuse(
+                    RefusalKind::TypeMismatch,
+                    &subject,
+                    ctx.col_rule(name, "type"),
+                    why,
+                );
+            }
+        }
+        if ok {
+            t.allow(
+                &subject,
+                ctx.col_rule(name, "filter"),
+                "filterable, types match",
+            );
+        }
+        if !cols.iter().any(|x| x.name == c.name) {
+            cols.push(column_limits(c));
+        }
+    }
+    cols
+}
+
+fn literal_fits(c: &Column, lit: &Literal) -> Result<(), String> {
+    let fits = match (c.column_type, lit) {
+        (ColumnType::Integer | ColumnType::Real, Literal::Integer(_) | Literal::Real(_))
+        | (ColumnType::Text, Literal::Text(_))
+        | (ColumnType::Boolean, Literal::Boolean(_)) => true,
+        (ColumnType::Date, Literal::Text(s)) => {
+            if chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok() {
+                true
+            } else {
+                return Err(format!(
+                    "{} is a date; write dates as 'YYYY-MM-DD', not {lit}",
+                    c.name
+                ));
+            }
+        }
+        _ => false,
+    };
+    if fits {
+        Ok(())
+    } else {
+        let what = match lit {
+            Literal::Boolean(_) => "a boolean",
+            Literal::Integer(_) => "an integer",
+            Literal::Real(_) => "a number",
+            Literal::Text(_) => "a text",
+        };
+        Err(format!(
+            "{} is {}, but {lit} is {what}",
+            c.name,
+            c.column_type.as_str()
+        ))
+    }
+}
+
+fn check_opt_out(policy: &Policy, q: &QueryBody, d: &Dataset, t: &mut Trace) -> Option<String> {
+    let purpose = q.purpose.as_str();
+    let subject = "national data opt-out";
+    match &policy.file().opt_out {
+        Some(o) if o.purposes.iter().any(|p| p == purpose) => {
+            if d.opt_out_not_applicable {
+                t.allow(
+                    subject,
+                    format!("datasets.{}.opt_out_not_applicable", d.name),
+                    "dataset cannot hold opted-out patients; nothing to exclude",
+                );
+                None
+            } else if d.columns.iter().any(|c| c.name == o.column) {
+                t.allow(
+                    subject,
+                    "opt_out.purposes",
+                    format!("rows with {} = true excluded for {purpose}", o.column),
+                );
+                Some(o.column.clone())
+            } else {
+                t.refuse(
+                    RefusalKind::OptOutMissing,
+                    subject,
+                    "opt_out.column",
+                    format!(
+                        "the opt-out applies to {purpose} but dataset {} has no column {}",
+                        d.name, o.column
+                    ),
+                );
+                None
+            }
+        }
+        Some(_) => {
+            t.allow(
+                subject,
+                "opt_out.purposes",
+                format!("the opt-out does not apply to {purpose}"),
+            );
+            None
+        }
+        None if q.purpose != Purpose::DirectCare && !d.opt_out_not_applicable => {
+            t.refuse(
+                RefusalKind::OptOutMissing,
+                subject,
+                "opt_out",
+                format!(
+                    "the policy has no [opt_out] section and dataset {} is not marked \
+                     opt_out_not_applicable, so {purpose} queries cannot honour the National \
+                     Data Opt-out",
+                    d.name
+                ),
+            );
+            None
+        }
+        None => {
+            t.allow(
+                subject,
+                "opt_out",
+                format!("no opt-out exclusion for {purpose}"),
+            );
+            None
+        }
+    }
+}
+
+fn check_epsilon(
+    policy: &Policy,
+    q: &QueryBody,
+    requester: Option<&Requester>,
+    project: Option<&Project>,
+    t: &mut Trace,
+) {
+    let e = q.epsilon;
+    let subject = format!("epsilon {e}");
+    if !(e.is_finite() && e > 0.0) {
+        t.refuse(
+            RefusalKind::EpsilonInvalid,
+            subject,
+            "release.per_query_epsilon_cap",
+            format!("epsilon must be a positive finite number, got {e}"),
+        );
+        return;
+    }
+    let mut caps = vec![(
+        "release.per_query_epsilon_cap".to_string(),
+        policy.file().release.per_query_epsilon_cap,
+        "this node's per-query cap".to_string(),
+    )];
+    if let Some(r) = requester {
+        caps.push((
+            format!("requesters.{}.budget.per_query_cap", r.id),
+            r.budget.per_query_cap,
+            format!("requester {}'s per-query cap", r.id),
+        ));
+    }
+    if let Some(p) = project {
+        caps.push((
+            format!("projects.{}.budget.per_query_cap", p.id),
+            p.budget.per_query_cap,
+            format!("project {}'s per-query cap", p.id),
+        ));
+    }
+    for (rule, cap, what) in caps {
+        if e > cap {
+            t.refuse(
+                RefusalKind::EpsilonOverCap,
+                &subject,
+                rule,
+                format!("epsilon {e} is over {what} of {cap}"),
+            );
+        } else {
+            t.allow(&subject, rule, format!("within {what} of {cap}"));
+        }
+    }
+}

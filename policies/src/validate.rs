@@ -1,0 +1,612 @@
+//! Cross-field validation of a policy that parsed: references resolve, numbers are
+//! sane, identifiers stay unusable. Each problem is (field path, message); the path
+//! is located in the text by the caller.
+
+use crate::domain::{self, MAX_DOMAIN};
+use crate::model::{Budget, Column, ColumnType, Dataset, Grouping, PolicyFile};
+use phm_proto::Purpose;
+use std::collections::BTreeMap;
+
+type Problems = Vec<(String, String)>;
+
+const PURPOSES: &str = "direct_care, planning, research";
+
+/// Largest `max_rows_per_person` accepted: contributions scale sensitivity, and a
+/// typo of 10000 instead of 10 would otherwise pass silently.
+const MAX_ROWS_PER_PERSON: u32 = 1_000;
+
+pub(crate) fn validate(f: &PolicyFile) -> Problems {
+    let mut p = Problems::new();
+    if f.version != 1 {
+        p.push((
+            "version".into(),
+            format!(
+                "policy language version {} is not supported; the only version is 1",
+                f.version
+            ),
+        ));
+    }
+    organisation(f, &mut p);
+    release(f, &mut p);
+    unique(
+        f.datasets.iter().map(|d| d.name.as_str()),
+        "datasets",
+        "name",
+        "dataset",
+        &mut p,
+    );
+    for (i, d) in f.datasets.iter().enumerate() {
+        dataset(f, d, &format!("datasets[{i}]"), &mut p);
+    }
+    opt_out(f, &mut p);
+    requesters(f, &mut p);
+    projects(f, &mut p);
+    p
+}
+
+fn push(p: &mut Problems, path: impl Into<String>, msg: impl Into<String>) {
+    p.push((path.into(), msg.into()));
+}
+
+/// Names travel on the wire, where only these characters are accepted.
+fn check_name(p: &mut Problems, path: &str, what: &str, name: &str) {
+    if name.is_empty() {
+        push(p, path, format!("{what} name is empty"));
+    } else if name.len() > phm_proto::query::MAX_ID_LEN {
+        push(
+            p,
+            path,
+            format!(
+                "{what} {name:?} is longer than {} bytes",
+                phm_proto::query::MAX_ID_LEN
+            ),
+        );
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@')))
+    {
+        push(
+            p,
+            path,
+            format!("{what} {name:?} contains {c:?}; use letters, digits and _ - . : @"),
+        );
+    }
+}
+
+fn unique<'a>(
+    names: impl Iterator<Item = &'a str>,
+    list: &str,
+    field: &str,
+    what: &str,
+    p: &mut Problems,
+) {
+    let mut first: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, n) in names.enumerate() {
+        if let Some(j) = first.get(n) {
+            push(
+                p,
+                format!("{list}[{i}].{field}"),
+                format!("{what} {n:?} is declared twice (first as {list}[{j}])"),
+            );
+        } else {
+            first.insert(n, i);
+        }
+    }
+}
+
+fn finite_positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+fn organisation(f: &PolicyFile, p: &mut Problems) {
+    let o = &f.organisation;
+    if o.ods_code.is_empty() || !o.ods_code.chars().all(|c| c.is_ascii_alphanumeric()) {
+        push(
+            p,
+            "organisation.ods_code",
+            format!(
+                "ODS code {:?} must be letters and digits, e.g. \"A81001\" or \"RXF\"",
+                o.ods_code
+            ),
+        );
+    }
+    if o.name.trim().is_empty() {
+        push(p, "organisation.name", "organisation name is empty");
+    }
+}
+
+fn release(f: &PolicyFile, p: &mut Problems) {
+    let r = &f.release;
+    if !finite_positive(r.per_query_epsilon_cap) {
+        push(
+            p,
+            "release.per_query_epsilon_cap",
+            format!(
+                "per_query_epsilon_cap {} must be a finite number above 0",
+                r.per_query_epsilon_cap
+            ),
+        );
+    }
+    if !(r.delta.is_finite() && r.delta >= 0.0 && r.delta < 1e-3) {
+        push(
+            p,
+            "release.delta",
+            format!("delta {} must be at least 0 and below 0.001", r.delta),
+        );
+    }
+    if !(r.min_reportable_count.is_finite() && r.min_reportable_count >= 0.0) {
+        push(
+            p,
+            "release.min_reportable_count",
+            format!(
+                "min_reportable_count {} must be a finite number, 0 or more",
+                r.min_reportable_count
+            ),
+        );
+    }
+    if r.max_group_cells == 0 {
+        push(
+            p,
+            "release.max_group_cells",
+            "max_group_cells must be at least 1",
+        );
+    }
+    if r.query_validity_seconds == 0 {
+        push(
+            p,
+            "release.query_validity_seconds",
+            "query_validity_seconds must be at least 1",
+        );
+    }
+}
+
+fn dataset(f: &PolicyFile, d: &Dataset, path: &str, p: &mut Problems) {
+    let ctx = format!("dataset {:?}", d.name);
+    check_name(p, &format!("{path}.name"), "dataset", &d.name);
+    if d.source.path.trim().is_empty() {
+        push(
+            p,
+            format!("{path}.source.path"),
+            format!("{ctx}: source path is empty"),
+        );
+    }
+    if d.max_rows_per_person == 0 || d.max_rows_per_person > MAX_ROWS_PER_PERSON {
+        push(
+            p,
+            format!("{path}.max_rows_per_person"),
+            format!(
+                "{ctx}: max_rows_per_person {} must be between 1 and {MAX_ROWS_PER_PERSON}",
+                d.max_rows_per_person
+            ),
+        );
+    }
+    if d.columns.is_empty() {
+        push(
+            p,
+            format!("{path}.columns"),
+            format!("{ctx}: no columns declared"),
+        );
+    }
+    unique(
+        d.columns.iter().map(|c| c.name.as_str()),
+        &format!("{path}.columns"),
+        "name",
+        &format!("{ctx}: column"),
+        p,
+    );
+    match d.columns.iter().find(|c| c.name == d.person_id) {
+        None => push(
+            p,
+            format!("{path}.person_id"),
+            format!(
+                "{ctx}: person_id column {:?} is not among the columns ({})",
+                d.person_id,
+                names(&d.columns)
+            ),
+        ),
+        Some(c) if !c.identifier => push(
+            p,
+            format!("{path}.person_id"),
+            format!(
+                "{ctx}: person_id column {:?} must be marked identifier = true",
+                d.person_id
+            ),
+        ),
+        Some(_) => {}
+    }
+    for (i, c) in d.columns.iter().enumerate() {
+        column(f, &ctx, c, &format!("{path}.columns[{i}]"), p);
+    }
+}
+
+fn names(cols: &[Column]) -> String {
+    cols.iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn column(f: &PolicyFile, ds_ctx: &str, c: &Column, path: &str, p: &mut Problems) {
+    let ctx = format!("{ds_ctx}: column {:?}", c.name);
+    check_name(p, &format!("{path}.name"), "column", &c.name);
+    let numeric = c.column_type.is_numeric();
+    if c.identifier {
+        for (set, field) in [
+            (c.filter, "filter"),
+            (c.group != Grouping::No, "group"),
+            (c.aggregate, "aggregate"),
+        ] {
+            if set {
+                push(
+                    p,
+                    format!("{path}.{field}"),
+                    format!(
+                        "{ctx}: an identifier column can never be filtered, grouped or \
+                         aggregated; remove `{field}`"
+                    ),
+                );
+            }
+        }
+    }
+    if let Some([lo, hi]) = c.bounds {
+        if !numeric {
+            push(
+                p,
+                format!("{path}.bounds"),
+                format!(
+                    "{ctx}: bounds apply to integer or real columns, not {}",
+                    c.column_type.as_str()
+                ),
+            );
+        } else if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            push(
+                p,
+                format!("{path}.bounds"),
+                format!("{ctx}: bounds [{lo}, {hi}] must be finite with lower below upper"),
+            );
+        }
+    }
+    if let Some(d) = &c.domain {
+        match domain::domain_size(d) {
+            Err(e) => push(p, format!("{path}.domain"), format!("{ctx}: {e}")),
+            Ok(_) => {
+                let t = domain::domain_type(d);
+                if t != c.column_type {
+                    push(
+                        p,
+                        format!("{path}.domain"),
+                        format!(
+                            "{ctx}: domain holds {} values but the column is {}",
+                            t.as_str(),
+                            c.column_type.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+        if c.bin_edges.is_some() {
+            push(
+                p,
+                format!("{path}.bin_edges"),
+                format!("{ctx}: set either domain or bin_edges, not both"),
+            );
+        }
+    }
+    if let Some(edges) = &c.bin_edges {
+        if !numeric {
+            push(
+                p,
+                format!("{path}.bin_edges"),
+                format!("{ctx}: bin_edges apply to integer or real columns"),
+            );
+        } else if edges.len() < 2 || edges.len() as u64 > MAX_DOMAIN + 1 {
+            push(
+                p,
+                format!("{path}.bin_edges"),
+                format!(
+                    "{ctx}: bin_edges needs between 2 and {} edges, got {}",
+                    MAX_DOMAIN + 1,
+                    edges.len()
+                ),
+            );
+        } else if let Some(w) = edges
+            .windows(2)
+            .find(|w| !(w[0].is_finite() && w[1].is_finite() && w[0] < w[1]))
+        {
+            push(
+                p,
+                format!("{path}.bin_edges"),
+                format!(
+                    "{ctx}: bin_edges must be finite and strictly increasing ({} then {})",
+                    w[0], w[1]
+                ),
+            );
+        }
+    }
+    if let Some(w) = c.min_bin_width {
+        if !numeric {
+            push(
+                p,
+                format!("{path}.min_bin_width"),
+                format!("{ctx}: min_bin_width applies to integer or real columns"),
+            );
+        } else if !finite_positive(w) {
+            push(
+                p,
+                format!("{path}.min_bin_width"),
+                format!("{ctx}: min_bin_width {w} must be a finite number above 0"),
+            );
+        }
+    }
+    match c.group {
+        Grouping::Declared if !c.identifier && !domain::declared_grouping_ok(c) => push(
+            p,
+            format!("{path}.group"),
+            format!(
+                "{ctx}: group = \"declared\" needs a domain, bin_edges, or (for an \
+                 integer or real column) bounds"
+            ),
+        ),
+        Grouping::Threshold if !c.identifier && f.release.delta <= 0.0 => push(
+            p,
+            format!("{path}.group"),
+            format!(
+                "{ctx}: group = \"threshold\" needs release.delta above 0 (thresholding \
+                 is (epsilon, delta)-DP)"
+            ),
+        ),
+        _ => {}
+    }
+    if c.aggregate && !c.identifier {
+        if !numeric {
+            push(
+                p,
+                format!("{path}.aggregate"),
+                format!(
+                    "{ctx}: only integer or real columns can be aggregated (SUM/AVG), this is {}",
+                    c.column_type.as_str()
+                ),
+            );
+        } else if c.bounds.is_none() {
+            push(
+                p,
+                format!("{path}.bounds"),
+                format!("{ctx}: aggregate = true needs bounds = [lower, upper] to clamp values to"),
+            );
+        }
+    }
+}
+
+fn opt_out(f: &PolicyFile, p: &mut Problems) {
+    let Some(o) = &f.opt_out else { return };
+    for (i, purpose) in o.purposes.iter().enumerate() {
+        if Purpose::parse(purpose).is_none() {
+            push(
+                p,
+                format!("opt_out.purposes[{i}]"),
+                format!("opt-out purpose {purpose:?} is not one of {PURPOSES}"),
+            );
+        }
+    }
+    for (i, d) in f.datasets.iter().enumerate() {
+        if d.opt_out_not_applicable {
+            continue;
+        }
+        match d.columns.iter().find(|c| c.name == o.column) {
+            None => push(
+                p,
+                format!("datasets[{i}].columns"),
+                format!(
+                    "dataset {:?}: has no opt-out column {:?} (opt_out.column); add it, or \
+                     set opt_out_not_applicable = true if this dataset cannot hold opted-out \
+                     patients",
+                    d.name, o.column
+                ),
+            ),
+            Some(c) if c.column_type != ColumnType::Boolean => push(
+                p,
+                "opt_out.column",
+                format!(
+                    "opt-out column {:?} must be boolean, but dataset {:?} declares it {}",
+                    o.column,
+                    d.name,
+                    c.column_type.as_str()
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+fn budget(b: &Budget, ctx: &str, path: &str, p: &mut Problems) {
+    if !finite_positive(b.epsilon) {
+        push(
+            p,
+            format!("{path}.epsilon"),
+            format!(
+                "{ctx}: budget epsilon {} must be a finite number above 0",
+                b.epsilon
+            ),
+        );
+    }
+    if !finite_positive(b.per_query_cap) {
+        push(
+            p,
+            format!("{path}.per_query_cap"),
+            format!(
+                "{ctx}: per_query_cap {} must be a finite number above 0",
+                b.per_query_cap
+            ),
+        );
+    } else if b.per_query_cap > b.epsilon {
+        push(
+            p,
+            format!("{path}.per_query_cap"),
+            format!(
+                "{ctx}: per_query_cap {} is above the budget's epsilon {} per {}",
+                b.per_query_cap,
+                b.epsilon,
+                b.period.as_str()
+            ),
+        );
+    }
+}
+
+fn purposes(list: &[String], ctx: &str, path: &str, p: &mut Problems) {
+    if list.is_empty() {
+        push(p, path, format!("{ctx}: no purposes listed ({PURPOSES})"));
+    }
+    for (i, purpose) in list.iter().enumerate() {
+        if Purpose::parse(purpose).is_none() {
+            push(
+                p,
+                format!("{path}[{i}]"),
+                format!("{ctx}: purpose {purpose:?} is not one of {PURPOSES}"),
+            );
+        }
+    }
+}
+
+fn dataset_refs(f: &PolicyFile, list: &[String], ctx: &str, path: &str, p: &mut Problems) {
+    for (i, d) in list.iter().enumerate() {
+        if !f.datasets.iter().any(|x| &x.name == d) {
+            push(
+                p,
+                format!("{path}[{i}]"),
+                format!(
+                    "{ctx}: dataset {d:?} is not declared (declared: {})",
+                    listing(f.datasets.iter().map(|d| d.name.as_str()))
+                ),
+            );
+        }
+    }
+}
+
+fn listing<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = items.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn requesters(f: &PolicyFile, p: &mut Problems) {
+    unique(
+        f.requesters.iter().map(|r| r.id.as_str()),
+        "requesters",
+        "id",
+        "requester",
+        p,
+    );
+    for (i, r) in f.requesters.iter().enumerate() {
+        let path = format!("requesters[{i}]");
+        let ctx = format!("requester {:?}", r.id);
+        check_name(p, &format!("{path}.id"), "requester", &r.id);
+        if let Err(e) = phm_proto::signing::public_key_from_base64(&r.public_key) {
+            push(
+                p,
+                format!("{path}.public_key"),
+                format!("{ctx}: {e}; expected the base64 line `phm keys new` prints (32 bytes)"),
+            );
+        }
+        purposes(&r.purposes, &ctx, &format!("{path}.purposes"), p);
+        dataset_refs(f, &r.datasets, &ctx, &format!("{path}.datasets"), p);
+        budget(&r.budget, &ctx, &format!("{path}.budget"), p);
+    }
+}
+
+fn projects(f: &PolicyFile, p: &mut Problems) {
+    unique(
+        f.projects.iter().map(|r| r.id.as_str()),
+        "projects",
+        "id",
+        "project",
+        p,
+    );
+    let requester_ids = || listing(f.requesters.iter().map(|r| r.id.as_str()));
+    for (i, pr) in f.projects.iter().enumerate() {
+        let path = format!("projects[{i}]");
+        let ctx = format!("project {:?}", pr.id);
+        check_name(p, &format!("{path}.id"), "project", &pr.id);
+        if pr.approval_ref.trim().is_empty() {
+            push(
+                p,
+                format!("{path}.approval_ref"),
+                format!("{ctx}: approval_ref is empty (give the REC/IRAS or committee reference)"),
+            );
+        }
+        if !f.requesters.iter().any(|r| r.id == pr.lead) {
+            push(
+                p,
+                format!("{path}.lead"),
+                format!(
+                    "{ctx}: lead {:?} is not a declared requester ({})",
+                    pr.lead,
+                    requester_ids()
+                ),
+            );
+        }
+        if pr.requesters.is_empty() {
+            push(
+                p,
+                format!("{path}.requesters"),
+                format!("{ctx}: no requesters listed"),
+            );
+        }
+        for (j, r) in pr.requesters.iter().enumerate() {
+            if !f.requesters.iter().any(|x| &x.id == r) {
+                push(
+                    p,
+                    format!("{path}.requesters[{j}]"),
+                    format!(
+                        "{ctx}: requester {r:?} is not declared ({})",
+                        requester_ids()
+                    ),
+                );
+            }
+        }
+        dataset_refs(f, &pr.datasets, &ctx, &format!("{path}.datasets"), p);
+        for (j, c) in pr.columns.iter().enumerate() {
+            let found = f
+                .datasets
+                .iter()
+                .filter(|d| pr.datasets.contains(&d.name))
+                .any(|d| d.columns.iter().any(|x| &x.name == c));
+            if !found {
+                push(
+                    p,
+                    format!("{path}.columns[{j}]"),
+                    format!(
+                        "{ctx}: column {c:?} is in none of the project's datasets ({})",
+                        listing(pr.datasets.iter().map(String::as_str))
+                    ),
+                );
+            }
+        }
+        if expiry_date(&pr.expires).is_none() {
+            push(
+                p,
+                format!("{path}.expires"),
+                format!(
+                    "{ctx}: expires {} must be a calendar date without a time, e.g. 2027-03-31",
+                    pr.expires
+                ),
+            );
+        }
+        budget(&pr.budget, &ctx, &format!("{path}.budget"), p);
+    }
+}
+
+/// The calendar date of a project expiry, if it is a plain, real date.
+pub(crate) fn expiry_date(d: &toml::value::Datetime) -> Option<chrono::NaiveDate> {
+    if d.time.is_some() || d.offset.is_some() {
+        return None;
+    }
+    let date = d.date?;
+    chrono::NaiveDate::from_ymd_opt(
+        i32::from(date.year),
+        u32::from(date.month),
+        u32::from(date.day),
+    )
+}
