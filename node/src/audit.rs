@@ -259,6 +259,8 @@ struct Tail {
     file: File,
     prev_hash: String,
     seq: u64,
+    /// File length after the last complete entry.
+    len: u64,
 }
 
 /// The open audit log. Appends are serialised and fsynced one by one.
@@ -290,11 +292,13 @@ impl AuditLog {
             .open(&path)
             .map_err(io)?;
         let report = verify_log(&path)?;
+        let len = file.metadata().map_err(io)?.len();
         Ok(AuditLog {
             tail: Mutex::new(Tail {
                 file,
                 prev_hash: report.last_hash,
                 seq: report.entries,
+                len,
             }),
             path,
         })
@@ -335,8 +339,18 @@ impl AuditLog {
             source,
         };
         // One write call per line keeps a crash from interleaving partial entries.
-        tail.file.write_all(line.as_bytes()).map_err(io)?;
-        tail.file.sync_data().map_err(io)?;
+        let written = tail
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|()| tail.file.sync_data());
+        if let Err(e) = written {
+            // Cut off whatever part of the line reached the file, so the chain stays
+            // verifiable once the disk works again.
+            let _ = tail.file.set_len(tail.len);
+            let _ = tail.file.sync_data();
+            return Err(io(e));
+        }
+        tail.len += line.len() as u64;
         tail.seq = seq;
         tail.prev_hash = hash.clone();
         Ok(hash)
@@ -372,7 +386,7 @@ mod tests {
             dataset: Some("gp_patients".into()),
             epsilon_requested: Some(0.1 * i as f64),
             client_identity: "CN=coordinator".into(),
-            decision: if i % 2 == 0 {
+            decision: if i.is_multiple_of(2) {
                 Outcome::Allowed
             } else {
                 Outcome::Refused

@@ -20,8 +20,12 @@ const NONCE_TREE: &str = "nonces";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the node database in {path}: {source}")]
+    #[error("cannot open the node database (budget ledger) in {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "cannot open the node database (budget ledger) in {path}: the database is damaged ({message})"
+    )]
+    Damaged { path: PathBuf, message: String },
     #[error("node database error while {during}: {source}")]
     Db {
         during: &'static str,
@@ -52,6 +56,22 @@ pub enum StoreError {
     Replayed { requester: String },
     #[error("cannot serialise {what}: {reason}")]
     Encode { what: &'static str, reason: String },
+}
+
+impl StoreError {
+    /// True when the database itself failed (IO error, damage), as opposed to a
+    /// refusal (budget, replay) or a caller mistake. The node cannot keep its
+    /// spend-before-release promise after such a failure.
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Open { .. }
+                | StoreError::Damaged { .. }
+                | StoreError::Db { .. }
+                | StoreError::Corrupt { .. }
+                | StoreError::Encode { .. }
+        )
+    }
 }
 
 fn db_err(during: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -146,6 +166,22 @@ impl Store {
     /// Open (or create) the database in `data_dir/ledger.sled`.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let path = data_dir.join("ledger.sled");
+        // sled can panic instead of returning an error on some damaged files; the
+        // operator must still be told which database is damaged.
+        match std::panic::catch_unwind(|| Self::open_at(path.clone())) {
+            Ok(r) => r,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the database library panicked".into());
+                Err(StoreError::Damaged { path, message })
+            }
+        }
+    }
+
+    fn open_at(path: PathBuf) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(&path)
             .open()
@@ -319,13 +355,16 @@ impl Store {
         }
     }
 
-    /// Cache the answer released for `query_id`, then fsync.
-    pub fn store_release<T: Serialize>(
+    /// Cache the answer released for `query_id`, then fsync. Returns the answer as
+    /// decoded from the stored bytes: release exactly that, so the first answer and
+    /// every repeat served from the cache are bit-for-bit the same (a text round trip
+    /// of a float is not guaranteed to be exact, but decoding the same bytes is).
+    pub fn store_release<T: Serialize + DeserializeOwned>(
         &self,
         query_id: &str,
         digest: &str,
         answer: &T,
-    ) -> Result<(), StoreError> {
+    ) -> Result<T, StoreError> {
         let bytes = serde_json::to_vec(&CachedEntry {
             digest: digest.to_string(),
             answer,
@@ -334,10 +373,16 @@ impl Store {
             what: "release",
             reason: e.to_string(),
         })?;
+        let stored: CachedEntry<T> =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Encode {
+                what: "release",
+                reason: e.to_string(),
+            })?;
         self.releases
             .insert(query_id.as_bytes(), bytes)
             .map_err(db_err("writing the release cache"))?;
-        self.flush()
+        self.flush()?;
+        Ok(stored.answer)
     }
 
     /// Record that `requester` used `nonce` (in `scope`, e.g. "query" or "describe")
@@ -523,7 +568,8 @@ mod tests {
             store.cached_release::<Vec<f64>>("q1", "d1").unwrap(),
             CacheLookup::Miss
         );
-        store.store_release("q1", "d1", &vec![1.5, 2.5]).unwrap();
+        let released = store.store_release("q1", "d1", &vec![1.5, 2.5]).unwrap();
+        assert_eq!(released, vec![1.5, 2.5]);
         assert_eq!(
             store.cached_release::<Vec<f64>>("q1", "d1").unwrap(),
             CacheLookup::Hit(vec![1.5, 2.5])

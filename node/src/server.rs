@@ -1,0 +1,438 @@
+//! The gRPC edge: phm.v1.NodeService over mutual TLS (rustls), with grpc.health.v1 and
+//! server reflection. The only node module that knows tonic and the generated wire
+//! types; it converts, takes the client certificate's identity, and hands everything
+//! to the domain `Service`. Refusals become statuses through `Denial::to_status`.
+
+use crate::config::TlsFiles;
+use crate::engine::{ReleaseRow, ReleasedCell};
+use crate::service::{Answer, BudgetView, Description, Service};
+use chrono::Utc;
+use phm_policies::model::{Column, Domain, Grouping, Mechanism, Period, Scope};
+use phm_proto::proto;
+use phm_proto::proto::node_service_server::{NodeService, NodeServiceServer};
+use phm_proto::{Denial, DenialReason, RequesterProof, SignedQuery};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} holds no PEM block; expected a PEM {expected}")]
+    NotPem {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("TLS configuration (cert {cert}, key {key}, client CA {ca}) is unusable: {message}")]
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+        message: String,
+    },
+    #[error("gRPC reflection setup failed: {0}")]
+    Reflection(String),
+    #[error("gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// Install ring as rustls's process-wide provider. Idempotent; needed because a
+/// second provider anywhere in the binary would make rustls refuse to pick one.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read_pem(
+    what: &'static str,
+    path: &Path,
+    expected: &'static str,
+) -> Result<Vec<u8>, ServerError> {
+    let bytes = std::fs::read(path).map_err(|source| ServerError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(ServerError::NotPem {
+            what,
+            path: path.to_path_buf(),
+            expected,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Mutual TLS: the node's identity, and the CA every client certificate must chain
+/// to. Client certificates are required (tonic's default with a client CA).
+pub fn tls_config(tls: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let cert = read_pem("server certificate", &tls.cert, "certificate")?;
+    let key = read_pem("server private key", &tls.key, "private key")?;
+    let ca = read_pem("client CA", &tls.client_ca, "CA certificate")?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(false))
+}
+
+/// Identity of the client certificate: its CN and subject alternative names.
+pub fn peer_identity<T>(req: &Request<T>) -> String {
+    let certs = req.peer_certs();
+    let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+        return "no client certificate".to_string();
+    };
+    certificate_identity(leaf.as_ref())
+}
+
+/// "CN=<cn> SAN=<a>,<b>" from a DER certificate.
+pub fn certificate_identity(der: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return "unparseable client certificate".to_string();
+    };
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                    sans.push((*s).to_string())
+                }
+                GeneralName::IPAddress(b) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*b) {
+                        sans.push(std::net::Ipv4Addr::from(v4).to_string());
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                        sans.push(std::net::Ipv6Addr::from(v6).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if sans.is_empty() {
+        format!("CN={cn}")
+    } else {
+        format!("CN={cn} SAN={}", sans.join(","))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Domain -> wire.
+
+fn mechanism(m: Mechanism) -> proto::NoiseMechanism {
+    match m {
+        Mechanism::DiscreteLaplace => proto::NoiseMechanism::DiscreteLaplace,
+        Mechanism::DiscreteGaussian => proto::NoiseMechanism::DiscreteGaussian,
+    }
+}
+
+fn scope(s: Scope) -> proto::ReleaseScope {
+    match s {
+        Scope::Standalone => proto::ReleaseScope::Standalone,
+        Scope::SystemTotalOnly => proto::ReleaseScope::SystemTotalOnly,
+    }
+}
+
+fn cell(c: ReleasedCell, m: proto::NoiseMechanism) -> proto::Cell {
+    proto::Cell {
+        alias: c.alias,
+        estimate: c.estimate,
+        noisy_value: c.noisy_value,
+        noise_scale: c.noise_scale,
+        variance: c.variance,
+        ci95_low: c.ci95.0,
+        ci95_high: c.ci95.1,
+        suppressed: c.suppressed,
+        suppression_reason: c.suppression_reason.unwrap_or_default(),
+        mechanism: m as i32,
+        mean: c.mean.map(|p| proto::MeanParts {
+            noisy_sum: p.noisy_sum,
+            sum_variance: p.sum_variance,
+            noisy_count: p.noisy_count,
+            count_variance: p.count_variance,
+        }),
+    }
+}
+
+/// A released answer on the wire.
+pub fn aggregate_result(a: Answer) -> proto::AggregateResult {
+    let m = mechanism(a.release.mechanism);
+    proto::AggregateResult {
+        query_id: a.query_id,
+        node_id: a.node_id,
+        dataset: a.dataset,
+        group_columns: a.release.group_columns,
+        aggregate_aliases: a.release.aliases,
+        rows: a
+            .release
+            .rows
+            .into_iter()
+            .map(|ReleaseRow { key, cells }| proto::ResultRow {
+                key,
+                cells: cells.into_iter().map(|c| cell(c, m)).collect(),
+            })
+            .collect(),
+        epsilon_spent: a.release.epsilon_spent,
+        epsilon_remaining: a.epsilon_remaining,
+        policy_version: a.policy_version,
+        release_scope: scope(a.scope) as i32,
+        cached: a.cached,
+        population_noisy: a.population_noisy,
+        released_at_unix_ms: a.released_at_unix_ms,
+        min_reportable_count: a.release.min_reportable_count,
+    }
+}
+
+/// Declared category domain as text; integer ranges "a..b" are expanded (up to a
+/// sane size, otherwise shown as written).
+fn domain_text(d: &Domain) -> Vec<String> {
+    match d {
+        Domain::Range(s) => {
+            let parsed = s.split_once("..").and_then(|(a, b)| {
+                Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?))
+            });
+            match parsed {
+                Some((a, b)) if a <= b && b.saturating_sub(a) < 10_000 => {
+                    (a..=b).map(|i| i.to_string()).collect()
+                }
+                _ => vec![s.clone()],
+            }
+        }
+        Domain::Integers(v) => v.iter().map(i64::to_string).collect(),
+        Domain::Texts(v) => v.clone(),
+        Domain::Booleans(v) => v.iter().map(bool::to_string).collect(),
+    }
+}
+
+fn column_info(c: Column) -> proto::ColumnInfo {
+    proto::ColumnInfo {
+        column_type: c.column_type.as_str().to_string(),
+        filterable: c.filter,
+        groupable: c.group != Grouping::No,
+        aggregatable: c.aggregate,
+        lower: c.bounds.map(|b| b[0]),
+        upper: c.bounds.map(|b| b[1]),
+        domain: c.domain.as_ref().map(domain_text).unwrap_or_default(),
+        bin_edges: c.bin_edges.unwrap_or_default(),
+        name: c.name,
+    }
+}
+
+pub fn describe_response(d: Description) -> proto::DescribeResponse {
+    let o = d.organisation;
+    proto::DescribeResponse {
+        organisation: Some(proto::Organisation {
+            ods_code: o.ods_code,
+            name: o.name,
+            kind: o.kind.as_str().to_string(),
+            place: o.place.unwrap_or_default(),
+            pcn: o.pcn.unwrap_or_default(),
+        }),
+        datasets: d
+            .datasets
+            .into_iter()
+            .map(|ds| proto::DatasetInfo {
+                name: ds.name,
+                columns: ds.columns.into_iter().map(column_info).collect(),
+                max_rows_per_person: ds.max_rows_per_person,
+            })
+            .collect(),
+        policy_version: d.policy_version,
+        per_query_epsilon_cap: d.per_query_epsilon_cap,
+        min_reportable_count: d.min_reportable_count,
+        release_scope: scope(d.scope) as i32,
+    }
+}
+
+fn period(p: Period) -> String {
+    p.as_str().to_string()
+}
+
+pub fn budget_response(b: BudgetView) -> proto::BudgetResponse {
+    proto::BudgetResponse {
+        node_id: b.node_id,
+        ledgers: b
+            .ledgers
+            .into_iter()
+            .map(|l| proto::BudgetLedger {
+                ledger: l.ledger,
+                period: period(l.period),
+                period_label: l.period_label,
+                epsilon_total: l.total,
+                epsilon_spent: l.spent,
+                epsilon_remaining: l.remaining,
+                per_query_cap: l.per_query_cap,
+            })
+            .collect(),
+        policy_version: b.policy_version,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The tonic service.
+
+/// phm.v1.NodeService backed by the domain service.
+#[derive(Debug, Clone)]
+pub struct NodeGrpc {
+    service: Arc<Service>,
+}
+
+impl NodeGrpc {
+    pub fn new(service: Arc<Service>) -> NodeGrpc {
+        NodeGrpc { service }
+    }
+
+    /// Decode a proof from the wire; an absent or malformed one is audited and refused.
+    async fn proof(
+        &self,
+        rpc: &str,
+        proof: Option<proto::RequesterProof>,
+        peer: &str,
+    ) -> Result<RequesterProof, Status> {
+        let Some(raw) = proof else {
+            let d = Denial::new(DenialReason::InvalidQuery, "field `proof` is missing");
+            return Err(self.refuse_unparsed(rpc, "", "", peer, d).await);
+        };
+        let requester = raw.requester_id.clone();
+        match RequesterProof::try_from(raw) {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                let d = Denial::new(DenialReason::InvalidQuery, format!("invalid proof: {e}"));
+                Err(self.refuse_unparsed(rpc, &requester, "", peer, d).await)
+            }
+        }
+    }
+
+    async fn refuse_unparsed(
+        &self,
+        rpc: &str,
+        requester: &str,
+        query_id: &str,
+        peer: &str,
+        denial: Denial,
+    ) -> Status {
+        self.service
+            .refuse_unparsed(rpc, requester, query_id, peer, denial, Utc::now())
+            .await
+            .to_status()
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeGrpc {
+    async fn describe(
+        &self,
+        request: Request<proto::DescribeRequest>,
+    ) -> Result<Response<proto::DescribeResponse>, Status> {
+        let peer = peer_identity(&request);
+        let proof = self
+            .proof("describe", request.into_inner().proof, &peer)
+            .await?;
+        self.service
+            .describe(proof, &peer, Utc::now())
+            .await
+            .map(|d| Response::new(describe_response(d)))
+            .map_err(|d| d.to_status())
+    }
+
+    async fn query(
+        &self,
+        request: Request<proto::QueryRequest>,
+    ) -> Result<Response<proto::AggregateResult>, Status> {
+        let peer = peer_identity(&request);
+        let Some(raw) = request.into_inner().query else {
+            let d = Denial::new(DenialReason::InvalidQuery, "field `query` is missing");
+            return Err(self.refuse_unparsed("query", "", "", &peer, d).await);
+        };
+        let (requester, query_id) = (raw.requester_id.clone(), raw.query_id.clone());
+        let signed = match SignedQuery::try_from(raw) {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(self
+                    .refuse_unparsed("query", &requester, &query_id, &peer, Denial::from(e))
+                    .await);
+            }
+        };
+        self.service
+            .query(signed, &peer, Utc::now())
+            .await
+            .map(|a| Response::new(aggregate_result(a)))
+            .map_err(|d| d.to_status())
+    }
+
+    async fn budget(
+        &self,
+        request: Request<proto::BudgetRequest>,
+    ) -> Result<Response<proto::BudgetResponse>, Status> {
+        let peer = peer_identity(&request);
+        let proof = self
+            .proof("budget", request.into_inner().proof, &peer)
+            .await?;
+        self.service
+            .budget(proof, &peer, Utc::now())
+            .await
+            .map(|b| Response::new(budget_response(b)))
+            .map_err(|d| d.to_status())
+    }
+}
+
+/// Serve NodeService, health and reflection on `listener` over mutual TLS until
+/// `shutdown` completes; then stop accepting and let open requests finish.
+pub async fn serve_grpc(
+    service: Arc<Service>,
+    tls: &TlsFiles,
+    max_message_bytes: usize,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    install_crypto_provider();
+    let tls_err = |message: String| ServerError::Tls {
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+        ca: tls.client_ca.clone(),
+        message,
+    };
+    let mut builder = Server::builder()
+        .tls_config(tls_config(tls)?)
+        .map_err(|e| tls_err(e.to_string()))?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<NodeServiceServer<NodeGrpc>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let node =
+        NodeServiceServer::new(NodeGrpc::new(service)).max_decoding_message_size(max_message_bytes);
+    let reporter = health_reporter.clone();
+    let signal = async move {
+        shutdown.await;
+        reporter
+            .set_not_serving::<NodeServiceServer<NodeGrpc>>()
+            .await;
+    };
+    builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(node)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal)
+        .await
+        .map_err(|e| ServerError::Serve(e.to_string()))
+}
