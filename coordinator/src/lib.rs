@@ -1,2 +1,10 @@
 //! The ICS coordinator: relays requester-signed queries to every node serving the
 //! dataset, combines their noisy answers with honest uncertainty, and reports coverage.
+
+pub mod cli;
+pub mod combine;
+pub mod config;
+pub mod fanout;
+pub mod history;
+pub mod server;
+pub mod service;

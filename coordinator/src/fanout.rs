@@ -1,0 +1,207 @@
+//! Calling nodes: one long-lived mutual-TLS channel per registered node, per-call
+//! deadlines, and the classification of what came back (answered, refused with the
+//! node's reason, unreachable, timed out).
+
+use crate::config::{Config, NodeConfig};
+use phm_proto::proto;
+use phm_proto::proto::node_service_client::NodeServiceClient;
+use phm_proto::{Denial, DenialReason};
+use prost::Message;
+use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Largest node answer accepted (a result of many groups is still far below this).
+pub const MAX_NODE_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read `{field}` ({path}): {source}")]
+    Read {
+        field: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("node {node:?}: endpoint {endpoint:?} cannot be used: {source}")]
+    Endpoint {
+        node: String,
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// A registered node and a channel to it. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeClient {
+    pub config: NodeConfig,
+    channel: Channel,
+}
+
+/// Build one lazily-connecting channel per node, presenting the coordinator's client
+/// identity and trusting only `client_tls.ca` for node certificates.
+pub fn build_clients(config: &Config) -> Result<Vec<NodeClient>, ClientError> {
+    let read = |field: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ClientError::Read {
+            field,
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let ca = Certificate::from_pem(read("client_tls.ca", &config.client_tls.ca)?);
+    let identity = Identity::from_pem(
+        read("client_tls.cert", &config.client_tls.cert)?,
+        read("client_tls.key", &config.client_tls.key)?,
+    );
+    config
+        .nodes
+        .iter()
+        .map(|n| {
+            let err = |source| ClientError::Endpoint {
+                node: n.id.clone(),
+                endpoint: n.endpoint.clone(),
+                source,
+            };
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .identity(identity.clone())
+                .domain_name(n.tls_server_name.clone());
+            let endpoint = Endpoint::from_shared(n.endpoint.clone())
+                .map_err(err)?
+                .tls_config(tls)
+                .map_err(err)?
+                .connect_timeout(config.node_deadline)
+                .tcp_nodelay(true);
+            Ok(NodeClient {
+                config: n.clone(),
+                channel: endpoint.connect_lazy(),
+            })
+        })
+        .collect()
+}
+
+/// What one call to a node came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallOutcome<T> {
+    Answered(T),
+    /// The node said no, with its machine-readable reason.
+    Refused(Denial),
+    /// No answer could be had: connection refused, TLS failure, reset.
+    Unreachable(String),
+    TimedOut(String),
+}
+
+/// Whether the status carries a phm `Denial` (a deliberate refusal by the node).
+fn carries_denial(status: &tonic::Status) -> bool {
+    proto::Denial::decode(status.details())
+        .map(|d| d.reason != DenialReason::Unspecified as i32)
+        .unwrap_or(false)
+}
+
+/// The status message with its error chain, so "transport error" says why.
+fn describe(status: &tonic::Status) -> String {
+    let mut out = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        source = e.source();
+    }
+    if out.is_empty() {
+        out = format!("gRPC status {:?}", status.code());
+    }
+    out
+}
+
+pub fn classify<T>(status: &tonic::Status) -> CallOutcome<T> {
+    if carries_denial(status) {
+        return CallOutcome::Refused(Denial::from_status(status));
+    }
+    match status.code() {
+        tonic::Code::DeadlineExceeded => CallOutcome::TimedOut(describe(status)),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            CallOutcome::Unreachable(describe(status))
+        }
+        _ => CallOutcome::Refused(Denial::from_status(status)),
+    }
+}
+
+fn with_deadline<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    // Tells the node how long we will wait, so it can give up too.
+    req.set_timeout(deadline);
+    req
+}
+
+async fn call<T, F>(deadline: Duration, fut: F) -> CallOutcome<T>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(Ok(resp)) => CallOutcome::Answered(resp.into_inner()),
+        Ok(Err(status)) => classify(&status),
+        Err(_) => CallOutcome::TimedOut(format!(
+            "no answer within the {} ms deadline",
+            deadline.as_millis()
+        )),
+    }
+}
+
+impl NodeClient {
+    fn client(&self) -> NodeServiceClient<Channel> {
+        NodeServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_NODE_MESSAGE_BYTES)
+    }
+
+    /// Relay the requester's signed query exactly as received.
+    pub async fn query(
+        &self,
+        query: proto::AggregateQuery,
+        deadline: Duration,
+    ) -> (CallOutcome<proto::AggregateResult>, Duration) {
+        let start = Instant::now();
+        let mut client = self.client();
+        let req = with_deadline(proto::QueryRequest { query: Some(query) }, deadline);
+        let out = call(deadline, client.query(req)).await;
+        (out, start.elapsed())
+    }
+
+    pub async fn budget(
+        &self,
+        request: proto::BudgetRequest,
+        deadline: Duration,
+    ) -> CallOutcome<proto::BudgetResponse> {
+        let mut client = self.client();
+        call(deadline, client.budget(with_deadline(request, deadline))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        let denial = Denial::new(DenialReason::BudgetExhausted, "no budget").to_status();
+        assert_eq!(
+            classify::<()>(&denial),
+            CallOutcome::Refused(Denial::new(DenialReason::BudgetExhausted, "no budget"))
+        );
+        // A node that is "unavailable" on purpose is a refusal, not unreachability.
+        let busy = Denial::new(DenialReason::Unavailable, "draining").to_status();
+        assert!(matches!(classify::<()>(&busy), CallOutcome::Refused(_)));
+        assert!(matches!(
+            classify::<()>(&tonic::Status::unavailable("tcp connect error")),
+            CallOutcome::Unreachable(m) if m.contains("tcp connect error")
+        ));
+        assert!(matches!(
+            classify::<()>(&tonic::Status::deadline_exceeded("slow")),
+            CallOutcome::TimedOut(_)
+        ));
+        assert!(matches!(
+            classify::<()>(&tonic::Status::permission_denied("no")),
+            CallOutcome::Refused(d) if d.reason == DenialReason::PolicyDenied
+        ));
+    }
+}

@@ -1,0 +1,102 @@
+//! Serving the coordinator: TLS (mutual when `tls.client_ca` is set), the
+//! CoordinatorService, gRPC health and reflection, until a shutdown signal.
+
+use crate::config::Config;
+use crate::fanout::{ClientError, build_clients};
+use crate::history::{History, HistoryError};
+use crate::service::Coordinator;
+use phm_proto::proto::coordinator_service_server::CoordinatorServiceServer;
+use std::future::Future;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// Largest request accepted from analysts' clients.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot read `{field}` ({path}): {source}")]
+    Read {
+        field: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create data_dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Clients(#[from] ClientError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Install rustls's ring provider for the process. tonic's `tls-ring` and any other
+/// rustls user must agree on one provider, or TLS set-up panics at start.
+pub fn install_crypto_provider() {
+    // Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read(field: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|source| ServeError::Read {
+        field,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Serve on `listener` until `shutdown` completes; in-flight calls are drained.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    install_crypto_provider();
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("tls.cert", &config.tls.cert)?,
+        read("tls.key", &config.tls.key)?,
+    ));
+    if let Some(ca) = &config.tls.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("tls.client_ca", ca)?));
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let history = History::open(&config.data_dir)?;
+    let clients = build_clients(&config)?;
+    let coordinator = Coordinator::new(&config, clients, history);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServiceServer<Coordinator>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(phm_proto::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        nodes = config.nodes.len(),
+        mutual_tls = config.tls.client_ca.is_some(),
+        "coordinator serving"
+    );
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            CoordinatorServiceServer::new(coordinator).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
