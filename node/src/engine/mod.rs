@@ -1,1 +1,184 @@
-//! Differentially private aggregate engine over DataFusion (being built).
+//! Differentially private aggregate engine: loads each dataset the policy declares into
+//! DataFusion, runs one allowed query under exactly the `Limits` the policy decided, and
+//! releases OpenDP-noised, post-processed cells with honest uncertainty.
+//!
+//! Pipeline for one query (all relational work inside DataFusion, so it scales to tens
+//! of millions of rows): opt-out exclusion → filter → per-person contribution bounding →
+//! clamping → grouping over the declared domain (or DP thresholding of observed keys) →
+//! OpenDP noise calibrated to the bounded sensitivity → rounding and suppression.
+
+mod filter;
+mod load;
+mod noise;
+mod plan;
+mod post;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use datafusion::prelude::SessionContext;
+use phm_policies::Limits;
+use phm_policies::model::{ColumnType, Mechanism};
+use serde::{Deserialize, Serialize};
+
+pub use load::DataError;
+
+/// The node's query engine: one DataFusion session with every dataset registered.
+pub struct Engine {
+    ctx: SessionContext,
+    datasets: HashMap<String, load::LoadedDataset>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&String> = self.datasets.keys().collect();
+        names.sort();
+        f.debug_struct("Engine").field("datasets", &names).finish()
+    }
+}
+
+/// What one query released.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// Labels of the group keys, in query order.
+    pub group_columns: Vec<String>,
+    /// Aggregate aliases, in query order.
+    pub aliases: Vec<String>,
+    /// Every declared group (zeros included), or the groups that passed thresholding.
+    pub rows: Vec<ReleaseRow>,
+    /// Privacy loss actually realised by the mechanisms (OpenDP privacy maps), never
+    /// more than the query's epsilon.
+    pub epsilon_spent: f64,
+    pub mechanism: Mechanism,
+    pub min_reportable_count: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRow {
+    /// One label per group key.
+    pub key: Vec<String>,
+    /// One cell per aggregate.
+    pub cells: Vec<ReleasedCell>,
+}
+
+/// One released figure; mirrors proto `Cell`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleasedCell {
+    pub alias: String,
+    /// Displayable value: rounded per policy; 0 when suppressed.
+    pub estimate: f64,
+    /// Unrounded noisy value, for forming system totals.
+    pub noisy_value: f64,
+    /// Laplace b or Gaussian sigma; for means, the delta-method standard error.
+    pub noise_scale: f64,
+    /// Variance of the noise (delta-method variance for means).
+    pub variance: f64,
+    pub ci95: (f64, f64),
+    pub suppressed: bool,
+    pub suppression_reason: Option<String>,
+    /// Set for means.
+    pub mean: Option<MeanParts>,
+}
+
+/// The noisy parts of a mean, so a coordinator can form a ratio estimate across nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeanParts {
+    pub noisy_sum: f64,
+    pub sum_variance: f64,
+    pub noisy_count: f64,
+    pub count_variance: f64,
+}
+
+/// Why a query could not be answered. Nothing is released when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("dataset `{0}` is not loaded on this node")]
+    UnknownDataset(String),
+    #[error("dataset `{dataset}` has no column `{column}`")]
+    UnknownColumn { dataset: String, column: String },
+    #[error("column `{column}` is {expected}: the value {value} cannot be compared with it")]
+    BadLiteral {
+        column: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("the query's limits are unusable: {0}")]
+    InvalidLimits(String),
+    #[error("query execution failed: {0}")]
+    Query(#[from] datafusion::error::DataFusionError),
+    #[error("noise mechanism failed: {0}")]
+    Noise(String),
+    #[error("privacy loss {spent} would exceed the query's epsilon {limit}; nothing released")]
+    BudgetOverrun { spent: f64, limit: f64 },
+}
+
+impl Engine {
+    /// Load and validate every dataset the policy declares. `base_dir` is the policy
+    /// file's folder (source paths are relative to it unless absolute). A missing file,
+    /// missing column, wrong type, or a value outside a declared domain (or outside the
+    /// bounds of a numeric group key) is a `DataError` naming file, column and the first
+    /// offending row (1-based).
+    pub async fn load(
+        policy: &phm_policies::PolicyFile,
+        base_dir: &Path,
+    ) -> Result<Engine, DataError> {
+        let ctx = SessionContext::new();
+        let mut datasets = HashMap::new();
+        let opt_out = policy.opt_out.as_ref().map(|o| o.column.as_str());
+        for ds in &policy.datasets {
+            let loaded = load::load_dataset(&ctx, ds, opt_out, base_dir).await?;
+            datasets.insert(ds.name.clone(), loaded);
+        }
+        Ok(Engine { ctx, datasets })
+    }
+
+    /// Run one query the policy allowed, under exactly `limits`. Adds OpenDP noise.
+    pub async fn execute(
+        &self,
+        query: &phm_proto::QueryBody,
+        limits: &Limits,
+    ) -> Result<Release, EngineError> {
+        self.run(query, limits, true).await
+    }
+
+    /// The same pipeline without noise or suppression, for tests and benchmarks only.
+    pub async fn execute_exact(
+        &self,
+        query: &phm_proto::QueryBody,
+        limits: &Limits,
+    ) -> Result<Release, EngineError> {
+        self.run(query, limits, false).await
+    }
+
+    async fn run(
+        &self,
+        query: &phm_proto::QueryBody,
+        limits: &Limits,
+        private: bool,
+    ) -> Result<Release, EngineError> {
+        let ds = self
+            .datasets
+            .get(&limits.dataset)
+            .ok_or_else(|| EngineError::UnknownDataset(limits.dataset.clone()))?;
+        let exact = plan::run_exact(&self.ctx, ds, query.filter.as_ref(), limits).await?;
+        if private {
+            noise::release_private(exact, limits)
+        } else {
+            Ok(post::release_exact(exact, limits))
+        }
+    }
+}
+
+/// Text of a column type, for messages.
+fn type_name(t: ColumnType) -> &'static str {
+    match t {
+        ColumnType::Integer => "an integer column",
+        ColumnType::Real => "a real column",
+        ColumnType::Text => "a text column",
+        ColumnType::Boolean => "a boolean column",
+        ColumnType::Date => "a date column (YYYY-MM-DD)",
+    }
+}

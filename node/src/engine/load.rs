@@ -1,0 +1,697 @@
+//! Loading a dataset at node start: check every declared column exists with a usable
+//! type and every value sits inside its declared domain, then register the data with
+//! DataFusion under an explicit schema taken from the policy. A node whose data does
+//! not match its policy must not start, so every problem names file, column and row.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder,
+    RecordBatch, StringBuilder,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Float64Type, Int64Type, Schema};
+use datafusion::catalog::MemTable;
+use datafusion::common::TableReference;
+use datafusion::functions_aggregate::expr_fn::{count, max};
+use datafusion::logical_expr::ident;
+use datafusion::parquet::arrow::ProjectionMask;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::prelude::{ParquetReadOptions, SessionContext, lit};
+use phm_policies::model::{ColumnType, Dataset, Domain, Grouping, SourceFormat};
+
+/// Why a dataset could not be loaded. The node does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("dataset `{dataset}`: cannot read {file}: {reason}")]
+    Read {
+        dataset: String,
+        file: String,
+        reason: String,
+    },
+    #[error(
+        "dataset `{dataset}`: {file}: column `{column}` is required by the policy but the file has no such column"
+    )]
+    MissingColumn {
+        dataset: String,
+        file: String,
+        column: String,
+    },
+    #[error(
+        "dataset `{dataset}`: {file}: column `{column}` is declared {expected} but the file holds {found}"
+    )]
+    WrongType {
+        dataset: String,
+        file: String,
+        column: String,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("dataset `{dataset}`: {file}: row {row}, column `{column}`: {reason}")]
+    BadValue {
+        dataset: String,
+        file: String,
+        column: String,
+        /// 1-based data row (the CSV header is not counted).
+        row: u64,
+        reason: String,
+    },
+    #[error("dataset `{dataset}`: the policy's declaration is unusable: {reason}")]
+    Declaration { dataset: String, reason: String },
+    #[error("dataset `{dataset}`: the query engine refused it: {reason}")]
+    Register { dataset: String, reason: String },
+}
+
+/// A dataset as registered with DataFusion.
+#[derive(Debug)]
+pub(crate) struct LoadedDataset {
+    pub table: TableReference,
+    /// Every column the engine may read, with its policy type.
+    pub columns: HashMap<String, ColumnType>,
+    pub person_id: String,
+    /// Most rows any one person has in the whole file, measured at load. When it is within
+    /// a query's bound (and the file is unchanged), bounding cannot drop anything.
+    pub max_rows_per_person_observed: u64,
+    /// Parquet is read from disk at each query: size and mtime at load, so a file
+    /// replaced under a running node is noticed. `None` for data held in memory.
+    pub fingerprint: Option<FileFingerprint>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FileFingerprint {
+    pub path: PathBuf,
+    pub len: u64,
+    pub modified: Option<SystemTime>,
+}
+
+impl FileFingerprint {
+    fn of(path: &Path) -> std::io::Result<FileFingerprint> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileFingerprint {
+            path: path.to_path_buf(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+
+    /// True only when the file still looks exactly as it did at load.
+    pub fn unchanged(&self) -> bool {
+        FileFingerprint::of(&self.path).is_ok_and(|now| now == *self)
+    }
+}
+
+/// What to check in one column while scanning.
+#[derive(Debug, Clone)]
+struct ColumnCheck {
+    name: String,
+    ty: ColumnType,
+    /// Declared category labels the values must be among.
+    categories: Option<HashSet<String>>,
+    /// Bounds a declared numeric group key must lie within.
+    bounds: Option<(f64, f64)>,
+}
+
+pub(crate) fn arrow_type(t: ColumnType) -> DataType {
+    match t {
+        ColumnType::Integer => DataType::Int64,
+        ColumnType::Real => DataType::Float64,
+        ColumnType::Text => DataType::Utf8,
+        ColumnType::Boolean => DataType::Boolean,
+        ColumnType::Date => DataType::Date32,
+    }
+}
+
+fn compatible(file: &DataType, declared: ColumnType) -> bool {
+    use DataType as D;
+    let integer = matches!(
+        file,
+        D::Int8 | D::Int16 | D::Int32 | D::Int64 | D::UInt8 | D::UInt16 | D::UInt32 | D::UInt64
+    );
+    let text = |t: &DataType| matches!(t, D::Utf8 | D::LargeUtf8 | D::Utf8View);
+    match declared {
+        ColumnType::Integer => integer,
+        ColumnType::Real => integer || matches!(file, D::Float16 | D::Float32 | D::Float64),
+        ColumnType::Text => text(file) || matches!(file, D::Dictionary(_, v) if text(v)),
+        ColumnType::Boolean => matches!(file, D::Boolean),
+        ColumnType::Date => matches!(file, D::Date32 | D::Date64),
+    }
+}
+
+/// Labels of a declared domain, rendered the way results label keys.
+pub(crate) fn domain_labels(domain: &Domain) -> Result<Vec<String>, String> {
+    match domain {
+        Domain::Range(r) => {
+            let (lo, hi) = r
+                .split_once("..")
+                .ok_or_else(|| format!("range domain \"{r}\" is not written like \"1..5\""))?;
+            let lo: i64 = lo
+                .trim()
+                .parse()
+                .map_err(|_| format!("range domain \"{r}\": \"{lo}\" is not an integer"))?;
+            let hi: i64 = hi
+                .trim()
+                .parse()
+                .map_err(|_| format!("range domain \"{r}\": \"{hi}\" is not an integer"))?;
+            if hi < lo || hi - lo > 100_000 {
+                return Err(format!("range domain \"{r}\" is empty or too large"));
+            }
+            Ok((lo..=hi).map(|i| i.to_string()).collect())
+        }
+        Domain::Integers(v) => Ok(v.iter().map(|i| i.to_string()).collect()),
+        Domain::Texts(v) => Ok(v.clone()),
+        Domain::Booleans(v) => Ok(v.iter().map(|b| b.to_string()).collect()),
+    }
+}
+
+/// Text label of value `i` of a typed array, as results render keys.
+pub(crate) fn label_at(array: &dyn Array, i: usize) -> Option<String> {
+    if array.is_null(i) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Int64 => Some(array.as_primitive::<Int64Type>().value(i).to_string()),
+        DataType::Float64 => Some(format!("{}", array.as_primitive::<Float64Type>().value(i))),
+        DataType::Boolean => Some(array.as_boolean().value(i).to_string()),
+        DataType::Utf8 => Some(array.as_string::<i32>().value(i).to_string()),
+        DataType::Date32 => array
+            .as_primitive::<Date32Type>()
+            .value_as_date(i)
+            .map(|d| d.format("%Y-%m-%d").to_string()),
+        _ => None,
+    }
+}
+
+fn check_values(array: &dyn Array, check: &ColumnCheck) -> Result<(), (usize, String)> {
+    for i in 0..array.len() {
+        if array.is_null(i) {
+            continue;
+        }
+        if check.ty == ColumnType::Real {
+            let v = array.as_primitive::<Float64Type>().value(i);
+            if !v.is_finite() {
+                return Err((i, format!("{v} is not a finite number")));
+            }
+        }
+        if let Some(cats) = &check.categories
+            && let Some(label) = label_at(array, i)
+            && !cats.contains(&label)
+        {
+            return Err((i, format!("\"{label}\" is not in the declared domain")));
+        }
+        if let Some((lo, hi)) = check.bounds {
+            let v = match array.data_type() {
+                DataType::Int64 => array.as_primitive::<Int64Type>().value(i) as f64,
+                DataType::Float64 => array.as_primitive::<Float64Type>().value(i),
+                _ => continue,
+            };
+            if v < lo || v > hi {
+                return Err((
+                    i,
+                    format!("{v} is outside the declared bounds [{lo}, {hi}] of this group key"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn load_dataset(
+    ctx: &SessionContext,
+    ds: &Dataset,
+    opt_out_column: Option<&str>,
+    base_dir: &Path,
+) -> Result<LoadedDataset, DataError> {
+    let path = {
+        let p = Path::new(&ds.source.path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
+    let file = path.display().to_string();
+    let decl = |reason: String| DataError::Declaration {
+        dataset: ds.name.clone(),
+        reason,
+    };
+    if ds.max_rows_per_person == 0 {
+        return Err(decl("max_rows_per_person must be at least 1".into()));
+    }
+
+    let mut checks: Vec<ColumnCheck> = Vec::new();
+    for c in &ds.columns {
+        let categories = match &c.domain {
+            Some(d) => Some(
+                domain_labels(d)
+                    .map_err(|e| decl(format!("column `{}`: {e}", c.name)))?
+                    .into_iter()
+                    .collect(),
+            ),
+            None => None,
+        };
+        let bounds = match (c.group, c.column_type.is_numeric(), &c.domain, c.bounds) {
+            (Grouping::Declared, true, None, Some([lo, hi])) => Some((lo, hi)),
+            _ => None,
+        };
+        checks.push(ColumnCheck {
+            name: c.name.clone(),
+            ty: c.column_type,
+            categories,
+            bounds,
+        });
+    }
+    // The opt-out flag must exist (as a boolean) wherever it applies, declared or not.
+    if let Some(col) = opt_out_column
+        && !ds.opt_out_not_applicable
+        && !checks.iter().any(|c| c.name == col)
+    {
+        checks.push(ColumnCheck {
+            name: col.to_string(),
+            ty: ColumnType::Boolean,
+            categories: None,
+            bounds: None,
+        });
+    }
+    if let Some(c) = checks.iter().find(|c| c.name == ds.person_id)
+        && !matches!(c.ty, ColumnType::Text | ColumnType::Integer)
+    {
+        return Err(decl(format!(
+            "person id column `{}` must be text or integer",
+            ds.person_id
+        )));
+    }
+    let person_declared = checks.iter().any(|c| c.name == ds.person_id);
+
+    let dataset = ds.name.clone();
+    let table = TableReference::bare(ds.name.clone());
+    let (fingerprint, person_type) = match ds.source.format {
+        SourceFormat::Parquet => {
+            let (checks2, path2, dataset2, pid) = (
+                checks.clone(),
+                path.clone(),
+                dataset.clone(),
+                ds.person_id.clone(),
+            );
+            let person_type = tokio::task::spawn_blocking(move || {
+                validate_parquet(&dataset2, &path2, &checks2, &pid)
+            })
+            .await
+            .map_err(|e| DataError::Read {
+                dataset: dataset.clone(),
+                file: file.clone(),
+                reason: format!("validation task failed: {e}"),
+            })??;
+            let person_type = if person_declared {
+                None
+            } else {
+                Some(person_type)
+            };
+            let schema = table_schema(&checks, &ds.person_id, person_type.as_ref());
+            let fingerprint = FileFingerprint::of(&path).map_err(|e| DataError::Read {
+                dataset: dataset.clone(),
+                file: file.clone(),
+                reason: e.to_string(),
+            })?;
+            // An empty extension: the policy names one file, whatever it is called.
+            let options = ParquetReadOptions::default()
+                .file_extension("")
+                .schema(&schema);
+            let path_str = path.to_str().ok_or_else(|| DataError::Read {
+                dataset: dataset.clone(),
+                file: file.clone(),
+                reason: "path is not valid UTF-8".into(),
+            })?;
+            ctx.register_parquet(table.clone(), path_str, options)
+                .await
+                .map_err(|e| DataError::Register {
+                    dataset: dataset.clone(),
+                    reason: e.to_string(),
+                })?;
+            (Some(fingerprint), person_type)
+        }
+        SourceFormat::Csv => {
+            let (checks2, path2, dataset2, pid) = (
+                checks.clone(),
+                path.clone(),
+                dataset.clone(),
+                ds.person_id.clone(),
+            );
+            let pid_declared = person_declared;
+            let batches = tokio::task::spawn_blocking(move || {
+                read_csv(&dataset2, &path2, &checks2, &pid, pid_declared)
+            })
+            .await
+            .map_err(|e| DataError::Read {
+                dataset: dataset.clone(),
+                file: file.clone(),
+                reason: format!("validation task failed: {e}"),
+            })??;
+            let person_type = if person_declared {
+                None
+            } else {
+                Some(DataType::Utf8)
+            };
+            let schema = Arc::new(table_schema(&checks, &ds.person_id, person_type.as_ref()));
+            let mem =
+                MemTable::try_new(schema, vec![batches]).map_err(|e| DataError::Register {
+                    dataset: dataset.clone(),
+                    reason: e.to_string(),
+                })?;
+            ctx.register_table(table.clone(), Arc::new(mem))
+                .map_err(|e| DataError::Register {
+                    dataset: dataset.clone(),
+                    reason: e.to_string(),
+                })?;
+            (None, person_type)
+        }
+    };
+
+    let mut columns: HashMap<String, ColumnType> =
+        checks.iter().map(|c| (c.name.clone(), c.ty)).collect();
+    if person_type.is_some() {
+        // Undeclared person ids are only ever partitioned on, never compared.
+        columns
+            .entry(ds.person_id.clone())
+            .or_insert(ColumnType::Text);
+    }
+    let max_rows = max_rows_per_person(ctx, &table, &ds.person_id)
+        .await
+        .map_err(|e| DataError::Register {
+            dataset: dataset.clone(),
+            reason: format!("counting rows per person: {e}"),
+        })?;
+    Ok(LoadedDataset {
+        table,
+        columns,
+        person_id: ds.person_id.clone(),
+        max_rows_per_person_observed: max_rows,
+        fingerprint,
+    })
+}
+
+fn table_schema(checks: &[ColumnCheck], person_id: &str, person_type: Option<&DataType>) -> Schema {
+    let mut fields: Vec<Field> = checks
+        .iter()
+        .map(|c| Field::new(&c.name, arrow_type(c.ty), true))
+        .collect();
+    if let Some(t) = person_type {
+        fields.push(Field::new(person_id, t.clone(), true));
+    }
+    Schema::new(fields)
+}
+
+async fn max_rows_per_person(
+    ctx: &SessionContext,
+    table: &TableReference,
+    person_id: &str,
+) -> datafusion::error::Result<u64> {
+    let df = ctx
+        .table(table.clone())
+        .await?
+        .aggregate(vec![ident(person_id)], vec![count(lit(1)).alias("n")])?
+        .aggregate(vec![], vec![max(ident("n")).alias("m")])?;
+    let batches = df.collect().await?;
+    let mut out = 0u64;
+    for b in &batches {
+        let a = b.column(0);
+        if let Some(arr) = a.as_primitive_opt::<Int64Type>() {
+            for v in arr.iter().flatten() {
+                out = out.max(u64::try_from(v).unwrap_or(0));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and checks a Parquet file; returns the (normalised) type of the person id
+/// column, for when the policy does not declare it.
+fn validate_parquet(
+    dataset: &str,
+    path: &Path,
+    checks: &[ColumnCheck],
+    person_id: &str,
+) -> Result<DataType, DataError> {
+    let file = path.display().to_string();
+    let read_err = |reason: String| DataError::Read {
+        dataset: dataset.to_string(),
+        file: file.clone(),
+        reason,
+    };
+    let f = File::open(path).map_err(|e| read_err(e.to_string()))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| read_err(e.to_string()))?;
+    let schema = builder.schema().clone();
+    let mut indices = Vec::with_capacity(checks.len());
+    for c in checks {
+        let (idx, field) =
+            schema
+                .column_with_name(&c.name)
+                .ok_or_else(|| DataError::MissingColumn {
+                    dataset: dataset.to_string(),
+                    file: file.clone(),
+                    column: c.name.clone(),
+                })?;
+        if !compatible(field.data_type(), c.ty) {
+            return Err(DataError::WrongType {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                column: c.name.clone(),
+                expected: super::type_name(c.ty),
+                found: field.data_type().to_string(),
+            });
+        }
+        indices.push(idx);
+    }
+    let person_type = match schema.column_with_name(person_id) {
+        None => {
+            return Err(DataError::MissingColumn {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                column: person_id.to_string(),
+            });
+        }
+        Some((_, f)) if compatible(f.data_type(), ColumnType::Integer) => DataType::Int64,
+        Some((_, f)) if compatible(f.data_type(), ColumnType::Text) => DataType::Utf8,
+        Some((_, f)) => {
+            return Err(DataError::WrongType {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                column: person_id.to_string(),
+                expected: "a text or integer person id",
+                found: f.data_type().to_string(),
+            });
+        }
+    };
+    if checks.is_empty() {
+        return Ok(person_type);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), indices.iter().copied());
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(65_536)
+        .build()
+        .map_err(|e| read_err(e.to_string()))?;
+    let mut offset: u64 = 0;
+    for batch in reader {
+        let batch = batch.map_err(|e| read_err(e.to_string()))?;
+        for c in checks {
+            let Some(col) = batch.column_by_name(&c.name) else {
+                return Err(DataError::MissingColumn {
+                    dataset: dataset.to_string(),
+                    file: file.clone(),
+                    column: c.name.clone(),
+                });
+            };
+            let bad = |i: usize, reason: String| DataError::BadValue {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                column: c.name.clone(),
+                row: offset + i as u64 + 1,
+                reason,
+            };
+            let typed = cast(col, &arrow_type(c.ty)).map_err(|e| bad(0, e.to_string()))?;
+            // A safe cast turns unrepresentable values (e.g. u64 overflow) into nulls.
+            if typed.null_count() != col.null_count() {
+                for i in 0..col.len() {
+                    if col.is_valid(i) && typed.is_null(i) {
+                        return Err(bad(
+                            i,
+                            "value cannot be represented in the declared type".into(),
+                        ));
+                    }
+                }
+            }
+            check_values(&typed, c).map_err(|(i, reason)| bad(i, reason))?;
+        }
+        offset += batch.num_rows() as u64;
+    }
+    Ok(person_type)
+}
+
+/// Reads a CSV file as text, parses every declared column strictly (so what was
+/// checked is exactly what is queried) and returns typed batches held in memory.
+fn read_csv(
+    dataset: &str,
+    path: &Path,
+    checks: &[ColumnCheck],
+    person_id: &str,
+    person_declared: bool,
+) -> Result<Vec<RecordBatch>, DataError> {
+    use datafusion::arrow::csv::ReaderBuilder;
+    use datafusion::arrow::csv::reader::Format;
+
+    let file = path.display().to_string();
+    let read_err = |reason: String| DataError::Read {
+        dataset: dataset.to_string(),
+        file: file.clone(),
+        reason,
+    };
+    let f = File::open(path).map_err(|e| read_err(e.to_string()))?;
+    let format = Format::default().with_header(true);
+    let (header, _) = format
+        .infer_schema(f, Some(0))
+        .map_err(|e| read_err(e.to_string()))?;
+    let names: Vec<String> = header.fields().iter().map(|f| f.name().clone()).collect();
+    let text_schema = Arc::new(Schema::new(
+        names
+            .iter()
+            .map(|n| Field::new(n, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let mut wanted: Vec<(String, ColumnType)> =
+        checks.iter().map(|c| (c.name.clone(), c.ty)).collect();
+    if !person_declared {
+        wanted.push((person_id.to_string(), ColumnType::Text));
+    }
+    for (name, _) in &wanted {
+        if !names.contains(name) {
+            return Err(DataError::MissingColumn {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                column: name.clone(),
+            });
+        }
+    }
+    let out_schema = Arc::new(Schema::new(
+        wanted
+            .iter()
+            .map(|(n, t)| Field::new(n, arrow_type(*t), true))
+            .collect::<Vec<_>>(),
+    ));
+    let f = File::open(path).map_err(|e| read_err(e.to_string()))?;
+    let reader = ReaderBuilder::new(text_schema)
+        .with_header(true)
+        .with_batch_size(65_536)
+        .build(f)
+        .map_err(|e| read_err(e.to_string()))?;
+    let mut batches = Vec::new();
+    let mut offset: u64 = 0;
+    for batch in reader {
+        let batch = batch.map_err(|e| read_err(e.to_string()))?;
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(wanted.len());
+        for (name, ty) in &wanted {
+            let bad = |i: usize, reason: String| DataError::BadValue {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                column: name.clone(),
+                row: offset + i as u64 + 1,
+                reason,
+            };
+            let Some(text) = batch
+                .column_by_name(name)
+                .and_then(|c| c.as_string_opt::<i32>().cloned())
+            else {
+                return Err(read_err(format!(
+                    "column `{name}` could not be read as text"
+                )));
+            };
+            let typed = parse_text_column(&text, *ty).map_err(|(i, r)| bad(i, r))?;
+            if let Some(c) = checks.iter().find(|c| &c.name == name) {
+                check_values(&typed, c).map_err(|(i, r)| bad(i, r))?;
+            }
+            arrays.push(typed);
+        }
+        let typed = RecordBatch::try_new(out_schema.clone(), arrays)
+            .map_err(|e| read_err(e.to_string()))?;
+        offset += batch.num_rows() as u64;
+        batches.push(typed);
+    }
+    Ok(batches)
+}
+
+fn parse_text_column(
+    text: &datafusion::arrow::array::StringArray,
+    ty: ColumnType,
+) -> Result<ArrayRef, (usize, String)> {
+    let n = text.len();
+    let cell = |i: usize| -> Option<&str> {
+        if text.is_null(i) {
+            return None;
+        }
+        let s = text.value(i).trim();
+        if s.is_empty() { None } else { Some(s) }
+    };
+    let fail = |i: usize, s: &str| (i, format!("\"{s}\" is not {}", super::type_name(ty)));
+    Ok(match ty {
+        ColumnType::Integer => {
+            let mut b = Int64Builder::with_capacity(n);
+            for i in 0..n {
+                match cell(i) {
+                    None => b.append_null(),
+                    Some(s) => b.append_value(s.parse::<i64>().map_err(|_| fail(i, s))?),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColumnType::Real => {
+            let mut b = Float64Builder::with_capacity(n);
+            for i in 0..n {
+                match cell(i) {
+                    None => b.append_null(),
+                    Some(s) => b.append_value(s.parse::<f64>().map_err(|_| fail(i, s))?),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColumnType::Boolean => {
+            let mut b = BooleanBuilder::with_capacity(n);
+            for i in 0..n {
+                match cell(i) {
+                    None => b.append_null(),
+                    Some(s) if s.eq_ignore_ascii_case("true") => b.append_value(true),
+                    Some(s) if s.eq_ignore_ascii_case("false") => b.append_value(false),
+                    Some(s) => return Err(fail(i, s)),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColumnType::Date => {
+            let mut b = Date32Builder::with_capacity(n);
+            for i in 0..n {
+                match cell(i) {
+                    None => b.append_null(),
+                    Some(s) => b.append_value(parse_date(s).ok_or_else(|| fail(i, s))?),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColumnType::Text => {
+            let mut b = StringBuilder::with_capacity(n, n * 8);
+            for i in 0..n {
+                b.append_option(cell(i));
+            }
+            Arc::new(b.finish())
+        }
+    })
+}
+
+/// Days since 1970-01-01 of a strict `YYYY-MM-DD` date.
+pub(crate) fn parse_date(s: &str) -> Option<i32> {
+    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    i32::try_from(d.signed_duration_since(epoch).num_days()).ok()
+}

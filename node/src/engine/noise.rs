@@ -1,0 +1,500 @@
+//! Calibrating and adding OpenDP noise to the exact bounded aggregates, then forming
+//! cells with their uncertainty. Every sample comes from an OpenDP measurement; every
+//! privacy loss reported is that measurement's own privacy map, checked against the
+//! query's epsilon before anything is returned.
+//!
+//! Sensitivities, with m = max rows per person: adding or removing one person changes
+//! a count vector by at most m in L1 and in L2 (all m rows may fall in one cell), and a
+//! vector of sums clamped to [lo, hi] by m * max(|lo|, |hi|) in both norms.
+
+use std::collections::HashMap;
+
+use opendp::accuracy::{
+    discrete_gaussian_scale_to_accuracy, discrete_laplacian_scale_to_accuracy,
+    gaussian_scale_to_accuracy, laplacian_scale_to_accuracy,
+};
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{make_gaussian, make_laplace, make_laplace_threshold};
+use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::{AbsoluteDistance, L0PInfDistance, L1Distance, L2Distance};
+use phm_policies::Limits;
+use phm_policies::model::Mechanism;
+use phm_proto::AggregateKind;
+
+use super::plan::Exact;
+use super::post::{round, round_mean, suppression_reason};
+use super::{EngineError, MeanParts, Release, ReleaseRow, ReleasedCell};
+
+/// Intervals are 95%.
+const ALPHA: f64 = 0.05;
+/// Standard normal quantile for a two-sided 95% interval (delta-method means).
+const Z95: f64 = 1.959_963_984_540_054;
+/// Slack allowed when comparing realised loss with the budget (floating point).
+const EPS_SLACK: f64 = 1e-12;
+
+fn noise_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Noise(e.to_string())
+}
+
+/// One noised vector: values, the distribution's scale, its variance and the half-width
+/// of its 95% interval, and the privacy loss the measurement's map reports.
+struct Noised<T> {
+    values: Vec<T>,
+    scale: f64,
+    variance: f64,
+    half_width: f64,
+    loss: f64,
+}
+
+/// Raises `scale` from its closed-form value until OpenDP's privacy map reports a loss
+/// within `budget` (the closed form can miss by a rounding error in the last bit).
+fn calibrate(
+    start: f64,
+    budget: f64,
+    loss_at: impl Fn(f64) -> Result<f64, EngineError>,
+) -> Result<(f64, f64), EngineError> {
+    if !(start.is_finite() && start > 0.0) {
+        return Err(EngineError::Noise(format!(
+            "noise scale {start} is not a positive number (budget {budget})"
+        )));
+    }
+    let mut scale = start;
+    for i in 0..200 {
+        let loss = loss_at(scale)?;
+        if loss <= budget {
+            return Ok((scale, loss));
+        }
+        scale = if i < 16 {
+            scale.next_up()
+        } else {
+            scale * (1.0 + 1e-12 * f64::from(1u32 << (i - 16).min(30)))
+        };
+    }
+    Err(EngineError::Noise(format!(
+        "could not calibrate noise to the budget {budget}"
+    )))
+}
+
+fn discrete_laplace_variance(b: f64) -> f64 {
+    let q = (-1.0 / b).exp();
+    2.0 * q / ((1.0 - q) * (1.0 - q))
+}
+
+/// Noise for integer counts with sensitivity `m` under `budget` (epsilon for the
+/// discrete Laplace, rho for the discrete Gaussian).
+fn noise_counts(
+    values: &[i64],
+    m: i64,
+    mechanism: Mechanism,
+    budget: f64,
+) -> Result<Noised<i64>, EngineError> {
+    let domain = VectorDomain::new(AtomDomain::<i64>::default());
+    match mechanism {
+        Mechanism::DiscreteLaplace => {
+            let make = |scale: f64| {
+                make_laplace::<_, _, MaxDivergence>(
+                    domain.clone(),
+                    L1Distance::<i64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(noise_err)
+            };
+            let (scale, loss) = calibrate(m as f64 / budget, budget, |s| {
+                make(s)?.map(&m).map_err(noise_err)
+            })?;
+            let values = make(scale)?.invoke(&values.to_vec()).map_err(noise_err)?;
+            Ok(Noised {
+                values,
+                scale,
+                variance: discrete_laplace_variance(scale),
+                half_width: discrete_laplacian_scale_to_accuracy(scale, ALPHA)
+                    .map_err(noise_err)?,
+                loss,
+            })
+        }
+        Mechanism::DiscreteGaussian => {
+            let make = |scale: f64| {
+                make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                    domain.clone(),
+                    L2Distance::<i64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(noise_err)
+            };
+            let start = m as f64 / (2.0 * budget).sqrt();
+            let (scale, loss) = calibrate(start, budget, |s| make(s)?.map(&m).map_err(noise_err))?;
+            let values = make(scale)?.invoke(&values.to_vec()).map_err(noise_err)?;
+            Ok(Noised {
+                values,
+                scale,
+                // The discrete Gaussian's variance is just below sigma^2; report sigma^2.
+                variance: scale * scale,
+                half_width: discrete_gaussian_scale_to_accuracy(scale, ALPHA).map_err(noise_err)?,
+                loss,
+            })
+        }
+    }
+}
+
+/// Noise for real-valued sums with L1/L2 sensitivity `sens`. OpenDP samples these
+/// exactly on a fine lattice (no naive floating-point Laplace).
+fn noise_sums(
+    values: &[f64],
+    sens: f64,
+    mechanism: Mechanism,
+    budget: f64,
+) -> Result<Noised<f64>, EngineError> {
+    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan()).with_size(values.len());
+    match mechanism {
+        Mechanism::DiscreteLaplace => {
+            let make = |scale: f64| {
+                make_laplace::<_, _, MaxDivergence>(
+                    domain.clone(),
+                    L1Distance::<f64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(noise_err)
+            };
+            let (scale, loss) = calibrate(sens / budget, budget, |s| {
+                make(s)?.map(&sens).map_err(noise_err)
+            })?;
+            let values = make(scale)?.invoke(&values.to_vec()).map_err(noise_err)?;
+            Ok(Noised {
+                values,
+                scale,
+                variance: 2.0 * scale * scale,
+                half_width: laplacian_scale_to_accuracy(scale, ALPHA).map_err(noise_err)?,
+                loss,
+            })
+        }
+        Mechanism::DiscreteGaussian => {
+            let make = |scale: f64| {
+                make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                    domain.clone(),
+                    L2Distance::<f64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(noise_err)
+            };
+            let start = sens / (2.0 * budget).sqrt();
+            let (scale, loss) =
+                calibrate(start, budget, |s| make(s)?.map(&sens).map_err(noise_err))?;
+            let values = make(scale)?.invoke(&values.to_vec()).map_err(noise_err)?;
+            Ok(Noised {
+                values,
+                scale,
+                variance: scale * scale,
+                half_width: gaussian_scale_to_accuracy(scale, ALPHA).map_err(noise_err)?,
+                loss,
+            })
+        }
+    }
+}
+
+/// DP key selection for observed keys: OpenDP's Laplace threshold mechanism on the
+/// per-key counts. Returns the positions of the keys released and the (epsilon, delta)
+/// the measurement's map reports for one person (up to m rows in up to m keys).
+fn threshold_keys(
+    counts: &[i64],
+    m: i64,
+    epsilon: f64,
+    delta: f64,
+) -> Result<(Vec<usize>, f64, f64), EngineError> {
+    let domain = MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default());
+    let metric = L0PInfDistance(AbsoluteDistance::<i64>::default());
+    let l0 = u32::try_from(m).map_err(noise_err)?;
+    let d_in = (l0, m, m);
+    let make = |scale: f64, threshold: i64| {
+        make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+            domain.clone(),
+            metric.clone(),
+            scale,
+            threshold,
+            None,
+        )
+        .map_err(noise_err)
+    };
+    let loss = |scale: f64, threshold: i64| make(scale, threshold)?.map(&d_in).map_err(noise_err);
+    // The epsilon part does not depend on the threshold.
+    let (scale, _) = calibrate(m as f64 / epsilon, epsilon, |s| Ok(loss(s, m)?.0))?;
+    // Smallest threshold whose delta fits: grow until it does, then bisect.
+    let mut hi = m.saturating_add((scale.ceil() as i64).max(1));
+    let mut guard = 0;
+    while loss(scale, hi)?.1 > delta {
+        hi = hi.saturating_mul(2);
+        guard += 1;
+        if guard > 62 {
+            return Err(EngineError::Noise(format!(
+                "no threshold achieves delta {delta}"
+            )));
+        }
+    }
+    let mut lo = m;
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if loss(scale, mid)?.1 <= delta {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let threshold = if loss(scale, lo)?.1 <= delta { lo } else { hi };
+    let meas = make(scale, threshold)?;
+    let (eps, del) = meas.map(&d_in).map_err(noise_err)?;
+    let data: HashMap<u64, i64> = counts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u64, *c))
+        .collect();
+    let kept = meas.invoke(&data).map_err(noise_err)?;
+    let mut keep: Vec<usize> = kept
+        .keys()
+        .filter_map(|k| usize::try_from(*k).ok())
+        .collect();
+    keep.sort_unstable();
+    Ok((keep, eps, del))
+}
+
+/// rho such that the standard zCDP -> (epsilon, delta) conversion
+/// (epsilon = rho + 2 sqrt(rho ln(1/delta))) spends exactly `epsilon`.
+fn rho_for(epsilon: f64, delta: f64) -> f64 {
+    let l = (1.0 / delta).ln();
+    let r = ((l + epsilon).sqrt() - l.sqrt()).powi(2);
+    // A hair under, so rounding can never push the conversion over epsilon.
+    r * (1.0 - 1e-9)
+}
+
+fn epsilon_of_rho(rho: f64, delta: f64) -> f64 {
+    rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
+}
+
+/// Noised cells of one aggregate across keys.
+enum Noisy {
+    Count(Noised<i64>),
+    Sum(Noised<f64>),
+    Mean {
+        sum: Noised<f64>,
+        count: Noised<i64>,
+    },
+}
+
+pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Release, EngineError> {
+    let epsilon = limits.epsilon;
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(EngineError::InvalidLimits(format!(
+            "epsilon {epsilon} is not a positive number"
+        )));
+    }
+    let m = i64::from(limits.max_rows_per_person);
+    let needs_delta = exact.thresholded || limits.mechanism == Mechanism::DiscreteGaussian;
+    if needs_delta && !(limits.delta > 0.0 && limits.delta < 1.0) {
+        return Err(EngineError::InvalidLimits(format!(
+            "delta {} must be strictly between 0 and 1",
+            limits.delta
+        )));
+    }
+    if exact.aggregates.is_empty() {
+        return Err(EngineError::InvalidLimits(
+            "the query has no aggregates".into(),
+        ));
+    }
+    // Even split: one share per aggregate (a mean halves its share between its sum and
+    // its count), plus one share for key selection when keys are thresholded.
+    let agg_shares = exact.aggregates.len() as f64;
+    let shares = agg_shares + if exact.thresholded { 1.0 } else { 0.0 };
+    let share = epsilon / shares;
+
+    let mut threshold_eps = 0.0;
+    let mut delta_rest = limits.delta;
+    if exact.thresholded {
+        let delta_t = match limits.mechanism {
+            Mechanism::DiscreteLaplace => limits.delta,
+            Mechanism::DiscreteGaussian => limits.delta / 2.0,
+        };
+        let (keep, eps, del) = threshold_keys(&exact.counts, m, share, delta_t)?;
+        if del > delta_t {
+            return Err(EngineError::Noise(format!(
+                "thresholding delta {del} exceeds its share {delta_t}"
+            )));
+        }
+        threshold_eps = eps;
+        delta_rest = limits.delta - delta_t;
+        exact.retain_keys(&keep);
+    }
+
+    // Budget per unit share, in the mechanism's own measure.
+    let unit = match limits.mechanism {
+        Mechanism::DiscreteLaplace => share,
+        Mechanism::DiscreteGaussian => rho_for(epsilon - threshold_eps, delta_rest) / agg_shares,
+    };
+    let mut noisy: Vec<Noisy> = Vec::with_capacity(exact.aggregates.len());
+    let mut loss_total = 0.0;
+    for a in &exact.aggregates {
+        let value_col = a.column.as_ref().and_then(|c| exact.value(&c.name));
+        match (a.kind, value_col) {
+            (AggregateKind::Count, _) => {
+                let n = noise_counts(&exact.counts, m, limits.mechanism, unit)?;
+                loss_total += n.loss;
+                noisy.push(Noisy::Count(n));
+            }
+            (AggregateKind::Sum, Some(v)) => {
+                let sens = m as f64 * v.bounds.0.abs().max(v.bounds.1.abs());
+                let s = noise_sums(&v.sums, sens, limits.mechanism, unit)?;
+                loss_total += s.loss;
+                noisy.push(Noisy::Sum(s));
+            }
+            (AggregateKind::Mean, Some(v)) => {
+                let sens = m as f64 * v.bounds.0.abs().max(v.bounds.1.abs());
+                let s = noise_sums(&v.sums, sens, limits.mechanism, unit / 2.0)?;
+                let c = noise_counts(&v.counts, m, limits.mechanism, unit / 2.0)?;
+                loss_total += s.loss + c.loss;
+                noisy.push(Noisy::Mean { sum: s, count: c });
+            }
+            _ => {
+                return Err(EngineError::InvalidLimits(format!(
+                    "aggregate `{}` cannot be computed",
+                    a.alias
+                )));
+            }
+        }
+    }
+    let epsilon_spent = threshold_eps
+        + match limits.mechanism {
+            Mechanism::DiscreteLaplace => loss_total,
+            Mechanism::DiscreteGaussian => epsilon_of_rho(loss_total, delta_rest),
+        };
+    if !(epsilon_spent <= epsilon + EPS_SLACK) {
+        return Err(EngineError::BudgetOverrun {
+            spent: epsilon_spent,
+            limit: epsilon,
+        });
+    }
+
+    let mrc = limits.min_reportable_count;
+    let reason = suppression_reason(mrc);
+    let mut rows = Vec::with_capacity(exact.keys.len());
+    for (k, key) in exact.keys.iter().enumerate() {
+        // The group's size decides suppression of every cell in it: the first COUNT,
+        // else the first mean's count. (A query of SUMs alone has no count to judge by.)
+        let group_count = noisy
+            .iter()
+            .find_map(|n| match n {
+                Noisy::Count(c) => c.values.get(k).map(|v| *v as f64),
+                _ => None,
+            })
+            .or_else(|| {
+                noisy.iter().find_map(|n| match n {
+                    Noisy::Mean { count, .. } => count.values.get(k).map(|v| *v as f64),
+                    _ => None,
+                })
+            });
+        let small = group_count.is_some_and(|c| c <= mrc);
+        let mut cells = Vec::with_capacity(noisy.len());
+        for (a, n) in exact.aggregates.iter().zip(&noisy) {
+            let mut cell = match n {
+                Noisy::Count(c) => {
+                    let v = c.values.get(k).copied().unwrap_or(0) as f64;
+                    ReleasedCell {
+                        alias: a.alias.clone(),
+                        estimate: round(limits.rounding, v.max(0.0)),
+                        noisy_value: v,
+                        noise_scale: c.scale,
+                        variance: c.variance,
+                        ci95: (v - c.half_width, v + c.half_width),
+                        suppressed: false,
+                        suppression_reason: None,
+                        mean: None,
+                    }
+                }
+                Noisy::Sum(s) => {
+                    let v = s.values.get(k).copied().unwrap_or(0.0);
+                    ReleasedCell {
+                        alias: a.alias.clone(),
+                        estimate: round(limits.rounding, v),
+                        noisy_value: v,
+                        noise_scale: s.scale,
+                        variance: s.variance,
+                        ci95: (v - s.half_width, v + s.half_width),
+                        suppressed: false,
+                        suppression_reason: None,
+                        mean: None,
+                    }
+                }
+                Noisy::Mean { sum, count } => mean_cell(&a.alias, sum, count, k, mrc, &reason),
+            };
+            if small && !cell.suppressed {
+                cell.suppressed = true;
+                cell.suppression_reason = Some(reason.clone());
+            }
+            if cell.suppressed {
+                cell.estimate = 0.0;
+            }
+            cells.push(cell);
+        }
+        rows.push(ReleaseRow {
+            key: key.clone(),
+            cells,
+        });
+    }
+    Ok(Release {
+        group_columns: exact.group_columns,
+        aliases: exact.aggregates.iter().map(|a| a.alias.clone()).collect(),
+        rows,
+        epsilon_spent,
+        mechanism: limits.mechanism,
+        min_reportable_count: mrc,
+    })
+}
+
+/// A mean as noisy sum / noisy count, with a delta-method variance and interval.
+fn mean_cell(
+    alias: &str,
+    sum: &Noised<f64>,
+    count: &Noised<i64>,
+    k: usize,
+    mrc: f64,
+    small_reason: &str,
+) -> ReleasedCell {
+    let s = sum.values.get(k).copied().unwrap_or(0.0);
+    let c = count.values.get(k).copied().unwrap_or(0) as f64;
+    let parts = MeanParts {
+        noisy_sum: s,
+        sum_variance: sum.variance,
+        noisy_count: c,
+        count_variance: count.variance,
+    };
+    if c <= 0.0 {
+        return ReleasedCell {
+            alias: alias.to_string(),
+            estimate: 0.0,
+            noisy_value: 0.0,
+            noise_scale: 0.0,
+            variance: 0.0,
+            ci95: (0.0, 0.0),
+            suppressed: true,
+            suppression_reason: Some(
+                "mean not estimable: the noisy number of values is zero or negative".into(),
+            ),
+            mean: Some(parts),
+        };
+    }
+    let mean = s / c;
+    let variance = sum.variance / (c * c) + s * s * count.variance / (c * c * c * c);
+    let se = variance.sqrt();
+    let suppressed = c <= mrc;
+    ReleasedCell {
+        alias: alias.to_string(),
+        estimate: round_mean(mean),
+        noisy_value: mean,
+        noise_scale: se,
+        variance,
+        ci95: (mean - Z95 * se, mean + Z95 * se),
+        suppressed,
+        suppression_reason: suppressed.then(|| small_reason.to_string()),
+        mean: Some(parts),
+    }
+}

@@ -1,0 +1,1 @@
+//! Engine tests: fixtures written to a temp dir, run through load/execute.
