@@ -9,6 +9,9 @@ pub mod model;
 mod parse;
 mod validate;
 
+#[cfg(test)]
+mod tests;
+
 pub use decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
     Refusal, RefusalKind,

@@ -135,12 +135,18 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
     let (root, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
         // A broken document can make everything after the break look wrong; report
-        // only what the parser itself found.
+        // only what the parser itself found, named by field where the recovered
+        // document still shows which one.
+        let partial = Index::build(root.get_ref());
         return Err(syntax
             .iter()
             .map(|e| Located {
                 offset: e.span().map_or(0, |s| s.start),
-                field: String::new(),
+                field: e
+                    .span()
+                    .and_then(|s| partial.path_at(&s))
+                    .unwrap_or_default()
+                    .to_string(),
                 message: format!("TOML syntax: {}", one_line(e.message())),
             })
             .collect());
@@ -155,7 +161,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
     let mut version = None;
     let mut organisation = None;
     let mut release = Some(ReleaseRules::default());
-    let mut opt_out = None;
+    let mut opt_out: Option<Option<OptOut>> = Some(None);
     let mut datasets = Some(Vec::new());
     let mut requesters = Some(Vec::new());
     let mut projects = Some(Vec::new());
