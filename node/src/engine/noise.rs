@@ -367,7 +367,7 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
             Mechanism::DiscreteLaplace => loss_total,
             Mechanism::DiscreteGaussian => epsilon_of_rho(loss_total, delta_rest),
         };
-    if !(epsilon_spent <= epsilon + EPS_SLACK) {
+    if epsilon_spent.is_nan() || epsilon_spent > epsilon + EPS_SLACK {
         return Err(EngineError::BudgetOverrun {
             spent: epsilon_spent,
             limit: epsilon,
