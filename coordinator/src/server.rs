@@ -51,6 +51,22 @@ fn read(field: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeErr
     })
 }
 
+/// Accepted connections with Nagle's algorithm off: `Server::tcp_nodelay` only applies
+/// to listeners tonic binds itself, and small gRPC frames otherwise wait ~40 ms for
+/// delayed ACKs.
+fn nodelay_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        Ok(conn)
+    })
+}
+
 /// Serve on `listener` until `shutdown` completes; in-flight calls are drained.
 pub async fn serve(
     config: Config,
@@ -95,7 +111,7 @@ pub async fn serve(
         .add_service(
             CoordinatorServiceServer::new(coordinator).max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(nodelay_incoming(listener), shutdown)
         .await?;
     tracing::info!("coordinator stopped");
     Ok(())
