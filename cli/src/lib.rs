@@ -1,4 +1,8 @@
 //! Library half of the `phm` command, so its parsers and generators can be tested and
 //! fuzzed apart from the binary.
 
+pub mod certs;
+pub mod keys;
+pub mod questions;
 pub mod sql;
+pub mod synth;

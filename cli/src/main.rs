@@ -1,6 +1,7 @@
 //! `phm`: the command analysts, IG leads and operators type.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod policy;
@@ -24,12 +25,122 @@ enum Command {
     /// Check, explain and describe IG policy files.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
+    /// Generate a synthetic ICS: partner data, policies, keys, certificates, configs.
+    #[command(after_help = "Example:\n  phm synth --out ./ics --population 100000 --seed 42")]
+    Synth(SynthArgs),
+    /// Requester signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Folder to write (must be new or empty, or an earlier output with --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Registered population of the ICS.
+    #[arg(long, default_value_t = 100_000)]
+    population: usize,
+    /// Seed: the same seed gives the same people and reference answers.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Keep only the first K GP practices (trusts, social care and the council stay).
+    #[arg(long)]
+    nodes_limit: Option<usize>,
+    /// Allocate free loopback ports from this one (coordinator first, then nodes).
+    #[arg(long)]
+    base_port: Option<u16>,
+    /// Replace an earlier `phm synth` output in --out.
+    #[arg(long)]
+    force: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Make a new Ed25519 requester key (PKCS#8 PEM, mode 0600) and FILE.pub.
+    #[command(
+        after_help = "Example:\n  phm keys new --out keys/dsu.key\n  # then put the printed public key in each node's policy under [[requesters]]"
+    )]
+    New {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Development CA and leaf certificates (server + client) for the given names.
+    #[command(
+        after_help = "Example:\n  phm certs dev --out certs --names A81001,RW1,coordinator,coordinator-client,dsu-client"
+    )]
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated certificate names (CN and SAN).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn synth(a: SynthArgs) -> anyhow::Result<ExitCode> {
+    let summary = phm::synth::run(&phm::synth::SynthOptions {
+        out: a.out.clone(),
+        population: a.population,
+        seed: a.seed,
+        nodes_limit: a.nodes_limit,
+        base_port: a.base_port,
+        progress: !a.quiet,
+        force: a.force,
+    })?;
+    print!("{}", phm::synth::describe(&summary, &a.out));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeysCmd::New { out } => {
+            let k = phm::keys::new_key_file(&out)?;
+            println!("{}", k.public_key_base64);
+            eprintln!(
+                "wrote {} (private, mode 0600) and {}",
+                k.private_path.display(),
+                k.public_path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CertsCmd::Dev { out, names } => {
+            let c = phm::certs::dev(&out, &names)?;
+            println!(
+                "{} CA {}",
+                if c.reused_ca { "reused" } else { "created" },
+                c.ca_pem.display()
+            );
+            for (name, pem, key) in c.leaves {
+                println!("{name}: {} {}", pem.display(), key.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Synth(a) => synth(a),
+        Command::Keys(cmd) => keys(cmd),
+        Command::Certs(cmd) => certs(cmd),
     };
     match result {
         Ok(code) => code,

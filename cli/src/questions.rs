@@ -1,0 +1,117 @@
+//! The demo's reference questions: what the DSU and the researcher ask, in the SQL the
+//! analyst types. `phm synth` computes their exact answers into reference_answers.json
+//! and `phm demo` submits them and checks the noisy answers against those.
+
+use phm_proto::Purpose;
+
+/// Research project every GP practice in the synthetic ICS has approved.
+pub const RESEARCH_PROJECT: &str = "RP-2026-014";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Question {
+    /// Stable id, the key in reference_answers.json.
+    pub id: &'static str,
+    pub title: &'static str,
+    /// Key file stem under DIR/keys (the requester id).
+    pub requester: &'static str,
+    pub purpose: Purpose,
+    pub project: Option<&'static str>,
+    pub sql: &'static str,
+    pub epsilon: f64,
+    /// The demo expects a node's policy to refuse this one.
+    pub expect_refusal: bool,
+}
+
+pub const DIABETES_BY_IMD_AGE: Question = Question {
+    id: "diabetes_by_imd_age",
+    title: "People on the diabetes register, by IMD quintile and age band",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT imd_quintile, bin(age, 20), COUNT(*) AS diabetics FROM gp_patients \
+          WHERE diabetes = TRUE GROUP BY imd_quintile, bin(age, 20)",
+    epsilon: 0.5,
+    expect_refusal: false,
+};
+
+pub const POPULATION_BY_IMD_AGE: Question = Question {
+    id: "population_by_imd_age",
+    title: "Registered population, by IMD quintile and age band",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT imd_quintile, bin(age, 20), COUNT(*) AS people FROM gp_patients \
+          GROUP BY imd_quintile, bin(age, 20)",
+    epsilon: 0.5,
+    expect_refusal: false,
+};
+
+pub const HYPERTENSION_BY_ETHNICITY: Question = Question {
+    id: "hypertension_by_ethnicity",
+    title: "People on the hypertension register, by ethnic group",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT ethnicity, COUNT(*) AS hypertensive FROM gp_patients \
+          WHERE hypertension = TRUE GROUP BY ethnicity",
+    epsilon: 0.5,
+    expect_refusal: false,
+};
+
+pub const POPULATION_BY_ETHNICITY: Question = Question {
+    id: "population_by_ethnicity",
+    title: "Registered population, by ethnic group",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT ethnicity, COUNT(*) AS people FROM gp_patients GROUP BY ethnicity",
+    epsilon: 0.5,
+    expect_refusal: false,
+};
+
+pub const EMERGENCY_ADMISSIONS_BY_PLACE: Question = Question {
+    id: "emergency_admissions_by_place",
+    title: "Emergency admissions in the last 12 months, by Place of residence",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT place, COUNT(*) AS admissions FROM acute_admissions \
+          WHERE method = 'emergency' GROUP BY place",
+    epsilon: 0.5,
+    expect_refusal: false,
+};
+
+pub const RESEARCH_HBA1C_BY_IMD: Question = Question {
+    id: "research_hba1c_by_imd",
+    title: "Mean HbA1c (mmol/mol) among people with diabetes, by IMD quintile (research, RP-2026-014)",
+    requester: "researcher",
+    purpose: Purpose::Research,
+    project: Some(RESEARCH_PROJECT),
+    sql: "SELECT imd_quintile, COUNT(*) AS diabetics, AVG(hba1c) AS mean_hba1c \
+          FROM gp_patients WHERE diabetes = TRUE GROUP BY imd_quintile",
+    epsilon: 1.0,
+    expect_refusal: false,
+};
+
+pub const FUEL_POVERTY_BY_TENURE: Question = Question {
+    id: "fuel_poverty_by_tenure",
+    title: "Residents in fuel poverty, by housing tenure",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT housing_tenure, COUNT(*) AS residents FROM la_residents \
+          WHERE fuel_poverty = TRUE GROUP BY housing_tenure",
+    epsilon: 0.5,
+    expect_refusal: true,
+};
+
+/// Every question, in the order the demo asks them.
+pub const ALL: [Question; 7] = [
+    DIABETES_BY_IMD_AGE,
+    POPULATION_BY_IMD_AGE,
+    HYPERTENSION_BY_ETHNICITY,
+    POPULATION_BY_ETHNICITY,
+    EMERGENCY_ADMISSIONS_BY_PLACE,
+    RESEARCH_HBA1C_BY_IMD,
+    FUEL_POVERTY_BY_TENURE,
+];

@@ -1,0 +1,477 @@
+//! The paperwork of the synthetic ICS: each partner's IG policy (built from
+//! `phm_policies::model` structs), node.toml, and the coordinator's configuration.
+
+use super::activity::{DIAGNOSIS_GROUPS, METHODS, PACKAGE_TYPES};
+use super::ics::{Org, OrgKind, PLACES};
+use super::people::{ETHNICITIES, SEXES, SMOKING};
+use crate::questions::RESEARCH_PROJECT;
+use phm_policies::model::{
+    Budget, Column, ColumnType, Dataset, Domain, Grouping, Mechanism, OptOut, Organisation,
+    OrganisationKind, Period, PolicyFile, Project, ReleaseRules, Requester, Rounding, Scope,
+    Source, SourceFormat, TotalKind,
+};
+
+/// The column holding each person's National Data Opt-out flag, in every dataset.
+pub const OPT_OUT_COLUMN: &str = "ndopt_out";
+
+/// The research project's approved columns.
+pub const PROJECT_COLUMNS: [&str; 7] = [
+    "diabetes",
+    "age",
+    "sex",
+    "imd_quintile",
+    "ethnicity",
+    "bmi",
+    "hba1c",
+];
+
+/// Public keys of the two requesters, as policies list them.
+#[derive(Debug, Clone)]
+pub struct RequesterKeys {
+    pub dsu: String,
+    pub researcher: String,
+}
+
+fn col(name: &str, t: ColumnType) -> Column {
+    Column {
+        name: name.to_string(),
+        column_type: t,
+        identifier: false,
+        filter: false,
+        group: Grouping::No,
+        aggregate: false,
+        bounds: None,
+        domain: None,
+        bin_edges: None,
+        min_bin_width: None,
+    }
+}
+
+fn identifier(name: &str, t: ColumnType) -> Column {
+    Column {
+        identifier: true,
+        ..col(name, t)
+    }
+}
+
+/// A filterable category column grouped over a declared list of values.
+fn category(name: &str, values: &[&str]) -> Column {
+    Column {
+        filter: true,
+        group: Grouping::Declared,
+        domain: Some(Domain::Texts(
+            values.iter().map(|s| s.to_string()).collect(),
+        )),
+        ..col(name, ColumnType::Text)
+    }
+}
+
+fn flag(name: &str) -> Column {
+    Column {
+        filter: true,
+        group: Grouping::Declared,
+        domain: Some(Domain::Booleans(vec![false, true])),
+        ..col(name, ColumnType::Boolean)
+    }
+}
+
+fn measure(name: &str, t: ColumnType, bounds: [f64; 2], edges: Option<Vec<f64>>) -> Column {
+    Column {
+        filter: true,
+        aggregate: true,
+        group: Grouping::Declared,
+        bounds: Some(bounds),
+        bin_edges: edges,
+        min_bin_width: Some(5.0),
+        ..col(name, t)
+    }
+}
+
+fn age() -> Column {
+    measure("age", ColumnType::Integer, [0.0, 110.0], None)
+}
+
+fn imd() -> Column {
+    Column {
+        filter: true,
+        group: Grouping::Declared,
+        domain: Some(Domain::Range("1..5".into())),
+        ..col("imd_quintile", ColumnType::Integer)
+    }
+}
+
+fn opt_out_col() -> Column {
+    col(OPT_OUT_COLUMN, ColumnType::Boolean)
+}
+
+fn source(dataset: &str) -> Source {
+    Source {
+        format: SourceFormat::Parquet,
+        path: format!("data/{dataset}.parquet"),
+    }
+}
+
+fn gp_dataset(pcns: &[String]) -> Dataset {
+    let pcn_refs: Vec<&str> = pcns.iter().map(String::as_str).collect();
+    let mut columns = vec![
+        identifier("person_id", ColumnType::Text),
+        identifier("nhs_number", ColumnType::Text),
+        identifier("date_of_birth", ColumnType::Date),
+        identifier("postcode", ColumnType::Text),
+        age(),
+        category("sex", &SEXES),
+        category("ethnicity", &ETHNICITIES),
+        imd(),
+        Column {
+            filter: true,
+            ..col("lsoa", ColumnType::Text)
+        },
+        category("place", &PLACES),
+        category("pcn", &pcn_refs),
+    ];
+    for c in [
+        "diabetes",
+        "hypertension",
+        "cvd",
+        "copd",
+        "asthma",
+        "depression",
+        "smi",
+        "obesity",
+    ] {
+        columns.push(flag(c));
+    }
+    columns.extend([
+        measure(
+            "bmi",
+            ColumnType::Real,
+            [10.0, 70.0],
+            Some(vec![10.0, 18.5, 25.0, 30.0, 35.0, 40.0, 70.0]),
+        ),
+        // NICE thresholds: <42 normal, 42-47 non-diabetic hyperglycaemia, >=48 diabetes,
+        // 53/58 treatment targets, >=75 poorly controlled.
+        measure(
+            "hba1c",
+            ColumnType::Real,
+            [20.0, 150.0],
+            Some(vec![20.0, 42.0, 48.0, 53.0, 59.0, 75.0, 150.0]),
+        ),
+        measure(
+            "systolic_bp",
+            ColumnType::Real,
+            [70.0, 250.0],
+            Some(vec![70.0, 120.0, 140.0, 160.0, 180.0, 250.0]),
+        ),
+        category("smoking", &SMOKING),
+        opt_out_col(),
+    ]);
+    Dataset {
+        name: "gp_patients".into(),
+        source: source("gp_patients"),
+        person_id: "person_id".into(),
+        max_rows_per_person: 1,
+        total_kind: TotalKind::DistinctPeople,
+        opt_out_not_applicable: false,
+        columns,
+    }
+}
+
+fn acute_dataset() -> Dataset {
+    Dataset {
+        name: "acute_admissions".into(),
+        source: source("acute_admissions"),
+        person_id: "person_id".into(),
+        max_rows_per_person: super::activity::MAX_ADMISSIONS,
+        total_kind: TotalKind::SumOfPartnerCounts,
+        opt_out_not_applicable: false,
+        columns: vec![
+            identifier("person_id", ColumnType::Text),
+            identifier("admission_id", ColumnType::Text),
+            Column {
+                filter: true,
+                ..col("admission_date", ColumnType::Date)
+            },
+            category("method", &METHODS),
+            category("diagnosis_group", &DIAGNOSIS_GROUPS),
+            measure(
+                "length_of_stay",
+                ColumnType::Integer,
+                [0.0, 60.0],
+                Some(vec![0.0, 1.0, 2.0, 4.0, 8.0, 15.0, 31.0, 60.0]),
+            ),
+            age(),
+            category("sex", &SEXES),
+            imd(),
+            category("place", &PLACES),
+            opt_out_col(),
+        ],
+    }
+}
+
+fn social_care_dataset() -> Dataset {
+    Dataset {
+        name: "social_care_packages".into(),
+        source: source("social_care_packages"),
+        person_id: "person_id".into(),
+        max_rows_per_person: 3,
+        total_kind: TotalKind::SumOfPartnerCounts,
+        opt_out_not_applicable: false,
+        columns: vec![
+            identifier("person_id", ColumnType::Text),
+            category("package_type", &PACKAGE_TYPES),
+            measure(
+                "weekly_hours",
+                ColumnType::Real,
+                [0.0, 60.0],
+                Some(vec![0.0, 5.0, 10.0, 20.0, 40.0, 60.0]),
+            ),
+            Column {
+                group: Grouping::No,
+                min_bin_width: None,
+                ..measure("weekly_cost", ColumnType::Real, [0.0, 3_000.0], None)
+            },
+            age(),
+            category("sex", &SEXES),
+            imd(),
+            category("place", &PLACES),
+            opt_out_col(),
+        ],
+    }
+}
+
+fn la_dataset() -> Dataset {
+    Dataset {
+        name: "la_residents".into(),
+        source: source("la_residents"),
+        person_id: "person_id".into(),
+        max_rows_per_person: 1,
+        total_kind: TotalKind::SumOfPartnerCounts,
+        opt_out_not_applicable: false,
+        columns: vec![
+            identifier("person_id", ColumnType::Text),
+            Column {
+                filter: true,
+                ..col("lsoa", ColumnType::Text)
+            },
+            imd(),
+            // The council's IG lead allows filtering on tenure but not breaking figures
+            // down by it: tenure crossed with fuel poverty identifies households on
+            // small estates. So GROUP BY housing_tenure is refused.
+            Column {
+                filter: true,
+                ..col("housing_tenure", ColumnType::Text)
+            },
+            flag("fuel_poverty"),
+            age(),
+            category("sex", &SEXES),
+            category("place", &PLACES),
+            opt_out_col(),
+        ],
+    }
+}
+
+fn organisation_kind(k: OrgKind) -> OrganisationKind {
+    match k {
+        OrgKind::GpPractice => OrganisationKind::GpPractice,
+        OrgKind::AcuteTrust => OrganisationKind::AcuteTrust,
+        OrgKind::SocialCare => OrganisationKind::SocialCare,
+        OrgKind::LocalAuthority => OrganisationKind::LocalAuthority,
+    }
+}
+
+fn dsu(dataset: &str, key: &str) -> Requester {
+    Requester {
+        id: "dsu".into(),
+        organisation: "Riverside and Wolds ICB Decision Support Unit".into(),
+        role: "analyst".into(),
+        public_key: key.to_string(),
+        purposes: vec!["planning".into(), "direct_care".into()],
+        datasets: vec![dataset.to_string()],
+        budget: Budget {
+            epsilon: 20.0,
+            period: Period::Month,
+            per_query_cap: 1.0,
+        },
+        revoked: false,
+    }
+}
+
+fn researcher(key: &str) -> Requester {
+    Requester {
+        id: "researcher".into(),
+        organisation: "University of Riverside, Institute of Population Health".into(),
+        role: "researcher".into(),
+        public_key: key.to_string(),
+        purposes: vec!["research".into()],
+        datasets: vec!["gp_patients".into()],
+        budget: Budget {
+            epsilon: 6.0,
+            period: Period::Quarter,
+            per_query_cap: 1.0,
+        },
+        revoked: false,
+    }
+}
+
+fn research_project() -> Result<Project, String> {
+    let expires: toml::value::Datetime = "2027-06-30"
+        .parse()
+        .map_err(|e| format!("project expiry date: {e}"))?;
+    Ok(Project {
+        id: RESEARCH_PROJECT.into(),
+        approval_ref: "IRAS 334455; Riverside and Wolds ICS Data Access Committee DAC-2026-07"
+            .into(),
+        // The lead must be one of the project's requesters.
+        lead: "researcher".into(),
+        requesters: vec!["researcher".into()],
+        datasets: vec!["gp_patients".into()],
+        columns: PROJECT_COLUMNS.iter().map(|s| s.to_string()).collect(),
+        expires,
+        budget: Budget {
+            epsilon: 4.0,
+            period: Period::Quarter,
+            per_query_cap: 1.0,
+        },
+    })
+}
+
+/// The IG policy of one partner.
+pub fn policy(org: &Org, pcns: &[String], keys: &RequesterKeys) -> Result<PolicyFile, String> {
+    let mut release = ReleaseRules {
+        min_reportable_count: 7.0,
+        rounding: Rounding::Nearest5,
+        scope: Scope::Standalone,
+        per_query_epsilon_cap: 1.0,
+        mechanism: Mechanism::DiscreteLaplace,
+        delta: 1e-9,
+        max_group_cells: 500,
+        query_validity_seconds: 300,
+    };
+    let mut requesters = vec![dsu(&org.dataset, &keys.dsu)];
+    let mut projects = Vec::new();
+    let dataset = match org.kind {
+        OrgKind::GpPractice => {
+            requesters.push(researcher(&keys.researcher));
+            projects.push(research_project()?);
+            gp_dataset(pcns)
+        }
+        OrgKind::AcuteTrust => {
+            // Wolds and Coast's board allows its figures only inside system totals.
+            if org.ods_code == "RW2" {
+                release.scope = Scope::SystemTotalOnly;
+            }
+            acute_dataset()
+        }
+        OrgKind::SocialCare => {
+            release.min_reportable_count = 10.0;
+            social_care_dataset()
+        }
+        OrgKind::LocalAuthority => {
+            release.rounding = Rounding::Nearest10;
+            la_dataset()
+        }
+    };
+    Ok(PolicyFile {
+        version: 1,
+        organisation: Organisation {
+            ods_code: org.ods_code.clone(),
+            name: org.name.clone(),
+            kind: organisation_kind(org.kind),
+            place: org.place.clone(),
+            pcn: org.pcn.clone(),
+            registered_population: org.registered_population,
+        },
+        release,
+        opt_out: Some(OptOut {
+            column: OPT_OUT_COLUMN.into(),
+            purposes: vec!["planning".into(), "research".into()],
+        }),
+        datasets: vec![dataset],
+        requesters,
+        projects,
+    })
+}
+
+/// policy.toml text, with a header saying what it is.
+pub fn policy_toml(org: &Org, policy: &PolicyFile) -> Result<String, String> {
+    let body = toml::to_string(policy).map_err(|e| format!("policy for {}: {e}", org.ods_code))?;
+    Ok(format!(
+        "# IG policy of {} ({}), synthetic ICS.\n# Written by `phm synth`; check with `phm policy check`.\n\n{body}",
+        org.name, org.ods_code
+    ))
+}
+
+fn quote(s: &str) -> String {
+    // TOML basic strings share JSON's escapes for everything we write.
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+pub fn node_toml(org: &Org, port: u16) -> String {
+    format!(
+        "# Node of {name} ({ods}); written by `phm synth`. Paths are relative to this file.\n\
+         policy = \"policy.toml\"\n\
+         data_dir = \"state\"\n\
+         listen = \"127.0.0.1:{port}\"\n\
+         log_format = \"human\"\n\
+         \n\
+         [tls]\n\
+         cert = \"../certs/{ods}.pem\"\n\
+         key = \"../certs/{ods}.key\"\n\
+         client_ca = \"../certs/ca.pem\"\n",
+        name = org.name,
+        ods = org.ods_code,
+    )
+}
+
+pub fn coordinator_toml(orgs: &[(Org, u16)], port: u16) -> String {
+    let mut s = format!(
+        "# ICS coordinator of the synthetic ICS; written by `phm synth`.\n\
+         listen = \"127.0.0.1:{port}\"\n\
+         data_dir = \"state\"\n\
+         node_deadline_ms = 30000\n\
+         log_format = \"human\"\n\
+         \n\
+         [tls]\n\
+         cert = \"../certs/coordinator.pem\"\n\
+         key = \"../certs/coordinator.key\"\n\
+         client_ca = \"../certs/ca.pem\"\n\
+         \n\
+         [client_tls]\n\
+         cert = \"../certs/coordinator-client.pem\"\n\
+         key = \"../certs/coordinator-client.key\"\n\
+         ca = \"../certs/ca.pem\"\n\
+         \n\
+         # GP registrations: every person belongs to one practice, so practice counts add up\n\
+         # to distinct people. The other datasets can hold one person at several partners.\n\
+         [datasets.gp_patients]\n\
+         total_kind = \"distinct_people\"\n\
+         \n\
+         [datasets.acute_admissions]\n\
+         total_kind = \"sum_of_partner_counts\"\n\
+         \n\
+         [datasets.social_care_packages]\n\
+         total_kind = \"sum_of_partner_counts\"\n\
+         \n\
+         [datasets.la_residents]\n\
+         total_kind = \"sum_of_partner_counts\"\n"
+    );
+    for (org, node_port) in orgs {
+        s.push_str(&format!(
+            "\n[[nodes]]\nid = {ods}\nods_code = {ods}\nname = {name}\nkind = {kind}\n",
+            ods = quote(&org.ods_code),
+            name = quote(&org.name),
+            kind = quote(org.kind.as_str()),
+        ));
+        if let Some(place) = &org.place {
+            s.push_str(&format!("place = {}\n", quote(place)));
+        }
+        if let Some(pcn) = &org.pcn {
+            s.push_str(&format!("pcn = {}\n", quote(pcn)));
+        }
+        s.push_str(&format!(
+            "endpoint = \"https://127.0.0.1:{node_port}\"\ntls_server_name = \"localhost\"\ndatasets = [{}]\n",
+            quote(&org.dataset)
+        ));
+    }
+    s
+}
