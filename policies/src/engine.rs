@@ -46,6 +46,14 @@ pub fn period_label(period: Period, now: DateTime<Utc>) -> String {
     }
 }
 
+/// A policy enum as the policy file spells it.
+fn snake<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::from("?"),
+    }
+}
+
 pub(crate) struct Evaluation {
     pub decision: Decision,
     pub lines: Vec<ExplainLine>,
@@ -251,7 +259,7 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
             format!("budget {}", c.key()),
             rule,
             format!(
-                "charged epsilon {} from {} per {}",
+                "epsilon {} to be charged against {} per {}",
                 q.epsilon,
                 b.epsilon,
                 b.period.as_str()
@@ -281,8 +289,12 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
         "release",
         "release",
         format!(
-            "mechanism {:?}, delta {}, suppress at or below {}, rounding {:?}, scope {:?}",
-            r.mechanism, r.delta, r.min_reportable_count, r.rounding, r.scope
+            "mechanism {}, delta {:e}, suppress at or below {}, rounding {}, scope {}",
+            snake(&r.mechanism),
+            r.delta,
+            r.min_reportable_count,
+            snake(&r.rounding),
+            snake(&r.scope)
         ),
     );
 
