@@ -2,7 +2,10 @@
 //! fuzzed apart from the binary.
 
 pub mod certs;
+pub mod client;
+pub mod commands;
 pub mod keys;
 pub mod questions;
+pub mod render;
 pub mod sql;
 pub mod synth;

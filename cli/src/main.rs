@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
 mod policy;
 
 #[derive(Parser)]
@@ -34,6 +35,21 @@ enum Command {
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Submit a signed SQL aggregate query through the coordinator.
+    Query(phm::commands::QueryArgs),
+    /// Privacy budget left for a requester at every partner.
+    Budget(phm::commands::BudgetArgs),
+    /// Verify a node's hash-chained audit log.
+    #[command(subcommand)]
+    Audit(phm::commands::AuditCmd),
+    /// Run a partner's node (same code as the phm-node binary).
+    #[command(after_help = "Example:\n  phm node --config ics/B81001/node.toml")]
+    Node(phm_node::cli::NodeArgs),
+    /// Run the ICS coordinator (same code as the phm-coordinator binary).
+    #[command(after_help = "Example:\n  phm coordinator --config ics/coordinator/coordinator.toml")]
+    Coordinator(phm_coordinator::cli::CoordinatorArgs),
+    /// The whole federation on this machine: synthesise, start, ask, report, stop.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -134,6 +150,12 @@ fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -141,6 +163,22 @@ fn main() -> ExitCode {
         Command::Synth(a) => synth(a),
         Command::Keys(cmd) => keys(cmd),
         Command::Certs(cmd) => certs(cmd),
+        Command::Query(a) => {
+            runtime().map(|rt| ExitCode::from(rt.block_on(phm::commands::query(a))))
+        }
+        Command::Budget(a) => {
+            runtime().map(|rt| ExitCode::from(rt.block_on(phm::commands::budget(a))))
+        }
+        Command::Audit(cmd) => Ok(ExitCode::from(phm::commands::audit(cmd))),
+        Command::Node(a) => runtime()
+            .and_then(|rt| rt.block_on(phm_node::cli::run(a)))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Coordinator(a) => runtime()
+            .and_then(|rt| rt.block_on(phm_coordinator::cli::run(a)))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Demo(a) => runtime()
+            .and_then(|rt| rt.block_on(demo::run(a)))
+            .map(ExitCode::from),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,9 @@
 //! `phm synth`: determinism, realistic prevalence in the written Parquet, policies that
 //! parse and decide the demo's questions as the demo expects.
 
+// Test helpers panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use phm::synth::{self, SynthOptions};

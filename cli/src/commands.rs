@@ -1,0 +1,391 @@
+//! `phm query`, `phm budget` and `phm audit verify`: argument definitions and what they
+//! do, kept in the library so the demo and tests drive exactly the same code.
+
+use crate::client::{self, ClientError, Connection, exit};
+use crate::render;
+use clap::{Args, Subcommand, ValueEnum};
+use phm_proto::Purpose;
+use phm_proto::proto::{self, NodeOutcome};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+/// Coordinator address and TLS material, shared by `query` and `budget`.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Coordinator URL, e.g. https://127.0.0.1:50050.
+    #[arg(long, env = "PHM_COORDINATOR")]
+    pub coordinator: String,
+    /// CA certificate (PEM) the coordinator's certificate chains to.
+    #[arg(long, env = "PHM_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) when the coordinator requires mutual TLS.
+    #[arg(long, env = "PHM_CLIENT_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, env = "PHM_CLIENT_KEY", value_name = "FILE")]
+    pub cert_key: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    pub fn connection(&self) -> Connection {
+        Connection {
+            url: self.coordinator.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            cert_key: self.cert_key.clone(),
+            connect_timeout: None,
+        }
+    }
+}
+
+/// The requester's signing key and identity.
+#[derive(Debug, Clone, Args)]
+pub struct KeyArgs {
+    /// The requester's Ed25519 private key (from `phm keys new`).
+    #[arg(long, env = "PHM_KEY", value_name = "FILE")]
+    pub key: PathBuf,
+    /// Requester id as node policies list it (default: the key file's stem).
+    #[arg(long)]
+    pub requester: Option<String>,
+}
+
+impl KeyArgs {
+    fn load(&self) -> Result<(String, phm_proto::signing::PrivateKey), ClientError> {
+        let key = crate::keys::load_private_key(&self.key)
+            .map_err(|e| ClientError::Input(e.to_string()))?;
+        let requester = match &self.requester {
+            Some(r) => r.clone(),
+            None => crate::keys::requester_from_path(&self.key).ok_or_else(|| {
+                ClientError::Input(format!(
+                    "cannot take a requester id from {}; give --requester",
+                    self.key.display()
+                ))
+            })?,
+        };
+        Ok((requester, key))
+    }
+}
+
+fn parse_purpose(s: &str) -> Result<Purpose, String> {
+    Purpose::parse(s)
+        .ok_or_else(|| format!("unknown purpose {s:?}; use one of direct_care, planning, research"))
+}
+
+pub const QUERY_HELP: &str = "\
+Examples:
+  phm query --coordinator https://127.0.0.1:50050 --ca certs/ca.pem \\
+      --cert certs/dsu-client.pem --cert-key certs/dsu-client.key \\
+      --key keys/dsu.key --purpose planning --epsilon 0.5 \\
+      'SELECT imd_quintile, COUNT(*) AS diabetics FROM gp_patients WHERE diabetes = TRUE GROUP BY imd_quintile'
+
+  # research, under an approved project, as JSON
+  phm query ... --key keys/researcher.key --purpose research --project RP-2026-014 --format json \\
+      'SELECT imd_quintile, AVG(hba1c) AS mean_hba1c FROM gp_patients WHERE diabetes = TRUE GROUP BY imd_quintile'
+
+Exit codes: 0 answered (possibly by only some partners), 1 other failure, 2 bad input
+(SQL, key or certificate files), 3 coordinator unreachable, 4 refused.";
+
+#[derive(Debug, Clone, Args)]
+#[command(after_help = QUERY_HELP)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Why the data is used: direct_care, planning or research.
+    #[arg(long, value_parser = parse_purpose)]
+    pub purpose: Purpose,
+    /// Approved research project id (research only).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Privacy budget to spend at each partner on this query.
+    #[arg(long, default_value_t = 0.5)]
+    pub epsilon: f64,
+    /// Query id (default: a fresh UUID). An id already used for another submission is
+    /// refused (QUERY_ID_REUSED).
+    #[arg(long)]
+    pub query_id: Option<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// The query, in the SQL subset (SELECT … FROM dataset [WHERE …] [GROUP BY …]).
+    pub sql: String,
+}
+
+fn progress_bar(format: Format) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(0);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} partners replied {wide_msg}")
+    {
+        pb.set_style(style);
+    }
+    // Machine formats keep stderr quiet too unless it is a terminal.
+    if format != Format::Table {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    pb
+}
+
+fn progress_message(p: &proto::NodeProgress) -> String {
+    let outcome = match NodeOutcome::try_from(p.outcome) {
+        Ok(NodeOutcome::Answered) => "answered".to_string(),
+        Ok(NodeOutcome::Refused) => format!("refused ({})", render::reason_name(p.reason)),
+        Ok(NodeOutcome::Unreachable) => "unreachable".into(),
+        Ok(NodeOutcome::TimedOut) => "timed out".into(),
+        Ok(NodeOutcome::Malformed) => "excluded".into(),
+        _ => "?".into(),
+    };
+    format!("{}: {outcome}", render::node_label(p.node.as_ref()))
+}
+
+/// `phm query`. Returns the process exit code.
+pub async fn query(a: QueryArgs) -> u8 {
+    let parsed = match crate::sql::parse(&a.sql) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("{}", e.render(&a.sql));
+            return exit::INPUT;
+        }
+    };
+    match query_inner(&a, parsed).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let ClientError::Refused(d) = &e {
+                for r in &d.reasons {
+                    eprintln!("  - {r}");
+                }
+            }
+            e.exit_code()
+        }
+    }
+}
+
+async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, ClientError> {
+    if !(a.epsilon.is_finite() && a.epsilon > 0.0) {
+        return Err(ClientError::Input(format!(
+            "--epsilon must be a positive number, got {}",
+            a.epsilon
+        )));
+    }
+    let (requester, key) = a.key.load()?;
+    let connection = a.connect.connection();
+    let channel = client::connect(&connection).await?;
+    let aggregates = parsed.aggregates.clone();
+    let body = client::query_body(
+        parsed,
+        &requester,
+        a.purpose,
+        a.project.clone(),
+        a.epsilon,
+        a.query_id.clone(),
+    );
+    let signed = body.sign(&key);
+    let pb = progress_bar(a.format);
+    let mut on_progress = |p: &proto::NodeProgress| {
+        if p.nodes_total > 0 {
+            pb.set_length(p.nodes_total as u64);
+        }
+        pb.inc(1);
+        pb.set_message(progress_message(p));
+    };
+    let outcome = client::submit(channel, &connection.url, signed, &mut on_progress).await;
+    pb.finish_and_clear();
+    let result = outcome?.result;
+    let coverage = result.coverage.clone().unwrap_or_default();
+    match a.format {
+        Format::Json => println!("{}", render::json(&result)),
+        Format::Csv => print!("{}", render::csv(&result)),
+        Format::Table => {
+            println!("{} — query {}", result.dataset, result.query_id);
+            print!("{}", render::table(&result, &aggregates));
+            println!();
+            for line in render::coverage_lines(&result) {
+                println!("{line}");
+            }
+            if !result.total_note.is_empty() {
+                println!("{}", result.total_note);
+            }
+            println!(
+                "Privacy budget spent: ε {} at each answering partner.",
+                result.epsilon_spent_per_node
+            );
+        }
+    }
+    if coverage.answered.is_empty() {
+        // Nobody answered: say why, with the first refusal as the headline.
+        if let Some(r) = coverage.refused.first() {
+            eprintln!(
+                "refused: {} — {} ({})",
+                render::reason_name(r.reason),
+                r.message,
+                render::node_label(r.node.as_ref())
+            );
+            return Ok(exit::REFUSED);
+        }
+        eprintln!("error: no partner answered (see coverage above)");
+        return Ok(exit::FAILURE);
+    }
+    Ok(0)
+}
+
+pub const BUDGET_HELP: &str = "\
+Example:
+  phm budget --coordinator https://127.0.0.1:50050 --ca certs/ca.pem \\
+      --cert certs/dsu-client.pem --cert-key certs/dsu-client.key --key keys/dsu.key";
+
+#[derive(Debug, Clone, Args)]
+#[command(after_help = BUDGET_HELP)]
+pub struct BudgetArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Also show this research project's ledger.
+    #[arg(long)]
+    pub project: Option<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// Rows of the budget table: partner, ledger, period, spent, remaining, total.
+pub fn budget_rows(b: &proto::FederatedBudget) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for n in &b.nodes {
+        let label = render::node_label(n.node.as_ref());
+        match (NodeOutcome::try_from(n.outcome), &n.budget) {
+            (Ok(NodeOutcome::Answered), Some(budget)) if !budget.ledgers.is_empty() => {
+                for l in &budget.ledgers {
+                    rows.push(vec![
+                        label.clone(),
+                        l.ledger.clone(),
+                        format!("{} {}", l.period, l.period_label),
+                        format!("{:.2}", l.epsilon_spent),
+                        format!("{:.2}", l.epsilon_remaining),
+                        format!("{:.2}", l.epsilon_total),
+                        format!("{:.2}", l.per_query_cap),
+                    ]);
+                }
+            }
+            _ => rows.push(vec![
+                label,
+                if n.message.is_empty() {
+                    "no answer".into()
+                } else {
+                    n.message.clone()
+                },
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]),
+        }
+    }
+    rows
+}
+
+/// `phm budget`. Returns the process exit code.
+pub async fn budget(a: BudgetArgs) -> u8 {
+    let run = async {
+        let (requester, key) = a.key.load()?;
+        let connection = a.connect.connection();
+        let channel = client::connect(&connection).await?;
+        client::budget(
+            channel,
+            &connection.url,
+            &requester,
+            a.project.clone(),
+            &key,
+        )
+        .await
+    };
+    match run.await {
+        Ok(b) => {
+            let rows = budget_rows(&b);
+            match a.format {
+                Format::Json => {
+                    let v: Vec<serde_json::Value> = rows
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "node": r[0], "ledger": r[1], "period": r[2],
+                                "spent": r[3].parse::<f64>().ok(),
+                                "remaining": r[4].parse::<f64>().ok(),
+                                "total": r[5].parse::<f64>().ok(),
+                                "per_query_cap": r[6].parse::<f64>().ok(),
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(v));
+                }
+                Format::Csv => {
+                    println!("node,ledger,period,spent,remaining,total,per_query_cap");
+                    for r in rows {
+                        println!("{}", r.join(","));
+                    }
+                }
+                Format::Table => {
+                    let header: Vec<String> = [
+                        "partner",
+                        "ledger",
+                        "period",
+                        "ε spent",
+                        "ε left",
+                        "ε total",
+                        "per query",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                    print!("{}", render::layout(&header, &rows, 3));
+                }
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCmd {
+    /// Check a node's hash-chained audit log; exit 0 when intact, 1 at the first break.
+    #[command(after_help = "Example:\n  phm audit verify --data-dir ics/B81001/state")]
+    Verify {
+        /// The node's data_dir (holding audit.log).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+/// `phm audit …`. Returns the process exit code.
+pub fn audit(cmd: AuditCmd) -> u8 {
+    match cmd {
+        AuditCmd::Verify { data_dir } => {
+            let path = data_dir.join("audit.log");
+            match phm_node::audit::verify_log(&path) {
+                Ok(report) => {
+                    println!(
+                        "ok: {} entr{}, chain intact ({})",
+                        report.entries,
+                        if report.entries == 1 { "y" } else { "ies" },
+                        path.display()
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    exit::FAILURE
+                }
+            }
+        }
+    }
+}

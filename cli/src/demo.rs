@@ -1,0 +1,677 @@
+//! `phm demo`: synthesise an ICS, start every partner's node and the coordinator as real
+//! child processes over mutual TLS, ask the DSU's and a researcher's questions, print a
+//! board-paper-style report with intervals and coverage, check it against the exact
+//! reference answers, and shut everything down.
+
+use anyhow::{Context, anyhow, bail};
+use phm::client::{self, Connection};
+use phm::questions::{self, Question};
+use phm::render;
+use phm::synth::{self, Manifest, SynthOptions, reference::ReferenceAnswers};
+use phm_proto::proto::{self, CombinedResult};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo run -p phm -- demo\n  phm demo --nodes 4 --population 40000 --keep-running"
+)]
+pub struct DemoArgs {
+    /// Include only the first N GP practices (the trusts, social care and the council
+    /// always take part). Default: every practice.
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// Registered population of the synthetic ICS.
+    #[arg(long, default_value_t = 100_000)]
+    pub population: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Working folder (replaced if it holds an earlier demo). Default: <tmp>/phm-demo.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Leave the federation running after the report, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Seconds to wait for every node and the coordinator to report healthy.
+    #[arg(long, default_value_t = 180)]
+    pub startup_timeout: u64,
+}
+
+/// One child process of the federation.
+struct Proc {
+    label: String,
+    port: u16,
+    log: PathBuf,
+    child: tokio::process::Child,
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    all[start..]
+        .iter()
+        .map(|l| format!("    | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Distinct free loopback ports, found by binding port 0 (all held until every port is
+/// chosen, so none repeats).
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .context("cannot find free loopback ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+fn spawn(
+    exe: &Path,
+    role: &str,
+    config: &Path,
+    log: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    let file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = file.try_clone()?;
+    tokio::process::Command::new(exe)
+        .arg(role)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(err))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start `{} {role}`", exe.display()))
+}
+
+struct Tls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+async fn healthy(port: u16, tls: &Tls) -> bool {
+    let connection = Connection {
+        url: format!("https://127.0.0.1:{port}"),
+        ca: Some(tls.ca.clone()),
+        cert: Some(tls.cert.clone()),
+        cert_key: Some(tls.key.clone()),
+        connect_timeout: Some(Duration::from_secs(2)),
+    };
+    let Ok(channel) = client::connect(&connection).await else {
+        return false;
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = health.check(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Ok(r)) => {
+            r.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        }
+        _ => false,
+    }
+}
+
+/// Wait until every process answers its health check; name the first that dies or
+/// never becomes healthy, with the end of its log.
+async fn wait_healthy(procs: &mut [Proc], tls: &Tls, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut ready = vec![false; procs.len()];
+    let pb = indicatif::ProgressBar::new(procs.len() as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} services healthy {wide_msg}")
+    {
+        pb.set_style(style);
+    }
+    while ready.iter().any(|r| !r) {
+        for (i, p) in procs.iter_mut().enumerate() {
+            if ready[i] {
+                continue;
+            }
+            if let Some(status) = p.child.try_wait()? {
+                pb.finish_and_clear();
+                bail!(
+                    "{} failed to start ({status}); end of {}:\n{}",
+                    p.label,
+                    p.log.display(),
+                    tail(&p.log, 15)
+                );
+            }
+            if healthy(p.port, tls).await {
+                ready[i] = true;
+                pb.inc(1);
+                pb.set_message(p.label.clone());
+            }
+        }
+        if started.elapsed() > timeout {
+            pb.finish_and_clear();
+            let slow: Vec<&Proc> = procs
+                .iter()
+                .zip(&ready)
+                .filter(|(_, r)| !**r)
+                .map(|(p, _)| p)
+                .collect();
+            let first = slow.first().ok_or_else(|| anyhow!("timed out"))?;
+            bail!(
+                "{} did not become healthy within {}s ({} still starting); end of {}:\n{}",
+                first.label,
+                timeout.as_secs(),
+                slow.len(),
+                first.log.display(),
+                tail(&first.log, 15)
+            );
+        }
+        if ready.iter().any(|r| !r) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// SIGTERM every child, wait for them to drain, SIGKILL any that hang.
+async fn shutdown(procs: &mut [Proc]) -> (usize, usize) {
+    for p in procs.iter() {
+        if let Some(pid) = p.child.id() {
+            // `kill -TERM`: the servers drain and flush on SIGTERM. (No signal crate: the
+            // workspace forbids unsafe code and this is the one place that signals.)
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let mut clean = 0;
+    let mut killed = 0;
+    for p in procs.iter_mut() {
+        match tokio::time::timeout(Duration::from_secs(20), p.child.wait()).await {
+            Ok(Ok(status)) if status.success() => clean += 1,
+            Ok(Ok(_)) | Ok(Err(_)) => killed += 1,
+            Err(_) => {
+                let _ = p.child.start_kill();
+                let _ = p.child.wait().await;
+                killed += 1;
+            }
+        }
+    }
+    (clean, killed)
+}
+
+fn imd_label(k: &str) -> String {
+    match k {
+        "1" => "1 (most deprived)".into(),
+        "5" => "5 (least deprived)".into(),
+        other => other.to_string(),
+    }
+}
+
+fn age_label(k: &str) -> String {
+    match k.parse::<u32>() {
+        Ok(100) => "100+".into(),
+        Ok(lo) => format!("{lo}–{}", lo + 19),
+        Err(_) => k.to_string(),
+    }
+}
+
+fn find_cell<'a>(
+    result: &'a CombinedResult,
+    key: &[String],
+    alias: &str,
+) -> Option<&'a proto::CombinedCell> {
+    result
+        .rows
+        .iter()
+        .find(|r| r.key == key)
+        .and_then(|r| r.cells.iter().find(|c| c.alias == alias))
+}
+
+/// `p = n / d` with a delta-method 95% interval (the two noises are independent).
+fn ratio(n: &proto::CombinedCell, d: &proto::CombinedCell) -> Option<(f64, f64, f64)> {
+    if n.suppressed || d.suppressed || d.estimate <= 0.0 {
+        return None;
+    }
+    let p = n.estimate / d.estimate;
+    let rel = ((n.standard_error / n.estimate.abs().max(1.0)).powi(2)
+        + (d.standard_error / d.estimate).powi(2))
+    .sqrt();
+    let se = p.abs() * rel;
+    Some((p, (p - 1.96 * se).max(0.0), p + 1.96 * se))
+}
+
+fn pct(v: (f64, f64, f64)) -> String {
+    // A second decimal only when the interval would otherwise collapse to one figure.
+    let d = if (v.2 - v.1) * 100.0 < 0.5 { 2 } else { 1 };
+    format!(
+        "{:.*}% ({:.*}–{:.*})",
+        d,
+        v.0 * 100.0,
+        d,
+        v.1 * 100.0,
+        d,
+        v.2 * 100.0
+    )
+}
+
+fn footer(results: &[&CombinedResult], who: &str) {
+    let Some(first) = results.first() else { return };
+    for (i, line) in render::coverage_lines(first).iter().enumerate() {
+        if i == 0 {
+            println!("   Coverage: {line}");
+        } else {
+            println!("   {}", line.trim_start());
+        }
+    }
+    if !first.total_note.is_empty() {
+        println!("   Total: {}", first.total_note);
+    }
+    let spent: f64 = results.iter().map(|r| r.epsilon_spent_per_node).sum();
+    println!(
+        "   Privacy: ε {spent:.1} spent from the {who} budget at each answering partner ({} quer{}).",
+        results.len(),
+        if results.len() == 1 { "y" } else { "ies" }
+    );
+}
+
+fn prevalence_table(
+    num: &CombinedResult,
+    den: &CombinedResult,
+    num_alias: &str,
+    labels: &[&dyn Fn(&str) -> String],
+    headers: &[&str],
+    what: &str,
+) {
+    let mut notes = render::Notes::default();
+    let mut header: Vec<String> = headers.iter().map(|s| s.to_string()).collect();
+    header.extend([
+        format!("{what} (95% CI)"),
+        "registered (95% CI)".into(),
+        "prevalence (95% CI)".into(),
+    ]);
+    let mut rows = Vec::new();
+    for row in &den.rows {
+        let mut r: Vec<String> = row.key.iter().zip(labels).map(|(k, f)| f(k)).collect();
+        let n = find_cell(num, &row.key, num_alias);
+        let d = row.cells.first();
+        r.push(n.map(|c| notes.cell(c, 0)).unwrap_or_else(|| "–".into()));
+        r.push(d.map(|c| notes.cell(c, 0)).unwrap_or_else(|| "–".into()));
+        r.push(match (n, d) {
+            (Some(n), Some(d)) => ratio(n, d).map(pct).unwrap_or_else(|| "–".into()),
+            _ => "–".into(),
+        });
+        rows.push(r);
+    }
+    print!("{}", render::layout(&header, &rows, headers.len()));
+    print!("{}", notes.render());
+}
+
+/// What the reference check found.
+#[derive(Debug, Default)]
+struct Check {
+    inside: usize,
+    total: usize,
+    misses: Vec<String>,
+}
+
+fn check(reference: &ReferenceAnswers, results: &BTreeMap<&str, CombinedResult>) -> Check {
+    let mut c = Check::default();
+    for q in &reference.questions {
+        let Some(result) = results.get(q.id.as_str()) else {
+            continue;
+        };
+        let complete = result.coverage.as_ref().is_some_and(|c| !c.partial);
+        if !complete {
+            continue;
+        }
+        for row in &q.rows {
+            for (alias, truth) in &row.values {
+                let Some(cell) = find_cell(result, &row.key, alias) else {
+                    continue;
+                };
+                if cell.suppressed {
+                    continue;
+                }
+                c.total += 1;
+                if cell.ci95_low <= *truth && *truth <= cell.ci95_high {
+                    c.inside += 1;
+                } else {
+                    c.misses.push(format!(
+                        "{} [{}] {alias}: exact {} outside {}",
+                        q.id,
+                        row.key.join(", "),
+                        render::number(*truth, if truth.fract() == 0.0 { 0 } else { 1 }),
+                        render::cell_text(cell, if truth.fract() == 0.0 { 0 } else { 1 })
+                    ));
+                }
+            }
+        }
+    }
+    c
+}
+
+struct Asker<'a> {
+    dir: &'a Path,
+    url: String,
+}
+
+impl Asker<'_> {
+    async fn ask(&self, q: &Question) -> anyhow::Result<CombinedResult> {
+        let cert_name = format!("{}-client", q.requester);
+        let connection = Connection {
+            url: self.url.clone(),
+            ca: Some(self.dir.join("certs/ca.pem")),
+            cert: Some(self.dir.join(format!("certs/{cert_name}.pem"))),
+            cert_key: Some(self.dir.join(format!("certs/{cert_name}.key"))),
+            connect_timeout: None,
+        };
+        let key = phm::keys::load_private_key(&self.dir.join(format!("keys/{}.key", q.requester)))?;
+        let parsed = phm::sql::parse(q.sql).map_err(|e| anyhow!("{}", e.render(q.sql)))?;
+        let body = client::query_body(
+            parsed,
+            q.requester,
+            q.purpose,
+            q.project.map(str::to_string),
+            q.epsilon,
+            None,
+        );
+        let channel = client::connect(&connection).await?;
+        let submission = client::submit(channel, &self.url, body.sign(&key), &mut |_| {}).await?;
+        Ok(submission.result)
+    }
+}
+
+fn banner(text: &str) {
+    println!("\n{text}\n{}", "=".repeat(text.chars().count()));
+}
+
+async fn questions_and_report(
+    dir: &Path,
+    manifest: &Manifest,
+    url: String,
+) -> anyhow::Result<Check> {
+    let asker = Asker { dir, url };
+    let mut results: BTreeMap<&str, CombinedResult> = BTreeMap::new();
+    for q in questions::ALL {
+        let r = asker
+            .ask(&q)
+            .await
+            .with_context(|| format!("asking {:?}", q.title))?;
+        results.insert(q.id, r);
+    }
+    let get = |id: &str| results.get(id).ok_or_else(|| anyhow!("no result for {id}"));
+    let gp_count = manifest
+        .organisations
+        .iter()
+        .filter(|o| o.dataset == "gp_patients")
+        .count();
+
+    banner(&format!(
+        "{} — population health briefing (synthetic data, as at {})",
+        manifest.ics, manifest.as_of
+    ));
+    println!(
+        "{} registered patients across {gp_count} GP practices, 2 acute trusts, social care and the council.\n\
+         Every figure is a differentially private estimate with its 95% interval; no partner shared a row.",
+        render::number(manifest.population as f64, 0)
+    );
+
+    println!("\n1. Diabetes prevalence by deprivation and age (DSU, planning)");
+    let (num, den) = (
+        get(questions::DIABETES_BY_IMD_AGE.id)?,
+        get(questions::POPULATION_BY_IMD_AGE.id)?,
+    );
+    prevalence_table(
+        num,
+        den,
+        "diabetics",
+        &[&imd_label, &age_label],
+        &["IMD quintile", "age"],
+        "on register",
+    );
+    // Quintile totals: the headline inequality.
+    let mut by_q: BTreeMap<String, (f64, f64, f64, f64)> = BTreeMap::new();
+    for row in &den.rows {
+        let (Some(d), Some(n)) = (row.cells.first(), find_cell(num, &row.key, "diabetics")) else {
+            continue;
+        };
+        let e = by_q.entry(row.key[0].clone()).or_default();
+        e.0 += n.estimate;
+        e.1 += n.standard_error.powi(2);
+        e.2 += d.estimate;
+        e.3 += d.standard_error.powi(2);
+    }
+    let line: Vec<String> = by_q
+        .iter()
+        .filter(|(_, v)| v.2 > 0.0)
+        .map(|(q, v)| {
+            let n = proto::CombinedCell {
+                estimate: v.0,
+                standard_error: v.1.sqrt(),
+                ..Default::default()
+            };
+            let d = proto::CombinedCell {
+                estimate: v.2,
+                standard_error: v.3.sqrt(),
+                ..Default::default()
+            };
+            format!(
+                "Q{q} {}",
+                ratio(&n, &d).map(pct).unwrap_or_else(|| "–".into())
+            )
+        })
+        .collect();
+    println!("   All ages, by IMD quintile: {}", line.join(" · "));
+    footer(&[num, den], "DSU's");
+
+    println!("\n2. Hypertension prevalence by ethnic group (DSU, planning)");
+    let (num, den) = (
+        get(questions::HYPERTENSION_BY_ETHNICITY.id)?,
+        get(questions::POPULATION_BY_ETHNICITY.id)?,
+    );
+    prevalence_table(
+        num,
+        den,
+        "hypertensive",
+        &[&|k: &str| k.to_string()],
+        &["ethnic group"],
+        "on register",
+    );
+    footer(&[num, den], "DSU's");
+
+    println!(
+        "\n3. Emergency admissions in the last 12 months by Place of residence (DSU, planning)"
+    );
+    let r = get(questions::EMERGENCY_ADMISSIONS_BY_PLACE.id)?;
+    let q = phm::sql::parse(questions::EMERGENCY_ADMISSIONS_BY_PLACE.sql)
+        .map_err(|e| anyhow!("{}", e.message))?;
+    print!("{}", render::table(r, &q.aggregates));
+    footer(&[r], "DSU's");
+
+    println!(
+        "\n4. Glycaemic control among people with diabetes by deprivation (research project {})",
+        questions::RESEARCH_PROJECT
+    );
+    let r = get(questions::RESEARCH_HBA1C_BY_IMD.id)?;
+    let q = phm::sql::parse(questions::RESEARCH_HBA1C_BY_IMD.sql)
+        .map_err(|e| anyhow!("{}", e.message))?;
+    print!("{}", render::table(r, &q.aggregates));
+    println!("   HbA1c in mmol/mol. National Data Opt-out patients excluded at every practice.");
+    footer(&[r], "project's");
+
+    println!(
+        "\n5. A question a partner's policy refuses: fuel poverty by housing tenure (DSU, planning)"
+    );
+    let r = get(questions::FUEL_POVERTY_BY_TENURE.id)?;
+    let c = r.coverage.clone().unwrap_or_default();
+    if c.answered.is_empty() && !c.refused.is_empty() {
+        for line in render::coverage_lines(r) {
+            println!("   {line}");
+        }
+        println!("   Nothing was released and no budget was spent.");
+    } else {
+        print!("{}", render::table(r, &[]));
+        footer(&[r], "DSU's");
+    }
+
+    let reference = synth::load_reference(dir)?;
+    let checked = check(&reference, &results);
+    banner("Check against the exact answers (known only because the data is synthetic)");
+    println!(
+        "{} of {} reference figures inside their 95% interval ({:.0}%; about 95% expected).",
+        checked.inside,
+        checked.total,
+        if checked.total > 0 {
+            100.0 * checked.inside as f64 / checked.total as f64
+        } else {
+            0.0
+        }
+    );
+    for m in checked.misses.iter().take(5) {
+        println!("  outside: {m}");
+    }
+    Ok(checked)
+}
+
+/// Run the demo; returns the exit code.
+pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    client::install_crypto_provider();
+    let dir = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("phm-demo"));
+    println!(
+        "Synthesising a {}-person ICS (seed {}) in {} …",
+        a.population,
+        a.seed,
+        dir.display()
+    );
+    let opts = SynthOptions {
+        out: dir.clone(),
+        population: a.population,
+        seed: a.seed,
+        nodes_limit: a.nodes,
+        base_port: None,
+        progress: true,
+        force: true,
+    };
+    let summary = tokio::task::spawn_blocking(move || synth::run(&opts)).await??;
+    let mut manifest = summary.manifest;
+    let synth_time = started.elapsed();
+
+    let ports = free_ports(manifest.organisations.len() + 1)?;
+    synth::write_configs(&dir, &mut manifest, ports[0], &ports[1..])?;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let exe = std::env::current_exe().context("cannot find the running phm binary")?;
+
+    let mut procs = Vec::new();
+    println!(
+        "Starting {} partner nodes and the coordinator (logs in {}) …",
+        manifest.organisations.len(),
+        logs.display()
+    );
+    let result = async {
+        for org in &manifest.organisations {
+            let log = logs.join(format!("{}.log", org.ods_code));
+            let child = spawn(
+                &exe,
+                "node",
+                &dir.join(&org.ods_code).join("node.toml"),
+                &log,
+            )?;
+            procs.push(Proc {
+                label: format!("node {} ({})", org.ods_code, org.name),
+                port: manifest
+                    .ports
+                    .get(&org.ods_code)
+                    .copied()
+                    .unwrap_or_default(),
+                log,
+                child,
+            });
+        }
+        let log = logs.join("coordinator.log");
+        let child = spawn(
+            &exe,
+            "coordinator",
+            &dir.join("coordinator/coordinator.toml"),
+            &log,
+        )?;
+        procs.push(Proc {
+            label: "coordinator".into(),
+            port: manifest.coordinator_port,
+            log,
+            child,
+        });
+        let tls = Tls {
+            ca: dir.join("certs/ca.pem"),
+            cert: dir.join("certs/dsu-client.pem"),
+            key: dir.join("certs/dsu-client.key"),
+        };
+        let t = Instant::now();
+        wait_healthy(&mut procs, &tls, Duration::from_secs(a.startup_timeout)).await?;
+        let startup = t.elapsed();
+        let t = Instant::now();
+        let url = format!("https://127.0.0.1:{}", manifest.coordinator_port);
+        let checked = questions_and_report(&dir, &manifest, url.clone()).await?;
+        println!(
+            "\nTimings: synthesis {:.1}s, start-up {:.1}s, {} queries {:.1}s.",
+            synth_time.as_secs_f64(),
+            startup.as_secs_f64(),
+            questions::ALL.len(),
+            t.elapsed().as_secs_f64()
+        );
+        anyhow::Ok((checked, url))
+    };
+    let outcome = tokio::select! {
+        r = result => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    let code = match outcome {
+        Ok((_, url)) if a.keep_running => {
+            println!("\nThe federation is running. Try, for example:\n");
+            println!(
+                "  {} query --coordinator {url} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key --purpose planning --epsilon 0.5 'SELECT place, COUNT(*) AS people FROM gp_patients WHERE copd = TRUE GROUP BY place'",
+                exe.display(),
+                d = dir.display()
+            );
+            println!(
+                "\n  {} budget --coordinator {url} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key",
+                exe.display(),
+                d = dir.display()
+            );
+            println!("\nPress Ctrl-C to stop it.");
+            let _ = tokio::signal::ctrl_c().await;
+            0
+        }
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("\nerror: {e:#}");
+            1
+        }
+    };
+    let (clean, killed) = shutdown(&mut procs).await;
+    println!(
+        "Stopped {clean} process{} cleanly{}. Total {:.1}s. Audit logs: phm audit verify --data-dir {}/<ODS>/state",
+        if clean == 1 { "" } else { "es" },
+        if killed > 0 {
+            format!(", {killed} had to be killed or failed")
+        } else {
+            String::new()
+        },
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(code)
+}

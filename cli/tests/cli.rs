@@ -1,0 +1,416 @@
+//! The `phm` binary end to end: input errors and their exit codes, and a real
+//! federation (nodes and coordinator started as `phm node` / `phm coordinator`) for
+//! answered, refused, budget and audit-verify paths, and the one-command demo.
+
+// Test helpers panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SQL: &str = "SELECT sex, COUNT(*) AS people FROM gp_patients GROUP BY sex";
+
+fn phm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_phm"))
+}
+
+fn run(args: &[&str]) -> Output {
+    phm().args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn key_file(dir: &Path) -> PathBuf {
+    let key = dir.join("dsu.key");
+    let out = run(&["keys", "new", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    key
+}
+
+#[test]
+fn bad_sql_shows_a_caret_and_exits_2() {
+    let out = run(&[
+        "query",
+        "--coordinator",
+        "https://127.0.0.1:1",
+        "--key",
+        "/nonexistent/dsu.key",
+        "--purpose",
+        "planning",
+        "SELECT sex, COUNT(*) AS people FROM gp_patients GROUP BY sex ORDER BY sex",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains('^'), "{err}");
+    assert!(err.contains("ORDER BY") || err.contains("ORDER"), "{err}");
+    // The SQL is checked before anything else, so the missing key is not mentioned.
+    assert!(!err.contains("nonexistent"), "{err}");
+}
+
+#[test]
+fn bad_or_missing_key_file_is_named_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.key");
+    std::fs::write(&broken, "-----BEGIN PRIVATE KEY-----\nnot base64\n").unwrap();
+    for key in [broken.clone(), dir.path().join("missing.key")] {
+        let out = run(&[
+            "query",
+            "--coordinator",
+            "https://127.0.0.1:1",
+            "--key",
+            key.to_str().unwrap(),
+            "--purpose",
+            "planning",
+            SQL,
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(key.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn unreachable_coordinator_exits_3_with_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let certs = dir.path().join("certs");
+    let out = run(&[
+        "certs",
+        "dev",
+        "--out",
+        certs.to_str().unwrap(),
+        "--names",
+        "dsu-client",
+    ]);
+    assert!(out.status.success());
+    let url = format!("https://127.0.0.1:{}", free_port());
+    let out = run(&[
+        "query",
+        "--coordinator",
+        &url,
+        "--ca",
+        certs.join("ca.pem").to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--purpose",
+        "planning",
+        SQL,
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot reach coordinator at {url}")),
+        "{err}"
+    );
+    // Budget uses the same path.
+    let out = run(&[
+        "budget",
+        "--coordinator",
+        &url,
+        "--ca",
+        certs.join("ca.pem").to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+}
+
+/// Child processes that are stopped (SIGTERM, then kill) when the test ends.
+struct Federation {
+    dir: PathBuf,
+    children: Vec<Child>,
+    coordinator: String,
+}
+
+impl Federation {
+    fn start(dir: &Path) -> Federation {
+        let out = run(&[
+            "synth",
+            "--out",
+            dir.to_str().unwrap(),
+            "--population",
+            "4000",
+            "--seed",
+            "3",
+            "--nodes-limit",
+            "2",
+            "--quiet",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mut manifest = phm::synth::load_manifest(dir).unwrap();
+        let ports: Vec<u16> = (0..=manifest.organisations.len())
+            .map(|_| free_port())
+            .collect();
+        phm::synth::write_configs(dir, &mut manifest, ports[0], &ports[1..]).unwrap();
+        let mut children = Vec::new();
+        let mut spawn = |role: &str, config: PathBuf, log: &str| {
+            let log = std::fs::File::create(dir.join(log)).unwrap();
+            children.push(
+                phm()
+                    .args([role, "--config", config.to_str().unwrap()])
+                    .stdout(Stdio::from(log.try_clone().unwrap()))
+                    .stderr(Stdio::from(log))
+                    .spawn()
+                    .unwrap(),
+            );
+        };
+        for org in &manifest.organisations {
+            spawn(
+                "node",
+                dir.join(&org.ods_code).join("node.toml"),
+                &format!("{}.log", org.ods_code),
+            );
+        }
+        spawn(
+            "coordinator",
+            dir.join("coordinator/coordinator.toml"),
+            "coordinator.log",
+        );
+        // Nodes open their port only once data and policy are loaded.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for port in &ports {
+            while TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "port {port} never opened; logs in {}",
+                    dir.display()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Federation {
+            dir: dir.to_path_buf(),
+            children,
+            coordinator: format!("https://127.0.0.1:{}", ports[0]),
+        }
+    }
+
+    fn args(&self, who: &str) -> Vec<String> {
+        let d = self.dir.display();
+        vec![
+            "--coordinator".into(),
+            self.coordinator.clone(),
+            "--ca".into(),
+            format!("{d}/certs/ca.pem"),
+            "--cert".into(),
+            format!("{d}/certs/{who}-client.pem"),
+            "--cert-key".into(),
+            format!("{d}/certs/{who}-client.key"),
+            "--key".into(),
+            format!("{d}/keys/{who}.key"),
+        ]
+    }
+
+    fn query(&self, who: &str, extra: &[&str], sql: &str) -> Output {
+        let mut args = vec!["query".to_string()];
+        args.extend(self.args(who));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(sql.to_string());
+        phm().args(&args).output().unwrap()
+    }
+
+    fn stop(&mut self) {
+        for c in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        for c in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn real_federation_answers_refuses_reports_budget_and_audits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ics");
+    let mut fed = Federation::start(&dir);
+
+    // Answered, as JSON: exactly one object with the contracted fields.
+    let out = fed.query(
+        "dsu",
+        &[
+            "--purpose",
+            "planning",
+            "--format",
+            "json",
+            "--query-id",
+            "t-1",
+        ],
+        SQL,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["query_id"], "t-1");
+    assert_eq!(v["dataset"], "gp_patients");
+    assert_eq!(v["total_kind"], "distinct_people");
+    assert_eq!(v["coverage"]["answered"].as_array().unwrap().len(), 2);
+    assert_eq!(v["epsilon_spent"], 0.5);
+    let rows = v["rows"].as_array().unwrap();
+    let female = rows
+        .iter()
+        .find(|r| r["group"]["sex"] == "F")
+        .expect("a row for F");
+    let people = &female["values"]["people"];
+    let (lo, hi) = (
+        people["ci95"][0].as_f64().unwrap(),
+        people["ci95"][1].as_f64().unwrap(),
+    );
+    let est = people["estimate"].as_f64().unwrap();
+    assert!(lo <= est && est <= hi && est > 100.0, "{people}");
+
+    // A query id names one signed query: reusing it for a new submission (fresh nonce
+    // and time) is refused rather than silently answered again.
+    let again = fed.query(
+        "dsu",
+        &[
+            "--purpose",
+            "planning",
+            "--format",
+            "json",
+            "--query-id",
+            "t-1",
+        ],
+        SQL,
+    );
+    assert_eq!(again.status.code(), Some(4), "{}", text(&again.stderr));
+    assert!(text(&again.stderr).contains("QUERY_ID_REUSED"));
+
+    // CSV: a header and one line per group.
+    let out = fed.query("dsu", &["--purpose", "planning", "--format", "csv"], SQL);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let csv = text(&out.stdout);
+    assert!(
+        csv.starts_with("sex,people,people_ci95_low,people_ci95_high,people_suppressed\n"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+
+    // Table, for the research project.
+    let out = fed.query(
+        "researcher",
+        &["--purpose", "research", "--project", "RP-2026-014", "--epsilon", "1"],
+        "SELECT imd_quintile, AVG(hba1c) AS mean_hba1c FROM gp_patients WHERE diabetes = TRUE GROUP BY imd_quintile",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("mean_hba1c (95% CI)"), "{table}");
+    assert!(table.contains("2 of 2 partners answered"), "{table}");
+
+    // Refused by the council's policy: exit 4 with the reason name and sentence.
+    let out = fed.query(
+        "dsu",
+        &["--purpose", "planning"],
+        "SELECT housing_tenure, COUNT(*) AS residents FROM la_residents GROUP BY housing_tenure",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("POLICY_DENIED"), "{err}");
+    assert!(err.contains("housing_tenure"), "{err}");
+
+    // Budget: every partner reports the DSU's ledger, with the spend above.
+    let mut args = vec!["budget".to_string()];
+    args.extend(fed.args("dsu"));
+    let out = phm().args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let budget = text(&out.stdout);
+    assert!(budget.contains("requester:dsu"), "{budget}");
+    assert!(budget.contains("Riverside Borough Council"), "{budget}");
+
+    // Audit: stop the nodes (flushes the log), verify, then tamper and verify again.
+    fed.stop();
+    let manifest = phm::synth::load_manifest(&dir).unwrap();
+    let gp = &manifest.organisations[0].ods_code;
+    let state = dir.join(gp).join("state");
+    let out = run(&["audit", "verify", "--data-dir", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ok = text(&out.stdout);
+    assert!(
+        ok.starts_with("ok: ") && ok.contains("chain intact"),
+        "{ok}"
+    );
+
+    let log = state.join("audit.log");
+    let content = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<String> = content.lines().map(str::to_string).collect();
+    assert!(lines.len() >= 2, "{content}");
+    let mut entry: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    let obj = entry.as_object_mut().unwrap();
+    let field = obj
+        .keys()
+        .find(|k| !["hash", "prev_hash", "seq"].contains(&k.as_str()))
+        .unwrap()
+        .clone();
+    obj.insert(field, serde_json::json!("tampered"));
+    lines[1] = entry.to_string();
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let out = run(&["audit", "verify", "--data-dir", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("entry 2"), "{err}");
+}
+
+#[test]
+fn demo_runs_end_to_end_and_checks_its_reference_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = run(&[
+        "demo",
+        "--population",
+        "6000",
+        "--nodes",
+        "2",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    for expected in [
+        "1. Diabetes prevalence",
+        "2 of 2 partners answered",
+        "Riverside Borough Council (LA801) refused: POLICY_DENIED",
+        "reference figures inside their 95% interval",
+        "Stopped 7 processes cleanly",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    // Children's logs went to DIR/logs.
+    assert!(dir.join("logs/coordinator.log").exists());
+    assert!(dir.join("logs/LA801.log").exists());
+}
