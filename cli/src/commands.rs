@@ -111,6 +111,7 @@ pub struct QueryArgs {
     /// refused (QUERY_ID_REUSED).
     #[arg(long)]
     pub query_id: Option<String>,
+    /// table (with coverage lines), csv (one line per group) or json (one object).
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
     /// The query, in the SQL subset (SELECT … FROM dataset [WHERE …] [GROUP BY …]).
@@ -249,6 +250,7 @@ pub struct BudgetArgs {
     /// Also show this research project's ledger.
     #[arg(long)]
     pub project: Option<String>,
+    /// table, csv or json.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }

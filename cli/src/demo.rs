@@ -636,7 +636,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
     };
     let outcome = tokio::select! {
         r = result => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        () = phm_coordinator::cli::shutdown_signal() => Err(anyhow!("interrupted")),
     };
     let code = match outcome {
         Ok((_, url)) if a.keep_running => {
@@ -651,8 +651,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
                 exe.display(),
                 d = dir.display()
             );
-            println!("\nPress Ctrl-C to stop it.");
-            let _ = tokio::signal::ctrl_c().await;
+            println!("\nPress Ctrl-C (or send SIGTERM) to stop it.");
+            // SIGTERM too: dying on it would orphan the children.
+            phm_coordinator::cli::shutdown_signal().await;
             0
         }
         Ok(_) => 0,

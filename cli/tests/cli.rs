@@ -414,3 +414,55 @@ fn demo_runs_end_to_end_and_checks_its_reference_answers() {
     assert!(dir.join("logs/coordinator.log").exists());
     assert!(dir.join("logs/LA801.log").exists());
 }
+
+#[test]
+fn demo_keep_running_prints_a_query_line_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let mut child = phm()
+        .args([
+            "demo",
+            "--population",
+            "3000",
+            "--nodes",
+            "1",
+            "--keep-running",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut query_line = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line
+            .trim_start()
+            .contains(" query --coordinator https://127.0.0.1:")
+        {
+            query_line = Some(line.clone());
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let query_line = query_line.expect("the demo prints a phm query line to try");
+    assert!(query_line.contains("--key") && query_line.contains("dsu.key"));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("Stopped 6 processes cleanly")),
+        "{rest:?}"
+    );
+}
