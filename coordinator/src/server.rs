@@ -7,7 +7,7 @@ use crate::history::{History, HistoryError};
 use crate::service::Coordinator;
 use phm_proto::proto::coordinator_service_server::CoordinatorServiceServer;
 use std::future::Future;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 /// Largest request accepted from analysts' clients.
@@ -48,22 +48,6 @@ fn read(field: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeErr
         field,
         path: path.display().to_string(),
         source,
-    })
-}
-
-/// Accepted connections with Nagle's algorithm off: `Server::tcp_nodelay` only applies
-/// to listeners tonic binds itself, and small gRPC frames otherwise wait ~40 ms for
-/// delayed ACKs.
-fn nodelay_incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        if let Err(e) = conn.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        Ok(conn)
     })
 }
 
@@ -111,7 +95,12 @@ pub async fn serve(
         .add_service(
             CoordinatorServiceServer::new(coordinator).max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_incoming_shutdown(nodelay_incoming(listener), shutdown)
+        // `Server::tcp_nodelay` only applies to listeners tonic binds itself; without
+        // TCP_NODELAY small gRPC frames wait ~40 ms for delayed ACKs.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     tracing::info!("coordinator stopped");
     Ok(())

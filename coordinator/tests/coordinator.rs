@@ -233,6 +233,55 @@ async fn failures_are_reported_per_node_and_never_delay_the_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_after_answering_is_reported_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let a = start_node(&pki, "A", fixed_count("A", 101.0, 4.0)).await;
+    let b = start_node(&pki, "B", fixed_count("B", 203.0, 4.0)).await;
+    let config = coordinator_config(
+        &pki,
+        &[Reg::new("A", a.addr), Reg::new("B", b.addr)],
+        3_000,
+        "",
+    );
+    let mut coord = start_coordinator(&pki, config).await;
+    let key = requester_key();
+    let (_, r) = submit(&mut coord.client, signed_query(&key, "k1", false, false))
+        .await
+        .unwrap();
+    assert_eq!(r.rows[0].cells[0].estimate, 304.0);
+
+    // B goes away after its connection to the coordinator was established.
+    b.kill().await;
+    let started = Instant::now();
+    let (progress, r) = submit(&mut coord.client, signed_query(&key, "k2", false, false))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(3_000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        outcome_of(&progress, "B").outcome,
+        proto::NodeOutcome::Unreachable as i32,
+        "{progress:?}"
+    );
+    assert_eq!(
+        outcome_of(&progress, "A").outcome,
+        proto::NodeOutcome::Answered as i32
+    );
+    assert_eq!(r.rows[0].cells[0].estimate, 101.0);
+    let cov = r.coverage.unwrap();
+    assert!(cov.partial);
+    assert_eq!(cov.unreachable[0].node_id, "B");
+    // B's population is remembered from its earlier answer.
+    assert_eq!(cov.population_registered, 2000.0);
+    assert_eq!(cov.population_answered, 1000.0);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubmission_is_idempotent_and_results_are_durable() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -151,29 +150,28 @@ impl NodeService for MockNode {
     }
 }
 
-/// Accepted connections with TCP_NODELAY, as a real server would set.
-pub fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|c| {
-        let c = c?;
-        c.set_nodelay(true)?;
-        Ok(c)
-    })
-}
-
 /// A running mock node.
 pub struct RunningNode {
     pub addr: SocketAddr,
     pub calls: Arc<AtomicUsize>,
     pub received: Arc<Mutex<Vec<proto::AggregateQuery>>>,
     stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningNode {
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Shut the node down and wait until its listener is closed.
+    pub async fn kill(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            d.await.unwrap();
+        }
     }
 }
 
@@ -213,11 +211,14 @@ pub async fn start_node(pki: &Pki, id: &str, behaviour: Behaviour) -> RunningNod
         .tls_config(pki.server_tls())
         .unwrap()
         .add_service(NodeServiceServer::new(node));
-    tokio::spawn(async move {
+    let done = tokio::spawn(async move {
         let _ = server
-            .serve_with_incoming_shutdown(nodelay(listener), async {
-                let _ = rx.await;
-            })
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await;
     });
     RunningNode {
@@ -225,6 +226,7 @@ pub async fn start_node(pki: &Pki, id: &str, behaviour: Behaviour) -> RunningNod
         calls,
         received,
         stop: Some(tx),
+        done: Some(done),
     }
 }
 
