@@ -127,6 +127,9 @@ pub fn classify<T>(status: &tonic::Status) -> CallOutcome<T> {
     }
 }
 
+/// A failure this close to the deadline is read as the deadline passing.
+const DEADLINE_SLACK: Duration = Duration::from_millis(50);
+
 fn with_deadline<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     // Tells the node how long we will wait, so it can give up too.
@@ -138,8 +141,20 @@ async fn call<T, F>(deadline: Duration, fut: F) -> CallOutcome<T>
 where
     F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    let start = Instant::now();
     match tokio::time::timeout(deadline, fut).await {
         Ok(Ok(resp)) => CallOutcome::Answered(resp.into_inner()),
+        // The node's server enforces our grpc-timeout too and may cancel the call a
+        // moment before our own timer fires: that is a timeout, not unreachability.
+        Ok(Err(status))
+            if !carries_denial(&status) && start.elapsed() + DEADLINE_SLACK >= deadline =>
+        {
+            CallOutcome::TimedOut(format!(
+                "no answer within the {} ms deadline ({})",
+                deadline.as_millis(),
+                describe(&status)
+            ))
+        }
         Ok(Err(status)) => classify(&status),
         Err(_) => CallOutcome::TimedOut(format!(
             "no answer within the {} ms deadline",

@@ -377,6 +377,41 @@ async fn resubmission_is_idempotent_and_results_are_durable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_submitted_while_running_waits_for_the_same_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let a = start_node(&pki, "A", fixed_count("A", 101.0, 4.0)).await;
+    // The stalled node keeps the first run in flight until the 600 ms deadline.
+    let slow = start_node(&pki, "SLOW", Behaviour::Stall).await;
+    let config = coordinator_config(
+        &pki,
+        &[Reg::new("A", a.addr), Reg::new("SLOW", slow.addr)],
+        600,
+        "",
+    );
+    let coord = start_coordinator(&pki, config).await;
+    let key = requester_key();
+    let q = signed_query(&key, "dup-1", false, false);
+    let (mut c1, mut c2) = (coord.client.clone(), coord.client.clone());
+    let (q1, q2) = (q.clone(), q.clone());
+    let first = tokio::spawn(async move { submit(&mut c1, q1).await });
+    // Wait until the first run has reached the nodes, then submit the duplicate.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while slow.calls() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    let (p2, r2) = submit(&mut c2, q2).await.unwrap();
+    let (p1, r1) = first.await.unwrap().unwrap();
+    assert_eq!(r1, r2);
+    assert_eq!(p1, p2);
+    assert_eq!((a.calls(), slow.calls()), (1, 1));
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_queries_are_refused_before_any_node_is_asked() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
