@@ -352,6 +352,15 @@ fn round_to(x: f64, step: f64) -> f64 {
     (x / step).round() * step + 0.0
 }
 
+fn floor_to(x: f64, step: f64) -> f64 {
+    // The small tolerance keeps an exact multiple (e.g. 0.3 / 0.1) from dropping a step.
+    ((x / step) + 1e-9).floor() * step + 0.0
+}
+
+fn ceil_to(x: f64, step: f64) -> f64 {
+    ((x / step) - 1e-9).ceil() * step + 0.0
+}
+
 fn suppressed_cell(alias: &str, reason: impl Into<String>, contributors: u32) -> Cell {
     Cell {
         alias: alias.to_string(),
@@ -382,9 +391,22 @@ fn combine_group(
                     group_count = Some(est);
                 }
                 let se = var.sqrt();
-                let (mut e, mut lo, mut hi) = (est, est - Z95 * se, est + Z95 * se);
+                let (mut lo, mut hi) = match parts {
+                    // One contributor: its own interval comes from the mechanism's exact
+                    // distribution, which is honest where the normal approximation of a
+                    // single (heavy-tailed) Laplace term would undercover.
+                    [only] => (only.cells[i].ci95_low, only.cells[i].ci95_high),
+                    _ => (est - Z95 * se, est + Z95 * se),
+                };
+                if *kind == AggregateKind::Count {
+                    // A count is never negative: trimming the interval to where the true
+                    // value can lie only improves its coverage.
+                    lo = lo.max(0.0);
+                }
+                let mut e = est;
                 if rounded {
-                    (e, lo, hi) = (round_to(e, 5.0), round_to(lo, 5.0), round_to(hi, 5.0));
+                    // Round the bounds outwards so rounding never narrows the interval.
+                    (e, lo, hi) = (round_to(e, 5.0), floor_to(lo, 5.0), ceil_to(hi, 5.0));
                 }
                 let mut c = Cell {
                     alias: alias.clone(),
@@ -429,7 +451,7 @@ fn combine_group(
                     let se = var.sqrt();
                     let (mut e, mut lo, mut hi) = (ratio, ratio - Z95 * se, ratio + Z95 * se);
                     if rounded {
-                        (e, lo, hi) = (round_to(e, 0.1), round_to(lo, 0.1), round_to(hi, 0.1));
+                        (e, lo, hi) = (round_to(e, 0.1), floor_to(lo, 0.1), ceil_to(hi, 0.1));
                     }
                     Cell {
                         alias: alias.clone(),
@@ -869,8 +891,29 @@ mod tests {
         assert!(c.rounded);
         assert_eq!(cell.estimate, 50.0);
         assert!((cell.standard_error - 0.5125_f64.sqrt()).abs() < 1e-12);
-        let lo = 50.0 - 1.96 * 0.5125_f64.sqrt();
-        assert!((cell.ci95_low - (lo * 10.0).round() / 10.0).abs() < 1e-9);
+        // Bounds are rounded outwards, so rounding never narrows the interval.
+        let (lo, hi) = (
+            50.0 - 1.96 * 0.5125_f64.sqrt(),
+            50.0 + 1.96 * 0.5125_f64.sqrt(),
+        );
+        assert!((cell.ci95_low - (lo * 10.0).floor() / 10.0).abs() < 1e-9);
+        assert!((cell.ci95_high - (hi * 10.0).ceil() / 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn single_contributor_keeps_its_exact_interval_and_counts_stay_non_negative() {
+        let e = expected(&[AggregateKind::Count], &[]);
+        let mut c0 = cell("a0", 20.0, 800.0);
+        // The node's exact discrete-Laplace interval, wider than the normal one.
+        (c0.ci95_low, c0.ci95_high) = (-40.0, 80.0);
+        let a = answer(&e, "A", "", vec![(vec![], vec![c0])], STANDALONE);
+        let c = combine(&e, &[a]);
+        let out = &c.rows[0].cells[0];
+        assert_eq!(
+            out.ci95_high, 80.0,
+            "one contributor keeps its own interval"
+        );
+        assert_eq!(out.ci95_low, 0.0, "a count interval never goes below zero");
     }
 
     #[test]
