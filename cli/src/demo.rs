@@ -246,7 +246,8 @@ fn ratio(n: &proto::CombinedCell, d: &proto::CombinedCell) -> Option<(f64, f64, 
         + (d.standard_error / d.estimate).powi(2))
     .sqrt();
     let se = p.abs() * rel;
-    Some((p, (p - 1.96 * se).max(0.0), p + 1.96 * se))
+    // A prevalence lies in [0, 1]; trimming the interval there only improves coverage.
+    Some((p, (p - 1.96 * se).max(0.0), (p + 1.96 * se).min(1.0)))
 }
 
 fn pct(v: (f64, f64, f64)) -> String {
