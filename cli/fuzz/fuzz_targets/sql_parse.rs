@@ -1,0 +1,28 @@
+//! Fuzz target: `phm::sql::parse` (the very source file, cli/src/sql.rs, compiled in)
+//! on arbitrary UTF-8 must accept or refuse with an in-bounds position, never panic;
+//! rendering the error must not panic either.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../src/sql.rs"]
+#[allow(dead_code)]
+mod sql;
+
+fuzz_target!(|text: &str| {
+    match sql::parse(text) {
+        Ok(q) => {
+            assert!(!q.aggregates.is_empty());
+            assert!(!q.dataset.is_empty());
+        }
+        Err(e) => {
+            assert!(
+                e.offset <= text.len(),
+                "offset {} beyond {}",
+                e.offset,
+                text.len()
+            );
+            let _ = e.render(text);
+        }
+    }
+});
