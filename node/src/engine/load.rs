@@ -267,6 +267,16 @@ pub(crate) async fn load_dataset(
     // The opt-out flag must exist (as a boolean) wherever it applies, declared or not.
     if let Some(col) = opt_out_column
         && !ds.opt_out_not_applicable
+        && let Some(c) = checks.iter().find(|c| c.name == col)
+        && c.ty != ColumnType::Boolean
+    {
+        return Err(decl(format!(
+            "opt-out column `{col}` is declared {}, not boolean",
+            c.ty.as_str()
+        )));
+    }
+    if let Some(col) = opt_out_column
+        && !ds.opt_out_not_applicable
         && !checks.iter().any(|c| c.name == col)
     {
         checks.push(ColumnCheck {

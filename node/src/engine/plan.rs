@@ -10,7 +10,7 @@ use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::functions::math::expr_fn::random;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{Expr, ExprFunctionExt, cast, ident, when};
+use datafusion::logical_expr::{Expr, ExprFunctionExt, case, cast, ident, when};
 use datafusion::prelude::{SessionContext, lit};
 use datafusion::scalar::ScalarValue;
 use phm_policies::model::ColumnType;
@@ -158,22 +158,14 @@ pub(crate) async fn run_exact(
                 if labels.is_empty() {
                     return Err(invalid(format!("group key `{name}` has an empty domain")));
                 }
-                let mut case: Option<
-                    datafusion::logical_expr::conditional_expressions::CaseBuilder,
-                > = None;
+                // `CASE col WHEN v0 THEN 0 ...` (the simple form): DataFusion evaluates it
+                // with one pass over the column, far cheaper than one WHEN per label.
+                let mut case = case(ident(name));
                 for (k, label) in labels.iter().enumerate() {
                     let value = filter::literal(name, ty, &Literal::Text(label.clone()))?;
-                    let cond = ident(name).eq(value);
-                    let then = lit(k as i64);
-                    case = Some(match case {
-                        None => when(cond, then),
-                        Some(mut b) => b.when(cond, then),
-                    });
+                    case.when(value, lit(k as i64));
                 }
-                let expr = match case {
-                    Some(b) => b.end()?,
-                    None => lit(ScalarValue::Int64(None)),
-                };
+                let expr = case.end()?;
                 (expr, KeyPlan::Declared(labels.clone()))
             }
             GroupDomain::Bins { edges } => {
