@@ -289,3 +289,33 @@ pub fn query_request_bytes(q: proto::AggregateQuery) -> Vec<u8> {
     use prost::Message;
     proto::QueryRequest { query: Some(q) }.encode_to_vec()
 }
+
+/// [`submit`] bounded by `limit`: a Submit stream that never ends (a hung coordinator)
+/// becomes a `DEADLINE_EXCEEDED` error naming the limit instead of a hung test.
+pub async fn submit_within(
+    ch: Channel,
+    q: proto::AggregateQuery,
+    limit: std::time::Duration,
+) -> Result<(Vec<proto::NodeProgress>, Option<proto::CombinedResult>), tonic::Status> {
+    match tokio::time::timeout(limit, submit(ch, q)).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "the coordinator's Submit stream did not end within {limit:?}"
+        ))),
+    }
+}
+
+/// [`node_query`] bounded by `limit`: a node that never answers becomes a
+/// `DEADLINE_EXCEEDED` error naming the limit instead of a hung test.
+pub async fn node_query_within(
+    ch: Channel,
+    q: proto::AggregateQuery,
+    limit: std::time::Duration,
+) -> Result<proto::AggregateResult, tonic::Status> {
+    match tokio::time::timeout(limit, node_query(ch, q)).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "the node did not answer within {limit:?}"
+        ))),
+    }
+}

@@ -15,6 +15,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const DATASET: &str = "gp_patients";
+/// Longest a Submit may take before the test calls the coordinator hung.
+const SUBMIT_LIMIT: Duration = Duration::from_secs(60);
 
 fn planning(epsilon: f64) -> QueryBody {
     body(
@@ -53,9 +55,13 @@ async fn dsu_spent(node: &RunningNode, certs: &Path, key: &ed25519_dalek::Signin
     let ch = client::channel(&node.endpoint(), certs, Some("dsu-client"))
         .await
         .expect("channel to node");
-    let b = client::node_budget(ch, "dsu", None, key)
-        .await
-        .unwrap_or_else(|e| panic!("node {} Budget RPC: {e:?}", node.id));
+    let b = tokio::time::timeout(
+        Duration::from_secs(30),
+        client::node_budget(ch, "dsu", None, key),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("node {} Budget RPC hung for 30 s", node.id))
+    .unwrap_or_else(|e| panic!("node {} Budget RPC: {e:?}", node.id));
     client::ledger(&b, "requester:dsu")
         .map(|l| l.epsilon_spent)
         .unwrap_or_else(|| panic!("no requester:dsu ledger in {b:?}"))
@@ -79,7 +85,11 @@ fn kill9_during_bursts_never_undercounts_and_keeps_releases() {
     let mut received: Vec<(proto::AggregateQuery, proto::AggregateResult)> = Vec::new();
 
     for round in 0..ROUNDS {
-        let delay = Duration::from_millis(rng.gen_range(0..600));
+        // Kill after a random number of answers has reached the client, plus a random
+        // few milliseconds: the rest of the burst is then somewhere between decision,
+        // spend, noise, cache and reply.
+        let kill_after = rng.gen_range(1..BURST / 2);
+        let extra = Duration::from_millis(rng.gen_range(0..30));
         let node = fed.node(&id);
         let got = rt().block_on(async {
             let ch = client::channel(&node.endpoint(), &certs, Some("dsu-client"))
@@ -89,20 +99,31 @@ fn kill9_during_bursts_never_undercounts_and_keeps_releases() {
             for _ in 0..BURST {
                 let q = sign(planning(EPS), &dsu);
                 let ch = ch.clone();
-                set.spawn(async move { (q.clone(), client::node_query(ch, q).await) });
+                set.spawn(async move {
+                    let r = client::node_query_within(ch, q.clone(), Duration::from_secs(60)).await;
+                    (q, r)
+                });
             }
-            tokio::time::sleep(delay).await;
-            node.proc.kill9();
             let mut got = Vec::new();
+            let mut killed = false;
             while let Some(r) = set.join_next().await {
                 if let Ok((q, Ok(a))) = r {
                     got.push((q, a));
                 }
+                if !killed && got.len() >= kill_after {
+                    tokio::time::sleep(extra).await;
+                    node.proc.kill9();
+                    killed = true;
+                }
+            }
+            if !killed {
+                node.proc.kill9();
             }
             got
         });
         eprintln!(
-            "round {round}: killed after {delay:?}, {} of {BURST} answers received",
+            "round {round}: killed after {kill_after} answers + {extra:?}; {} of {BURST} \
+             answers received in all",
             got.len()
         );
         received.extend(got);
@@ -135,7 +156,7 @@ fn kill9_during_bursts_never_undercounts_and_keeps_releases() {
             .await
             .expect("mTLS channel");
         for (i, (q, first)) in received.iter().enumerate().step_by(7) {
-            let again = client::node_query(ch.clone(), q.clone())
+            let again = client::node_query_within(ch.clone(), q.clone(), Duration::from_secs(60))
                 .await
                 .unwrap_or_else(|e| panic!("released answer {i} lost after crash: {e:?}"));
             assert!(again.cached, "answer {i} must come from the release cache");
@@ -177,20 +198,32 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
 
     // 1. SIGKILL the coordinator during a Submit, restart it, resubmit.
     let q = sign(planning(EPS), &dsu);
-    let delay = Duration::from_millis(rng.gen_range(0..400));
+    // Kill it the moment the first node's answer is relayed (plus a random few ms):
+    // one node has answered and spent, the others are in flight or answered too.
+    let extra = Duration::from_millis(rng.gen_range(0..20));
     let url = fed.coordinator_url();
     let coordinator = fed.coordinator.as_mut().expect("coordinator");
     rt().block_on(async {
         let ch = client::channel(&url, &certs, Some("dsu-client"))
             .await
             .expect("coordinator channel");
-        let task = tokio::spawn(client::submit(ch, q.clone()));
-        tokio::time::sleep(delay).await;
+        let mut c = proto::coordinator_service_client::CoordinatorServiceClient::new(ch);
+        let mut stream = c
+            .submit(proto::SubmitRequest {
+                query: Some(q.clone()),
+            })
+            .await
+            .expect("submit accepted")
+            .into_inner();
+        let first = tokio::time::timeout(SUBMIT_LIMIT, stream.message())
+            .await
+            .expect("a first progress event");
+        tokio::time::sleep(extra).await;
         coordinator.proc.kill9();
-        let first = task.await.expect("task");
-        eprintln!(
-            "coordinator killed after {delay:?}; first submit: {}",
-            first.is_ok()
+        eprintln!("coordinator killed {extra:?} after the first event: {first:?}");
+        assert!(
+            matches!(first, Ok(Some(_))),
+            "set-up: the first Submit produced no event before the kill"
         );
     });
     coordinator.restart();
@@ -201,6 +234,10 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
         }
         v
     });
+    assert!(
+        before.iter().any(|s| *s > 0.0),
+        "set-up: no node had answered before the coordinator was killed"
+    );
     for (n, s) in fed.nodes.iter().zip(&before) {
         assert!(
             *s <= EPS + 1e-9,
@@ -212,7 +249,7 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
         let ch = client::channel(&url, &certs, Some("dsu-client"))
             .await
             .expect("coordinator channel after restart");
-        let (progress, result) = client::submit(ch, q.clone())
+        let (progress, result) = client::submit_within(ch, q.clone(), SUBMIT_LIMIT)
             .await
             .expect("the resubmitted query is answered");
         let result = result.expect("a combined result after the resubmit");
@@ -240,7 +277,7 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
         let ch = client::channel(&url, &certs, Some("dsu-client"))
             .await
             .expect("coordinator channel");
-        let (progress, result) = client::submit(ch, sign(planning(EPS), &dsu))
+        let (progress, result) = client::submit_within(ch, sign(planning(EPS), &dsu), SUBMIT_LIMIT)
             .await
             .expect("submit with one node down");
         assert_eq!(
@@ -269,7 +306,7 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
             .await
             .expect("coordinator channel");
         let start = Instant::now();
-        let (progress, result) = client::submit(ch, sign(planning(EPS), &dsu))
+        let (progress, result) = client::submit_within(ch, sign(planning(EPS), &dsu), SUBMIT_LIMIT)
             .await
             .expect("submit with one node stopped");
         let elapsed = start.elapsed();
@@ -300,7 +337,7 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
         let ch = client::channel(&url, &certs, Some("dsu-client"))
             .await
             .expect("coordinator channel");
-        let (progress, _) = client::submit(ch, sign(planning(EPS), &dsu))
+        let (progress, _) = client::submit_within(ch, sign(planning(EPS), &dsu), SUBMIT_LIMIT)
             .await
             .expect("submit after SIGCONT");
         assert_eq!(
@@ -311,8 +348,25 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
     });
 }
 
-/// A node whose disk refuses writes must refuse to answer: an answer may only leave
-/// after its spend and audit entry are on disk.
+/// What happened when a running node's disk stopped accepting writes.
+struct DiskFailure {
+    fed: Federation,
+    id: String,
+    /// Epsilon the ledger showed before the failure.
+    spent_before: f64,
+    /// Each query sent while writes failed: what the client got.
+    during: Vec<Result<proto::AggregateResult, tonic::Status>>,
+    /// After writes work again: the Budget RPC's spent, or why it failed.
+    after_restore: Result<f64, tonic::Status>,
+    /// After writes work again: a new query's outcome.
+    query_after_restore: Result<proto::AggregateResult, tonic::Status>,
+}
+
+/// Node query deadline used in the disk-failure scenario (node.toml `[limits]`).
+const DISK_QUERY_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Start one node, let it answer, then make every file write fail, query it, and
+/// let writes work again.
 ///
 /// Mechanism: RLIMIT_FSIZE lowered to 1 byte on the running node (`prlimit`). Every
 /// write at an offset past the limit then fails with EFBIG, for root too (it is a
@@ -320,10 +374,20 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
 /// SIGXFSZ ignored so the failing write returns an error instead of killing it.
 /// (Replacing audit.log with a directory, or chmod, does not work: the node holds the
 /// file open, and root ignores permissions.)
-#[test]
-fn a_node_that_cannot_persist_refuses_to_answer() {
-    let ics = Ics::synth(20_000, 903);
+fn disk_failure(synth_seed: u64) -> DiskFailure {
+    let ics = Ics::synth(20_000, synth_seed);
     let id = gp_ids(&ics, 1).remove(0);
+    phm_e2e::edit_toml(&ics.node_config(&id), |t| {
+        let limits = t
+            .entry("limits")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(l) = limits.as_table_mut() {
+            l.insert(
+                "query_deadline_ms".into(),
+                (DISK_QUERY_DEADLINE.as_millis() as i64).into(),
+            );
+        }
+    });
     let mut fed = Federation::start_nodes(ics, std::slice::from_ref(&id), false);
     let certs = fed.ics.certs();
     let dsu = client::load_key(&fed.ics.key("dsu"));
@@ -331,12 +395,13 @@ fn a_node_that_cannot_persist_refuses_to_answer() {
     node.proc.terminate(Duration::from_secs(30));
     node.restart_ignoring_signals(&["XFSZ"]);
     let pid = node.proc.pid().to_string();
+    let limit = DISK_QUERY_DEADLINE + Duration::from_secs(10);
 
     let answered_before = rt().block_on(async {
         let ch = client::channel(&node.endpoint(), &certs, Some("dsu-client"))
             .await
             .expect("mTLS channel");
-        client::node_query(ch, sign(planning(0.1), &dsu))
+        client::node_query_within(ch, sign(planning(0.1), &dsu), limit)
             .await
             .expect("answers while the disk works")
             .epsilon_spent
@@ -346,56 +411,129 @@ fn a_node_that_cannot_persist_refuses_to_answer() {
 
     let (code, out, err) = phm_e2e::run(Path::new("prlimit"), &["--pid", &pid, "--fsize=1:"]);
     assert_eq!(code, 0, "prlimit failed: {out}{err}");
-    let results = rt().block_on(async {
-        let ch = client::channel(&node.endpoint(), &certs, Some("dsu-client")).await;
+    let during = rt().block_on(async {
+        let ch = client::channel(&node.endpoint(), &certs, Some("dsu-client"))
+            .await
+            .expect("mTLS channel");
         let mut results = Vec::new();
-        if let Ok(ch) = ch {
-            for _ in 0..5 {
-                results.push(client::node_query(ch.clone(), sign(planning(0.1), &dsu)).await);
-            }
+        for _ in 0..3 {
+            results.push(
+                client::node_query_within(ch.clone(), sign(planning(0.1), &dsu), limit).await,
+            );
         }
         results
     });
     let (code, out, err) =
         phm_e2e::run(Path::new("prlimit"), &["--pid", &pid, "--fsize=unlimited:"]);
-    let still_running = node.proc.is_running();
     assert!(
-        code == 0 || !still_running,
+        code == 0 || !node.proc.is_running(),
         "prlimit restore failed: {out}{err}"
     );
-    for (i, r) in results.iter().enumerate() {
-        assert!(
-            r.is_err(),
-            "query {i}: answered although nothing could be written to disk: {r:?}"
-        );
+    let (after_restore, query_after_restore) = rt().block_on(async {
+        let ch = client::channel(&node.endpoint(), &certs, Some("dsu-client")).await;
+        let Ok(ch) = ch else {
+            let e = tonic::Status::unavailable("cannot connect after the disk recovered");
+            return (Err(e.clone()), Err(e));
+        };
+        let budget =
+            match tokio::time::timeout(limit, client::node_budget(ch.clone(), "dsu", None, &dsu))
+                .await
+            {
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "Budget RPC did not answer within {limit:?}"
+                ))),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(b)) => client::ledger(&b, "requester:dsu")
+                    .map(|l| l.epsilon_spent)
+                    .ok_or_else(|| tonic::Status::not_found("no requester:dsu ledger")),
+            };
+        let q = client::node_query_within(ch, sign(planning(0.1), &dsu), limit).await;
+        (budget, q)
+    });
+    DiskFailure {
+        fed,
+        id,
+        spent_before,
+        during,
+        after_restore,
+        query_after_restore,
     }
-    if let Some(Err(e)) = results.first() {
-        eprintln!("refusal while the disk fails: {e:?}");
+}
+
+/// A node whose disk refuses writes must refuse to answer: an answer may only leave
+/// after its spend and audit entry are on disk. Afterwards the state on disk is
+/// intact and the node starts again from it.
+#[test]
+fn a_node_that_cannot_persist_refuses_to_answer() {
+    let mut d = disk_failure(903);
+    for (i, r) in d.during.iter().enumerate() {
+        match r {
+            Ok(a) => panic!(
+                "query {i}: answered (epsilon {}) although nothing could be written to disk",
+                a.epsilon_spent
+            ),
+            Err(e) => {
+                assert_ne!(
+                    e.code(),
+                    tonic::Code::DeadlineExceeded,
+                    "query {i}: the node neither answered nor refused within its own \
+                     query deadline {DISK_QUERY_DEADLINE:?} + 10 s: {e:?}"
+                );
+                eprintln!("query {i} while the disk fails: {e:?}");
+            }
+        }
     }
-    if still_running {
-        // Writes work again: the ledger never under-counts and the chain is intact.
-        let spent = rt().block_on(dsu_spent(node, &certs, &dsu));
-        assert!(
-            spent >= spent_before - 1e-9,
-            "ledger went backwards: {spent_before} → {spent}"
-        );
-        node.proc.terminate(Duration::from_secs(30));
-    } else {
-        let log = node.proc.log_text();
-        eprintln!("node stopped on the write failure; log:\n{log}");
-    }
+    let certs = d.fed.ics.certs();
+    let dsu = client::load_key(&d.fed.ics.key("dsu"));
+    let node = d.fed.node(&d.id);
+    // Whatever state the process is in, stop it hard, as a supervisor would.
+    node.proc.kill9();
     let (code, out) = audit_verify(&node.data_dir());
     assert_eq!(code, 0, "audit chain after write failures: {out}");
-    // And it starts again on the intact state.
     match node.try_restart(Duration::from_secs(120)) {
         StartOutcome::Listening => {
             let spent = rt().block_on(dsu_spent(node, &certs, &dsu));
-            assert!(spent >= spent_before - 1e-9);
+            assert!(
+                spent >= d.spent_before - 1e-9,
+                "ledger went backwards: {} → {spent}",
+                d.spent_before
+            );
         }
         StartOutcome::Exited { code, log } => {
             panic!("node cannot restart after write failures ({code:?}):\n{log}")
         }
     }
+}
+
+/// Once the disk accepts writes again, the node either serves again (with a ledger
+/// that never went backwards) or has exited so a supervisor can restart it; it must
+/// not sit wedged, accepting connections and answering nothing.
+#[test]
+fn a_node_recovers_or_exits_when_its_disk_recovers() {
+    let mut d = disk_failure(905);
+    let node = d.fed.node(&d.id);
+    if !node.proc.is_running() {
+        let log = node.proc.log_text();
+        assert!(
+            !log.trim().is_empty(),
+            "the node exited on the write failure without saying why"
+        );
+        return;
+    }
+    let spent = d
+        .after_restore
+        .as_ref()
+        .unwrap_or_else(|e| panic!("the disk works again but the node's Budget RPC fails: {e:?}"));
+    assert!(
+        *spent >= d.spent_before - 1e-9,
+        "ledger went backwards: {} → {spent}",
+        d.spent_before
+    );
+    let q = d.query_after_restore.as_ref();
+    assert!(
+        q.is_ok(),
+        "the disk works again but the node does not answer a good query: {q:?}"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
