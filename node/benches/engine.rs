@@ -55,7 +55,7 @@ fn write_data(
         let mut bmi = Vec::with_capacity(n);
         let mut opt = Vec::with_capacity(n);
         while ids.len() < n {
-            let copies = if repeat_every > 0 && person % repeat_every == 0 {
+            let copies = if repeat_every > 0 && person.is_multiple_of(repeat_every) {
                 2
             } else {
                 1
