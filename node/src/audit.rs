@@ -54,8 +54,12 @@ pub struct AuditRecord {
     pub reasons: Vec<String>,
     /// Epsilon debited from the ledgers by this decision.
     pub epsilon_spent: f64,
-    /// Ledgers charged and what they hold after the charge.
+    /// Ledgers charged and what they hold after the charge (for people).
     pub ledgers: Vec<String>,
+    /// Keys (`LedgerCharge::key()`) of the ledgers `epsilon_spent` was debited from;
+    /// lets start-up check the ledger never holds less than the log records.
+    #[serde(default)]
+    pub charged: Vec<String>,
     pub policy_version: String,
 }
 
@@ -255,6 +259,41 @@ pub fn verify_log(path: &Path) -> Result<AuditReport, AuditError> {
     })
 }
 
+/// Epsilon the log records as debited, per ledger key (sum of `epsilon_spent` over
+/// entries that name the key in `charged`). The ledger must hold at least this: every
+/// released answer is audited, and its spend was made durable before it.
+pub fn audited_spend(path: &Path) -> Result<std::collections::BTreeMap<String, f64>, AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let reader = BufReader::new(File::open(path).map_err(io)?);
+    let mut out = std::collections::BTreeMap::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(io)?;
+        let broken = |reason: String| AuditError::Broken {
+            path: path.to_path_buf(),
+            line: i as u64 + 1,
+            reason,
+        };
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| broken(format!("not valid JSON: {e}")))?;
+        let spent = v
+            .get("epsilon_spent")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        if !(spent.is_finite() && spent > 0.0) {
+            continue;
+        }
+        if let Some(keys) = v.get("charged").and_then(Value::as_array) {
+            for k in keys.iter().filter_map(Value::as_str) {
+                *out.entry(k.to_string()).or_insert(0.0) += spent;
+            }
+        }
+    }
+    Ok(out)
+}
+
 struct Tail {
     file: File,
     prev_hash: String,
@@ -396,6 +435,7 @@ mod tests {
             reasons: vec!["a reason é ✓".into()],
             epsilon_spent: 0.1 * i as f64,
             ledgers: vec![],
+            charged: vec!["requester:dsu/2026-11".into()],
             policy_version: "v".into(),
         }
     }
@@ -487,6 +527,15 @@ mod tests {
         let err = verify_log(&path).unwrap_err();
         assert_eq!(err.broken_line(), Some(4));
         assert!(AuditLog::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn audited_spend_sums_each_charged_ledger() {
+        let (_dir, path) = write_log(4);
+        let sums = audited_spend(&path).unwrap();
+        // Entries 0..4 spent 0, 0.1, 0.2, 0.3 on the same ledger.
+        assert!((sums["requester:dsu/2026-11"] - 0.6).abs() < 1e-12);
+        assert_eq!(sums.len(), 1);
     }
 
     #[test]

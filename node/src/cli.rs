@@ -59,6 +59,8 @@ pub enum NodeError {
     },
     #[error("cannot flush state at shutdown: {0}")]
     Flush(String),
+    #[error("start-up failed while opening the ledger and audit log: {0}")]
+    Startup(String),
     #[error("stopped after a storage failure: {0}")]
     StorageFailure(String),
 }
@@ -82,10 +84,23 @@ impl Node {
         let (store, audit) = {
             let dir = config.data_dir.clone();
             tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
-                Ok((Store::open(&dir)?, AuditLog::open(&dir)?))
+                let store = Store::open(&dir)?;
+                let audit = AuditLog::open(&dir)?;
+                // The audit log is verified; the ledger must hold at least what it
+                // records, whatever happened to the database.
+                let audited = crate::audit::audited_spend(audit.path())?;
+                for (key, held, raised) in store.reconcile(&audited)? {
+                    tracing::warn!(
+                        ledger = %key,
+                        held,
+                        audited = raised,
+                        "the ledger held less than the audit log records as spent (the database lost writes or was damaged); raised it to the audited spend"
+                    );
+                }
+                Ok((store, audit))
             })
             .await
-            .map_err(|e| NodeError::Flush(format!("start-up task failed: {e}")))??
+            .map_err(|e| NodeError::Startup(e.to_string()))??
         };
         tracing::info!(
             policy = %config.policy.display(),

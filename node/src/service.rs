@@ -395,6 +395,7 @@ impl Service {
             reasons: vec![],
             epsilon_spent: 0.0,
             ledgers: vec![],
+            charged: vec![],
             policy_version,
         };
         self.refuse(record, denial, Instant::now()).await
@@ -426,6 +427,7 @@ impl Service {
             reasons: vec![],
             epsilon_spent: 0.0,
             ledgers: vec![],
+            charged: vec![],
             policy_version: policy.version().to_string(),
         }
     }
@@ -667,6 +669,9 @@ impl Service {
         };
         record.epsilon_spent = epsilon;
         record.ledgers = states.iter().map(ledger_note).collect();
+        record.charged = limits.charges.iter().map(|c| c.key()).collect();
+        record.charged.sort();
+        record.charged.dedup();
         self.metrics.spent(epsilon);
 
         let release = match loaded.engine.execute(body, &limits).await {
@@ -772,6 +777,7 @@ impl Service {
             reasons: vec![],
             epsilon_spent: 0.0,
             ledgers: vec![],
+            charged: vec![],
             policy_version: policy.version().to_string(),
         }
     }

@@ -305,6 +305,34 @@ impl Store {
         Ok(states)
     }
 
+    /// Raise every ledger to at least what the audit log records as spent, then
+    /// fsync. A ledger below its audited spend can only mean the database lost
+    /// writes (damage, or a restore from an old copy): never under-count. Returns
+    /// (key, held, raised to) for each ledger corrected.
+    pub fn reconcile(
+        &self,
+        audited: &std::collections::BTreeMap<String, f64>,
+    ) -> Result<Vec<(String, f64, f64)>, StoreError> {
+        let _serial = self
+            .spend_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut fixed = Vec::new();
+        for (key, &audited) in audited {
+            let held = self.spent(key)?;
+            if held + SPEND_TOLERANCE < audited {
+                self.ledger
+                    .insert(key.as_bytes(), &audited.to_be_bytes())
+                    .map_err(db_err("correcting the ledger"))?;
+                fixed.push((key.clone(), held, audited));
+            }
+        }
+        if !fixed.is_empty() {
+            self.flush()?;
+        }
+        Ok(fixed)
+    }
+
     /// Take the per-query-id lock; hold the guard until the answer is cached.
     pub async fn lock_query_id(&self, query_id: &str) -> QueryIdGuard {
         let mutex = {
@@ -498,6 +526,23 @@ mod tests {
             store.check_and_spend(&[c], 0.1),
             Err(StoreError::BudgetExhausted { .. })
         ));
+    }
+
+    #[test]
+    fn reconcile_never_lowers_and_raises_lost_spend() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = charge("requester:a", 5.0);
+        store
+            .check_and_spend(std::slice::from_ref(&c), 2.0)
+            .unwrap();
+        let audited = [(c.key(), 1.5), ("project:p/2026-11".to_string(), 0.7)]
+            .into_iter()
+            .collect();
+        let fixed = store.reconcile(&audited).unwrap();
+        assert_eq!(fixed, vec![("project:p/2026-11".to_string(), 0.0, 0.7)]);
+        assert_eq!(store.spent(&c.key()).unwrap(), 2.0, "never lowered");
+        assert_eq!(store.spent("project:p/2026-11").unwrap(), 0.7);
     }
 
     #[test]

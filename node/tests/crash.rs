@@ -51,6 +51,7 @@ fn record(qid: &str) -> AuditRecord {
         reasons: vec![],
         epsilon_spent: EPS,
         ledgers: vec![],
+        charged: charges().iter().map(|c| c.key()).collect(),
         policy_version: "v".into(),
     }
 }
