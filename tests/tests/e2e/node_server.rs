@@ -12,7 +12,11 @@ fn gp_node(fed: &Federation) -> &RunningNode {
     fed.nodes
         .iter()
         .find(|n| {
-            let dir = n.config.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+            let dir = n
+                .config
+                .parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default();
             std::fs::read_to_string(dir.join("policy.toml"))
                 .map(|t| t.contains("\"gp_patients\""))
                 .unwrap_or(false)
@@ -67,7 +71,10 @@ fn node_answers_signed_queries_and_refuses_everything_else() {
             .await
             .expect("repeat answered");
         assert!(again.cached, "repeat must come from the release cache");
-        assert_eq!(again.rows, first.rows, "repeat must be the identical release");
+        assert_eq!(
+            again.rows, first.rows,
+            "repeat must be the identical release"
+        );
         assert_eq!(again.epsilon_remaining, first.epsilon_remaining);
 
         let cases: Vec<(&str, phm_proto::proto::AggregateQuery, &str, tonic::Code)> = vec![
@@ -174,7 +181,11 @@ fn node_answers_signed_queries_and_refuses_everything_else() {
                 .await
                 .expect_err(&format!("{name}: must be refused"));
             assert_eq!(err.code(), code, "{name}: wrong status code ({err:?})");
-            assert_eq!(client::reason(&err), reason, "{name}: wrong reason ({err:?})");
+            assert_eq!(
+                client::reason(&err),
+                reason,
+                "{name}: wrong reason ({err:?})"
+            );
             assert!(!err.message().is_empty(), "{name}: refusal must say why");
         }
 
@@ -237,14 +248,18 @@ fn policy_reload_applies_good_files_and_keeps_the_old_one_on_bad_files() {
     let original = std::fs::read_to_string(&policy).unwrap();
 
     rt().block_on(async {
-        let ch = client::channel(&endpoint, &certs, Some("dsu-client")).await.unwrap();
+        let ch = client::channel(&endpoint, &certs, Some("dsu-client"))
+            .await
+            .unwrap();
         let v1 = describe_version(ch.clone(), &dsu).await.expect("describe");
         client::node_query(ch.clone(), sign(imd_count("dsu"), &dsu))
             .await
             .expect("allowed before reload");
 
         // A valid edit: the DSU loses planning on this node. Takes effect.
-        let edited = original.replacen("\"planning\", ", "", 1).replacen(", \"planning\"", "", 1);
+        let edited = original
+            .replacen("\"planning\", ", "", 1)
+            .replacen(", \"planning\"", "", 1);
         assert_ne!(edited, original, "sample policy grants dsu planning");
         std::fs::write(&policy, &edited).unwrap();
         node.proc.signal("HUP");
@@ -267,11 +282,16 @@ fn policy_reload_applies_good_files_and_keeps_the_old_one_on_bad_files() {
         node.proc.signal("HUP");
         std::thread::sleep(Duration::from_secs(3));
         assert_eq!(
-            describe_version(ch.clone(), &dsu).await.expect("node still up"),
+            describe_version(ch.clone(), &dsu)
+                .await
+                .expect("node still up"),
             v2,
             "an invalid policy must not replace the one in force"
         );
-        assert!(node.proc.is_running(), "a broken reload must not stop the node");
+        assert!(
+            node.proc.is_running(),
+            "a broken reload must not stop the node"
+        );
         let log = node.proc.log_text();
         assert!(
             log.to_lowercase().contains("policy"),
@@ -309,7 +329,9 @@ fn sigterm_shuts_down_cleanly_and_loses_no_audit_entry() {
     let node = fed.node(&id);
     let endpoint = node.endpoint();
     let decisions = rt().block_on(async {
-        let ch = client::channel(&endpoint, &certs, Some("dsu-client")).await.unwrap();
+        let ch = client::channel(&endpoint, &certs, Some("dsu-client"))
+            .await
+            .unwrap();
         let mut n = 0;
         for i in 0..6 {
             let mut q = imd_count("dsu");
@@ -330,6 +352,14 @@ fn sigterm_shuts_down_cleanly_and_loses_no_audit_entry() {
         entries >= decisions,
         "{decisions} decisions made but only {entries} audit entries survived shutdown"
     );
-    let (code, out, err) = phm(&["audit", "verify", "--data-dir", &data_dir.display().to_string()]);
-    assert_eq!(code, 0, "audit chain must verify after shutdown: {out}{err}");
+    let (code, out, err) = phm(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    assert_eq!(
+        code, 0,
+        "audit chain must verify after shutdown: {out}{err}"
+    );
 }
