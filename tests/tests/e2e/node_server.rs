@@ -257,11 +257,26 @@ fn policy_reload_applies_good_files_and_keeps_the_old_one_on_bad_files() {
             .expect("allowed before reload");
 
         // A valid edit: the DSU loses planning on this node. Takes effect.
-        let edited = original
-            .replacen("\"planning\", ", "", 1)
-            .replacen(", \"planning\"", "", 1);
-        assert_ne!(edited, original, "sample policy grants dsu planning");
-        std::fs::write(&policy, &edited).unwrap();
+        phm_e2e::edit_toml(&policy, |t| {
+            if let Some(toml::Value::Array(rs)) = t.get_mut("requesters") {
+                for r in rs
+                    .iter_mut()
+                    .filter(|r| r.get("id").and_then(|v| v.as_str()) == Some("dsu"))
+                {
+                    if let Some(tbl) = r.as_table_mut() {
+                        tbl.insert(
+                            "purposes".into(),
+                            toml::Value::Array(vec!["direct_care".into()]),
+                        );
+                    }
+                }
+            }
+        });
+        assert_ne!(
+            std::fs::read_to_string(&policy).unwrap(),
+            original,
+            "policy edited"
+        );
         node.proc.signal("HUP");
         let mut v2 = v1.clone();
         for _ in 0..200 {
