@@ -42,8 +42,10 @@ pub enum NodeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    // Boxed: a policy error carries every located problem, and keeping it inline
+    // would make every `Result<_, NodeError>` that large.
     #[error(transparent)]
-    Policy(#[from] LoadError),
+    Policy(Box<LoadError>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
@@ -63,6 +65,12 @@ pub enum NodeError {
     Startup(String),
     #[error("stopped after a storage failure: {0}")]
     StorageFailure(String),
+}
+
+impl From<LoadError> for NodeError {
+    fn from(e: LoadError) -> Self {
+        NodeError::Policy(Box::new(e))
+    }
 }
 
 /// A started node: everything loaded and checked, not yet serving.
