@@ -14,6 +14,9 @@ pub const MAX_ID_LEN: usize = 128;
 pub const MAX_TEXT_LITERAL_LEN: usize = 1_024;
 pub const MIN_NONCE_LEN: usize = 16;
 pub const MAX_NONCE_LEN: usize = 64;
+/// Smallest epsilon accepted on the wire. Below it the noise scale overflows what a
+/// mechanism can represent, and no useful answer could come back anyway.
+pub const MIN_EPSILON: f64 = 1e-6;
 
 /// What is wrong with a message received from the wire.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -736,10 +739,10 @@ impl TryFrom<proto::AggregateQuery> for SignedQuery {
         check_id("project_id", &project_id, false)?;
         check_id("dataset", &dataset, true)?;
         let purpose = Purpose::try_from(purpose)?;
-        if !(epsilon.is_finite() && epsilon > 0.0) {
+        if !(epsilon.is_finite() && epsilon >= MIN_EPSILON) {
             return Err(invalid(
                 "epsilon",
-                format!("must be a positive finite number, got {epsilon}"),
+                format!("must be a finite number of at least {MIN_EPSILON}, got {epsilon}"),
             ));
         }
         if issued_at_unix_ms <= 0 {
