@@ -2,6 +2,9 @@
 //! ports chosen at run time, over mutual TLS with certificates generated for the test.
 //! One binary of modules, so the slow link happens once.
 
+// A failed expectation in a test helper is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod faults;
 mod federation;
 mod node_server;
