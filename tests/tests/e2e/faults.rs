@@ -623,6 +623,35 @@ fn damaged_state_or_policy_stops_the_node_with_a_reason() {
             Some(vec!["policy.toml"]),
         ),
         (
+            "identifier column marked filterable and groupable (IG lead's slip)",
+            Box::new({
+                let text = policy_text.clone();
+                move |_, p| {
+                    let mut t: toml::Table = text.parse().expect("policy TOML");
+                    let mut marked = false;
+                    if let Some(toml::Value::Array(ds)) = t.get_mut("datasets") {
+                        for d in ds.iter_mut() {
+                            if let Some(toml::Value::Array(cs)) = d.get_mut("columns") {
+                                for c in cs.iter_mut().filter(|c| {
+                                    c.get("name").and_then(toml::Value::as_str)
+                                        == Some("nhs_number")
+                                }) {
+                                    if let Some(c) = c.as_table_mut() {
+                                        c.insert("filter".into(), true.into());
+                                        c.insert("group".into(), "threshold".into());
+                                        marked = true;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    assert!(marked, "set-up: no nhs_number column to mark");
+                    std::fs::write(p, toml::to_string(&t).unwrap_or_default()).expect("write");
+                }
+            }),
+            Some(vec!["nhs_number"]),
+        ),
+        (
             "policy file missing",
             Box::new(|_, p| std::fs::remove_file(p).expect("remove")),
             Some(vec!["policy.toml"]),
