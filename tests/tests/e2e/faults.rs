@@ -509,7 +509,7 @@ fn a_node_that_cannot_persist_refuses_to_answer() {
 /// that never went backwards) or has exited so a supervisor can restart it; it must
 /// not sit wedged, accepting connections and answering nothing.
 #[test]
-#[ignore = "known gap: after a storage failure the node neither recovers nor exits; it should exit non-zero for its supervisor"]
+#[ignore = "known gap: after a failed write sled 0.34 never marks its IO buffer stable, so Store::flush (node/src/store.rs) blocks for ever and every later sled call waits on sled's lock; the node neither recovers nor exits (Budget RPC hangs). It should exit non-zero for its supervisor"]
 fn a_node_recovers_or_exits_when_its_disk_recovers() {
     let mut d = disk_failure(905);
     let node = d.fed.node(&d.id);
