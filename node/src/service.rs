@@ -8,7 +8,7 @@ use crate::audit::{AuditLog, AuditRecord, Outcome};
 use crate::engine::{Engine, EngineError, Release};
 use crate::metrics::Metrics;
 use crate::store::{CacheLookup, LedgerState, Store, StoreError};
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Utc};
 use phm_policies::model::{Column, Grouping, Organisation, Period, Scope};
 use phm_policies::{Decision, Policy};
 use phm_proto::{Denial, DenialReason, ProofOp, RequesterProof, SignedQuery};
@@ -97,15 +97,9 @@ pub struct BudgetView {
     pub policy_version: String,
 }
 
-/// Label of the budget period `now` falls in, exactly as the policy decision labels
-/// its ledger charges: "2026-11-23", "2026-11" or "2026-Q4".
-pub fn period_label(period: Period, now: DateTime<Utc>) -> String {
-    match period {
-        Period::Day => now.format("%Y-%m-%d").to_string(),
-        Period::Month => now.format("%Y-%m").to_string(),
-        Period::Quarter => format!("{}-Q{}", now.year(), (now.month() - 1) / 3 + 1),
-    }
-}
+/// Label of the budget period `now` falls in: the policy crate's, so the node's
+/// budget view and the decision's ledger charges can never disagree.
+pub use phm_policies::period_label;
 
 /// The domain service. Cheap to share (`Arc<Service>`).
 pub struct Service {
