@@ -28,6 +28,8 @@ pub enum HistoryError {
     Db(#[from] sled::Error),
     #[error("query history: stored record for {id:?} is corrupt: {reason}")]
     Corrupt { id: String, reason: String },
+    #[error("query history: flush task failed: {0}")]
+    FlushTask(String),
 }
 
 /// Outcome of trying to claim a query id.
@@ -100,7 +102,12 @@ impl History {
 
     /// Make everything written so far durable.
     pub async fn flush(&self) -> Result<(), HistoryError> {
-        self.db.flush_async().await?;
+        // sled 0.34's `flush_async` can deadlock when many tasks await it at once (seen
+        // with 100 concurrent Submits); its blocking flush is safe on the blocking pool.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| HistoryError::FlushTask(e.to_string()))??;
         Ok(())
     }
 
@@ -108,8 +115,7 @@ impl History {
     pub async fn finish(&self, query_id: &str, record: &StoredQuery) -> Result<(), HistoryError> {
         self.queries
             .insert(query_id.as_bytes(), record.encode_to_vec())?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 
     pub fn remember_population(&self, node_id: &str, population: f64) -> Result<(), HistoryError> {

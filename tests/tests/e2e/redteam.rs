@@ -699,7 +699,6 @@ fn averaging_repeated_questions_cannot_beat_the_budget() {
 /// Whatever interleaving happens, the answers released never cost more than the
 /// ledger holds, and the Budget RPC agrees with what clients received.
 #[test]
-#[ignore = "known gap: coordinator/src/history.rs awaits sled 0.34 Db::flush_async from many tasks at once, which deadlocks (spacejam/sled#1308, #1241); Submit streams then hang past 120 s. Flushing with spawn_blocking(db.flush()) passed 3 of 3 runs"]
 fn concurrent_queries_never_overspend_at_a_node_or_through_the_coordinator() {
     const NODE_TOTAL: f64 = 3.0;
     const NODE_EPS: f64 = 0.05;
