@@ -101,6 +101,38 @@ pub struct BudgetView {
 /// budget view and the decision's ledger charges can never disagree.
 pub use phm_policies::period_label;
 
+/// An audit record of a refusal with nothing yet known about the query; callers fill
+/// in what they know, and later steps turn it into an allowed decision.
+fn refused_record(
+    now: DateTime<Utc>,
+    rpc: &str,
+    requester: &str,
+    peer: &str,
+    policy_version: String,
+) -> AuditRecord {
+    AuditRecord {
+        time: now_rfc3339(now),
+        rpc: rpc.to_string(),
+        requester: requester.to_string(),
+        purpose: None,
+        project: None,
+        query_id: None,
+        query_digest: None,
+        sql: None,
+        dataset: None,
+        epsilon_requested: None,
+        client_identity: peer.to_string(),
+        decision: Outcome::Refused,
+        cached: false,
+        reason: None,
+        reasons: vec![],
+        epsilon_spent: 0.0,
+        ledgers: vec![],
+        charged: vec![],
+        policy_version,
+    }
+}
+
 /// The domain service. Cheap to share (`Arc<Service>`).
 pub struct Service {
     state: RwLock<Arc<Loaded>>,
@@ -372,25 +404,8 @@ impl Service {
     ) -> Denial {
         let policy_version = self.current().policy.version().to_string();
         let record = AuditRecord {
-            time: now_rfc3339(now),
-            rpc: rpc.to_string(),
-            requester: requester.to_string(),
-            purpose: None,
-            project: None,
             query_id: (!query_id.is_empty()).then(|| query_id.to_string()),
-            query_digest: None,
-            sql: None,
-            dataset: None,
-            epsilon_requested: None,
-            client_identity: peer.to_string(),
-            decision: Outcome::Refused,
-            cached: false,
-            reason: None,
-            reasons: vec![],
-            epsilon_spent: 0.0,
-            ledgers: vec![],
-            charged: vec![],
-            policy_version,
+            ..refused_record(now, rpc, requester, peer, policy_version)
         };
         self.refuse(record, denial, Instant::now()).await
     }
@@ -404,9 +419,6 @@ impl Service {
     ) -> AuditRecord {
         let b = &q.body;
         AuditRecord {
-            time: now_rfc3339(now),
-            rpc: "query".into(),
-            requester: b.requester_id.clone(),
             purpose: Some(b.purpose.as_str().to_string()),
             project: b.project_id.clone(),
             query_id: Some(b.query_id.clone()),
@@ -414,15 +426,13 @@ impl Service {
             sql: Some(b.to_sql()),
             dataset: Some(b.dataset.clone()),
             epsilon_requested: Some(b.epsilon),
-            client_identity: peer.to_string(),
-            decision: Outcome::Refused,
-            cached: false,
-            reason: None,
-            reasons: vec![],
-            epsilon_spent: 0.0,
-            ledgers: vec![],
-            charged: vec![],
-            policy_version: policy.version().to_string(),
+            ..refused_record(
+                now,
+                "query",
+                &b.requester_id,
+                peer,
+                policy.version().to_string(),
+            )
         }
     }
 
@@ -754,25 +764,14 @@ impl Service {
         now: DateTime<Utc>,
     ) -> AuditRecord {
         AuditRecord {
-            time: now_rfc3339(now),
-            rpc: op.as_str().to_string(),
-            requester: proof.requester_id.clone(),
-            purpose: None,
             project: proof.project_id.clone(),
-            query_id: None,
-            query_digest: None,
-            sql: None,
-            dataset: None,
-            epsilon_requested: None,
-            client_identity: peer.to_string(),
-            decision: Outcome::Refused,
-            cached: false,
-            reason: None,
-            reasons: vec![],
-            epsilon_spent: 0.0,
-            ledgers: vec![],
-            charged: vec![],
-            policy_version: policy.version().to_string(),
+            ..refused_record(
+                now,
+                op.as_str(),
+                &proof.requester_id,
+                peer,
+                policy.version().to_string(),
+            )
         }
     }
 
