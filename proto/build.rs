@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("phm_v1_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Undecodable messages are the caller's fault: refused as INVALID_QUERY.
+        .codec_path("crate::codec::PhmCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

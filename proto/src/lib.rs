@@ -2,6 +2,7 @@
 //! from, and the canonical encoding that requesters sign.
 
 pub mod canonical;
+pub mod codec;
 pub mod denial;
 pub mod query;
 pub mod signing;
