@@ -1,6 +1,7 @@
 //! `phm`: the command analysts, IG leads and operators type.
 
 use clap::{Args, Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -170,9 +171,7 @@ fn main() -> ExitCode {
             runtime().map(|rt| ExitCode::from(rt.block_on(phm::commands::budget(a))))
         }
         Command::Audit(cmd) => Ok(ExitCode::from(phm::commands::audit(cmd))),
-        Command::Node(a) => runtime()
-            .and_then(|rt| rt.block_on(phm_node::cli::run(a)))
-            .map(|()| ExitCode::SUCCESS),
+        Command::Node(a) => phm_node::cli::run_blocking(a).map(|()| ExitCode::SUCCESS),
         Command::Coordinator(a) => runtime()
             .and_then(|rt| rt.block_on(phm_coordinator::cli::run(a)))
             .map(|()| ExitCode::SUCCESS),
@@ -183,7 +182,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!: it panics when stderr cannot be written (e.g. a full disk
+            // under `phm node`), and the exit status must stay 1.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::FAILURE
         }
     }

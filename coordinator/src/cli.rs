@@ -18,7 +18,10 @@ pub struct CoordinatorArgs {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // An unwritable log must not panic the task that logged (see the node's init_logging).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     // try_init: `phm` may already have installed a subscriber.
     let _ = match format {
         LogFormat::Human => builder.try_init(),

@@ -16,6 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// How long a node that hit a storage failure waits for running queries and a last
+/// flush before it exits.
+const FATAL_GRACE: Duration = Duration::from_secs(2);
+
 /// Arguments of `phm-node` (and `phm node`).
 #[derive(Debug, Clone, clap::Args)]
 #[command(
@@ -125,6 +129,7 @@ impl Node {
             ServiceLimits {
                 max_concurrent_queries: config.limits.max_concurrent_queries,
                 query_deadline: Duration::from_millis(config.limits.query_deadline_ms),
+                storage_timeout: Duration::from_millis(config.limits.storage_timeout_ms),
             },
         );
         Ok(Node { config, service })
@@ -190,7 +195,13 @@ impl Node {
             }
         };
         let _ = stop_tx.send(true);
-        let grace = service.deadline() + Duration::from_secs(5);
+        // After a storage failure nothing more can be released, so waiting for running
+        // queries only delays the supervisor's restart.
+        let grace = if fatal.is_some() {
+            FATAL_GRACE
+        } else {
+            service.deadline() + Duration::from_secs(5)
+        };
         let grpc_result = match early {
             Some(r) => r,
             None => {
@@ -215,8 +226,8 @@ impl Node {
             let _ = t.await;
         }
         if let Some(reason) = fatal {
-            // Flushing may fail too; the reason for stopping is what matters.
-            let _ = service.flush().await;
+            // Flushing may fail or hang too; the reason for stopping is what matters.
+            let _ = tokio::time::timeout(FATAL_GRACE, service.flush()).await;
             return Err(NodeError::StorageFailure(reason));
         }
         service.flush().await.map_err(NodeError::Flush)?;
@@ -250,9 +261,13 @@ pub async fn serve(
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log that cannot be written (disk full, RLIMIT_FSIZE) must not take the node down:
+    // tracing-subscriber would otherwise report the failed write with `eprintln!`, which
+    // panics when stderr is that same unwritable file, inside whichever task logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     // Already initialised (e.g. inside `phm`) is fine: keep the existing subscriber.
     let _ = match format {
         LogFormat::Human => builder.try_init(),
@@ -309,4 +324,19 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     })?;
     node.serve(listener, metrics, termination()).await?;
     Ok(())
+}
+
+/// [`run`] on a runtime of its own, for the `phm-node` and `phm node` binaries.
+///
+/// The runtime is shut down with a bound: after a disk failure a thread can be stuck
+/// for ever inside sled, and dropping the runtime normally would wait for it, so the
+/// process would never exit and its supervisor would never restart it.
+pub fn run_blocking(args: NodeArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    let result = rt.block_on(run(args));
+    rt.shutdown_timeout(FATAL_GRACE);
+    result
 }

@@ -35,6 +35,9 @@ node.toml fields (paths are relative to the config file's folder unless absolute
                                     UNAVAILABLE; budget already spent stays spent and the
                                     answer, once ready, is served to a retry of the same
                                     signed query from the release cache.
+  storage_timeout_ms = 15000        A ledger, release-cache or audit-log write not finished
+                                    within this means the disk has failed: the node stops
+                                    (exit code 1) rather than run unable to record spends.
 
 Signals: SIGHUP reloads the policy now; SIGTERM or Ctrl-C stops accepting, lets running
 queries finish (bounded by query_deadline_ms), flushes the ledger and audit log, exits 0.";
@@ -77,6 +80,7 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_concurrent_queries: usize,
     pub query_deadline_ms: u64,
+    pub storage_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -85,6 +89,7 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_queries: 32,
             query_deadline_ms: 30_000,
+            storage_timeout_ms: 15_000,
         }
     }
 }
@@ -225,6 +230,12 @@ impl NodeConfig {
             return Err(field(
                 "limits.query_deadline_ms",
                 "must be at least 1 millisecond",
+            ));
+        }
+        if limits.storage_timeout_ms < 100 {
+            return Err(field(
+                "limits.storage_timeout_ms",
+                "must be at least 100 milliseconds (an fsync can take that long on a busy disk)",
             ));
         }
         Ok(NodeConfig {

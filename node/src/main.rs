@@ -1,6 +1,7 @@
 //! `phm-node`: run one partner's node (see `phm-node --help`).
 
 use clap::Parser;
+use std::io::Write;
 
 #[derive(Debug, Parser)]
 #[command(name = "phm-node", version)]
@@ -9,13 +10,13 @@ struct Cli {
     args: phm_node::cli::NodeArgs,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match phm_node::cli::run(cli.args).await {
+    match phm_node::cli::run_blocking(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("phm-node: {e:#}");
+            // Not eprintln!: it panics when stderr cannot be written (e.g. a full disk).
+            let _ = writeln!(std::io::stderr(), "phm-node: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -32,6 +32,9 @@ pub struct Loaded {
 pub struct ServiceLimits {
     pub max_concurrent_queries: usize,
     pub query_deadline: Duration,
+    /// A storage operation (sled write, fsync, audit append) not finished within this
+    /// is taken as a failed disk: the node stops. Independent of any query's deadline.
+    pub storage_timeout: Duration,
 }
 
 /// A released answer and what the wire needs around it. This is what the release
@@ -133,6 +136,59 @@ fn refused_record(
     }
 }
 
+/// Record the first storage failure; the node's run loop then stops the node.
+fn report_storage_failure(fatal: &tokio::sync::watch::Sender<Option<String>>, what: String) {
+    // Flag first: logging goes to the same failing disk.
+    fatal.send_if_modified(|f| {
+        if f.is_none() {
+            *f = Some(what.clone());
+            true
+        } else {
+            false
+        }
+    });
+    tracing::error!(
+        "storage failure: {what}; the node stops, since it can no longer record spends and decisions before answering"
+    );
+}
+
+/// Run `f` on the blocking pool; if it fails or takes longer than `limit`, report a
+/// storage failure (from a task of its own, so the report happens even when the caller
+/// has gone) and refuse `UNAVAILABLE`.
+async fn watched_io<T: Send + 'static>(
+    fatal: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Denial> {
+    let task = tokio::task::spawn_blocking(f);
+    let reporter = fatal.clone();
+    let watched = tokio::spawn(async move {
+        let failure = match tokio::time::timeout(limit, task).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => format!("the node's storage task failed: {e}"),
+            Err(_) => format!(
+                "a write to the ledger, release cache or audit log did not finish within {} ms (limits.storage_timeout_ms); the disk is failing or full",
+                limit.as_millis()
+            ),
+        };
+        report_storage_failure(&reporter, failure.clone());
+        Err(failure)
+    });
+    let failure = match watched.await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(msg)) => msg,
+        Err(e) => {
+            let msg = format!("the node's storage watchdog failed: {e}");
+            report_storage_failure(&fatal, msg.clone());
+            msg
+        }
+    };
+    Err(Denial::new(
+        DenialReason::Unavailable,
+        format!("{failure}; nothing is released and the node is stopping"),
+    ))
+}
+
 /// The domain service. Cheap to share (`Arc<Service>`).
 pub struct Service {
     state: RwLock<Arc<Loaded>>,
@@ -142,9 +198,10 @@ pub struct Service {
     slots: Arc<Semaphore>,
     max_slots: u32,
     deadline: Duration,
+    storage_timeout: Duration,
     // Set once storage fails: the node then stops rather than run without being able
     // to record spends and decisions.
-    fatal: tokio::sync::watch::Sender<Option<String>>,
+    fatal: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -236,7 +293,8 @@ impl Service {
             slots: Arc::new(Semaphore::new(max_slots as usize)),
             max_slots,
             deadline: limits.query_deadline,
-            fatal: tokio::sync::watch::Sender::new(None),
+            storage_timeout: limits.storage_timeout,
+            fatal: Arc::new(tokio::sync::watch::Sender::new(None)),
         })
     }
 
@@ -306,33 +364,35 @@ impl Service {
         self.fatal.subscribe()
     }
 
-    fn storage_failed(&self, what: String) {
-        tracing::error!(
-            "storage failure: {what}; the node stops, since it can no longer record spends and decisions before answering"
-        );
-        self.fatal.send_if_modified(|f| {
-            if f.is_none() {
-                *f = Some(what);
-                true
-            } else {
-                false
-            }
-        });
+    /// After a storage failure every request is refused at once, without touching the
+    /// disk (so not even the refusal is audited: nothing can be recorded any more).
+    fn refuse_if_stopping(&self) -> Result<(), Denial> {
+        match self.fatal.borrow().as_ref() {
+            None => Ok(()),
+            Some(failure) => Err(Denial::new(
+                DenialReason::Unavailable,
+                format!(
+                    "this node is stopping after a storage failure ({failure}); retry once its operator has restarted it"
+                ),
+            )),
+        }
     }
 
-    /// Run blocking IO (sled, fsync) off the async workers.
+    fn storage_failed(&self, what: String) {
+        report_storage_failure(&self.fatal, what);
+    }
+
+    /// Run blocking IO (sled, fsync) off the async workers, under the storage watchdog.
+    ///
+    /// The watchdog runs in its own task, so it fires even when the query that asked
+    /// for the IO has already given up at its deadline: a disk that hangs (sled 0.34
+    /// never completes a flush after a failed write) stops the node instead of leaving
+    /// it wedged, accepting connections and answering nothing.
     async fn io<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Denial> {
-        match tokio::task::spawn_blocking(f).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                let msg = format!("the node's storage task failed: {e}");
-                self.storage_failed(msg.clone());
-                Err(internal(msg))
-            }
-        }
+        watched_io(self.fatal.clone(), self.storage_timeout, f).await
     }
 
     /// A refusal for a store error; a failing database also stops the node.
@@ -478,6 +538,7 @@ impl Service {
         now: DateTime<Utc>,
     ) -> Result<Answer, Denial> {
         let started = Instant::now();
+        self.refuse_if_stopping()?;
         let loaded = self.current();
         let record = self.query_record(&loaded.policy, &signed, peer, now);
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
@@ -837,6 +898,7 @@ impl Service {
         now: DateTime<Utc>,
     ) -> Result<Description, Denial> {
         let started = Instant::now();
+        self.refuse_if_stopping()?;
         let loaded = self.current();
         let policy = &loaded.policy;
         let mut record = self.proof_record(ProofOp::Describe, policy, &proof, peer, now);
@@ -908,6 +970,7 @@ impl Service {
         now: DateTime<Utc>,
     ) -> Result<BudgetView, Denial> {
         let started = Instant::now();
+        self.refuse_if_stopping()?;
         let loaded = self.current();
         let policy = &loaded.policy;
         let mut record = self.proof_record(ProofOp::Budget, policy, &proof, peer, now);
@@ -1012,5 +1075,45 @@ mod tests {
         assert!(future.message.contains("future"), "{}", future.message);
         assert!(freshness(i64::MIN + 1, now, u64::MAX).is_ok());
         assert!(freshness(1, now, 0).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_storage_call_is_refused_and_stops_the_node_even_if_the_caller_left() {
+        let fatal = Arc::new(tokio::sync::watch::Sender::new(None));
+        let limit = Duration::from_millis(100);
+        let hang = || std::thread::sleep(Duration::from_secs(3));
+
+        let started = Instant::now();
+        let d = watched_io(fatal.clone(), limit, hang).await.unwrap_err();
+        assert_eq!(d.reason, DenialReason::Unavailable);
+        assert!(
+            d.message.contains("did not finish within 100 ms"),
+            "{}",
+            d.message
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "refused only when the call ended"
+        );
+        assert!(fatal.borrow().is_some(), "the node must be told to stop");
+
+        // A caller that gives up first (its query deadline) must not silence the watchdog.
+        let fatal = Arc::new(tokio::sync::watch::Sender::new(None));
+        let mut stopped = fatal.subscribe();
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(10),
+            watched_io(fatal.clone(), limit, hang),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        tokio::time::timeout(Duration::from_secs(2), stopped.wait_for(Option::is_some))
+            .await
+            .expect("the watchdog reports the hang after its caller left")
+            .expect("sender alive");
+
+        // A call that finishes in time is just its result.
+        let fatal = Arc::new(tokio::sync::watch::Sender::new(None));
+        assert_eq!(watched_io(fatal.clone(), limit, || 7).await.unwrap(), 7);
+        assert!(fatal.borrow().is_none());
     }
 }

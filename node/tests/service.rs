@@ -269,6 +269,7 @@ async fn a_missed_deadline_keeps_the_spend_and_a_retry_gets_the_answer() {
         ServiceLimits {
             max_concurrent_queries: 4,
             query_deadline: Duration::from_micros(1),
+            storage_timeout: Duration::from_secs(60),
         },
     )
     .await;
@@ -293,6 +294,7 @@ async fn overload_is_refused_at_once() {
         ServiceLimits {
             max_concurrent_queries: 2,
             query_deadline: Duration::from_secs(30),
+            storage_timeout: Duration::from_secs(60),
         },
     )
     .await;

@@ -195,18 +195,31 @@ impl Proc {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait up to `timeout` for a clean exit; returns the exit code.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        self.signal("TERM");
+    /// Wait up to `timeout` for the process to exit by itself; its exit code if it did
+    /// (`Some(None)`: killed by a signal), `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
+        loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
+                return Some(status.code());
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.kill9();
-        None
+    }
+
+    /// SIGTERM and wait up to `timeout` for a clean exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.signal("TERM");
+        match self.wait_exit(timeout) {
+            Some(code) => code,
+            None => {
+                self.kill9();
+                None
+            }
+        }
     }
 
     pub fn log_text(&self) -> String {
