@@ -4,8 +4,9 @@
 //!  WHERE age >= 40 GROUP BY imd_quintile, sex`
 //! as (a) `Engine::execute` (bounding, clamping, declared keys, OpenDP noise),
 //! (b) `Engine::execute_exact` (same pipeline, no noise) and (c) plain DataFusion SQL.
-//! At 1M rows it also runs a file where 1% of people have two rows, so the per-person
-//! bounding window must run. Run with
+//! At 1M rows it also runs a file where a third of BMI values lie above the clamping
+//! bound (so clamping cannot be skipped) and one where 1% of people have two rows (so
+//! the per-person bounding window must run). Run with
 //! `cargo bench -p phm-node --profile bench-fast --bench engine`.
 
 use std::path::Path;
@@ -28,10 +29,13 @@ const SQL: &str = "SELECT imd_quintile, sex, COUNT(*), SUM(bmi), AVG(bmi) FROM g
                    WHERE age >= 40 GROUP BY imd_quintile, sex";
 
 /// Writes `rows` synthetic rows; `repeat_every` > 0 gives every such person a second row.
+/// BMI is uniform on [15, `bmi_max`): above 60 (the clamping bound) only when
+/// `bmi_max` > 60, which makes the engine clamp.
 fn write_data(
     path: &Path,
     rows: usize,
     repeat_every: usize,
+    bmi_max: f64,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = StdRng::seed_from_u64(20_261_123);
     let schema = Arc::new(Schema::new(vec![
@@ -64,7 +68,7 @@ fn write_data(
             let s = if rng.gen_bool(0.5) { "F" } else { "M" };
             let q: i64 = rng.gen_range(1..=5);
             let b: Option<f64> = if rng.gen_bool(0.95) {
-                Some(rng.gen_range(15.0..45.0))
+                Some(rng.gen_range(15.0..bmi_max))
             } else {
                 None
             };
@@ -225,17 +229,18 @@ fn bench_engine(c: &mut Criterion) {
         Ok(d) => d,
         Err(e) => panic!("temp dir: {e}"),
     };
-    let cases: [(&str, usize, usize); 3] = [
-        ("1M", 1_000_000, 0),
-        ("1M_bounding", 1_000_000, 100),
-        ("10M", 10_000_000, 0),
+    let cases: [(&str, usize, usize, f64); 4] = [
+        ("1M", 1_000_000, 0, 45.0),
+        ("1M_clamping", 1_000_000, 0, 75.0),
+        ("1M_bounding", 1_000_000, 100, 45.0),
+        ("10M", 10_000_000, 0, 45.0),
     ];
     let (q, l) = (query(), limits());
-    for (name, rows, repeat_every) in cases {
+    for (name, rows, repeat_every, bmi_max) in cases {
         let file = format!("gp_{name}.parquet");
         let path = dir.path().join(&file);
         let t = Instant::now();
-        if let Err(e) = write_data(&path, rows, repeat_every) {
+        if let Err(e) = write_data(&path, rows, repeat_every, bmi_max) {
             panic!("writing {file}: {e}");
         }
         eprintln!("{name}: wrote {rows} rows in {:.1?}", t.elapsed());

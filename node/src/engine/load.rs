@@ -177,6 +177,7 @@ pub(crate) fn label_at(array: &dyn Array, i: usize) -> Option<String> {
         DataType::Float64 => Some(format!("{}", array.as_primitive::<Float64Type>().value(i))),
         DataType::Boolean => Some(array.as_boolean().value(i).to_string()),
         DataType::Utf8 => Some(array.as_string::<i32>().value(i).to_string()),
+        DataType::Utf8View => Some(array.as_string_view().value(i).to_string()),
         DataType::Date32 => array
             .as_primitive::<Date32Type>()
             .value_as_date(i)
@@ -320,7 +321,7 @@ pub(crate) async fn load_dataset(
             } else {
                 Some(person_type)
             };
-            let schema = table_schema(&checks, &ds.person_id, person_type.as_ref());
+            let schema = table_schema(&checks, &ds.person_id, person_type.as_ref(), true);
             let fingerprint = FileFingerprint::of(&path).map_err(|e| DataError::Read {
                 dataset: dataset.clone(),
                 file: file.clone(),
@@ -365,7 +366,12 @@ pub(crate) async fn load_dataset(
             } else {
                 Some(DataType::Utf8)
             };
-            let schema = Arc::new(table_schema(&checks, &ds.person_id, person_type.as_ref()));
+            let schema = Arc::new(table_schema(
+                &checks,
+                &ds.person_id,
+                person_type.as_ref(),
+                false,
+            ));
             let mem =
                 MemTable::try_new(schema, vec![batches]).map_err(|e| DataError::Register {
                     dataset: dataset.clone(),
@@ -403,13 +409,25 @@ pub(crate) async fn load_dataset(
     })
 }
 
-fn table_schema(checks: &[ColumnCheck], person_id: &str, person_type: Option<&DataType>) -> Schema {
+/// The schema a dataset is registered under. `views` registers text as Utf8View,
+/// which the Parquet reader produces without copying strings (plain Utf8 made every
+/// query over Parquet about 40% slower); in-memory CSV batches are built as Utf8.
+fn table_schema(
+    checks: &[ColumnCheck],
+    person_id: &str,
+    person_type: Option<&DataType>,
+    views: bool,
+) -> Schema {
+    let ty = |t: DataType| match t {
+        DataType::Utf8 if views => DataType::Utf8View,
+        t => t,
+    };
     let mut fields: Vec<Field> = checks
         .iter()
-        .map(|c| Field::new(&c.name, arrow_type(c.ty), true))
+        .map(|c| Field::new(&c.name, ty(arrow_type(c.ty)), true))
         .collect();
     if let Some(t) = person_type {
-        fields.push(Field::new(person_id, t.clone(), true));
+        fields.push(Field::new(person_id, ty(t.clone()), true));
     }
     Schema::new(fields)
 }

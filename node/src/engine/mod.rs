@@ -7,6 +7,7 @@
 //! clamping → grouping over the declared domain (or DP thresholding of observed keys) →
 //! OpenDP noise calibrated to the bounded sensitivity → rounding and suppression.
 
+mod clamp;
 mod filter;
 mod load;
 mod noise;

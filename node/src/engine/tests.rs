@@ -748,6 +748,76 @@ async fn values_are_clamped_to_declared_bounds() {
     );
 }
 
+/// Group keys are mapped to the declared domain after aggregation, and the domain was
+/// validated at load: a file replaced under the running node with values outside the
+/// domain must put them in no key, and its out-of-bounds values must still be clamped.
+#[tokio::test]
+async fn a_file_replaced_after_load_is_still_clamped_and_kept_to_declared_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gp.parquet");
+    let in_bounds: Vec<Person> = people()
+        .into_iter()
+        .map(|p| Person {
+            bmi: p.bmi.map(|b| b.min(60.0)),
+            ..p
+        })
+        .collect();
+    write_parquet(&path, &batch(&in_bounds));
+    let engine = Engine::load(&policy("parquet", "gp.parquet", 1), dir.path())
+        .await
+        .unwrap();
+    let l = limits(
+        vec![by_sex()],
+        vec![count_agg(), bmi_agg("s", AggregateKind::Sum)],
+        1.0,
+    );
+    let exact = |ps: &[Person], sex: &str| -> (f64, f64) {
+        let rows: Vec<&Person> = ps.iter().filter(|p| p.sex == sex).collect();
+        let sum = rows
+            .iter()
+            .filter_map(|p| p.bmi)
+            .map(|b| b.clamp(10.0, 60.0))
+            .sum();
+        (rows.len() as f64, sum)
+    };
+    let before = engine.execute_exact(&query(None), &l).await.unwrap();
+    for (row, sex) in before.rows.iter().zip(["F", "M"]) {
+        assert_eq!(row.key, vec![sex.to_string()]);
+        let (n, sum) = exact(&in_bounds, sex);
+        assert_eq!(row.cells[0].noisy_value, n);
+        assert!((row.cells[1].noisy_value - sum).abs() < 1e-9);
+    }
+
+    // Replaced under the running node: one huge and one negative BMI, and rows of a sex
+    // outside the declared domain.
+    let mut replaced = in_bounds.clone();
+    replaced[2].bmi = Some(500.0);
+    replaced[3].bmi = Some(-5.0);
+    for i in 0..5 {
+        replaced.push(Person {
+            id: format!("x{i}"),
+            sex: "X",
+            ..in_bounds[1].clone()
+        });
+    }
+    write_parquet(&path, &batch(&replaced));
+    let after = engine.execute_exact(&query(None), &l).await.unwrap();
+    assert_eq!(after.rows.len(), 2, "only the declared keys F and M");
+    for (row, sex) in after.rows.iter().zip(["F", "M"]) {
+        assert_eq!(row.key, vec![sex.to_string()]);
+        let (n, sum) = exact(&replaced, sex);
+        assert_eq!(
+            row.cells[0].noisy_value, n,
+            "{sex}: X rows must count nowhere"
+        );
+        assert!(
+            (row.cells[1].noisy_value - sum).abs() < 1e-9,
+            "{sex}: BMI 500 and -5 must be clamped to 60 and 10: got {}, expected {sum}",
+            row.cells[1].noisy_value
+        );
+    }
+}
+
 #[tokio::test]
 async fn every_declared_key_is_released_with_zeros_in_domain_order() {
     let (_d, engine) = parquet_engine().await;
