@@ -635,9 +635,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
         );
         anyhow::Ok((checked, url))
     };
+    // One listener for the whole run: a second one created after the report would miss
+    // a SIGTERM sent the moment "Press Ctrl-C" appears (tokio only delivers a signal to
+    // listeners that exist when it arrives), and the demo would never stop.
+    let stop = phm_coordinator::cli::shutdown_signal();
+    tokio::pin!(stop);
     let outcome = tokio::select! {
         r = result => r,
-        () = phm_coordinator::cli::shutdown_signal() => Err(anyhow!("interrupted")),
+        () = &mut stop => Err(anyhow!("interrupted")),
     };
     let code = match outcome {
         Ok((_, url)) if a.keep_running => {
@@ -654,7 +659,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
             );
             println!("\nPress Ctrl-C (or send SIGTERM) to stop it.");
             // SIGTERM too: dying on it would orphan the children.
-            phm_coordinator::cli::shutdown_signal().await;
+            stop.await;
             0
         }
         Ok(_) => 0,

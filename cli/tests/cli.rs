@@ -457,8 +457,18 @@ fn demo_keep_running_prints_a_query_line_and_stops_cleanly_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let exit = child.wait().unwrap();
+    // Bounded: a demo that misses the signal must fail this test, not hang CI.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let _ = tx.send((rest, child.wait()));
+    });
+    let Ok((rest, exit)) = rx.recv_timeout(std::time::Duration::from_secs(120)) else {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        panic!("the demo did not stop within 120 s of SIGTERM");
+    };
+    let exit = exit.unwrap();
     assert_eq!(exit.code(), Some(0), "{rest:?}");
     assert!(
         rest.iter()
