@@ -283,6 +283,7 @@ max_concurrent_queries = 4
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.limits.max_concurrent_queries, 4);
         assert_eq!(c.limits.query_deadline_ms, 30_000);
+        assert_eq!(c.limits.storage_timeout_ms, 15_000);
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9101".parse().unwrap()));
     }
 
@@ -308,6 +309,14 @@ max_concurrent_queries = 4
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.max_concurrent_queries"), "{e}");
+        let text = GOOD.replace(
+            "max_concurrent_queries = 4",
+            "max_concurrent_queries = 4\nstorage_timeout_ms = 5",
+        );
+        let e = NodeConfig::parse(Path::new("node.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.storage_timeout_ms"), "{e}");
         let text = GOOD.replace("[tls]", "[tls]\nextra = 1");
         let e = NodeConfig::parse(Path::new("node.toml"), &text)
             .unwrap_err()
