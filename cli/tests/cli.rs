@@ -465,7 +465,9 @@ fn demo_keep_running_prints_a_query_line_and_stops_cleanly_on_sigterm() {
         let _ = tx.send((rest, child.wait()));
     });
     let Ok((rest, exit)) = rx.recv_timeout(std::time::Duration::from_secs(120)) else {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
         panic!("the demo did not stop within 120 s of SIGTERM");
     };
     let exit = exit.unwrap();
