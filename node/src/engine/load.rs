@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder,
-    RecordBatch, StringBuilder,
+    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Float64Array, Int64Array, RecordBatch,
+    StringArray,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Float64Type, Int64Type, Schema};
@@ -663,57 +663,40 @@ fn parse_text_column(
         let s = text.value(i).trim();
         if s.is_empty() { None } else { Some(s) }
     };
-    let fail = |i: usize, s: &str| (i, format!("\"{s}\" is not {}", super::type_name(ty)));
+    // Every non-empty cell parsed, or the first that does not parse, with its row.
+    fn parse_all<'a, V>(
+        n: usize,
+        cell: impl Fn(usize) -> Option<&'a str>,
+        ty: ColumnType,
+        parse: impl Fn(&str) -> Option<V>,
+    ) -> Result<Vec<Option<V>>, (usize, String)> {
+        (0..n)
+            .map(|i| match cell(i) {
+                None => Ok(None),
+                Some(s) => parse(s)
+                    .map(Some)
+                    .ok_or_else(|| (i, format!("\"{s}\" is not {}", super::type_name(ty)))),
+            })
+            .collect()
+    }
     Ok(match ty {
-        ColumnType::Integer => {
-            let mut b = Int64Builder::with_capacity(n);
-            for i in 0..n {
-                match cell(i) {
-                    None => b.append_null(),
-                    Some(s) => b.append_value(s.parse::<i64>().map_err(|_| fail(i, s))?),
-                }
+        ColumnType::Integer => Arc::new(Int64Array::from(parse_all(n, cell, ty, |s| {
+            s.parse::<i64>().ok()
+        })?)),
+        ColumnType::Real => Arc::new(Float64Array::from(parse_all(n, cell, ty, |s| {
+            s.parse::<f64>().ok()
+        })?)),
+        ColumnType::Boolean => Arc::new(BooleanArray::from(parse_all(n, cell, ty, |s| {
+            if s.eq_ignore_ascii_case("true") {
+                Some(true)
+            } else if s.eq_ignore_ascii_case("false") {
+                Some(false)
+            } else {
+                None
             }
-            Arc::new(b.finish())
-        }
-        ColumnType::Real => {
-            let mut b = Float64Builder::with_capacity(n);
-            for i in 0..n {
-                match cell(i) {
-                    None => b.append_null(),
-                    Some(s) => b.append_value(s.parse::<f64>().map_err(|_| fail(i, s))?),
-                }
-            }
-            Arc::new(b.finish())
-        }
-        ColumnType::Boolean => {
-            let mut b = BooleanBuilder::with_capacity(n);
-            for i in 0..n {
-                match cell(i) {
-                    None => b.append_null(),
-                    Some(s) if s.eq_ignore_ascii_case("true") => b.append_value(true),
-                    Some(s) if s.eq_ignore_ascii_case("false") => b.append_value(false),
-                    Some(s) => return Err(fail(i, s)),
-                }
-            }
-            Arc::new(b.finish())
-        }
-        ColumnType::Date => {
-            let mut b = Date32Builder::with_capacity(n);
-            for i in 0..n {
-                match cell(i) {
-                    None => b.append_null(),
-                    Some(s) => b.append_value(parse_date(s).ok_or_else(|| fail(i, s))?),
-                }
-            }
-            Arc::new(b.finish())
-        }
-        ColumnType::Text => {
-            let mut b = StringBuilder::with_capacity(n, n * 8);
-            for i in 0..n {
-                b.append_option(cell(i));
-            }
-            Arc::new(b.finish())
-        }
+        })?)),
+        ColumnType::Date => Arc::new(Date32Array::from(parse_all(n, cell, ty, parse_date)?)),
+        ColumnType::Text => Arc::new(StringArray::from_iter((0..n).map(cell))),
     })
 }
 
