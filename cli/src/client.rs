@@ -60,7 +60,8 @@ pub struct Connection {
     pub url: String,
     /// CA the coordinator's certificate chains to (required for https).
     pub ca: Option<PathBuf>,
-    /// Client certificate and key, when the coordinator requires mutual TLS.
+    /// Client certificate and key: the coordinator requires mutual TLS, so `connect`
+    /// refuses an https URL without them (see [`with_default_identity`]).
     pub cert: Option<PathBuf>,
     pub cert_key: Option<PathBuf>,
     pub connect_timeout: Option<Duration>,
@@ -93,6 +94,34 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Fill in the client certificate a requester presents when none was given: the
+/// `<requester>-client.pem` and `.key` next to the CA certificate (the layout of
+/// `phm synth` and `phm certs dev`), when both exist. A `--cert` given without a
+/// key gets the `.key` file beside it.
+pub fn with_default_identity(mut c: Connection, requester: &str) -> Connection {
+    match (&c.cert, &c.cert_key) {
+        (None, None) => {
+            let folder = c.ca.as_deref().and_then(Path::parent);
+            if let Some(folder) = folder {
+                let cert = folder.join(format!("{requester}-client.pem"));
+                let key = folder.join(format!("{requester}-client.key"));
+                if cert.is_file() && key.is_file() {
+                    c.cert = Some(cert);
+                    c.cert_key = Some(key);
+                }
+            }
+        }
+        (Some(cert), None) => {
+            let key = cert.with_extension("key");
+            if key.is_file() {
+                c.cert_key = Some(key);
+            }
+        }
+        _ => {}
+    }
+    c
+}
+
 /// Open a channel to `c.url`, over TLS for https:// URLs.
 pub async fn connect(c: &Connection) -> Result<Channel, ClientError> {
     install_crypto_provider();
@@ -114,6 +143,9 @@ pub async fn connect(c: &Connection) -> Result<Channel, ClientError> {
         };
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("CA certificate", ca)?));
+        // Always mutual TLS: the coordinator refuses a client without a certificate
+        // from the people CA at the handshake, so say what is missing here instead of
+        // letting that surface as an opaque transport error.
         match (&c.cert, &c.cert_key) {
             (Some(cert), Some(key)) => {
                 tls = tls.identity(Identity::from_pem(
@@ -121,7 +153,14 @@ pub async fn connect(c: &Connection) -> Result<Channel, ClientError> {
                     read("client certificate key", key)?,
                 ));
             }
-            (None, None) => {}
+            (None, None) => {
+                return Err(ClientError::Input(format!(
+                    "{} requires a client certificate: give --cert FILE and --cert-key FILE \
+                     (or PHM_CLIENT_CERT and PHM_CLIENT_KEY), e.g. certs/dsu-client.pem and \
+                     certs/dsu-client.key",
+                    c.url
+                )));
+            }
             _ => {
                 return Err(ClientError::Input(
                     "give both --cert and --cert-key (or PHM_CLIENT_CERT and PHM_CLIENT_KEY)"
@@ -187,6 +226,7 @@ pub fn nonce() -> Vec<u8> {
 /// A query body with a fresh nonce, issued now.
 pub fn query_body(
     sql: crate::sql::SqlQuery,
+    federation_id: &str,
     requester: &str,
     purpose: Purpose,
     project: Option<String>,
@@ -194,6 +234,7 @@ pub fn query_body(
     query_id: Option<String>,
 ) -> QueryBody {
     QueryBody {
+        federation_id: federation_id.to_string(),
         query_id: query_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         requester_id: requester.to_string(),
         purpose,
@@ -258,21 +299,53 @@ pub async fn submit(
 pub async fn budget(
     channel: Channel,
     url: &str,
+    federation_id: &str,
     requester: &str,
     project: Option<String>,
     key: &phm_proto::signing::PrivateKey,
 ) -> Result<proto::FederatedBudget, ClientError> {
-    let proof = RequesterProof::signed(
-        ProofOp::Budget,
-        requester.to_string(),
+    let proof = RequesterProof::new(
+        federation_id,
+        requester,
         project,
         chrono::Utc::now().timestamp_millis(),
         nonce(),
-        key,
-    );
+    )
+    .sign(ProofOp::Budget, key);
     let mut client = coordinator(channel);
     let response = client
         .budget(proto::BudgetRequest {
+            proof: Some(proof.into()),
+        })
+        .await
+        .map_err(|s| from_status(url, &s))?;
+    Ok(response.into_inner())
+}
+
+/// Read a stored combined result from the coordinator, with a fresh proof that the
+/// requester (under the same project, for research) is the one asking.
+pub async fn get_result(
+    channel: Channel,
+    url: &str,
+    federation_id: &str,
+    requester: &str,
+    project: Option<String>,
+    query_id: &str,
+    key: &phm_proto::signing::PrivateKey,
+) -> Result<proto::CombinedResult, ClientError> {
+    let proof = RequesterProof::new(
+        federation_id,
+        requester,
+        project,
+        chrono::Utc::now().timestamp_millis(),
+        nonce(),
+    )
+    .about(query_id)
+    .sign(ProofOp::GetResult, key);
+    let mut client = coordinator(channel);
+    let response = client
+        .get_result(proto::GetResultRequest {
+            query_id: query_id.to_string(),
             proof: Some(proof.into()),
         })
         .await

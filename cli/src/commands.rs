@@ -21,13 +21,15 @@ pub struct ConnectArgs {
     /// Coordinator URL, e.g. https://127.0.0.1:50050.
     #[arg(long, env = "PHM_COORDINATOR")]
     pub coordinator: String,
-    /// CA certificate (PEM) the coordinator's certificate chains to.
+    /// CA certificate (PEM) the coordinator's certificate chains to (the
+    /// infrastructure CA, certs/ca.pem).
     #[arg(long, env = "PHM_CA", value_name = "FILE")]
     pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) when the coordinator requires mutual TLS.
+    /// Your client certificate (PEM, from the people CA); always presented, the
+    /// coordinator requires one. Default: <folder of --ca>/<requester>-client.pem.
     #[arg(long, env = "PHM_CLIENT_CERT", value_name = "FILE")]
     pub cert: Option<PathBuf>,
-    /// Private key (PEM) of --cert.
+    /// Private key (PEM) of --cert (default: the .key file beside it).
     #[arg(long, env = "PHM_CLIENT_KEY", value_name = "FILE")]
     pub cert_key: Option<PathBuf>,
 }
@@ -53,6 +55,10 @@ pub struct KeyArgs {
     /// Requester id as node policies list it (default: the key file's stem).
     #[arg(long)]
     pub requester: Option<String>,
+    /// The federation to sign for (the `federation_id` of its coordinator and
+    /// nodes); a signature is valid in that federation only.
+    #[arg(long, env = "PHM_FEDERATION")]
+    pub federation: String,
 }
 
 impl KeyArgs {
@@ -107,8 +113,9 @@ pub struct QueryArgs {
     /// Privacy budget to spend at each partner on this query.
     #[arg(long, default_value_t = 0.5)]
     pub epsilon: f64,
-    /// Query id (default: a fresh UUID). An id already used for another submission is
-    /// refused (QUERY_ID_REUSED).
+    /// Query id (default: a fresh UUID). Running the same question again with the same
+    /// id returns the stored answer without spending; an id you already used for a
+    /// different question is refused (QUERY_ID_REUSED).
     #[arg(long)]
     pub query_id: Option<String>,
     /// table (with coverage lines), csv (one line per group) or json (one object).
@@ -175,11 +182,12 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
         )));
     }
     let (requester, key) = a.key.load()?;
-    let connection = a.connect.connection();
+    let connection = client::with_default_identity(a.connect.connection(), &requester);
     let channel = client::connect(&connection).await?;
     let aggregates = parsed.aggregates.clone();
     let body = client::query_body(
         parsed,
+        &a.key.federation,
         &requester,
         a.purpose,
         a.project.clone(),
@@ -200,23 +208,9 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
     let result = outcome?.result;
     let coverage = result.coverage.clone().unwrap_or_default();
     match a.format {
-        Format::Json => println!("{}", render::json(&result)),
-        Format::Csv => print!("{}", render::csv(&result)),
-        Format::Table => {
-            println!("{} — query {}", result.dataset, result.query_id);
-            print!("{}", render::table(&result, &aggregates));
-            println!();
-            for line in render::coverage_lines(&result) {
-                println!("{line}");
-            }
-            if !result.total_note.is_empty() {
-                println!("{}", result.total_note);
-            }
-            println!(
-                "Privacy budget spent: ε {} at each answering partner.",
-                result.epsilon_spent_per_node
-            );
-        }
+        Format::Json => crate::outln!("{}", render::json(&result)),
+        Format::Csv => crate::out!("{}", render::csv(&result)),
+        Format::Table => crate::out!("{}", render::table_report(&result, &aggregates)),
     }
     if coverage.answered.is_empty() {
         // Nobody answered: say why, with the first refusal as the headline.
@@ -271,6 +265,8 @@ pub fn budget_rows(b: &proto::FederatedBudget) -> Vec<Vec<String>> {
                         format!("{:.2}", l.epsilon_remaining),
                         format!("{:.2}", l.epsilon_total),
                         format!("{:.2}", l.per_query_cap),
+                        format!("{:.1e}", l.delta_spent),
+                        format!("{:.1e}", l.delta_total),
                     ]);
                 }
             }
@@ -286,6 +282,8 @@ pub fn budget_rows(b: &proto::FederatedBudget) -> Vec<Vec<String>> {
                 String::new(),
                 String::new(),
                 String::new(),
+                String::new(),
+                String::new(),
             ]),
         }
     }
@@ -296,11 +294,12 @@ pub fn budget_rows(b: &proto::FederatedBudget) -> Vec<Vec<String>> {
 pub async fn budget(a: BudgetArgs) -> u8 {
     let run = async {
         let (requester, key) = a.key.load()?;
-        let connection = a.connect.connection();
+        let connection = client::with_default_identity(a.connect.connection(), &requester);
         let channel = client::connect(&connection).await?;
         client::budget(
             channel,
             &connection.url,
+            &a.key.federation,
             &requester,
             a.project.clone(),
             &key,
@@ -321,15 +320,19 @@ pub async fn budget(a: BudgetArgs) -> u8 {
                                 "remaining": r[4].parse::<f64>().ok(),
                                 "total": r[5].parse::<f64>().ok(),
                                 "per_query_cap": r[6].parse::<f64>().ok(),
+                                "delta_spent": r[7].parse::<f64>().ok(),
+                                "delta_total": r[8].parse::<f64>().ok(),
                             })
                         })
                         .collect();
-                    println!("{}", serde_json::Value::Array(v));
+                    crate::outln!("{}", serde_json::Value::Array(v));
                 }
                 Format::Csv => {
-                    println!("node,ledger,period,spent,remaining,total,per_query_cap");
+                    crate::outln!(
+                        "node,ledger,period,spent,remaining,total,per_query_cap,delta_spent,delta_total"
+                    );
                     for r in rows {
-                        println!("{}", r.join(","));
+                        crate::outln!("{}", r.join(","));
                     }
                 }
                 Format::Table => {
@@ -341,11 +344,13 @@ pub async fn budget(a: BudgetArgs) -> u8 {
                         "ε left",
                         "ε total",
                         "per query",
+                        "δ spent",
+                        "δ total",
                     ]
                     .iter()
                     .map(|s| s.to_string())
                     .collect();
-                    print!("{}", render::layout(&header, &rows, 3));
+                    crate::out!("{}", render::layout(&header, &rows, 3));
                 }
             }
             0
@@ -375,7 +380,7 @@ pub fn audit(cmd: AuditCmd) -> u8 {
             let path = data_dir.join("audit.log");
             match phm_node::audit::verify_log(&path) {
                 Ok(report) => {
-                    println!(
+                    crate::outln!(
                         "ok: {} entr{}, chain intact ({})",
                         report.entries,
                         if report.entries == 1 { "y" } else { "ies" },

@@ -92,18 +92,29 @@ fn spawn(
         .with_context(|| format!("cannot start `{} {role}`", exe.display()))
 }
 
+/// Certificates for health checks. Nodes trust only the infrastructure CA for clients,
+/// so they are checked with the coordinator's client certificate (health is open to
+/// any certificate from that CA); the coordinator trusts the people CA, so it is
+/// checked with an analyst's.
 struct Tls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    node_cert: PathBuf,
+    node_key: PathBuf,
 }
 
-async fn healthy(port: u16, tls: &Tls) -> bool {
+async fn healthy(port: u16, tls: &Tls, node: bool) -> bool {
+    let (cert, key) = if node {
+        (&tls.node_cert, &tls.node_key)
+    } else {
+        (&tls.cert, &tls.key)
+    };
     let connection = Connection {
         url: format!("https://127.0.0.1:{port}"),
         ca: Some(tls.ca.clone()),
-        cert: Some(tls.cert.clone()),
-        cert_key: Some(tls.key.clone()),
+        cert: Some(cert.clone()),
+        cert_key: Some(key.clone()),
         connect_timeout: Some(Duration::from_secs(2)),
     };
     let Ok(channel) = client::connect(&connection).await else {
@@ -147,7 +158,7 @@ async fn wait_healthy(procs: &mut [Proc], tls: &Tls, timeout: Duration) -> anyho
                     tail(&p.log, 15)
                 );
             }
-            if healthy(p.port, tls).await {
+            if healthy(p.port, tls, p.label != "coordinator").await {
                 ready[i] = true;
                 pb.inc(1);
                 pb.set_message(p.label.clone());
@@ -268,16 +279,16 @@ fn footer(results: &[&CombinedResult], who: &str) {
     let Some(first) = results.first() else { return };
     for (i, line) in render::coverage_lines(first).iter().enumerate() {
         if i == 0 {
-            println!("   Coverage: {line}");
+            phm::outln!("   Coverage: {line}");
         } else {
-            println!("   {}", line.trim_start());
+            phm::outln!("   {}", line.trim_start());
         }
     }
     if !first.total_note.is_empty() {
-        println!("   Total: {}", first.total_note);
+        phm::outln!("   Total: {}", first.total_note);
     }
     let spent: f64 = results.iter().map(|r| r.epsilon_spent_per_node).sum();
-    println!(
+    phm::outln!(
         "   Privacy: ε {spent:.1} spent from the {who} budget at each answering partner ({} quer{}).",
         results.len(),
         if results.len() == 1 { "y" } else { "ies" }
@@ -312,8 +323,8 @@ fn prevalence_table(
         });
         rows.push(r);
     }
-    print!("{}", render::layout(&header, &rows, headers.len()));
-    print!("{}", notes.render());
+    phm::out!("{}", render::layout(&header, &rows, headers.len()));
+    phm::out!("{}", notes.render());
 }
 
 /// What the reference check found.
@@ -379,6 +390,7 @@ impl Asker<'_> {
         let parsed = phm::sql::parse(q.sql).map_err(|e| anyhow!("{}", e.render(q.sql)))?;
         let body = client::query_body(
             parsed,
+            phm::synth::FEDERATION_ID,
             q.requester,
             q.purpose,
             q.project.map(str::to_string),
@@ -392,7 +404,7 @@ impl Asker<'_> {
 }
 
 fn banner(text: &str) {
-    println!("\n{text}\n{}", "=".repeat(text.chars().count()));
+    phm::outln!("\n{text}\n{}", "=".repeat(text.chars().count()));
 }
 
 async fn questions_and_report(
@@ -420,13 +432,13 @@ async fn questions_and_report(
         "{} — population health briefing (synthetic data, as at {})",
         manifest.ics, manifest.as_of
     ));
-    println!(
+    phm::outln!(
         "{} registered patients across {gp_count} GP practices, 2 acute trusts, social care and the council.\n\
          Every figure is a differentially private estimate with its 95% interval; no partner shared a row.",
         render::number(manifest.population as f64, 0)
     );
 
-    println!("\n1. Diabetes prevalence by deprivation and age (DSU, planning)");
+    phm::outln!("\n1. Diabetes prevalence by deprivation and age (DSU, planning)");
     let (num, den) = (
         get(questions::DIABETES_BY_IMD_AGE.id)?,
         get(questions::POPULATION_BY_IMD_AGE.id)?,
@@ -471,10 +483,10 @@ async fn questions_and_report(
             )
         })
         .collect();
-    println!("   All ages, by IMD quintile: {}", line.join(" · "));
+    phm::outln!("   All ages, by IMD quintile: {}", line.join(" · "));
     footer(&[num, den], "DSU's");
 
-    println!("\n2. Hypertension prevalence by ethnic group (DSU, planning)");
+    phm::outln!("\n2. Hypertension prevalence by ethnic group (DSU, planning)");
     let (num, den) = (
         get(questions::HYPERTENSION_BY_ETHNICITY.id)?,
         get(questions::POPULATION_BY_ETHNICITY.id)?,
@@ -489,45 +501,45 @@ async fn questions_and_report(
     );
     footer(&[num, den], "DSU's");
 
-    println!(
+    phm::outln!(
         "\n3. Emergency admissions in the last 12 months by Place of residence (DSU, planning)"
     );
     let r = get(questions::EMERGENCY_ADMISSIONS_BY_PLACE.id)?;
     let q = phm::sql::parse(questions::EMERGENCY_ADMISSIONS_BY_PLACE.sql)
         .map_err(|e| anyhow!("{}", e.message))?;
-    print!("{}", render::table(r, &q.aggregates));
+    phm::out!("{}", render::table(r, &q.aggregates));
     footer(&[r], "DSU's");
 
-    println!(
+    phm::outln!(
         "\n4. Glycaemic control among people with diabetes by deprivation (research project {})",
         questions::RESEARCH_PROJECT
     );
     let r = get(questions::RESEARCH_HBA1C_BY_IMD.id)?;
     let q = phm::sql::parse(questions::RESEARCH_HBA1C_BY_IMD.sql)
         .map_err(|e| anyhow!("{}", e.message))?;
-    print!("{}", render::table(r, &q.aggregates));
-    println!("   HbA1c in mmol/mol. National Data Opt-out patients excluded at every practice.");
+    phm::out!("{}", render::table(r, &q.aggregates));
+    phm::outln!("   HbA1c in mmol/mol. National Data Opt-out patients excluded at every practice.");
     footer(&[r], "project's");
 
-    println!(
+    phm::outln!(
         "\n5. A question a partner's policy refuses: fuel poverty by housing tenure (DSU, planning)"
     );
     let r = get(questions::FUEL_POVERTY_BY_TENURE.id)?;
     let c = r.coverage.clone().unwrap_or_default();
     if c.answered.is_empty() && !c.refused.is_empty() {
         for line in render::coverage_lines(r) {
-            println!("   {line}");
+            phm::outln!("   {line}");
         }
-        println!("   Nothing was released and no budget was spent.");
+        phm::outln!("   Nothing was released and no budget was spent.");
     } else {
-        print!("{}", render::table(r, &[]));
+        phm::out!("{}", render::table(r, &[]));
         footer(&[r], "DSU's");
     }
 
     let reference = synth::load_reference(dir)?;
     let checked = check(&reference, &results);
     banner("Check against the exact answers (known only because the data is synthetic)");
-    println!(
+    phm::outln!(
         "{} of {} reference figures inside their 95% interval ({:.0}%; about 95% expected).",
         checked.inside,
         checked.total,
@@ -538,7 +550,7 @@ async fn questions_and_report(
         }
     );
     for m in checked.misses.iter().take(5) {
-        println!("  outside: {m}");
+        phm::outln!("  outside: {m}");
     }
     Ok(checked)
 }
@@ -551,7 +563,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
         .dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("phm-demo"));
-    println!(
+    phm::outln!(
         "Synthesising a {}-person ICS (seed {}) in {} …",
         a.population,
         a.seed,
@@ -577,7 +589,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
     let exe = std::env::current_exe().context("cannot find the running phm binary")?;
 
     let mut procs = Vec::new();
-    println!(
+    phm::outln!(
         "Starting {} partner nodes and the coordinator (logs in {}) …",
         manifest.organisations.len(),
         logs.display()
@@ -619,6 +631,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
             ca: dir.join("certs/ca.pem"),
             cert: dir.join("certs/dsu-client.pem"),
             key: dir.join("certs/dsu-client.key"),
+            node_cert: dir.join("certs/coordinator-client.pem"),
+            node_key: dir.join("certs/coordinator-client.key"),
         };
         let t = Instant::now();
         wait_healthy(&mut procs, &tls, Duration::from_secs(a.startup_timeout)).await?;
@@ -626,7 +640,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
         let t = Instant::now();
         let url = format!("https://127.0.0.1:{}", manifest.coordinator_port);
         let checked = questions_and_report(&dir, &manifest, url.clone()).await?;
-        println!(
+        phm::outln!(
             "\nTimings: synthesis {:.1}s, start-up {:.1}s, {} queries {:.1}s.",
             synth_time.as_secs_f64(),
             startup.as_secs_f64(),
@@ -646,18 +660,18 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
     };
     let code = match outcome {
         Ok((_, url)) if a.keep_running => {
-            println!("\nThe federation is running. Try, for example:\n");
-            println!(
+            phm::outln!("\nThe federation is running. Try, for example:\n");
+            phm::outln!(
                 "  {} query --coordinator {url} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key --purpose planning --epsilon 0.5 'SELECT place, COUNT(*) AS people FROM gp_patients WHERE copd = TRUE GROUP BY place'",
                 exe.display(),
                 d = dir.display()
             );
-            println!(
+            phm::outln!(
                 "\n  {} budget --coordinator {url} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key",
                 exe.display(),
                 d = dir.display()
             );
-            println!("\nPress Ctrl-C (or send SIGTERM) to stop it.");
+            phm::outln!("\nPress Ctrl-C (or send SIGTERM) to stop it.");
             // SIGTERM too: dying on it would orphan the children.
             stop.await;
             0
@@ -669,7 +683,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
         }
     };
     let (clean, killed) = shutdown(&mut procs).await;
-    println!(
+    phm::outln!(
         "Stopped {clean} process{} cleanly{}. Total {:.1}s. Audit logs: phm audit verify --data-dir {}/<ODS>/state",
         if clean == 1 { "" } else { "es" },
         if killed > 0 {

@@ -92,18 +92,43 @@ enum KeysCmd {
 
 #[derive(Subcommand)]
 enum CertsCmd {
-    /// Development CA and leaf certificates (server + client) for the given names.
-    #[command(
-        after_help = "Example:\n  phm certs dev --out certs --names A81001,RW1,coordinator,coordinator-client,dsu-client"
-    )]
+    /// Development certificates from two CAs: infrastructure (servers, the coordinator's
+    /// client identity) and people (analysts' and researchers' client certificates).
+    #[command(after_help = CERTS_DEV_HELP)]
     Dev {
         #[arg(long)]
         out: PathBuf,
-        /// Comma-separated certificate names (CN and SAN).
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Server certificates of nodes and the coordinator (infrastructure CA,
+        /// serverAuth; SANs NAME, localhost, 127.0.0.1).
+        #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+        servers: Vec<String>,
+        /// The coordinator's client identity towards nodes (infrastructure CA,
+        /// clientAuth; SAN NAME only). Nodes pin it in tls.allowed_clients.
+        #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+        clients: Vec<String>,
+        /// Analysts' and researchers' client certificates (people CA, clientAuth; SAN
+        /// NAME only). Only the coordinator trusts this CA.
+        #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+        people: Vec<String>,
+        /// Older scripts: infrastructure CA, server and client use. Prefer the three
+        /// options above.
+        #[arg(long, value_delimiter = ',', value_name = "NAMES")]
         names: Vec<String>,
     },
 }
+
+const CERTS_DEV_HELP: &str = "\
+Writes OUT/ca.pem + ca.key (infrastructure CA) and OUT/people-ca.pem + people-ca.key
+(people CA), reusing either when both its files exist, and OUT/<name>.pem + .key per name.
+
+Nodes trust only the infrastructure CA for clients (node.toml [tls] client_ca) and answer
+only the coordinator's client identity (allowed_clients = [\"san:coordinator-client\"] or
+its spki-sha256 fingerprint, printed here). The coordinator trusts the people CA for
+analysts (coordinator.toml [tls] client_ca). `phm query --ca` takes the infrastructure CA.
+
+Example:
+  phm certs dev --out certs --servers A81001,RW1,coordinator \\
+      --clients coordinator-client --people dsu-client,researcher-client";
 
 fn synth(a: SynthArgs) -> anyhow::Result<ExitCode> {
     let summary = phm::synth::run(&phm::synth::SynthOptions {
@@ -115,7 +140,7 @@ fn synth(a: SynthArgs) -> anyhow::Result<ExitCode> {
         progress: !a.quiet,
         force: a.force,
     })?;
-    print!("{}", phm::synth::describe(&summary, &a.out));
+    phm::out!("{}", phm::synth::describe(&summary, &a.out));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -123,7 +148,7 @@ fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         KeysCmd::New { out } => {
             let k = phm::keys::new_key_file(&out)?;
-            println!("{}", k.public_key_base64);
+            phm::outln!("{}", k.public_key_base64);
             eprintln!(
                 "wrote {} (private, mode 0600) and {}",
                 k.private_path.display(),
@@ -136,16 +161,21 @@ fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
 
 fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        CertsCmd::Dev { out, names } => {
-            let c = phm::certs::dev(&out, &names)?;
-            println!(
-                "{} CA {}",
-                if c.reused_ca { "reused" } else { "created" },
-                c.ca_pem.display()
-            );
-            for (name, pem, key) in c.leaves {
-                println!("{name}: {} {}", pem.display(), key.display());
-            }
+        CertsCmd::Dev {
+            out,
+            servers,
+            clients,
+            people,
+            names,
+        } => {
+            let plan = phm::certs::CertPlan {
+                servers,
+                infra_clients: clients,
+                people,
+                legacy: names,
+            };
+            let c = phm::certs::dev(&out, &plan)?;
+            phm::out!("{}", c.describe());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -179,6 +209,15 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(demo::run(a)))
             .map(ExitCode::from),
     };
+    // Output that could not be written (other than to a reader that went away, which
+    // is a normal end) means the command did not do its job.
+    if let Some(e) = phm::render::stdout_error() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: cannot write to standard output: {e}"
+        );
+        return ExitCode::FAILURE;
+    }
     match result {
         Ok(code) => code,
         Err(e) => {

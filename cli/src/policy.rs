@@ -97,7 +97,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
         ),
     };
     // Refusals and policy errors go to stdout too: they are the answer that was asked for.
-    println!("{report}");
+    phm::outln!("{report}");
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -173,6 +173,7 @@ fn explain_query(a: &ExplainArgs<'_>) -> anyhow::Result<(String, bool)> {
         Err(e) => return Ok((e.render(a.sql), false)),
     };
     let body = QueryBody {
+        federation_id: "local".into(),
         query_id: "explain".into(),
         requester_id: a.requester.clone(),
         purpose: a.purpose,

@@ -1,9 +1,64 @@
 //! Showing a combined result: an aligned table with 95% intervals, CSV, the JSON object
-//! `phm query --format json` prints, and plain-English coverage lines.
+//! `phm query --format json` prints, and plain-English coverage lines; and writing to
+//! standard output so that a reader going away (`phm query … | head`) is a normal end.
 
 use phm_proto::proto::{self, CombinedCell, CombinedResult, NodeRef};
 use phm_proto::{Aggregate, AggregateKind, DenialReason};
 use serde_json::{Value, json};
+use std::io::Write;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+// ---------------------------------------------------------------------------------
+// Standard output.
+//
+// `println!` panics when stdout is a pipe whose reader has gone (Rust ignores SIGPIPE,
+// so the write fails with EPIPE), which `phm query … | head` turned into "failed
+// printing to stdout: Broken pipe" and exit 101. Restoring SIGPIPE's default instead
+// would kill the process with a signal (status 141, not 0), and would do so in
+// `phm node` / `phm coordinator` too when a log pipe closes. So every command prints
+// through `out!`/`outln!`: a closed pipe silently ends output (exit status unchanged,
+// 0 for a successful command); any other write error is reported once at exit.
+
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+static STDOUT_ERROR: OnceLock<String> = OnceLock::new();
+
+/// Write to stdout (flushed). After the reader has gone, or after a failed write,
+/// further output is dropped; [`stdout_error`] says whether that was a real failure.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) || STDOUT_ERROR.get().is_some() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        } else {
+            let _ = STDOUT_ERROR.set(e.to_string());
+        }
+    }
+}
+
+/// A write to stdout that failed for a reason other than the reader going away
+/// (e.g. a full disk behind `> file`): the command must not report success.
+pub fn stdout_error() -> Option<&'static str> {
+    STDOUT_ERROR.get().map(String::as_str)
+}
+
+/// `print!` that treats a closed stdout as the end of output instead of panicking.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::render::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that treats a closed stdout as the end of output instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::render::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::render::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 /// "Riverside Borough Council (LA801)", or the id alone when the name is unknown.
 pub fn node_label(n: Option<&NodeRef>) -> String {
@@ -194,6 +249,38 @@ pub fn table(result: &CombinedResult, aggs: &[Aggregate]) -> String {
         })
         .collect();
     layout(&header, &rows, result.group_columns.len()) + &notes.render()
+}
+
+/// Everything `phm query --format table` prints: the dataset and query id, the table,
+/// coverage, the note on what the total means, and the budget spent. When no partner
+/// answered there is nothing to tabulate, so only the coverage lines (who refused and
+/// why) are printed: an empty table header above them read as an empty answer.
+pub fn table_report(result: &CombinedResult, aggs: &[Aggregate]) -> String {
+    let coverage = result.coverage.clone().unwrap_or_default();
+    let mut t = String::new();
+    if coverage.answered.is_empty() && result.rows.is_empty() {
+        for line in coverage_lines(result) {
+            t.push_str(&line);
+            t.push('\n');
+        }
+        return t;
+    }
+    t.push_str(&format!("{} — query {}\n", result.dataset, result.query_id));
+    t.push_str(&table(result, aggs));
+    t.push('\n');
+    for line in coverage_lines(result) {
+        t.push_str(&line);
+        t.push('\n');
+    }
+    if !result.total_note.is_empty() {
+        t.push_str(&result.total_note);
+        t.push('\n');
+    }
+    t.push_str(&format!(
+        "Privacy budget spent: ε {} at each answering partner.\n",
+        result.epsilon_spent_per_node
+    ));
+    t
 }
 
 fn csv_field(s: &str) -> String {
@@ -477,6 +564,40 @@ mod tests {
         assert_eq!(
             lines[0],
             "1 of 2 partners answered; Riverside LA (LA1) refused: POLICY_DENIED — housing_tenure may not be grouped"
+        );
+        let report = table_report(&r, &[]);
+        assert!(report.starts_with("gp_patients — query q\n"), "{report}");
+        assert!(report.contains("people (95% CI)"), "{report}");
+        assert!(report.contains("Privacy budget spent: ε 0.5"), "{report}");
+    }
+
+    #[test]
+    fn when_every_partner_refuses_only_the_refusals_are_printed() {
+        let mut r = result();
+        r.rows.clear();
+        let mut c = r.coverage.clone().unwrap();
+        c.answered.clear();
+        c.refused.push(proto::NodeRefusal {
+            node: Some(NodeRef {
+                node_id: "RW2".into(),
+                name: "Wolds and Coast".into(),
+                ..Default::default()
+            }),
+            reason: DenialReason::PermissionDenied as i32,
+            message: "this node answers only its federation's coordinator".into(),
+        });
+        r.coverage = Some(c);
+        let report = table_report(&r, &[]);
+        assert!(!report.contains("(95% CI)"), "{report}");
+        assert!(!report.contains("---"), "{report}");
+        assert!(!report.contains("Privacy budget spent"), "{report}");
+        assert_eq!(
+            report.lines().collect::<Vec<_>>(),
+            vec![
+                "0 of 2 partners answered.",
+                "  Riverside LA (LA1) refused: POLICY_DENIED — housing_tenure may not be grouped",
+                "  Wolds and Coast (RW2) refused: PERMISSION_DENIED — this node answers only its federation's coordinator",
+            ]
         );
     }
 }

@@ -43,6 +43,8 @@ fn key_file(dir: &Path) -> PathBuf {
 fn bad_sql_shows_a_caret_and_exits_2() {
     let out = run(&[
         "query",
+        "--federation",
+        "synthetic-ics",
         "--coordinator",
         "https://127.0.0.1:1",
         "--key",
@@ -67,6 +69,8 @@ fn bad_or_missing_key_file_is_named_and_exits_2() {
     for key in [broken.clone(), dir.path().join("missing.key")] {
         let out = run(&[
             "query",
+            "--federation",
+            "synthetic-ics",
             "--coordinator",
             "https://127.0.0.1:1",
             "--key",
@@ -101,6 +105,8 @@ fn unreachable_coordinator_exits_3_with_the_url() {
     let url = format!("https://127.0.0.1:{}", free_port());
     let out = run(&[
         "query",
+        "--federation",
+        "synthetic-ics",
         "--coordinator",
         &url,
         "--ca",
@@ -120,6 +126,8 @@ fn unreachable_coordinator_exits_3_with_the_url() {
     // Budget uses the same path.
     let out = run(&[
         "budget",
+        "--federation",
+        "synthetic-ics",
         "--coordinator",
         &url,
         "--ca",
@@ -203,6 +211,8 @@ impl Federation {
     fn args(&self, who: &str) -> Vec<String> {
         let d = self.dir.display();
         vec![
+            "--federation".into(),
+            "synthetic-ics".into(),
             "--coordinator".into(),
             self.coordinator.clone(),
             "--ca".into(),
@@ -476,5 +486,168 @@ fn demo_keep_running_prints_a_query_line_and_stops_cleanly_on_sigterm() {
         rest.iter()
             .any(|l| l.starts_with("Stopped 6 processes cleanly")),
         "{rest:?}"
+    );
+}
+
+/// Run `phm` with its stdout a pipe whose reader has already gone, as in
+/// `phm … | head` once head has exited: every write gets EPIPE.
+fn run_with_closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    phm()
+        .args(args)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+fn assert_closed_stdout_is_a_normal_end(what: &str, out: &Output, code: i32) {
+    let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: a closed stdout must end the command normally (exit {code}), got {:?}:\n{err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    assert!(!err.contains("Broken pipe"), "{what}: {err}");
+}
+
+#[test]
+fn closed_stdout_is_a_normal_end_for_commands_that_print() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/samples/gp_practice.toml"
+    );
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("policy schema", vec!["policy".into(), "schema".into()]),
+        (
+            "policy check",
+            vec!["policy".into(), "check".into(), sample.into()],
+        ),
+        (
+            "keys new",
+            vec!["keys".into(), "new".into(), "--out".into(), d("k.key")],
+        ),
+        (
+            "certs dev",
+            vec![
+                "certs".into(),
+                "dev".into(),
+                "--out".into(),
+                d("certs"),
+                "--servers".into(),
+                "A81001".into(),
+                "--clients".into(),
+                "coordinator-client".into(),
+                "--people".into(),
+                "dsu-client".into(),
+            ],
+        ),
+        (
+            "synth",
+            vec![
+                "synth".into(),
+                "--out".into(),
+                d("ics"),
+                "--population".into(),
+                "1000".into(),
+                "--nodes-limit".into(),
+                "1".into(),
+                "--quiet".into(),
+            ],
+        ),
+        ("--help", vec!["--help".into()]),
+    ];
+    for (what, args) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_with_closed_stdout(&args);
+        assert_closed_stdout_is_a_normal_end(what, &out, 0);
+    }
+    // The work was still done.
+    assert!(dir.path().join("k.key").exists());
+    assert!(dir.path().join("certs/people-ca.pem").exists());
+    assert!(dir.path().join("ics/ics.json").exists());
+}
+
+#[test]
+fn queries_into_a_closed_pipe_end_normally_and_refusals_print_without_a_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ics");
+    let mut fed = Federation::start(&dir);
+
+    for format in ["table", "csv", "json"] {
+        let mut args = vec!["query".to_string()];
+        args.extend(fed.args("dsu"));
+        args.extend(["--purpose", "planning", "--format", format, SQL].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_with_closed_stdout(&args);
+        assert_closed_stdout_is_a_normal_end(&format!("query --format {format}"), &out, 0);
+    }
+    let mut args = vec!["budget".to_string()];
+    args.extend(fed.args("dsu"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_closed_stdout_is_a_normal_end("budget", &run_with_closed_stdout(&args), 0);
+
+    // Every partner asked (only the council holds la_residents) refuses: the table
+    // format prints the refusals alone, no empty table header above them.
+    let out = fed.query(
+        "dsu",
+        &["--purpose", "planning"],
+        "SELECT housing_tenure, COUNT(*) AS residents FROM la_residents GROUP BY housing_tenure",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(!shown.contains("(95% CI)"), "{shown}");
+    assert!(!shown.contains("---"), "{shown}");
+    assert!(!shown.contains("la_residents — query"), "{shown}");
+    assert!(!shown.contains("Privacy budget spent"), "{shown}");
+    assert!(shown.starts_with("0 of 1 partner answered"), "{shown}");
+    assert!(
+        shown.contains("refused: POLICY_DENIED") && shown.contains("housing_tenure"),
+        "{shown}"
+    );
+
+    // audit verify prints too.
+    fed.stop();
+    let manifest = phm::synth::load_manifest(&dir).unwrap();
+    let state = dir.join(&manifest.organisations[0].ods_code).join("state");
+    let out = run_with_closed_stdout(&["audit", "verify", "--data-dir", state.to_str().unwrap()]);
+    assert_closed_stdout_is_a_normal_end("audit verify", &out, 0);
+}
+
+#[test]
+fn query_without_a_client_certificate_says_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    // A CA file with no <requester>-client.pem beside it, so no default applies.
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "query",
+        "--federation",
+        "synthetic-ics",
+        "--coordinator",
+        &format!("https://127.0.0.1:{}", free_port()),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--purpose",
+        "planning",
+        SQL,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("requires a client certificate") && err.contains("--cert"),
+        "{err}"
     );
 }

@@ -192,6 +192,7 @@ fn every_policy_parses_and_decides_the_demo_questions_as_expected() {
                 continue;
             }
             let body = phm_proto::QueryBody {
+                federation_id: phm::synth::FEDERATION_ID.into(),
                 query_id: "q1".into(),
                 requester_id: q.requester.into(),
                 purpose: q.purpose,

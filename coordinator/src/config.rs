@@ -17,6 +17,8 @@ pub const CONFIG_HELP: &str = "\
 Path to coordinator.toml. Relative paths inside it are resolved against the folder \
 that holds the file. Unknown fields are refused.
 
+  federation_id = \"synthetic-ics\" required; the federation this coordinator serves
+                                  (letters, digits and _ - . :); signed queries name it
   listen = \"127.0.0.1:50050\"      address:port the coordinator serves gRPC (TLS) on
   data_dir = \"state\"              folder for the sled query history (created if missing)
   node_deadline_ms = 10000        per-node deadline for Query and Budget calls
@@ -24,16 +26,24 @@ that holds the file. Unknown fields are refused.
                                   is reported TIMED_OUT and never delays the answer
   log_format = \"human\"            \"human\" or \"json\" (default human)
 
-  [tls]                           what analysts' clients connect to
-  cert = \"certs/coordinator.pem\"  server certificate chain (PEM)
+  [tls]                           what analysts' clients connect to (mutual TLS)
+  cert = \"certs/coordinator.pem\"  server certificate chain (PEM), from the
+                                  infrastructure CA
   key = \"certs/coordinator.key\"   its private key (PEM)
-  client_ca = \"certs/ca.pem\"      optional; when set, clients must present a
-                                  certificate chaining to this CA (mutual TLS)
+  client_ca = \"certs/people-ca.pem\"
+                                  required: the PEOPLE CA that analysts' and
+                                  researchers' client certificates chain to; a
+                                  client without such a certificate is refused at
+                                  the handshake
 
   [client_tls]                    identity the coordinator presents to nodes
   cert = \"certs/coordinator-client.pem\"
+                                  from the infrastructure CA; every node pins it
+                                  in its tls.allowed_clients (by SAN or by
+                                  spki-sha256 fingerprint)
   key = \"certs/coordinator-client.key\"
-  ca = \"certs/ca.pem\"             CA that node server certificates chain to
+  ca = \"certs/ca.pem\"             the infrastructure CA node server certificates
+                                  chain to
 
   [[nodes]]                       one table per registered node
   id = \"A81001\"                   unique node id (required)
@@ -46,6 +56,17 @@ that holds the file. Unknown fields are refused.
   tls_server_name = \"localhost\"   optional; name expected in the node's certificate
                                   (default: the endpoint's host)
   datasets = [\"gp_patients\"]      datasets this node serves (at least one)
+
+  [[requesters]]                  the requesters whose results this coordinator keeps:
+  id = \"dsu\"                      requester id, as in the nodes' policies
+  public_key = \"base64...\"        its Ed25519 public key (`phm keys new` prints it);
+                                  Submit and GetResult verify the requester's signature
+                                  with it, so a stored result is only ever returned to
+                                  the requester (and project) that asked for it
+  revoked = false                 optional; true refuses the requester here
+
+  query_validity_seconds = 300    optional (top level): how long a signed query or
+                                  proof stays valid after it was issued (default 300)
 
   [datasets.<name>]               optional, per dataset
   total_kind = \"sum_of_partner_counts\"
@@ -96,7 +117,8 @@ pub enum TotalKind {
 pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
+    /// The CA analysts' client certificates chain to; always required (mutual TLS).
+    pub client_ca: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +148,14 @@ impl NodeConfig {
     }
 }
 
+/// A requester the coordinator knows: who may read which stored result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequesterConfig {
+    pub id: String,
+    pub public_key: phm_proto::signing::PublicKey,
+    pub revoked: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DatasetConfig {
     pub total_kind: TotalKind,
@@ -134,6 +164,8 @@ pub struct DatasetConfig {
 /// A validated coordinator configuration with absolute paths.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// The federation this coordinator serves; signed queries for another are refused.
+    pub federation_id: String,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub node_deadline: Duration,
@@ -142,9 +174,18 @@ pub struct Config {
     pub client_tls: ClientTls,
     pub nodes: Vec<NodeConfig>,
     pub datasets: BTreeMap<String, DatasetConfig>,
+    /// The requester directory (public keys only).
+    pub requesters: Vec<RequesterConfig>,
+    /// How long a signed query or proof stays valid after it was issued.
+    pub query_validity: Duration,
 }
 
 impl Config {
+    /// The requester with this id, if the directory lists it.
+    pub fn requester(&self, id: &str) -> Option<&RequesterConfig> {
+        self.requesters.iter().find(|r| r.id == id)
+    }
+
     /// Read and validate a config file; relative paths resolve against its folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -195,6 +236,20 @@ impl Config {
             Ok(full)
         };
 
+        let federation_id = match raw.federation_id {
+            None => {
+                return Err(invalid(
+                    "federation_id",
+                    "is missing; add a top-level line such as federation_id = \"synthetic-ics\" \
+                     (the same id every node's node.toml and the requesters' signed queries use)"
+                        .into(),
+                ));
+            }
+            Some(id) => {
+                validate_federation_id(&id).map_err(|r| invalid("federation_id", r))?;
+                id
+            }
+        };
         let listen: SocketAddr = raw.listen.parse().map_err(|e| {
             invalid(
                 "listen",
@@ -214,15 +269,22 @@ impl Config {
                 ),
             ));
         }
+        // No optional mTLS: without client certificates anyone who can reach the port
+        // could submit, replay or read results, and nothing would tie a caller to a
+        // person the ICS issued a certificate to.
+        let Some(client_ca) = raw.tls.client_ca.as_deref() else {
+            return Err(invalid(
+                "tls.client_ca",
+                "is missing; under [tls] name the CA analysts' client certificates chain to, \
+                 e.g. client_ca = \"certs/people-ca.pem\" (the coordinator always requires \
+                 client certificates)"
+                    .into(),
+            ));
+        };
         let tls = ServerTls {
             cert: pem("tls.cert", &raw.tls.cert)?,
             key: pem("tls.key", &raw.tls.key)?,
-            client_ca: raw
-                .tls
-                .client_ca
-                .as_deref()
-                .map(|p| pem("tls.client_ca", p))
-                .transpose()?,
+            client_ca: pem("tls.client_ca", client_ca)?,
         };
         let client_tls = ClientTls {
             cert: pem("client_tls.cert", &raw.client_tls.cert)?,
@@ -281,6 +343,37 @@ impl Config {
                 datasets: n.datasets,
             });
         }
+        let mut requesters: Vec<RequesterConfig> = Vec::new();
+        for (i, r) in raw.requesters.into_iter().enumerate() {
+            let at = |f: &str| format!("requesters[{i}].{f}");
+            if r.id.is_empty() || !is_identifier(&r.id) {
+                return Err(invalid(
+                    &at("id"),
+                    format!("{:?} is not a requester id", r.id),
+                ));
+            }
+            if requesters.iter().any(|o| o.id == r.id) {
+                return Err(invalid(&at("id"), format!("{:?} is listed twice", r.id)));
+            }
+            let public_key =
+                phm_proto::signing::public_key_from_base64(&r.public_key).map_err(|e| {
+                    invalid(&at("public_key"), format!("not an Ed25519 public key: {e}"))
+                })?;
+            requesters.push(RequesterConfig {
+                id: r.id,
+                public_key,
+                revoked: r.revoked,
+            });
+        }
+        if raw.query_validity_seconds == 0 || raw.query_validity_seconds > 86_400 {
+            return Err(invalid(
+                "query_validity_seconds",
+                format!(
+                    "{} is out of range (1..=86400 seconds)",
+                    raw.query_validity_seconds
+                ),
+            ));
+        }
         let mut datasets = BTreeMap::new();
         for (name, d) in raw.datasets {
             if !is_identifier(&name) {
@@ -297,6 +390,7 @@ impl Config {
             );
         }
         Ok(Config {
+            federation_id,
             listen,
             data_dir,
             node_deadline: Duration::from_millis(raw.node_deadline_ms),
@@ -305,6 +399,8 @@ impl Config {
             client_tls,
             nodes,
             datasets,
+            requesters,
+            query_validity: Duration::from_secs(raw.query_validity_seconds),
         })
     }
 
@@ -316,6 +412,33 @@ impl Config {
             .map(|d| d.total_kind)
             .unwrap_or_default()
     }
+}
+
+/// Longest federation id accepted.
+pub const MAX_FEDERATION_ID_LEN: usize = 128;
+
+/// Check a federation id: non-empty, at most 128 characters, letters, digits and
+/// `_ - . :` only. The same rule as the node's (`phm_node::config`), repeated here
+/// because the coordinator does not depend on the node crate.
+pub fn validate_federation_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("is empty; name the federation, e.g. federation_id = \"synthetic-ics\"".into());
+    }
+    if id.len() > MAX_FEDERATION_ID_LEN {
+        return Err(format!(
+            "is {} characters long; at most {MAX_FEDERATION_ID_LEN}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}; use only letters, digits and _ - . :"
+        ));
+    }
+    Ok(())
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -353,6 +476,9 @@ fn default_deadline() -> u64 {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    // Optional here only so a missing one gets a sentence saying what to write.
+    #[serde(default)]
+    federation_id: Option<String>,
     listen: String,
     data_dir: PathBuf,
     #[serde(default = "default_deadline")]
@@ -365,6 +491,23 @@ struct RawConfig {
     nodes: Vec<RawNode>,
     #[serde(default)]
     datasets: BTreeMap<String, RawDataset>,
+    #[serde(default)]
+    requesters: Vec<RawRequester>,
+    #[serde(default = "default_validity")]
+    query_validity_seconds: u64,
+}
+
+fn default_validity() -> u64 {
+    300
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequester {
+    id: String,
+    public_key: String,
+    #[serde(default)]
+    revoked: bool,
 }
 
 #[derive(Deserialize)]
@@ -417,18 +560,20 @@ mod tests {
     fn dir_with_certs() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("certs")).unwrap();
-        for f in ["a.pem", "a.key", "ca.pem"] {
+        for f in ["a.pem", "a.key", "ca.pem", "people-ca.pem"] {
             std::fs::write(dir.path().join("certs").join(f), PEM).unwrap();
         }
         dir
     }
 
     const GOOD: &str = r#"
+federation_id = "synthetic-ics"
 listen = "127.0.0.1:50050"
 data_dir = "state"
 [tls]
 cert = "certs/a.pem"
 key = "certs/a.key"
+client_ca = "certs/people-ca.pem"
 [client_tls]
 cert = "certs/a.pem"
 key = "certs/a.key"
@@ -464,8 +609,34 @@ total_kind = "distinct_people"
         assert_eq!(c.nodes[0].tls_server_name, "127.0.0.1");
         assert_eq!(c.total_kind("gp_patients"), TotalKind::DistinctPeople);
         assert_eq!(c.total_kind("unknown"), TotalKind::SumOfPartnerCounts);
-        assert!(c.tls.client_ca.is_none());
+        assert!(c.tls.client_ca.ends_with("certs/people-ca.pem"));
+        assert!(c.tls.client_ca.is_absolute());
         assert!(c.client_tls.ca.is_absolute());
+        assert_eq!(c.federation_id, "synthetic-ics");
+    }
+
+    #[test]
+    fn client_ca_is_required() {
+        let e = err(&GOOD.replace("client_ca = \"certs/people-ca.pem\"\n", ""));
+        assert!(
+            e.contains("tls.client_ca") && e.contains("is missing"),
+            "{e}"
+        );
+        assert!(e.contains("client_ca = \"certs/people-ca.pem\""), "{e}");
+        let e = err(&GOOD.replace("certs/people-ca.pem", "certs/none.pem"));
+        assert!(e.contains("tls.client_ca") && e.contains("none.pem"), "{e}");
+    }
+
+    #[test]
+    fn federation_id_is_required_and_restricted() {
+        let e = err(&GOOD.replace("federation_id = \"synthetic-ics\"\n", ""));
+        assert!(e.contains("federation_id") && e.contains("missing"), "{e}");
+        for bad in ["", "two words", "a/b", "é", &"x".repeat(129)] {
+            let e = err(&GOOD.replace("synthetic-ics", bad));
+            assert!(e.contains("`federation_id`"), "{bad:?}: {e}");
+        }
+        let c = load(&GOOD.replace("synthetic-ics", "nhs:ics.QR1_v-2")).unwrap();
+        assert_eq!(c.federation_id, "nhs:ics.QR1_v-2");
     }
 
     fn err(text: &str) -> String {

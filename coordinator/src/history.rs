@@ -1,18 +1,30 @@
-//! Durable query history (sled): which query ids have been used for which question,
-//! the finished combined results with the progress events that led to them, and the
-//! last population each node reported.
+//! Durable query history (sled): which query ids each requester has used for which
+//! question, the finished combined results with the progress events that led to them
+//! (each bound to its requester and project), the nonces of signed messages seen, and
+//! the last population each node reported.
 
 use phm_proto::proto;
 use prost::Message;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// What is stored per query id.
+/// What is stored per (requester, query id).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StoredQuery {
     /// `QueryBody::digest()` of the validated query that claimed this id.
     #[prost(string, tag = "1")]
     pub digest: String,
+    /// The requester who signed it: the only one a stored result is returned to.
+    #[prost(string, tag = "4")]
+    pub requester_id: String,
+    /// Its research project (empty for other purposes): a GetResult proof must name
+    /// the same project.
+    #[prost(string, tag = "5")]
+    pub project_id: String,
+    /// `QueryBody::content_digest()`: the question without id, time and nonce, so a
+    /// re-signed retry of the same question is recognised.
+    #[prost(string, tag = "6")]
+    pub content_digest: String,
     #[prost(message, repeated, tag = "2")]
     pub progress: Vec<proto::NodeProgress>,
     /// Absent while the query is running (or if the coordinator stopped mid-query).
@@ -41,11 +53,31 @@ pub enum Claim {
     Existing(Box<StoredQuery>),
 }
 
+/// A requester's query id: the history's key. Query ids are a per-requester
+/// namespace, so one requester cannot learn or squat another's ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryKey<'a> {
+    pub requester_id: &'a str,
+    pub query_id: &'a str,
+}
+
+impl QueryKey<'_> {
+    fn bytes(&self) -> Vec<u8> {
+        // Ids cannot contain NUL (validated on receipt), so the key is unambiguous.
+        let mut k = Vec::with_capacity(self.requester_id.len() + self.query_id.len() + 1);
+        k.extend_from_slice(self.requester_id.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.query_id.as_bytes());
+        k
+    }
+}
+
 #[derive(Clone)]
 pub struct History {
     db: sled::Db,
     queries: sled::Tree,
     populations: sled::Tree,
+    nonces: sled::Tree,
 }
 
 impl History {
@@ -54,13 +86,53 @@ impl History {
             path: dir.display().to_string(),
             source,
         })?;
-        let queries = db.open_tree("queries")?;
+        // "queries_by_requester": keys are (requester, id); entries written before
+        // results were bound to requesters (tree "queries") are never served.
+        let queries = db.open_tree("queries_by_requester")?;
         let populations = db.open_tree("node_population")?;
+        let nonces = db.open_tree("nonces")?;
         Ok(History {
             db,
             queries,
             populations,
+            nonces,
         })
+    }
+
+    /// Record that `requester` used `nonce` for `op` in a message issued at
+    /// `issued_at_unix_ms`; false if it was seen before (a replay). Nonces older than
+    /// `forget_before_unix_ms` are pruned now and then: their messages are stale
+    /// anyway.
+    pub fn record_nonce(
+        &self,
+        op: &str,
+        requester: &str,
+        nonce: &[u8],
+        issued_at_unix_ms: i64,
+        forget_before_unix_ms: i64,
+    ) -> Result<bool, HistoryError> {
+        let mut key = Vec::with_capacity(op.len() + requester.len() + nonce.len() + 2);
+        key.extend_from_slice(op.as_bytes());
+        key.push(0);
+        key.extend_from_slice(requester.as_bytes());
+        key.push(0);
+        key.extend_from_slice(nonce);
+        let fresh = self
+            .nonces
+            .compare_and_swap(&key, None::<&[u8]>, Some(&issued_at_unix_ms.to_be_bytes()))?
+            .is_ok();
+        if fresh && self.nonces.len() % 1024 == 0 {
+            for item in self.nonces.iter() {
+                let (k, v) = item?;
+                let at = <[u8; 8]>::try_from(&v[..])
+                    .map(i64::from_be_bytes)
+                    .unwrap_or(0);
+                if at < forget_before_unix_ms {
+                    self.nonces.remove(k)?;
+                }
+            }
+        }
+        Ok(fresh)
     }
 
     fn decode(id: &str, bytes: &[u8]) -> Result<StoredQuery, HistoryError> {
@@ -70,30 +142,26 @@ impl History {
         })
     }
 
-    pub fn get(&self, query_id: &str) -> Result<Option<StoredQuery>, HistoryError> {
+    pub fn get(&self, key: &QueryKey<'_>) -> Result<Option<StoredQuery>, HistoryError> {
         self.queries
-            .get(query_id.as_bytes())?
-            .map(|b| Self::decode(query_id, &b))
+            .get(key.bytes())?
+            .map(|b| Self::decode(key.query_id, &b))
             .transpose()
     }
 
-    /// Atomically record `digest` for `query_id` unless the id is already taken.
-    /// Synchronous so callers can decide under a lock; follow a `Claim::New` with
-    /// [`History::flush`] before contacting nodes.
-    pub fn claim(&self, query_id: &str, digest: &str) -> Result<Claim, HistoryError> {
-        let record = StoredQuery {
-            digest: digest.to_string(),
-            progress: Vec::new(),
-            result: None,
-        }
-        .encode_to_vec();
+    /// Atomically record `claim` (digest, requester, project, content digest, no
+    /// result yet) under `key` unless the key is already taken. Synchronous so callers
+    /// can decide under a lock; follow a `Claim::New` with [`History::flush`] before
+    /// contacting nodes.
+    pub fn claim(&self, key: &QueryKey<'_>, claim: StoredQuery) -> Result<Claim, HistoryError> {
+        let record = claim.encode_to_vec();
         match self
             .queries
-            .compare_and_swap(query_id.as_bytes(), None::<&[u8]>, Some(record))?
+            .compare_and_swap(key.bytes(), None::<&[u8]>, Some(record))?
         {
             Ok(()) => Ok(Claim::New),
             Err(cas) => match cas.current {
-                Some(b) => Ok(Claim::Existing(Box::new(Self::decode(query_id, &b)?))),
+                Some(b) => Ok(Claim::Existing(Box::new(Self::decode(key.query_id, &b)?))),
                 // compare_and_swap against None only fails when a value exists.
                 None => Ok(Claim::New),
             },
@@ -112,9 +180,12 @@ impl History {
     }
 
     /// Store a finished query and flush it to disk before returning.
-    pub async fn finish(&self, query_id: &str, record: &StoredQuery) -> Result<(), HistoryError> {
-        self.queries
-            .insert(query_id.as_bytes(), record.encode_to_vec())?;
+    pub async fn finish(
+        &self,
+        key: &QueryKey<'_>,
+        record: &StoredQuery,
+    ) -> Result<(), HistoryError> {
+        self.queries.insert(key.bytes(), record.encode_to_vec())?;
         self.flush().await
     }
 
@@ -143,22 +214,46 @@ impl History {
 mod tests {
     use super::*;
 
+    fn key<'a>(requester_id: &'a str, query_id: &'a str) -> QueryKey<'a> {
+        QueryKey {
+            requester_id,
+            query_id,
+        }
+    }
+
+    fn claim(digest: &str, requester: &str) -> StoredQuery {
+        StoredQuery {
+            digest: digest.into(),
+            requester_id: requester.into(),
+            ..Default::default()
+        }
+    }
+
     #[tokio::test]
-    async fn claim_is_exclusive_and_results_survive_reopen() {
+    async fn claim_is_exclusive_per_requester_and_results_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
             let h = History::open(dir.path()).unwrap();
-            assert!(matches!(h.claim("q1", "d1").unwrap(), Claim::New));
+            assert!(matches!(
+                h.claim(&key("dsu", "q1"), claim("d1", "dsu")).unwrap(),
+                Claim::New
+            ));
             h.flush().await.unwrap();
-            match h.claim("q1", "d2").unwrap() {
+            match h.claim(&key("dsu", "q1"), claim("d2", "dsu")).unwrap() {
                 Claim::Existing(r) => {
                     assert_eq!(r.digest, "d1");
+                    assert_eq!(r.requester_id, "dsu");
                     assert!(r.result.is_none());
                 }
                 Claim::New => panic!("second claim must see the first"),
             }
+            // Another requester's id space is separate.
+            assert!(matches!(
+                h.claim(&key("researcher", "q1"), claim("d9", "researcher"))
+                    .unwrap(),
+                Claim::New
+            ));
             let rec = StoredQuery {
-                digest: "d1".into(),
                 progress: vec![proto::NodeProgress {
                     message: "ok".into(),
                     ..Default::default()
@@ -167,15 +262,30 @@ mod tests {
                     query_id: "q1".into(),
                     ..Default::default()
                 }),
+                ..claim("d1", "dsu")
             };
-            h.finish("q1", &rec).await.unwrap();
+            h.finish(&key("dsu", "q1"), &rec).await.unwrap();
             h.remember_population("A", 1234.0).unwrap();
         }
         let h = History::open(dir.path()).unwrap();
-        let r = h.get("q1").unwrap().unwrap();
+        let r = h.get(&key("dsu", "q1")).unwrap().unwrap();
         assert_eq!(r.progress[0].message, "ok");
         assert_eq!(r.result.unwrap().query_id, "q1");
-        assert!(h.get("q2").unwrap().is_none());
+        assert!(h.get(&key("dsu", "q2")).unwrap().is_none());
+        assert!(h.get(&key("other", "q1")).unwrap().is_none());
         assert_eq!(h.populations().unwrap().get("A"), Some(&1234.0));
+    }
+
+    #[test]
+    fn nonces_are_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::open(dir.path()).unwrap();
+        assert!(h.record_nonce("submit", "dsu", &[1; 16], 10, 0).unwrap());
+        assert!(!h.record_nonce("submit", "dsu", &[1; 16], 10, 0).unwrap());
+        assert!(
+            h.record_nonce("get_result", "dsu", &[1; 16], 10, 0)
+                .unwrap()
+        );
+        assert!(h.record_nonce("submit", "other", &[1; 16], 10, 0).unwrap());
     }
 }

@@ -1,5 +1,6 @@
-//! Serving the coordinator: TLS (mutual when `tls.client_ca` is set), the
-//! CoordinatorService, gRPC health and reflection, until a shutdown signal.
+//! Serving the coordinator: mutual TLS (clients must present a certificate chaining to
+//! `tls.client_ca`, the people CA), the CoordinatorService, gRPC health and
+//! reflection, until a shutdown signal.
 
 use crate::config::Config;
 use crate::fanout::{ClientError, build_clients};
@@ -58,13 +59,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     install_crypto_provider();
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read("tls.cert", &config.tls.cert)?,
-        read("tls.key", &config.tls.key)?,
-    ));
-    if let Some(ca) = &config.tls.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read("tls.client_ca", ca)?));
-    }
+    // Client certificates are required, never optional: the coordinator relays to
+    // nodes with its own pinned identity, so the handshake is the one place that ties
+    // a caller to a person the ICS issued a certificate to.
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read("tls.cert", &config.tls.cert)?,
+            read("tls.key", &config.tls.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(
+            "tls.client_ca",
+            &config.tls.client_ca,
+        )?))
+        .client_auth_optional(false);
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -85,8 +92,9 @@ pub async fn serve(
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         nodes = config.nodes.len(),
-        mutual_tls = config.tls.client_ca.is_some(),
-        "coordinator serving"
+        federation = %config.federation_id,
+        client_ca = %config.tls.client_ca.display(),
+        "coordinator serving (mutual TLS)"
     );
     Server::builder()
         .tls_config(tls)?

@@ -1,15 +1,17 @@
-//! phm.v1.CoordinatorService: validate a signed query, relay it unchanged to every
-//! node serving its dataset concurrently, stream per-node progress, combine, record
-//! the answer durably and stream it; plus GetResult, ListNodes and Budget.
+//! phm.v1.CoordinatorService: authenticate a signed query against the requester
+//! directory, relay it unchanged to every node serving its dataset concurrently,
+//! stream per-node progress, combine, record the answer durably (bound to its
+//! requester and project) and stream it; plus GetResult (with a fresh requester
+//! proof), ListNodes and Budget.
 
 use crate::combine::{self, Expected, NodeAnswer, NodeMeta};
 use crate::config::{Config, TotalKind};
 use crate::fanout::{CallOutcome, NodeClient};
-use crate::history::{Claim, History, StoredQuery};
+use crate::history::{Claim, History, QueryKey, StoredQuery};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use phm_proto::proto::coordinator_service_server::CoordinatorService;
-use phm_proto::{Denial, DenialReason, RequesterProof, SignedQuery, proto};
+use phm_proto::{Denial, DenialReason, ProofOp, RequesterProof, SignedQuery, proto};
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+/// Runs under way, by "requester\0query id": their content digest and a "finished"
+/// signal.
 type InFlight = HashMap<String, (String, watch::Receiver<bool>)>;
+
+fn in_flight_key(key: &QueryKey<'_>) -> String {
+    format!("{}\0{}", key.requester_id, key.query_id)
+}
+
+fn unauthenticated(message: String) -> Status {
+    Denial::new(DenialReason::Unauthenticated, message).to_status()
+}
 
 /// The coordinator service. Cheap to clone.
 #[derive(Clone)]
@@ -30,6 +42,9 @@ struct Inner {
     clients: Vec<NodeClient>,
     history: History,
     deadline: Duration,
+    federation_id: String,
+    requesters: Vec<crate::config::RequesterConfig>,
+    validity: Duration,
     total_kinds: HashMap<String, TotalKind>,
     /// Query ids being answered right now, with their digest and a "finished" signal.
     in_flight: Mutex<InFlight>,
@@ -42,6 +57,9 @@ impl Coordinator {
                 clients,
                 history,
                 deadline: config.node_deadline,
+                federation_id: config.federation_id.clone(),
+                requesters: config.requesters.clone(),
+                validity: config.query_validity,
                 total_kinds: config
                     .datasets
                     .iter()
@@ -157,14 +175,14 @@ async fn replay(tx: &EventSender, record: StoredQuery) {
 /// Removes the in-flight entry and wakes waiters however the run ends.
 struct InFlightGuard {
     inner: Arc<Inner>,
-    query_id: String,
+    key: String,
     done: watch::Sender<bool>,
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         if let Ok(mut map) = self.inner.in_flight.lock() {
-            map.remove(&self.query_id);
+            map.remove(&self.key);
         }
         let _ = self.done.send(true);
     }
@@ -181,7 +199,8 @@ enum Plan {
 struct Job {
     query: proto::AggregateQuery,
     body: phm_proto::QueryBody,
-    digest: String,
+    /// What the history holds for this query before it finishes.
+    claim: StoredQuery,
     targets: Vec<usize>,
     /// Whether the id claim still has to be made durable before nodes are asked.
     needs_flush: bool,
@@ -193,34 +212,103 @@ struct NodeResult {
     progress: proto::NodeProgress,
     answer: Option<NodeAnswer>,
     population: f64,
+    /// Delta the node reports spending (0 unless it answered).
+    delta: f64,
 }
 
 impl Inner {
-    fn plan(self: &Arc<Self>, query_id: &str, digest: &str) -> Result<Plan, Status> {
+    /// Who is asking: the federation is this one, the requester is in the directory
+    /// and not revoked, the signature verifies, the message is fresh and its nonce
+    /// new. Every Submit and GetResult passes here, so a stored result is only ever
+    /// handed to a fresh, signed request of the requester that asked for it.
+    fn authenticate(
+        &self,
+        op: &str,
+        federation_id: &str,
+        requester_id: &str,
+        issued_at_unix_ms: i64,
+        nonce: &[u8],
+        verify: impl FnOnce(
+            &phm_proto::signing::PublicKey,
+        ) -> Result<(), phm_proto::signing::SignatureError>,
+    ) -> Result<(), Status> {
+        if federation_id != self.federation_id {
+            return Err(unauthenticated(format!(
+                "this request was signed for federation {federation_id:?}, but this coordinator serves federation {:?}",
+                self.federation_id
+            )));
+        }
+        let Some(requester) = self.requesters.iter().find(|r| r.id == requester_id) else {
+            return Err(unauthenticated(format!(
+                "requester {requester_id:?} is not in this coordinator's requester directory ([[requesters]] in coordinator.toml)"
+            )));
+        };
+        if requester.revoked {
+            return Err(unauthenticated(format!(
+                "requester {requester_id:?} is revoked at this coordinator"
+            )));
+        }
+        verify(&requester.public_key).map_err(|e| {
+            unauthenticated(format!(
+                "signature check failed for requester {requester_id:?}: {e}"
+            ))
+        })?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let window = i64::try_from(self.validity.as_millis()).unwrap_or(i64::MAX);
+        if now.saturating_sub(issued_at_unix_ms).saturating_abs() > window {
+            return Err(Denial::new(
+                DenialReason::Stale,
+                format!(
+                    "the request was issued {:.1} s from this coordinator's clock; it accepts requests issued within ±{} s (sign a fresh one, and check the requester's clock)",
+                    now.saturating_sub(issued_at_unix_ms) as f64 / 1000.0,
+                    self.validity.as_secs()
+                ),
+            )
+            .to_status());
+        }
+        let forget = now.saturating_sub(window.saturating_mul(2));
+        let fresh = self
+            .history
+            .record_nonce(op, requester_id, nonce, issued_at_unix_ms, forget)
+            .map_err(internal)?;
+        if !fresh {
+            return Err(Denial::new(
+                DenialReason::Replayed,
+                "this request's nonce was already used by this requester: a replayed copy of an earlier message is refused (sign a fresh one)",
+            )
+            .to_status());
+        }
+        Ok(())
+    }
+
+    fn plan(self: &Arc<Self>, key: &QueryKey<'_>, claim: &StoredQuery) -> Result<Plan, Status> {
         let mut map = self
             .in_flight
             .lock()
             .map_err(|_| internal("in-flight table poisoned"))?;
-        if let Some((d, rx)) = map.get(query_id) {
-            if d != digest {
-                return Err(reused(query_id));
+        let flight = in_flight_key(key);
+        if let Some((content, rx)) = map.get(&flight) {
+            if *content != claim.content_digest {
+                return Err(reused(key.query_id));
             }
             return Ok(Plan::Wait(rx.clone()));
         }
-        let needs_flush = match self.history.claim(query_id, digest).map_err(internal)? {
+        let needs_flush = match self.history.claim(key, claim.clone()).map_err(internal)? {
             Claim::New => true,
-            Claim::Existing(rec) if rec.digest != digest => return Err(reused(query_id)),
+            Claim::Existing(rec) if rec.content_digest != claim.content_digest => {
+                return Err(reused(key.query_id));
+            }
             Claim::Existing(rec) if rec.result.is_some() => return Ok(Plan::Replay(rec)),
             // Claimed by a run that never finished (the coordinator stopped): run it
-            // again; nodes answer a known query id from their release cache.
+            // again; nodes answer a known question from their release cache.
             Claim::Existing(_) => false,
         };
         let (tx, rx) = watch::channel(false);
-        map.insert(query_id.to_string(), (digest.to_string(), rx));
+        map.insert(flight.clone(), (claim.content_digest.clone(), rx));
         Ok(Plan::Run(
             InFlightGuard {
                 inner: Arc::clone(self),
-                query_id: query_id.to_string(),
+                key: flight,
                 done: tx,
             },
             needs_flush,
@@ -236,17 +324,24 @@ impl Inner {
     ) -> NodeResult {
         let client = &self.clients[index];
         let (outcome, elapsed) = client.query(query, self.deadline).await;
+        // Response times stay in the coordinator's log: sent to analysts they would
+        // amplify a timing side channel (a node's time grows with matched rows and
+        // thresholded keys), cheaply, by averaging many near-free queries.
+        tracing::debug!(node = %client.config.id, elapsed_ms = elapsed.as_millis(), "node call finished");
         let mut progress = proto::NodeProgress {
             node: Some(node_ref(&client.config)),
-            elapsed_ms: u32::try_from(elapsed.as_millis()).unwrap_or(u32::MAX),
             nodes_total,
             ..Default::default()
         };
         let mut answer = None;
         let mut population = 0.0;
+        let mut delta = 0.0;
         match outcome {
             CallOutcome::Answered(result) => {
                 let epsilon = result.epsilon_spent;
+                if result.delta_spent.is_finite() && result.delta_spent > 0.0 {
+                    delta = result.delta_spent;
+                }
                 population = result.population_noisy;
                 match combine::validate(expected, node_meta(&client.config), result) {
                     Ok(a) => {
@@ -282,6 +377,7 @@ impl Inner {
             progress,
             answer,
             population,
+            delta,
         }
     }
 
@@ -291,7 +387,7 @@ impl Inner {
         let Job {
             query,
             body,
-            digest,
+            claim,
             targets,
             needs_flush,
         } = job;
@@ -328,12 +424,16 @@ impl Inner {
             "query combined"
         );
         let record = StoredQuery {
-            digest,
             progress: progress_log,
             result: Some(result.clone()),
+            ..claim
+        };
+        let key = QueryKey {
+            requester_id: &body.requester_id,
+            query_id: &body.query_id,
         };
         // Durable before anyone sees it, so a retry gets exactly this answer.
-        if let Err(e) = self.history.finish(&body.query_id, &record).await {
+        if let Err(e) = self.history.finish(&key, &record).await {
             let _ = tx.send(Err(internal(e))).await;
             return;
         }
@@ -354,6 +454,7 @@ impl Inner {
         });
         let mut registered = Some(0.0);
         let mut answered_population = Some(0.0);
+        let mut delta_per_node: f64 = 0.0;
         for r in results {
             let client = &self.clients[r.index];
             let node = node_ref(&client.config);
@@ -387,6 +488,7 @@ impl Inner {
                 _ => coverage.unreachable.push(node.clone()),
             }
             if let Some(a) = r.answer {
+                delta_per_node = delta_per_node.max(r.delta);
                 answers.push(a);
             }
         }
@@ -430,6 +532,7 @@ impl Inner {
                 .collect(),
             completed_at_unix_ms: chrono::Utc::now().timestamp_millis(),
             min_reportable_count: combined.min_reportable_count,
+            delta_spent_per_node: delta_per_node,
         }
     }
 }
@@ -438,7 +541,7 @@ fn reused(query_id: &str) -> Status {
     Denial::new(
         DenialReason::QueryIdReused,
         format!(
-            "query id {query_id:?} was already used for a different query; \
+            "you already used query id {query_id:?} for a different query; \
              give the new query a fresh id"
         ),
     )
@@ -471,19 +574,41 @@ impl CoordinatorService for Coordinator {
             )
             .to_status());
         }
-        let body = signed.body;
+        // Which datasets exist is public (ListNodes), so this may come first.
         let targets: Vec<usize> = (0..self.inner.clients.len())
-            .filter(|&i| self.inner.clients[i].config.serves(&body.dataset))
+            .filter(|&i| self.inner.clients[i].config.serves(&signed.body.dataset))
             .collect();
         if targets.is_empty() {
             return Err(Denial::new(
                 DenialReason::InvalidQuery,
-                format!("no registered node serves dataset {:?}", body.dataset),
+                format!(
+                    "no registered node serves dataset {:?}",
+                    signed.body.dataset
+                ),
             )
             .to_status());
         }
-        let digest = body.digest();
-        let plan = self.inner.plan(&body.query_id, &digest)?;
+        self.inner.authenticate(
+            "submit",
+            &signed.body.federation_id,
+            &signed.body.requester_id,
+            signed.body.issued_at_unix_ms,
+            &signed.body.nonce,
+            |k| signed.verify(k),
+        )?;
+        let body = signed.body;
+        let claim = StoredQuery {
+            digest: body.digest(),
+            requester_id: body.requester_id.clone(),
+            project_id: body.project_id.clone().unwrap_or_default(),
+            content_digest: body.content_digest(),
+            ..Default::default()
+        };
+        let key = QueryKey {
+            requester_id: &body.requester_id,
+            query_id: &body.query_id,
+        };
+        let plan = self.inner.plan(&key, &claim)?;
         let (tx, rx) = mpsc::channel(targets.len() + 2);
         match plan {
             Plan::Run(guard, needs_flush) => {
@@ -491,7 +616,7 @@ impl CoordinatorService for Coordinator {
                 let job = Job {
                     query,
                     body,
-                    digest,
+                    claim,
                     targets,
                     needs_flush,
                 };
@@ -502,11 +627,15 @@ impl CoordinatorService for Coordinator {
             }
             Plan::Wait(mut done) => {
                 let inner = Arc::clone(&self.inner);
-                let id = body.query_id.clone();
+                let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
                 tokio::spawn(async move {
                     // Err means the run's guard is gone: it has finished either way.
                     let _ = done.wait_for(|d| *d).await;
-                    match inner.history.get(&id) {
+                    let key = QueryKey {
+                        requester_id: &requester,
+                        query_id: &id,
+                    };
+                    match inner.history.get(&key) {
                         Ok(Some(rec)) if rec.result.is_some() => replay(&tx, rec).await,
                         Ok(_) => {
                             let _ = tx
@@ -531,7 +660,8 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<proto::GetResultRequest>,
     ) -> Result<Response<proto::CombinedResult>, Status> {
-        let id = request.into_inner().query_id;
+        let request = request.into_inner();
+        let id = request.query_id;
         if id.is_empty() || id.len() > phm_proto::query::MAX_ID_LEN {
             return Err(Denial::new(
                 DenialReason::InvalidQuery,
@@ -539,18 +669,65 @@ impl CoordinatorService for Coordinator {
             )
             .to_status());
         }
-        match self.inner.history.get(&id).map_err(internal)? {
-            Some(StoredQuery {
-                result: Some(r), ..
-            }) => Ok(Response::new(r)),
-            Some(_) => Err(Denial::new(
+        let Some(raw) = request.proof else {
+            return Err(Denial::new(
+                DenialReason::Unauthenticated,
+                "GetResult needs a fresh proof signed by the requester who submitted the query (op get_result, subject = the query id)",
+            )
+            .to_status());
+        };
+        let proof = RequesterProof::try_from(raw).map_err(|e| Denial::from(e).to_status())?;
+        if proof.subject.as_deref() != Some(id.as_str()) {
+            return Err(unauthenticated(format!(
+                "the proof is for {:?}, not for query {id:?}",
+                proof.subject.as_deref().unwrap_or("")
+            )));
+        }
+        self.inner.authenticate(
+            ProofOp::GetResult.as_str(),
+            &proof.federation_id,
+            &proof.requester_id,
+            proof.issued_at_unix_ms,
+            &proof.nonce,
+            |k| proof.verify(ProofOp::GetResult, k),
+        )?;
+        let key = QueryKey {
+            requester_id: &proof.requester_id,
+            query_id: &id,
+        };
+        // Looked up under the proving requester only: another requester's ids are
+        // not even visible, so "not found" says nothing about them.
+        let not_found = || {
+            Status::not_found(format!(
+                "requester {:?} has submitted no query with id {id:?} to this coordinator",
+                proof.requester_id
+            ))
+        };
+        let record = self.inner.history.get(&key).map_err(internal)?;
+        let Some(record) = record else {
+            return Err(not_found());
+        };
+        if record.requester_id != proof.requester_id {
+            return Err(not_found());
+        }
+        let project = proof.project_id.clone().unwrap_or_default();
+        if record.project_id != project {
+            return Err(Denial::new(
+                DenialReason::PolicyDenied,
+                format!(
+                    "query {id:?} was asked under project {:?}; sign the proof for that project to read it",
+                    record.project_id
+                ),
+            )
+            .to_status());
+        }
+        match record.result {
+            Some(r) => Ok(Response::new(r)),
+            None => Err(Denial::new(
                 DenialReason::Unavailable,
                 format!("query {id:?} has not finished yet"),
             )
             .to_status()),
-            None => Err(Status::not_found(format!(
-                "no query with id {id:?} has been submitted to this coordinator"
-            ))),
         }
     }
 
@@ -584,7 +761,13 @@ impl CoordinatorService for Coordinator {
             )
             .to_status());
         };
-        RequesterProof::try_from(proof).map_err(|e| Denial::from(e).to_status())?;
+        let proof = RequesterProof::try_from(proof).map_err(|e| Denial::from(e).to_status())?;
+        if proof.federation_id != self.inner.federation_id {
+            return Err(unauthenticated(format!(
+                "this request was signed for federation {:?}, but this coordinator serves federation {:?}",
+                proof.federation_id, self.inner.federation_id
+            )));
+        }
         let deadline = self.inner.deadline;
         let calls = self.inner.clients.iter().map(|c| {
             let request = request.clone();

@@ -324,11 +324,14 @@ async fn resubmission_is_idempotent_and_results_are_durable() {
     assert_eq!(cov.population_answered, 2000.0);
     assert_eq!(cov.population_registered, 2000.0);
 
-    // Same id, same query: the stored answer, no node contacted.
-    let (p2, r2) = submit(&mut coord.client, q.clone()).await.unwrap();
+    // Same id, same question re-signed: the stored answer, no node contacted.
+    let (p2, r2) = submit(&mut coord.client, resign(&q, &key)).await.unwrap();
     assert_eq!((a.calls(), b.calls()), (1, 1));
     assert_eq!(r2, r1);
     assert_eq!(p2, p1);
+    // The very same message again is a replay: refused, even by its requester.
+    let err = submit(&mut coord.client, q.clone()).await.unwrap_err();
+    assert_eq!(Denial::from_status(&err).reason, DenialReason::Replayed);
 
     // Same id, different query: refused as a reused id.
     let other = signed_query(&key, "same-1", true, false);
@@ -342,18 +345,14 @@ async fn resubmission_is_idempotent_and_results_are_durable() {
 
     let got = coord
         .client
-        .get_result(proto::GetResultRequest {
-            query_id: "same-1".into(),
-        })
+        .get_result(get_result_request("same-1", &key))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got, r1);
     let missing = coord
         .client
-        .get_result(proto::GetResultRequest {
-            query_id: "never".into(),
-        })
+        .get_result(get_result_request("never", &key))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
@@ -363,14 +362,12 @@ async fn resubmission_is_idempotent_and_results_are_durable() {
     let mut coord = start_coordinator(&pki, config).await;
     let got = coord
         .client
-        .get_result(proto::GetResultRequest {
-            query_id: "same-1".into(),
-        })
+        .get_result(get_result_request("same-1", &key))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got, r1);
-    let (_, r3) = submit(&mut coord.client, q).await.unwrap();
+    let (_, r3) = submit(&mut coord.client, resign(&q, &key)).await.unwrap();
     assert_eq!(r3, r1);
     assert_eq!((a.calls(), b.calls()), (1, 1));
     coord.stop().await;
@@ -393,7 +390,7 @@ async fn a_duplicate_submitted_while_running_waits_for_the_same_answer() {
     let key = requester_key();
     let q = signed_query(&key, "dup-1", false, false);
     let (mut c1, mut c2) = (coord.client.clone(), coord.client.clone());
-    let (q1, q2) = (q.clone(), q.clone());
+    let (q1, q2) = (q.clone(), resign(&q, &key));
     let first = tokio::spawn(async move { submit(&mut c1, q1).await });
     // Wait until the first run has reached the nodes, then submit the duplicate.
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -466,14 +463,14 @@ async fn budget_and_list_nodes_cover_every_registered_node() {
     assert_eq!(nodes[1].datasets, vec!["acute_admissions"]);
     assert_eq!(nodes[0].node.as_ref().unwrap().name, "Node A");
 
-    let proof = phm_proto::RequesterProof::signed(
-        phm_proto::ProofOp::Budget,
-        "dsu".into(),
+    let proof = phm_proto::RequesterProof::new(
+        "ics-test",
+        "dsu",
         None,
         chrono::Utc::now().timestamp_millis(),
         vec![7; 16],
-        &key,
-    );
+    )
+    .sign(phm_proto::ProofOp::Budget, &key);
     let fed = coord
         .client
         .budget(proto::BudgetRequest {
@@ -601,4 +598,76 @@ fn binary_documents_config_fields_and_refuses_bad_config() {
         err.contains("favourite") && err.contains("coordinator.toml"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_results_belong_to_their_requester() {
+    // F5: GetResult and every replay from the history need a fresh proof from the
+    // requester who asked; nobody else can read a result by its id.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let a = start_node(&pki, "A", fixed_count("A", 101.0, 4.0)).await;
+    let config = coordinator_config(&pki, &[Reg::new("A", a.addr)], 5_000, "");
+    let mut coord = start_coordinator(&pki, config).await;
+    let key = requester_key();
+    let q = signed_query(&key, "mine-1", false, false);
+    submit(&mut coord.client, q.clone()).await.unwrap();
+
+    // No proof, a proof by a key the directory does not list for "dsu", a proof for
+    // another query id, a replayed proof, a proof for another federation.
+    let mut no_proof = get_result_request("mine-1", &key);
+    no_proof.proof = None;
+    let stranger = stranger_key();
+    let forged = get_result_request("mine-1", &stranger);
+    let mut other_subject = get_result_request("mine-1", &key);
+    other_subject.query_id = "mine-2".into();
+    let fresh = get_result_request("mine-1", &key);
+    coord.client.get_result(fresh.clone()).await.unwrap();
+    let other_federation = {
+        let proof = phm_proto::RequesterProof::new(
+            "another-ics",
+            "dsu",
+            None,
+            chrono::Utc::now().timestamp_millis(),
+            rand::random::<[u8; 16]>().to_vec(),
+        )
+        .about("mine-1")
+        .sign(phm_proto::ProofOp::GetResult, &key);
+        proto::GetResultRequest {
+            query_id: "mine-1".into(),
+            proof: Some(proof.into()),
+        }
+    };
+    for (what, req, reason) in [
+        ("no proof", no_proof, DenialReason::Unauthenticated),
+        ("forged proof", forged, DenialReason::Unauthenticated),
+        (
+            "proof for another query",
+            other_subject,
+            DenialReason::Unauthenticated,
+        ),
+        ("replayed proof", fresh, DenialReason::Replayed),
+        (
+            "another federation",
+            other_federation,
+            DenialReason::Unauthenticated,
+        ),
+    ] {
+        let err = coord.client.get_result(req).await.unwrap_err();
+        assert_eq!(Denial::from_status(&err).reason, reason, "{what}: {err:?}");
+    }
+
+    // Submitting the same body signed by a stranger's key under "dsu" (what a
+    // compromised node could do with a body it relayed) is refused, not replayed.
+    let mut body = phm_proto::SignedQuery::try_from(q.clone()).unwrap().body;
+    body.nonce = rand::random::<[u8; 16]>().to_vec();
+    let err = submit(&mut coord.client, body.sign(&stranger).into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        Denial::from_status(&err).reason,
+        DenialReason::Unauthenticated
+    );
+    assert_eq!(a.calls(), 1);
+    coord.stop().await;
 }

@@ -52,8 +52,18 @@ pub struct AuditRecord {
     pub reason: Option<String>,
     /// Every individual reason for a refusal, or notes on an allowed decision.
     pub reasons: Vec<String>,
-    /// Epsilon debited from the ledgers by this decision.
+    /// Epsilon this decision spent: the query's own epsilon (its release is
+    /// (epsilon_spent, delta_spent)-DP on its own).
     pub epsilon_spent: f64,
+    /// Delta this decision spent: the thresholding delta, plus the conversion delta
+    /// for a Gaussian release; 0 for pure epsilon-DP.
+    #[serde(default)]
+    pub delta_spent: f64,
+    /// The running-sum components debited from each charged ledger (pure epsilon,
+    /// delta, Gaussian rho). Absent in entries written before delta was tracked:
+    /// those debited `epsilon_spent` as pure epsilon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_spend: Option<phm_policies::Spend>,
     /// Ledgers charged and what they hold after the charge (for people).
     pub ledgers: Vec<String>,
     /// Keys (`LedgerCharge::key()`) of the ledgers `epsilon_spent` was debited from;
@@ -259,16 +269,20 @@ pub fn verify_log(path: &Path) -> Result<AuditReport, AuditError> {
     })
 }
 
-/// Epsilon the log records as debited, per ledger key (sum of `epsilon_spent` over
-/// entries that name the key in `charged`). The ledger must hold at least this: every
-/// released answer is audited, and its spend was made durable before it.
-pub fn audited_spend(path: &Path) -> Result<std::collections::BTreeMap<String, f64>, AuditError> {
+/// What the log records as debited, per ledger key: the sum of each entry's
+/// `ledger_spend` (or, for entries older than delta accounting, of `epsilon_spent`
+/// as pure epsilon) over the ledgers in its `charged` list. Every released answer
+/// is audited, and its spend was made durable before it.
+pub fn audited_spend(
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, phm_policies::Spend>, AuditError> {
+    use phm_policies::Spend;
     let io = |source| AuditError::Io {
         path: path.to_path_buf(),
         source,
     };
     let reader = BufReader::new(File::open(path).map_err(io)?);
-    let mut out = std::collections::BTreeMap::new();
+    let mut out: std::collections::BTreeMap<String, Spend> = std::collections::BTreeMap::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(io)?;
         let broken = |reason: String| AuditError::Broken {
@@ -278,16 +292,24 @@ pub fn audited_spend(path: &Path) -> Result<std::collections::BTreeMap<String, f
         };
         let v: Value =
             serde_json::from_str(&line).map_err(|e| broken(format!("not valid JSON: {e}")))?;
-        let spent = v
-            .get("epsilon_spent")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
-        if !(spent.is_finite() && spent > 0.0) {
+        let spend = match v.get("ledger_spend") {
+            Some(Value::Null) | None => Spend {
+                epsilon: v
+                    .get("epsilon_spent")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0),
+                ..Spend::ZERO
+            },
+            Some(raw) => serde_json::from_value::<Spend>(raw.clone())
+                .map_err(|e| broken(format!("ledger_spend is not a spend: {e}")))?,
+        };
+        if !spend.is_valid() || spend == Spend::ZERO {
             continue;
         }
         if let Some(keys) = v.get("charged").and_then(Value::as_array) {
             for k in keys.iter().filter_map(Value::as_str) {
-                *out.entry(k.to_string()).or_insert(0.0) += spent;
+                let e = out.entry(k.to_string()).or_insert(Spend::ZERO);
+                *e = e.plus(spend);
             }
         }
     }
@@ -325,11 +347,14 @@ impl AuditLog {
             path: path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
+        // Owner-only: the log holds query text, requesters and ids (never values).
+        let file = {
+            let mut o = OpenOptions::new();
+            o.create(true).append(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            o.open(&path).map_err(io)?
+        };
         let report = verify_log(&path)?;
         let len = file.metadata().map_err(io)?.len();
         Ok(AuditLog {
@@ -434,6 +459,8 @@ mod tests {
             reason: (i % 2 == 1).then(|| "POLICY_DENIED".into()),
             reasons: vec!["a reason é ✓".into()],
             epsilon_spent: 0.1 * i as f64,
+            delta_spent: 0.0,
+            ledger_spend: None,
             ledgers: vec![],
             charged: vec!["requester:dsu/2026-11".into()],
             policy_version: "v".into(),
@@ -533,9 +560,41 @@ mod tests {
     fn audited_spend_sums_each_charged_ledger() {
         let (_dir, path) = write_log(4);
         let sums = audited_spend(&path).unwrap();
-        // Entries 0..4 spent 0, 0.1, 0.2, 0.3 on the same ledger.
-        assert!((sums["requester:dsu/2026-11"] - 0.6).abs() < 1e-12);
+        // Entries 0..4 spent 0, 0.1, 0.2, 0.3 on the same ledger (as pure epsilon,
+        // the format before delta accounting).
+        assert!((sums["requester:dsu/2026-11"].epsilon - 0.6).abs() < 1e-12);
         assert_eq!(sums.len(), 1);
+    }
+
+    #[test]
+    fn audited_spend_sums_delta_and_rho_components() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        let part = phm_policies::Spend {
+            epsilon: 0.1,
+            delta: 1e-9,
+            rho: 0.002,
+        };
+        for i in 0..3 {
+            let mut r = record(i + 1);
+            r.ledger_spend = Some(part);
+            log.append(&r).unwrap();
+        }
+        let sums = audited_spend(log.path()).unwrap();
+        let got = sums["requester:dsu/2026-11"];
+        assert!((got.epsilon - 0.3).abs() < 1e-12, "{got:?}");
+        assert!((got.delta - 3e-9).abs() < 1e-20, "{got:?}");
+        assert!((got.rho - 0.006).abs() < 1e-12, "{got:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_log_is_created_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        let mode = std::fs::metadata(log.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {:o}", mode & 0o777);
     }
 
     #[test]

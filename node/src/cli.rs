@@ -104,8 +104,8 @@ impl Node {
                 for (key, held, raised) in store.reconcile(&audited)? {
                     tracing::warn!(
                         ledger = %key,
-                        held,
-                        audited = raised,
+                        held = ?held,
+                        audited = ?raised,
                         "the ledger held less than the audit log records as spent (the database lost writes or was damaged); raised it to the audited spend"
                     );
                 }
@@ -122,6 +122,7 @@ impl Node {
             "node started"
         );
         let service = Service::new(
+            config.federation_id.clone(),
             loaded,
             Arc::new(store),
             Arc::new(audit),

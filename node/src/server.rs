@@ -1,9 +1,10 @@
 //! The gRPC edge: phm.v1.NodeService over mutual TLS (rustls), with grpc.health.v1 and
 //! server reflection. The only node module that knows tonic and the generated wire
-//! types; it converts, takes the client certificate's identity, and hands everything
-//! to the domain `Service`. Refusals become statuses through `Denial::to_status`.
+//! types; it converts, takes the client certificate's identity, checks it against the
+//! pinned relay identities (`tls.allowed_clients`), and hands everything to the domain
+//! `Service`. Refusals become statuses through `Denial::to_status`.
 
-use crate::config::TlsFiles;
+use crate::config::{ClientPin, TlsFiles};
 use crate::engine::{ReleaseRow, ReleasedCell};
 use crate::service::{Answer, BudgetView, Description, Service};
 use chrono::Utc;
@@ -82,6 +83,77 @@ pub fn tls_config(tls: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca))
         .client_auth_optional(false))
+}
+
+/// SHA-256 of a DER certificate's SubjectPublicKeyInfo: what `spki-sha256:` pins name.
+pub fn spki_sha256(der: &[u8]) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(Sha256::digest(cert.public_key().raw).into())
+}
+
+/// Does the DER leaf certificate carry one of the pinned identities?
+fn pinned(pins: &[ClientPin], der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return false;
+    };
+    let mut dns = Vec::new();
+    let mut exact = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(s) => dns.push(*s),
+                GeneralName::URI(s) | GeneralName::RFC822Name(s) => exact.push(*s),
+                // IP SANs are never pinned (config refuses them): every dev server
+                // certificate carries 127.0.0.1.
+                _ => {}
+            }
+        }
+    }
+    let spki = spki_sha256(der);
+    pins.iter().any(|pin| match pin {
+        ClientPin::San(want) => {
+            dns.iter().any(|d| d.eq_ignore_ascii_case(want)) || exact.iter().any(|e| e == want)
+        }
+        ClientPin::SpkiSha256(want) => spki.as_ref() == Some(want),
+    })
+}
+
+/// Is the caller one of the relay identities this node answers? Every client that got
+/// past the handshake holds a certificate from `client_ca`, but that CA may issue
+/// certificates for more than the coordinator (other nodes' certificates, or, in a
+/// single-CA deployment, analysts'), and a caller talking to a node directly bypasses
+/// the coordinator's scope and suppression rules. So NodeService answers only the
+/// identities `tls.allowed_clients` names.
+pub fn check_client<T>(pins: &[ClientPin], req: &Request<T>) -> Result<(), Denial> {
+    let certs = req.peer_certs();
+    let leaf = certs.as_ref().and_then(|c| c.first());
+    if let Some(leaf) = leaf
+        && pinned(pins, leaf.as_ref())
+    {
+        return Ok(());
+    }
+    let who = match leaf {
+        Some(leaf) => {
+            let fp = spki_sha256(leaf.as_ref())
+                .map(|b| format!(" (spki-sha256:{})", hex::encode(b)))
+                .unwrap_or_default();
+            format!(
+                "the client certificate {}{fp}",
+                certificate_identity(leaf.as_ref())
+            )
+        }
+        None => "a client without a certificate".to_string(),
+    };
+    Err(Denial::new(
+        DenialReason::PermissionDenied,
+        format!(
+            "this node answers Query, Budget and Describe only for its federation's \
+             coordinator; {who} is not in the node's tls.allowed_clients"
+        ),
+    ))
 }
 
 /// Identity of the client certificate: its CN and subject alternative names.
@@ -195,6 +267,8 @@ pub fn aggregate_result(a: Answer) -> proto::AggregateResult {
         population_noisy: a.population_noisy,
         released_at_unix_ms: a.released_at_unix_ms,
         min_reportable_count: a.release.min_reportable_count,
+        delta_spent: a.release.delta_spent,
+        rho_spent: a.release.rho_spent,
     }
 }
 
@@ -277,6 +351,10 @@ pub fn budget_response(b: BudgetView) -> proto::BudgetResponse {
                 epsilon_spent: l.spent,
                 epsilon_remaining: l.remaining,
                 per_query_cap: l.per_query_cap,
+                delta_total: l.delta_total,
+                delta_spent: l.delta_spent,
+                delta_remaining: l.delta_remaining,
+                rho_spent: l.rho_spent,
             })
             .collect(),
         policy_version: b.policy_version,
@@ -286,15 +364,40 @@ pub fn budget_response(b: BudgetView) -> proto::BudgetResponse {
 // ---------------------------------------------------------------------------------
 // The tonic service.
 
-/// phm.v1.NodeService backed by the domain service.
+/// phm.v1.NodeService backed by the domain service, answering only the pinned clients.
 #[derive(Debug, Clone)]
 pub struct NodeGrpc {
     service: Arc<Service>,
+    allowed_clients: Arc<[ClientPin]>,
 }
 
 impl NodeGrpc {
-    pub fn new(service: Arc<Service>) -> NodeGrpc {
-        NodeGrpc { service }
+    pub fn new(service: Arc<Service>, allowed_clients: &[ClientPin]) -> NodeGrpc {
+        NodeGrpc {
+            service,
+            allowed_clients: allowed_clients.into(),
+        }
+    }
+
+    /// Refuse (and audit) a caller that is not a pinned relay. Runs before the message
+    /// is validated any further, so an unpinned caller learns nothing about the policy,
+    /// its requesters or its data; the requester and query id it claimed are recorded.
+    async fn refuse_unpinned<T>(
+        &self,
+        rpc: &str,
+        request: &Request<T>,
+        claimed: impl FnOnce(&T) -> (String, String),
+    ) -> Result<(), Status> {
+        let Err(denial) = check_client(&self.allowed_clients, request) else {
+            return Ok(());
+        };
+        let peer = peer_identity(request);
+        let (requester, query_id) = claimed(request.get_ref());
+        // Claimed by a caller we do not answer: bound what it can write into the log.
+        let (requester, query_id) = (bounded(&requester), bounded(&query_id));
+        Err(self
+            .refuse_unparsed(rpc, &requester, &query_id, &peer, denial)
+            .await)
     }
 
     /// Decode a proof from the wire; an absent or malformed one is audited and refused.
@@ -333,12 +436,26 @@ impl NodeGrpc {
     }
 }
 
+/// At most 128 characters of an unverified string, for the audit log.
+fn bounded(s: &str) -> String {
+    s.chars().take(128).collect()
+}
+
+/// The requester a proof claims to be (unverified; for the audit record only).
+fn proof_requester(proof: Option<&proto::RequesterProof>) -> String {
+    proof.map(|p| p.requester_id.clone()).unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl NodeService for NodeGrpc {
     async fn describe(
         &self,
         request: Request<proto::DescribeRequest>,
     ) -> Result<Response<proto::DescribeResponse>, Status> {
+        self.refuse_unpinned("describe", &request, |r| {
+            (proof_requester(r.proof.as_ref()), String::new())
+        })
+        .await?;
         let peer = peer_identity(&request);
         let proof = self
             .proof("describe", request.into_inner().proof, &peer)
@@ -354,6 +471,13 @@ impl NodeService for NodeGrpc {
         &self,
         request: Request<proto::QueryRequest>,
     ) -> Result<Response<proto::AggregateResult>, Status> {
+        self.refuse_unpinned("query", &request, |r| {
+            r.query
+                .as_ref()
+                .map(|q| (q.requester_id.clone(), q.query_id.clone()))
+                .unwrap_or_default()
+        })
+        .await?;
         let peer = peer_identity(&request);
         let Some(raw) = request.into_inner().query else {
             let d = Denial::new(DenialReason::InvalidQuery, "field `query` is missing");
@@ -379,6 +503,10 @@ impl NodeService for NodeGrpc {
         &self,
         request: Request<proto::BudgetRequest>,
     ) -> Result<Response<proto::BudgetResponse>, Status> {
+        self.refuse_unpinned("budget", &request, |r| {
+            (proof_requester(r.proof.as_ref()), String::new())
+        })
+        .await?;
         let peer = peer_identity(&request);
         let proof = self
             .proof("budget", request.into_inner().proof, &peer)
@@ -419,8 +547,8 @@ pub async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
-    let node =
-        NodeServiceServer::new(NodeGrpc::new(service)).max_decoding_message_size(max_message_bytes);
+    let node = NodeServiceServer::new(NodeGrpc::new(service, &tls.allowed_clients))
+        .max_decoding_message_size(max_message_bytes);
     let reporter = health_reporter.clone();
     let signal = async move {
         shutdown.await;
@@ -439,4 +567,46 @@ pub async fn serve_grpc(
         )
         .await
         .map_err(|e| ServerError::Serve(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(sans: &[&str]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn pins_match_a_san_or_the_public_key_and_nothing_else() {
+        let relay = cert(&["coordinator-client"]);
+        let analyst = cert(&["dsu-client", "localhost", "127.0.0.1"]);
+        let by_san = [ClientPin::San("coordinator-client".into())];
+        assert!(pinned(&by_san, &relay));
+        assert!(pinned(
+            &[ClientPin::San("Coordinator-Client".into())],
+            &relay
+        ));
+        assert!(!pinned(&by_san, &analyst));
+        let fp = spki_sha256(&relay).unwrap();
+        assert!(pinned(&[ClientPin::SpkiSha256(fp)], &relay));
+        assert!(!pinned(&[ClientPin::SpkiSha256(fp)], &analyst));
+        // A prefix or suffix of the pinned name is not the name.
+        assert!(!pinned(&by_san, &cert(&["coordinator-client.evil"])));
+        assert!(!pinned(&by_san, &cert(&["evil-coordinator-client"])));
+        assert!(!pinned(&by_san, b"not a certificate"));
+    }
+
+    #[test]
+    fn a_request_without_a_pinned_certificate_is_permission_denied() {
+        let req = Request::new(());
+        let d = check_client(&[ClientPin::San("coordinator-client".into())], &req).unwrap_err();
+        assert_eq!(d.reason, DenialReason::PermissionDenied);
+        assert_eq!(d.code(), tonic::Code::PermissionDenied);
+        assert!(d.message.contains("allowed_clients"), "{}", d.message);
+    }
 }

@@ -7,11 +7,11 @@
 use crate::audit::{AuditLog, AuditRecord, Outcome};
 use crate::engine::{Engine, EngineError, Release};
 use crate::metrics::Metrics;
-use crate::store::{CacheLookup, LedgerState, Store, StoreError};
+use crate::store::{CacheLookup, LedgerState, QueryKey, Store, StoreError};
 use chrono::{DateTime, Utc};
 use phm_policies::model::{Column, Grouping, Organisation, Period, Scope};
-use phm_policies::{Decision, Policy};
-use phm_proto::{Denial, DenialReason, ProofOp, RequesterProof, SignedQuery};
+use phm_policies::{Decision, Limits, Policy};
+use phm_proto::{Denial, DenialReason, ProofOp, QueryBody, RequesterProof, SignedQuery};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -90,6 +90,11 @@ pub struct LedgerView {
     pub spent: f64,
     pub remaining: f64,
     pub per_query_cap: f64,
+    pub delta_total: f64,
+    pub delta_spent: f64,
+    pub delta_remaining: f64,
+    /// Composed zCDP rho of this period's Gaussian releases.
+    pub rho_spent: f64,
 }
 
 /// What Budget returns.
@@ -130,6 +135,8 @@ fn refused_record(
         reason: None,
         reasons: vec![],
         epsilon_spent: 0.0,
+        delta_spent: 0.0,
+        ledger_spend: None,
         ledgers: vec![],
         charged: vec![],
         policy_version,
@@ -189,9 +196,86 @@ async fn watched_io<T: Send + 'static>(
     ))
 }
 
+/// Budget periods follow the wall clock, so a clock pushed forward (NTP spoofing, an
+/// operator error) would open fresh budgets. The guard compares the wall clock's
+/// advance since start with the monotonic clock's; a node whose wall clock moved by
+/// more than the tolerance refuses queries until it is restarted with the right time.
+#[derive(Debug)]
+struct ClockGuard {
+    origin_wall_ms: i64,
+    origin: Instant,
+}
+
+/// Largest disagreement between the wall clock and the monotonic clock tolerated
+/// (NTP slews far less than this; a step of a minute or more is a jump).
+const CLOCK_JUMP_TOLERANCE_MS: i64 = 60_000;
+
+impl ClockGuard {
+    fn new() -> ClockGuard {
+        ClockGuard {
+            origin_wall_ms: Utc::now().timestamp_millis(),
+            origin: Instant::now(),
+        }
+    }
+
+    fn check(&self) -> Result<(), Denial> {
+        let mono_ms = i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX);
+        clock_drift_check(
+            Utc::now()
+                .timestamp_millis()
+                .saturating_sub(self.origin_wall_ms),
+            mono_ms,
+        )
+    }
+}
+
+/// Refuse when the wall clock advanced `wall_ms` while the monotonic clock advanced
+/// `mono_ms`, and the two differ by more than the tolerance.
+fn clock_drift_check(wall_ms: i64, mono_ms: i64) -> Result<(), Denial> {
+    let drift = wall_ms.saturating_sub(mono_ms);
+    if drift.saturating_abs() <= CLOCK_JUMP_TOLERANCE_MS {
+        return Ok(());
+    }
+    let (amount, way) = if drift > 0 {
+        (drift, "forward")
+    } else {
+        (drift.saturating_neg(), "back")
+    };
+    tracing::error!(
+        drift_ms = drift,
+        "the wall clock jumped {way} by {:.0} s since the node started",
+        amount as f64 / 1000.0
+    );
+    Err(Denial::new(
+        DenialReason::Unavailable,
+        format!(
+            "this node's clock jumped {way} by {:.0} s while it was running; budget periods follow the clock, so the node refuses queries until its operator fixes the time and restarts it",
+            amount as f64 / 1000.0
+        ),
+    ))
+}
+
+/// Delta of one release on its own: its thresholding delta, plus the conversion
+/// delta of Gaussian noise.
+fn release_delta(limits: &Limits) -> f64 {
+    if limits.spend.rho > 0.0 {
+        let conversion = if limits.spend.delta > 0.0 {
+            limits.delta / 2.0
+        } else {
+            limits.delta
+        };
+        limits.spend.delta + conversion
+    } else {
+        limits.spend.delta
+    }
+}
+
 /// The domain service. Cheap to share (`Arc<Service>`).
 pub struct Service {
     state: RwLock<Arc<Loaded>>,
+    /// The federation this node belongs to: the audience every signature must name.
+    federation_id: String,
+    clock: ClockGuard,
     store: Arc<Store>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
@@ -241,12 +325,14 @@ fn eps(x: f64) -> String {
 
 fn ledger_note(s: &LedgerState) -> String {
     format!(
-        "{} {}: spent {} of {}, {} left",
+        "{} {}: spent {} of {}, {} left; delta {:e} of {:e}",
         s.ledger,
         s.period_label,
         eps(s.spent),
         eps(s.total),
-        eps(s.remaining())
+        eps(s.remaining()),
+        s.delta_spent,
+        s.delta_total
     )
 }
 
@@ -277,6 +363,7 @@ fn freshness(issued_at_ms: i64, now: DateTime<Utc>, validity_s: u64) -> Result<(
 
 impl Service {
     pub fn new(
+        federation_id: String,
         loaded: Loaded,
         store: Arc<Store>,
         audit: Arc<AuditLog>,
@@ -287,6 +374,8 @@ impl Service {
             u32::try_from(limits.max_concurrent_queries.clamp(1, 100_000)).unwrap_or(100_000);
         Arc::new(Service {
             state: RwLock::new(Arc::new(loaded)),
+            federation_id,
+            clock: ClockGuard::new(),
             store,
             audit,
             metrics,
@@ -530,6 +619,21 @@ impl Service {
         })
     }
 
+    /// A query or proof signed for another federation is refused: the federation id
+    /// is the audience of every signature.
+    fn check_federation(&self, federation_id: &str) -> Result<(), Denial> {
+        if federation_id == self.federation_id {
+            return Ok(());
+        }
+        Err(Denial::new(
+            DenialReason::Unauthenticated,
+            format!(
+                "this request was signed for federation {federation_id:?}, but this node belongs to federation {:?}",
+                self.federation_id
+            ),
+        ))
+    }
+
     /// Answer one signed query. `peer` is the client certificate's identity.
     pub async fn query(
         self: &Arc<Self>,
@@ -551,9 +655,15 @@ impl Service {
             );
             return Err(self.refuse(record, d, started).await);
         };
-        if let Err(d) = Self::authenticate(&loaded.policy, &signed.body.requester_id, |k| {
-            signed.verify(k)
-        }) {
+        let authentic = self
+            .check_federation(&signed.body.federation_id)
+            .and_then(|()| self.clock.check())
+            .and_then(|()| {
+                Self::authenticate(&loaded.policy, &signed.body.requester_id, |k| {
+                    signed.verify(k)
+                })
+            });
+        if let Err(d) = authentic {
             return Err(self.refuse(record, d, started).await);
         }
         // The rest runs as its own task holding the slot, so a caller that times out
@@ -588,6 +698,9 @@ impl Service {
         }
     }
 
+    /// The privacy path after authentication, as its steps (ARCHITECTURE.md, "Life
+    /// of one query"). Every step either succeeds or returns a `Denial`; this is the
+    /// one place the outcome is audited, so no exit can skip the audit log.
     async fn answer(
         &self,
         loaded: Arc<Loaded>,
@@ -597,51 +710,107 @@ impl Service {
         started: Instant,
     ) -> Result<Answer, Denial> {
         let body = &signed.body;
-        let policy = &loaded.policy;
-        let digest = body.digest();
-        let _in_flight = self.store.lock_query_id(&body.query_id).await;
-
-        let store = self.store.clone();
-        let (id, dg) = (body.query_id.clone(), digest.clone());
-        match self
-            .io(move || store.cached_release::<Answer>(&id, &dg))
-            .await?
-        {
-            Ok(CacheLookup::Hit(mut answer)) => {
-                answer.cached = true;
+        let key = QueryKey {
+            requester_id: &body.requester_id,
+            query_id: &body.query_id,
+        };
+        let _in_flight = self.store.lock_query_id(&key).await;
+        let outcome = self.answer_steps(&loaded, body, &mut record, now).await;
+        match outcome {
+            Ok(answer) => {
                 record.decision = Outcome::Allowed;
-                record.cached = true;
-                record.reasons = vec![
-                    "repeat of an answered query: served from the release cache, no new spend"
-                        .into(),
-                ];
                 self.write_audit(record).await?;
+                let label = if answer.cached { "cached" } else { "answered" };
                 self.metrics
-                    .query_outcome("cached", started.elapsed().as_secs_f64());
-                return Ok(answer);
+                    .query_outcome(label, started.elapsed().as_secs_f64());
+                tracing::info!(
+                    query_id = %body.query_id,
+                    requester = %body.requester_id,
+                    cached = answer.cached,
+                    "answered"
+                );
+                Ok(answer)
             }
-            Ok(CacheLookup::Conflict { .. }) => {
-                let d = Denial::new(
+            Err(d) => Err(self.refuse(record, d, started).await),
+        }
+    }
+
+    async fn answer_steps(
+        &self,
+        loaded: &Loaded,
+        body: &QueryBody,
+        record: &mut AuditRecord,
+        now: DateTime<Utc>,
+    ) -> Result<Answer, Denial> {
+        let policy = &loaded.policy;
+        match self.lookup_release(body).await? {
+            CacheLookup::Hit(answer) => {
+                // The very message answered before (a relay's retry): no new spend,
+                // but the policy in force now must still allow it.
+                self.decide(policy, body, now)?;
+                return Ok(Self::served_from_cache(answer, record));
+            }
+            CacheLookup::Retry(answer) => {
+                // The requester re-signed the same question: a new message, so it
+                // must be fresh and its nonce new, and the policy must still allow it.
+                self.check_fresh_and_unseen(policy, body, now).await?;
+                self.decide(policy, body, now)?;
+                return Ok(Self::served_from_cache(answer, record));
+            }
+            CacheLookup::Conflict { .. } => {
+                return Err(Denial::new(
                     DenialReason::QueryIdReused,
                     format!(
-                        "query id {:?} was already used for a different question; give every new query a new id",
+                        "you already used query id {:?} for a different question; give every new query a new id",
                         body.query_id
                     ),
-                );
-                return Err(self.refuse(record, d, started).await);
+                ));
             }
-            Ok(CacheLookup::Miss) => {}
-            Err(e) => {
-                let d = self.store_denial(e, "cannot read the release cache");
-                return Err(self.refuse(record, d, started).await);
-            }
+            CacheLookup::Miss => {}
         }
+        self.check_fresh_and_unseen(policy, body, now).await?;
+        let limits = self.decide(policy, body, now)?;
+        let states = self.spend(&limits, record).await?;
+        let release = self.execute(loaded, body, &limits).await?;
+        let answer = self.answer_of(policy, body, &limits, &states, release);
+        self.cache_release(body, answer).await
+    }
 
+    fn served_from_cache(mut answer: Answer, record: &mut AuditRecord) -> Answer {
+        answer.cached = true;
+        record.cached = true;
+        record.reasons =
+            vec!["repeat of an answered query: served from the release cache, no new spend".into()];
+        answer
+    }
+
+    async fn lookup_release(&self, body: &QueryBody) -> Result<CacheLookup<Answer>, Denial> {
+        let store = self.store.clone();
+        let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
+        let (digest, content) = (body.digest(), body.content_digest());
+        match self
+            .io(move || {
+                let key = QueryKey {
+                    requester_id: &requester,
+                    query_id: &id,
+                };
+                store.cached_release::<Answer>(&key, &digest, &content)
+            })
+            .await?
+        {
+            Ok(lookup) => Ok(lookup),
+            Err(e) => Err(self.store_denial(e, "cannot read the release cache")),
+        }
+    }
+
+    async fn check_fresh_and_unseen(
+        &self,
+        policy: &Policy,
+        body: &QueryBody,
+        now: DateTime<Utc>,
+    ) -> Result<(), Denial> {
         let validity = policy.file().release.query_validity_seconds;
-        if let Err(d) = freshness(body.issued_at_unix_ms, now, validity) {
-            return Err(self.refuse(record, d, started).await);
-        }
-
+        freshness(body.issued_at_unix_ms, now, validity)?;
         let store = self.store.clone();
         let (req, nonce, issued) = (
             body.requester_id.clone(),
@@ -652,126 +821,154 @@ impl Service {
             .io(move || store.record_nonce("query", &req, &nonce, issued))
             .await?
         {
-            Ok(()) => {}
-            Err(StoreError::Replayed { .. }) => {
-                let d = Denial::new(
-                    DenialReason::Replayed,
-                    "this nonce was already used by this requester: a replayed or re-signed copy of an earlier message is refused (sign the query afresh with a new nonce)",
-                );
-                return Err(self.refuse(record, d, started).await);
-            }
-            Err(e) => {
-                let d = self.store_denial(e, "cannot record the nonce");
-                return Err(self.refuse(record, d, started).await);
-            }
+            Ok(()) => Ok(()),
+            Err(StoreError::Replayed { .. }) => Err(Denial::new(
+                DenialReason::Replayed,
+                "this nonce was already used by this requester: a replayed or re-signed copy of an earlier message is refused (sign the query afresh with a new nonce)",
+            )),
+            Err(e) => Err(self.store_denial(e, "cannot record the nonce")),
         }
+    }
 
-        let limits = match phm_policies::decide(policy, body, now) {
-            Decision::Allow(limits) => limits,
-            Decision::Deny(refusals) => {
-                let reasons: Vec<String> = refusals
-                    .iter()
-                    .map(|r| format!("{} [{}]", r.message, r.rule))
-                    .collect();
-                let message = match refusals.first() {
-                    None => "refused by this node's policy (no rule allows it)".to_string(),
-                    Some(first) if refusals.len() == 1 => {
-                        format!("refused by this node's policy: {}", first.message)
-                    }
-                    Some(first) => format!(
-                        "refused by this node's policy: {} (and {} more reasons)",
-                        first.message,
-                        refusals.len() - 1
-                    ),
-                };
-                let reasons = if reasons.is_empty() {
-                    vec![message.clone()]
-                } else {
-                    reasons
-                };
-                let d = Denial::new(DenialReason::PolicyDenied, message).with_reasons(reasons);
-                return Err(self.refuse(record, d, started).await);
-            }
+    /// Ask the policy; a refusal lists every reason with its rule.
+    fn decide(
+        &self,
+        policy: &Policy,
+        body: &QueryBody,
+        now: DateTime<Utc>,
+    ) -> Result<Box<Limits>, Denial> {
+        let refusals = match phm_policies::decide(policy, body, now) {
+            Decision::Allow(limits) => return Ok(limits),
+            Decision::Deny(refusals) => refusals,
         };
+        let reasons: Vec<String> = refusals
+            .iter()
+            .map(|r| format!("{} [{}]", r.message, r.rule))
+            .collect();
+        let message = match refusals.first() {
+            None => "refused by this node's policy (no rule allows it)".to_string(),
+            Some(first) if refusals.len() == 1 => {
+                format!("refused by this node's policy: {}", first.message)
+            }
+            Some(first) => format!(
+                "refused by this node's policy: {} (and {} more reasons)",
+                first.message,
+                refusals.len() - 1
+            ),
+        };
+        let reasons = if reasons.is_empty() {
+            vec![message.clone()]
+        } else {
+            reasons
+        };
+        Err(Denial::new(DenialReason::PolicyDenied, message).with_reasons(reasons))
+    }
 
-        // Spend, durably, before anything is computed from the data.
+    /// Spend, durably, before anything is computed from the data.
+    async fn spend(
+        &self,
+        limits: &Limits,
+        record: &mut AuditRecord,
+    ) -> Result<Vec<LedgerState>, Denial> {
         let store = self.store.clone();
         let charges = limits.charges.clone();
-        let epsilon = limits.epsilon;
+        let (spend, delta_conv) = (limits.spend, limits.delta);
         let states = match self
-            .io(move || store.check_and_spend(&charges, epsilon))
+            .io(move || store.check_and_spend(&charges, spend, delta_conv))
             .await?
         {
             Ok(states) => states,
             Err(StoreError::BudgetExhausted {
                 ledger,
                 period_label,
+                measure,
                 total,
                 remaining,
                 requested,
                 ..
             }) => {
-                let d = Denial::new(
+                let fmt = |x: f64| {
+                    if measure == "delta" {
+                        format!("{x:e}")
+                    } else {
+                        eps(x)
+                    }
+                };
+                return Err(Denial::new(
                     DenialReason::BudgetExhausted,
                     format!(
-                        "budget exhausted on {ledger} for {period_label}: {} of {} epsilon left, this query asks for {}",
-                        eps(remaining),
-                        eps(total),
-                        eps(requested)
+                        "budget exhausted on {ledger} for {period_label}: {} of {} {measure} left, this query asks for {}",
+                        fmt(remaining),
+                        fmt(total),
+                        fmt(requested)
                     ),
                 )
                 .with_reasons(vec![format!(
-                    "{ledger} {period_label}: {} left of {}",
-                    eps(remaining),
-                    eps(total)
-                )]);
-                return Err(self.refuse(record, d, started).await);
+                    "{ledger} {period_label}: {} {measure} left of {}",
+                    fmt(remaining),
+                    fmt(total)
+                )]));
             }
-            Err(e) => {
-                let d = self.store_denial(e, "cannot charge the budget");
-                return Err(self.refuse(record, d, started).await);
-            }
+            Err(e) => return Err(self.store_denial(e, "cannot charge the budget")),
         };
-        record.epsilon_spent = epsilon;
+        record.epsilon_spent = limits.epsilon;
+        record.delta_spent = release_delta(limits);
+        record.ledger_spend = Some(limits.spend);
         record.ledgers = states.iter().map(ledger_note).collect();
         record.charged = limits.charges.iter().map(|c| c.key()).collect();
         record.charged.sort();
         record.charged.dedup();
-        self.metrics.spent(epsilon);
+        self.metrics.spent(limits.epsilon);
+        Ok(states)
+    }
 
-        let release = match loaded.engine.execute(body, &limits).await {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = match e {
-                    EngineError::UnknownDataset(_)
-                    | EngineError::UnknownColumn { .. }
-                    | EngineError::BadLiteral { .. } => DenialReason::InvalidQuery,
-                    _ => DenialReason::Internal,
-                };
-                let d = Denial::new(
-                    reason,
-                    format!("{e}; the {epsilon} epsilon charged for this query stays spent"),
-                );
-                return Err(self.refuse(record, d, started).await);
-            }
-        };
+    /// Run the engine on the spent budget; its failures keep the spend (waste, never
+    /// an under-count).
+    async fn execute(
+        &self,
+        loaded: &Loaded,
+        body: &QueryBody,
+        limits: &Limits,
+    ) -> Result<Release, Denial> {
+        let epsilon = limits.epsilon;
+        let release = loaded.engine.execute(body, limits).await.map_err(|e| {
+            let reason = match e {
+                EngineError::UnknownDataset(_)
+                | EngineError::UnknownColumn { .. }
+                | EngineError::BadLiteral { .. } => DenialReason::InvalidQuery,
+                _ => DenialReason::Internal,
+            };
+            Denial::new(
+                reason,
+                format!("{e}; the {epsilon} epsilon charged for this query stays spent"),
+            )
+        })?;
         if release.epsilon_spent.is_nan()
             || release.epsilon_spent > epsilon + crate::store::SPEND_TOLERANCE
         {
-            let d = internal(format!(
+            return Err(internal(format!(
                 "the engine reports a privacy loss of {} above the {epsilon} charged; nothing is released",
                 release.epsilon_spent
-            ));
-            return Err(self.refuse(record, d, started).await);
+            )));
         }
+        Ok(release)
+    }
 
+    fn answer_of(
+        &self,
+        policy: &Policy,
+        body: &QueryBody,
+        limits: &Limits,
+        states: &[LedgerState],
+        release: Release,
+    ) -> Answer {
         let charged = states
             .iter()
             .find(|s| s.ledger.starts_with("project:"))
             .or_else(|| states.iter().find(|s| s.ledger.starts_with("requester:")))
             .or(states.first());
         let org = &policy.file().organisation;
-        let answer = Answer {
+        Answer {
             query_id: body.query_id.clone(),
             node_id: org.ods_code.clone(),
             dataset: body.dataset.clone(),
@@ -786,34 +983,29 @@ impl Service {
                 .unwrap_or(0.0),
             released_at_unix_ms: Utc::now().timestamp_millis(),
             cached: false,
-        };
+        }
+    }
 
+    async fn cache_release(&self, body: &QueryBody, answer: Answer) -> Result<Answer, Denial> {
         let store = self.store.clone();
-        let (id, dg) = (body.query_id.clone(), digest);
-        let answer = match self
-            .io(move || store.store_release(&id, &dg, &answer))
+        let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
+        let (digest, content) = (body.digest(), body.content_digest());
+        match self
+            .io(move || {
+                let key = QueryKey {
+                    requester_id: &requester,
+                    query_id: &id,
+                };
+                store.store_release(&key, &digest, &content, &answer)
+            })
             .await?
         {
-            Ok(stored) => stored,
-            Err(e) => {
-                let d = self.store_denial(
-                    e,
-                    "cannot cache the release (the epsilon charged stays spent)",
-                );
-                return Err(self.refuse(record, d, started).await);
-            }
-        };
-        record.decision = Outcome::Allowed;
-        self.write_audit(record).await?;
-        self.metrics
-            .query_outcome("answered", started.elapsed().as_secs_f64());
-        tracing::info!(
-            query_id = %body.query_id,
-            requester = %body.requester_id,
-            epsilon,
-            "answered"
-        );
-        Ok(answer)
+            Ok(stored) => Ok(stored),
+            Err(e) => Err(self.store_denial(
+                e,
+                "cannot cache the release (the epsilon charged stays spent)",
+            )),
+        }
     }
 
     fn proof_record(
@@ -845,6 +1037,8 @@ impl Service {
         proof: &RequesterProof,
         now: DateTime<Utc>,
     ) -> Result<(), Denial> {
+        self.check_federation(&proof.federation_id)?;
+        self.clock.check()?;
         Self::authenticate(policy, &proof.requester_id, |k| proof.verify(op, k))?;
         freshness(
             proof.issued_at_unix_ms,
@@ -989,13 +1183,15 @@ impl Service {
             wanted.push((format!("project:{}", p.id), p.budget.clone()));
         }
         let store = self.store.clone();
+        let delta_conv = policy.file().release.delta;
         let read = self
             .io(move || {
                 wanted
                     .into_iter()
                     .map(|(ledger, b)| {
                         let label = period_label(b.period, now);
-                        let spent = store.spent(&format!("{ledger}/{label}"))?;
+                        let sums = store.held(&ledger, &label)?;
+                        let (spent, delta_spent) = sums.effective(delta_conv);
                         Ok(LedgerView {
                             ledger,
                             period: b.period,
@@ -1004,6 +1200,10 @@ impl Service {
                             spent,
                             remaining: (b.epsilon - spent).max(0.0),
                             per_query_cap: b.per_query_cap,
+                            delta_total: b.delta,
+                            delta_spent,
+                            delta_remaining: (b.delta - delta_spent).max(0.0),
+                            rho_spent: sums.rho,
                         })
                     })
                     .collect::<Result<Vec<_>, StoreError>>()
@@ -1021,11 +1221,13 @@ impl Service {
             .iter()
             .map(|l| {
                 format!(
-                    "{} {}: spent {} of {}",
+                    "{} {}: spent {} of {}, delta {:e} of {:e}",
                     l.ledger,
                     l.period_label,
                     eps(l.spent),
-                    eps(l.total)
+                    eps(l.total),
+                    l.delta_spent,
+                    l.delta_total
                 )
             })
             .collect();

@@ -3,7 +3,7 @@
 //! Every spend and every cached release is fsynced before the caller may release an
 //! answer, so a crash can waste budget but never under-count it.
 
-use phm_policies::LedgerCharge;
+use phm_policies::{LedgerCharge, Spend};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex, Weak};
 /// Slack allowed when comparing a floating-point spend against a ledger total, so
 /// that e.g. three spends of 0.1 fit a total of 0.3. Far below any meaningful epsilon.
 pub const SPEND_TOLERANCE: f64 = 1e-9;
+
+/// Relative slack for delta sums (deltas are tiny, so an absolute slack would not do).
+const DELTA_RELATIVE_TOLERANCE: f64 = 1e-9;
 
 const LEDGER_TREE: &str = "ledger";
 const RELEASE_TREE: &str = "releases";
@@ -38,18 +41,23 @@ pub enum StoreError {
         reason: String,
     },
     #[error(
-        "budget exhausted on ledger {ledger} for {period_label}: {remaining} of {total} epsilon left, this query asks for {requested}"
+        "budget exhausted on ledger {ledger} for {period_label}: {remaining} of {total} {measure} left, this query asks for {requested}"
     )]
     BudgetExhausted {
         ledger: String,
         period_label: String,
+        /// "epsilon" or "delta": which budget ran out.
+        measure: &'static str,
         total: f64,
         spent: f64,
         remaining: f64,
         requested: f64,
     },
-    #[error("cannot spend epsilon {0}: it must be a positive finite number")]
-    InvalidSpend(f64),
+    #[error(
+        "cannot spend epsilon {}, delta {}, rho {}: each must be a finite number, not negative, and epsilon or rho above 0",
+        .0.epsilon, .0.delta, .0.rho
+    )]
+    InvalidSpend(Spend),
     #[error("no budget ledger to charge: refusing to spend untracked budget")]
     NoLedger,
     #[error("nonce already used by requester {requester}")]
@@ -83,13 +91,58 @@ fn db_err(during: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
 pub struct LedgerState {
     pub ledger: String,
     pub period_label: String,
+    /// Epsilon per period.
     pub total: f64,
+    /// Epsilon spent: pure epsilon plus the conversion of the composed rho.
     pub spent: f64,
+    /// Delta per period.
+    pub delta_total: f64,
+    /// Delta spent: thresholding deltas plus the conversion delta once rho > 0.
+    pub delta_spent: f64,
+    /// The running sums behind `spent` and `delta_spent`.
+    pub sums: Spend,
 }
 
 impl LedgerState {
     pub fn remaining(&self) -> f64 {
         (self.total - self.spent).max(0.0)
+    }
+
+    pub fn delta_remaining(&self) -> f64 {
+        (self.delta_total - self.delta_spent).max(0.0)
+    }
+
+    /// The state of a ledger holding `sums`, read against its totals.
+    pub fn of(charge: &LedgerCharge, total: f64, sums: Spend, delta_conv: f64) -> LedgerState {
+        let (spent, delta_spent) = sums.effective(delta_conv);
+        LedgerState {
+            ledger: charge.ledger.clone(),
+            period_label: charge.period_label.clone(),
+            total,
+            spent,
+            delta_total: charge.delta_total,
+            delta_spent,
+            sums,
+        }
+    }
+}
+
+/// Where a release is cached: query ids are a per-requester namespace, so one
+/// requester can neither learn that another used an id nor squat it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryKey<'a> {
+    pub requester_id: &'a str,
+    pub query_id: &'a str,
+}
+
+impl QueryKey<'_> {
+    fn bytes(&self) -> Vec<u8> {
+        // Ids cannot contain NUL (validated on receipt), so the key is unambiguous.
+        let mut k = Vec::with_capacity(self.requester_id.len() + self.query_id.len() + 1);
+        k.extend_from_slice(self.requester_id.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.query_id.as_bytes());
+        k
     }
 }
 
@@ -97,8 +150,11 @@ impl LedgerState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CacheLookup<T> {
     Miss,
-    /// The same question (same digest) was answered before: here is that answer.
+    /// The same signed message (same digest) was answered before: here is that answer.
     Hit(T),
+    /// The same question, re-signed with a new nonce and time (a retry by the
+    /// requester): the answer released for it before.
+    Retry(T),
     /// The id was used before for a different question.
     Conflict {
         cached_digest: String,
@@ -108,6 +164,10 @@ pub enum CacheLookup<T> {
 #[derive(Serialize, serde::Deserialize)]
 struct CachedEntry<T> {
     digest: String,
+    /// The question without id, time and nonce; empty in entries written before
+    /// retries were recognised (they then only match their exact message).
+    #[serde(default)]
+    content_digest: String,
     answer: T,
 }
 
@@ -149,6 +209,74 @@ fn f64_from(what: &'static str, key: &[u8], v: &[u8]) -> Result<f64, StoreError>
         });
     }
     Ok(x)
+}
+
+/// A ledger entry: (pure epsilon, delta, rho), 24 bytes. An 8-byte entry is a ledger
+/// written before delta and rho were tracked: pure epsilon only.
+fn spend_from(key: &[u8], v: &[u8]) -> Result<Spend, StoreError> {
+    let part = |i: usize| f64_from("ledger entry", key, &v[i * 8..i * 8 + 8]);
+    match v.len() {
+        8 => Ok(Spend {
+            epsilon: part(0)?,
+            ..Spend::ZERO
+        }),
+        24 => Ok(Spend {
+            epsilon: part(0)?,
+            delta: part(1)?,
+            rho: part(2)?,
+        }),
+        n => Err(StoreError::Corrupt {
+            what: "ledger entry",
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: format!("{n} bytes, expected 24"),
+        }),
+    }
+}
+
+fn spend_bytes(s: Spend) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..8].copy_from_slice(&s.epsilon.to_be_bytes());
+    out[8..16].copy_from_slice(&s.delta.to_be_bytes());
+    out[16..].copy_from_slice(&s.rho.to_be_bytes());
+    out
+}
+
+fn component_max(a: Spend, b: Spend) -> Spend {
+    Spend {
+        epsilon: a.epsilon.max(b.epsilon),
+        delta: a.delta.max(b.delta),
+        rho: a.rho.max(b.rho),
+    }
+}
+
+/// Refuse a spend that takes a ledger over its epsilon or its delta total.
+fn check_totals(
+    charge: &LedgerCharge,
+    before: &LedgerState,
+    after: &LedgerState,
+) -> Result<(), StoreError> {
+    let exhausted = |measure, total: f64, spent: f64, after: f64| StoreError::BudgetExhausted {
+        ledger: charge.ledger.clone(),
+        period_label: charge.period_label.clone(),
+        measure,
+        total,
+        spent,
+        remaining: (total - spent).max(0.0),
+        requested: after - spent,
+    };
+    if !after.total.is_finite() || after.spent > after.total + SPEND_TOLERANCE {
+        return Err(exhausted("epsilon", after.total, before.spent, after.spent));
+    }
+    let delta_slack = after.delta_total * DELTA_RELATIVE_TOLERANCE;
+    if !after.delta_total.is_finite() || after.delta_spent > after.delta_total + delta_slack {
+        return Err(exhausted(
+            "delta",
+            after.delta_total,
+            before.delta_spent,
+            after.delta_spent,
+        ));
+    }
+    Ok(())
 }
 
 fn nonce_key(scope: &str, requester: &str, nonce: &[u8]) -> Vec<u8> {
@@ -218,39 +346,70 @@ impl Store {
             .map_err(db_err("flushing to disk"))
     }
 
-    /// Epsilon spent so far under a ledger key (`LedgerCharge::key()`).
-    pub fn spent(&self, key: &str) -> Result<f64, StoreError> {
+    /// The running sums (pure epsilon, delta, rho) under a ledger key
+    /// (`LedgerCharge::key()`).
+    pub fn spent(&self, key: &str) -> Result<Spend, StoreError> {
         match self
             .ledger
             .get(key.as_bytes())
             .map_err(db_err("reading the ledger"))?
         {
-            None => Ok(0.0),
-            Some(v) => f64_from("ledger entry", key.as_bytes(), &v),
+            None => Ok(Spend::ZERO),
+            Some(v) => spend_from(key.as_bytes(), &v),
         }
     }
 
-    /// Debit `epsilon` from every ledger in `charges`, all or nothing, then fsync.
-    /// Refuses (spending nothing) if any ledger would go over its total. Returns the
-    /// state of each ledger after the spend.
+    /// What a ledger holds for a period: its own entry plus every entry of the same
+    /// ledger under another period label that overlaps it (a policy that changed
+    /// from monthly to quarterly periods still counts the months already spent).
+    pub fn held(&self, ledger: &str, period_label: &str) -> Result<Spend, StoreError> {
+        let own = self.spent(&format!("{ledger}/{period_label}"))?;
+        Ok(own.plus(self.carried(ledger, period_label)?))
+    }
+
+    /// The overlapping other-period entries of `ledger` (see [`Store::held`]).
+    fn carried(&self, ledger: &str, period_label: &str) -> Result<Spend, StoreError> {
+        let prefix = format!("{ledger}/");
+        let mut sum = Spend::ZERO;
+        for item in self.ledger.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item.map_err(db_err("reading the ledger"))?;
+            let label = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if label != period_label && phm_policies::periods_overlap(&label, period_label) {
+                sum = sum.plus(spend_from(&k, &v)?);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Debit `spend` from every ledger in `charges`, all or nothing, then fsync.
+    /// Refuses (spending nothing) if any ledger would go over its epsilon or its delta
+    /// total, with Gaussian rho composed on the ledger and converted once at
+    /// `delta_conv`. Returns the state of each ledger after the spend.
     pub fn check_and_spend(
         &self,
         charges: &[LedgerCharge],
-        epsilon: f64,
+        spend: Spend,
+        delta_conv: f64,
     ) -> Result<Vec<LedgerState>, StoreError> {
-        if !epsilon.is_finite() || epsilon <= 0.0 {
-            return Err(StoreError::InvalidSpend(epsilon));
+        if !spend.is_valid() || spend.epsilon + spend.rho <= 0.0 {
+            return Err(StoreError::InvalidSpend(spend));
+        }
+        if spend.rho > 0.0 && !(delta_conv > 0.0 && delta_conv < 1.0) {
+            return Err(StoreError::InvalidSpend(spend));
         }
         if charges.is_empty() {
             return Err(StoreError::NoLedger);
         }
-        // A ledger named twice is charged once, against its strictest total.
-        let mut unique: Vec<(String, &LedgerCharge, f64)> = Vec::new();
+        // A ledger named twice is charged once, against its strictest totals.
+        let mut unique: Vec<(String, LedgerCharge)> = Vec::new();
         for c in charges {
             let key = c.key();
-            match unique.iter_mut().find(|(k, _, _)| *k == key) {
-                Some(entry) => entry.2 = entry.2.min(c.total),
-                None => unique.push((key, c, c.total)),
+            match unique.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, held)) => {
+                    held.total = held.total.min(c.total);
+                    held.delta_total = held.delta_total.min(c.delta_total);
+                }
+                None => unique.push((key, c.clone())),
             }
         }
         let states = {
@@ -258,36 +417,32 @@ impl Store {
                 .spend_lock
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Other periods' entries only change under this same lock, so reading
+            // them outside the transaction is consistent with it.
+            let carried = unique
+                .iter()
+                .map(|(_, c)| self.carried(&c.ledger, &c.period_label))
+                .collect::<Result<Vec<_>, _>>()?;
             self.ledger
                 .transaction(|tx| {
                     use sled::transaction::ConflictableTransactionError as Tx;
                     let mut states = Vec::with_capacity(unique.len());
-                    for (key, charge, total) in &unique {
-                        let spent = match tx.get(key.as_bytes())? {
-                            None => 0.0,
-                            Some(v) => {
-                                f64_from("ledger entry", key.as_bytes(), &v).map_err(Tx::Abort)?
-                            }
+                    let mut writes = Vec::with_capacity(unique.len());
+                    for ((key, charge), carried) in unique.iter().zip(&carried) {
+                        let own = match tx.get(key.as_bytes())? {
+                            None => Spend::ZERO,
+                            Some(v) => spend_from(key.as_bytes(), &v).map_err(Tx::Abort)?,
                         };
-                        if !total.is_finite() || spent + epsilon > total + SPEND_TOLERANCE {
-                            return Err(Tx::Abort(StoreError::BudgetExhausted {
-                                ledger: charge.ledger.clone(),
-                                period_label: charge.period_label.clone(),
-                                total: *total,
-                                spent,
-                                remaining: (total - spent).max(0.0),
-                                requested: epsilon,
-                            }));
-                        }
-                        states.push(LedgerState {
-                            ledger: charge.ledger.clone(),
-                            period_label: charge.period_label.clone(),
-                            total: *total,
-                            spent: spent + epsilon,
-                        });
+                        let held = own.plus(*carried);
+                        let before = LedgerState::of(charge, charge.total, held, delta_conv);
+                        let after =
+                            LedgerState::of(charge, charge.total, held.plus(spend), delta_conv);
+                        check_totals(charge, &before, &after).map_err(Tx::Abort)?;
+                        states.push(after);
+                        writes.push(own.plus(spend));
                     }
-                    for ((key, _, _), state) in unique.iter().zip(&states) {
-                        tx.insert(key.as_bytes(), &state.spent.to_be_bytes())?;
+                    for ((key, _), own) in unique.iter().zip(&writes) {
+                        tx.insert(key.as_bytes(), &spend_bytes(*own))?;
                     }
                     Ok(states)
                 })
@@ -305,14 +460,14 @@ impl Store {
         Ok(states)
     }
 
-    /// Raise every ledger to at least what the audit log records as spent, then
-    /// fsync. A ledger below its audited spend can only mean the database lost
-    /// writes (damage, or a restore from an old copy): never under-count. Returns
-    /// (key, held, raised to) for each ledger corrected.
+    /// Raise every ledger to at least what the audit log records as spent, component
+    /// by component, then fsync. A ledger below its audited spend can only mean the
+    /// database lost writes (damage, or a restore from an old copy): never
+    /// under-count. Returns (key, held, raised to) for each ledger corrected.
     pub fn reconcile(
         &self,
-        audited: &std::collections::BTreeMap<String, f64>,
-    ) -> Result<Vec<(String, f64, f64)>, StoreError> {
+        audited: &std::collections::BTreeMap<String, Spend>,
+    ) -> Result<Vec<(String, Spend, Spend)>, StoreError> {
         let _serial = self
             .spend_lock
             .lock()
@@ -320,11 +475,20 @@ impl Store {
         let mut fixed = Vec::new();
         for (key, &audited) in audited {
             let held = self.spent(key)?;
-            if held + SPEND_TOLERANCE < audited {
+            let raised = component_max(held, audited);
+            let below = |h: f64, a: f64, tol: f64| h + tol < a;
+            if below(held.epsilon, audited.epsilon, SPEND_TOLERANCE)
+                || below(held.rho, audited.rho, SPEND_TOLERANCE)
+                || below(
+                    held.delta,
+                    audited.delta,
+                    audited.delta * DELTA_RELATIVE_TOLERANCE,
+                )
+            {
                 self.ledger
-                    .insert(key.as_bytes(), &audited.to_be_bytes())
+                    .insert(key.as_bytes(), &spend_bytes(raised))
                     .map_err(db_err("correcting the ledger"))?;
-                fixed.push((key.clone(), held, audited));
+                fixed.push((key.clone(), held, raised));
             }
         }
         if !fixed.is_empty() {
@@ -333,21 +497,23 @@ impl Store {
         Ok(fixed)
     }
 
-    /// Take the per-query-id lock; hold the guard until the answer is cached.
-    pub async fn lock_query_id(&self, query_id: &str) -> QueryIdGuard {
+    /// Take the lock on (requester, query id); hold the guard until the answer is
+    /// cached.
+    pub async fn lock_query_id(&self, id: &QueryKey<'_>) -> QueryIdGuard {
+        let key = String::from_utf8_lossy(&id.bytes()).into_owned();
         let mutex = {
             let mut map = self
                 .in_flight
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match map.get(query_id).and_then(Weak::upgrade) {
+            match map.get(&key).and_then(Weak::upgrade) {
                 Some(m) => m,
                 None => {
                     if map.len() > 1024 {
                         map.retain(|_, w| w.strong_count() > 0);
                     }
                     let m = Arc::new(tokio::sync::Mutex::new(()));
-                    map.insert(query_id.to_string(), Arc::downgrade(&m));
+                    map.insert(key, Arc::downgrade(&m));
                     m
                 }
             }
@@ -355,15 +521,18 @@ impl Store {
         mutex.lock_owned().await
     }
 
-    /// Look a query id up in the release cache.
+    /// Look a (requester, query id) up in the release cache. The same signed message
+    /// is an exact hit; the same question re-signed (new nonce and time) is a retry;
+    /// anything else under that id is a conflict.
     pub fn cached_release<T: DeserializeOwned>(
         &self,
-        query_id: &str,
+        id: &QueryKey<'_>,
         digest: &str,
+        content_digest: &str,
     ) -> Result<CacheLookup<T>, StoreError> {
         let Some(bytes) = self
             .releases
-            .get(query_id.as_bytes())
+            .get(id.bytes())
             .map_err(db_err("reading the release cache"))?
         else {
             return Ok(CacheLookup::Miss);
@@ -371,11 +540,13 @@ impl Store {
         let entry: CachedEntry<T> =
             serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
                 what: "cached release",
-                key: query_id.to_string(),
+                key: id.query_id.to_string(),
                 reason: e.to_string(),
             })?;
         if entry.digest == digest {
             Ok(CacheLookup::Hit(entry.answer))
+        } else if !entry.content_digest.is_empty() && entry.content_digest == content_digest {
+            Ok(CacheLookup::Retry(entry.answer))
         } else {
             Ok(CacheLookup::Conflict {
                 cached_digest: entry.digest,
@@ -383,18 +554,21 @@ impl Store {
         }
     }
 
-    /// Cache the answer released for `query_id`, then fsync. Returns the answer as
-    /// decoded from the stored bytes: release exactly that, so the first answer and
-    /// every repeat served from the cache are bit-for-bit the same (a text round trip
-    /// of a float is not guaranteed to be exact, but decoding the same bytes is).
+    /// Cache the answer released for (requester, query id), then fsync. Returns the
+    /// answer as decoded from the stored bytes: release exactly that, so the first
+    /// answer and every repeat served from the cache are bit-for-bit the same (a text
+    /// round trip of a float is not guaranteed to be exact, but decoding the same
+    /// bytes is).
     pub fn store_release<T: Serialize + DeserializeOwned>(
         &self,
-        query_id: &str,
+        id: &QueryKey<'_>,
         digest: &str,
+        content_digest: &str,
         answer: &T,
     ) -> Result<T, StoreError> {
         let bytes = serde_json::to_vec(&CachedEntry {
             digest: digest.to_string(),
+            content_digest: content_digest.to_string(),
             answer,
         })
         .map_err(|e| StoreError::Encode {
@@ -407,7 +581,7 @@ impl Store {
                 reason: e.to_string(),
             })?;
         self.releases
-            .insert(query_id.as_bytes(), bytes)
+            .insert(id.bytes(), bytes)
             .map_err(db_err("writing the release cache"))?;
         self.flush()?;
         Ok(stored.answer)
@@ -468,6 +642,8 @@ mod tests {
     use super::*;
     use phm_policies::model::Period;
 
+    const DELTA: f64 = 1e-9;
+
     fn charge(ledger: &str, total: f64) -> LedgerCharge {
         LedgerCharge {
             ledger: ledger.into(),
@@ -475,6 +651,29 @@ mod tests {
             period_label: "2026-11".into(),
             total,
             per_query_cap: 1.0,
+            delta_total: 1e-6,
+        }
+    }
+
+    fn pure(epsilon: f64) -> Spend {
+        Spend {
+            epsilon,
+            ..Spend::ZERO
+        }
+    }
+
+    fn spend(
+        store: &Store,
+        charges: &[LedgerCharge],
+        eps: f64,
+    ) -> Result<Vec<LedgerState>, StoreError> {
+        store.check_and_spend(charges, pure(eps), DELTA)
+    }
+
+    fn key<'a>(requester_id: &'a str, query_id: &'a str) -> QueryKey<'a> {
+        QueryKey {
+            requester_id,
+            query_id,
         }
     }
 
@@ -484,31 +683,28 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let req = charge("requester:dsu", 10.0);
         let proj = charge("project:p1", 1.0);
-        let states = store
-            .check_and_spend(&[req.clone(), proj.clone()], 0.75)
-            .unwrap();
+        let states = spend(&store, &[req.clone(), proj.clone()], 0.75).unwrap();
         assert_eq!(states.len(), 2);
         assert_eq!(states[1].remaining(), 0.25);
         // The project ledger cannot take 0.5 more: nothing is spent anywhere.
-        let err = store
-            .check_and_spend(&[req.clone(), proj.clone()], 0.5)
-            .unwrap_err();
+        let err = spend(&store, &[req.clone(), proj.clone()], 0.5).unwrap_err();
         match err {
             StoreError::BudgetExhausted {
-                ledger, remaining, ..
+                ledger,
+                remaining,
+                measure,
+                ..
             } => {
                 assert_eq!(ledger, "project:p1");
+                assert_eq!(measure, "epsilon");
                 assert!((remaining - 0.25).abs() < 1e-12);
             }
             other => panic!("unexpected {other}"),
         }
-        assert_eq!(store.spent(&req.key()).unwrap(), 0.75);
-        assert_eq!(store.spent(&proj.key()).unwrap(), 0.75);
+        assert_eq!(store.spent(&req.key()).unwrap(), pure(0.75));
+        assert_eq!(store.spent(&proj.key()).unwrap(), pure(0.75));
         // The message names the ledger and what is left.
-        let msg = store
-            .check_and_spend(&[req, proj], 0.5)
-            .unwrap_err()
-            .to_string();
+        let msg = spend(&store, &[req, proj], 0.5).unwrap_err().to_string();
         assert!(msg.contains("project:p1") && msg.contains("0.25"), "{msg}");
     }
 
@@ -518,14 +714,71 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let c = charge("requester:a", 0.3);
         for _ in 0..3 {
-            store
-                .check_and_spend(std::slice::from_ref(&c), 0.1)
-                .unwrap();
+            spend(&store, std::slice::from_ref(&c), 0.1).unwrap();
         }
         assert!(matches!(
-            store.check_and_spend(&[c], 0.1),
+            spend(&store, &[c], 0.1),
             Err(StoreError::BudgetExhausted { .. })
         ));
+    }
+
+    #[test]
+    fn thresholded_queries_spend_delta_until_the_delta_budget_is_gone() {
+        // F1: a thresholded query may release a one-person key with probability up
+        // to its delta whatever its epsilon, so deltas add up and are budgeted: a
+        // delta budget of 1e-6 takes exactly 1000 thresholded queries at 1e-9.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = charge("requester:a", 1e9);
+        let one = Spend {
+            epsilon: 1e-3,
+            delta: 1e-9,
+            rho: 0.0,
+        };
+        for i in 0..1000 {
+            store
+                .check_and_spend(std::slice::from_ref(&c), one, DELTA)
+                .unwrap_or_else(|e| panic!("query {i}: {e}"));
+        }
+        match store.check_and_spend(std::slice::from_ref(&c), one, DELTA) {
+            Err(StoreError::BudgetExhausted { measure, .. }) => assert_eq!(measure, "delta"),
+            other => panic!("the 1001st thresholded query must be refused on delta: {other:?}"),
+        }
+        let held = store.spent(&c.key()).unwrap();
+        assert!((held.delta - 1e-6).abs() < 1e-15, "{held:?}");
+    }
+
+    #[test]
+    fn gaussian_spends_compose_in_rho_on_the_ledger() {
+        // Ten Gaussian queries each worth epsilon 0.5 on their own: summing converted
+        // epsilons would exhaust a budget of 3 after six; composed in rho they fit.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = charge("requester:a", 3.0);
+        let one = Spend {
+            rho: phm_policies::accounting::rho_for(0.5, DELTA),
+            ..Spend::ZERO
+        };
+        let mut last = None;
+        for i in 0..10 {
+            last = Some(
+                store
+                    .check_and_spend(std::slice::from_ref(&c), one, DELTA)
+                    .unwrap_or_else(|e| panic!("query {i}: {e}")),
+            );
+        }
+        let state = &last.unwrap()[0];
+        let (eps, delta) = Spend {
+            rho: one.rho * 10.0,
+            ..Spend::ZERO
+        }
+        .effective(DELTA);
+        assert!(
+            (state.spent - eps).abs() < 1e-12 && state.spent < 3.0,
+            "{state:?}"
+        );
+        assert_eq!(state.delta_spent, delta);
+        assert!(state.sums.rho > 0.0 && state.sums.epsilon == 0.0);
     }
 
     #[test]
@@ -533,16 +786,72 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let c = charge("requester:a", 5.0);
-        store
-            .check_and_spend(std::slice::from_ref(&c), 2.0)
-            .unwrap();
-        let audited = [(c.key(), 1.5), ("project:p/2026-11".to_string(), 0.7)]
-            .into_iter()
-            .collect();
+        spend(&store, std::slice::from_ref(&c), 2.0).unwrap();
+        let lost = Spend {
+            epsilon: 0.7,
+            delta: 3e-9,
+            rho: 0.01,
+        };
+        let audited = [
+            (c.key(), pure(1.5)),
+            ("project:p/2026-11".to_string(), lost),
+        ]
+        .into_iter()
+        .collect();
         let fixed = store.reconcile(&audited).unwrap();
-        assert_eq!(fixed, vec![("project:p/2026-11".to_string(), 0.0, 0.7)]);
-        assert_eq!(store.spent(&c.key()).unwrap(), 2.0, "never lowered");
-        assert_eq!(store.spent("project:p/2026-11").unwrap(), 0.7);
+        assert_eq!(
+            fixed,
+            vec![("project:p/2026-11".to_string(), Spend::ZERO, lost)]
+        );
+        assert_eq!(store.spent(&c.key()).unwrap(), pure(2.0), "never lowered");
+        assert_eq!(store.spent("project:p/2026-11").unwrap(), lost);
+    }
+
+    #[test]
+    fn a_period_change_carries_the_overlapping_spend() {
+        // F13: spent 4 of 5 in November under monthly periods; the policy switches to
+        // quarterly. The quarter 2026-Q4 must start at 4, not at 0.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let month = charge("requester:a", 5.0);
+        spend(&store, std::slice::from_ref(&month), 4.0).unwrap();
+        let quarter = LedgerCharge {
+            period: Period::Quarter,
+            period_label: "2026-Q4".into(),
+            ..charge("requester:a", 5.0)
+        };
+        assert!(matches!(
+            spend(&store, std::slice::from_ref(&quarter), 1.5),
+            Err(StoreError::BudgetExhausted { .. })
+        ));
+        let states = spend(&store, std::slice::from_ref(&quarter), 1.0).unwrap();
+        assert!((states[0].spent - 5.0).abs() < 1e-12, "{states:?}");
+        assert_eq!(store.held("requester:a", "2026-Q4").unwrap(), pure(5.0));
+        // A month of another quarter is not carried.
+        let september = LedgerCharge {
+            period_label: "2026-09".into(),
+            ..charge("requester:a", 5.0)
+        };
+        spend(&store, std::slice::from_ref(&september), 5.0).unwrap();
+    }
+
+    #[test]
+    fn an_old_eight_byte_ledger_entry_reads_as_pure_epsilon() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .ledger
+            .insert(b"requester:a/2026-11", &1.25f64.to_be_bytes())
+            .unwrap();
+        assert_eq!(store.spent("requester:a/2026-11").unwrap(), pure(1.25));
+        store
+            .ledger
+            .insert(b"requester:b/2026-11", &[1u8; 5])
+            .unwrap();
+        assert!(matches!(
+            store.spent("requester:b/2026-11"),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -552,14 +861,28 @@ mod tests {
         let c = charge("requester:a", 1.0);
         for eps in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert!(matches!(
-                store.check_and_spend(std::slice::from_ref(&c), eps),
+                spend(&store, std::slice::from_ref(&c), eps),
                 Err(StoreError::InvalidSpend(_))
             ));
         }
+        let bad_delta = Spend {
+            epsilon: 0.1,
+            delta: f64::NAN,
+            rho: 0.0,
+        };
         assert!(matches!(
-            store.check_and_spend(&[], 0.1),
-            Err(StoreError::NoLedger)
+            store.check_and_spend(std::slice::from_ref(&c), bad_delta, DELTA),
+            Err(StoreError::InvalidSpend(_))
         ));
+        let rho_without_conversion = Spend {
+            rho: 0.01,
+            ..Spend::ZERO
+        };
+        assert!(matches!(
+            store.check_and_spend(std::slice::from_ref(&c), rho_without_conversion, 0.0),
+            Err(StoreError::InvalidSpend(_))
+        ));
+        assert!(matches!(spend(&store, &[], 0.1), Err(StoreError::NoLedger)));
     }
 
     #[test]
@@ -568,12 +891,10 @@ mod tests {
         let c = charge("requester:a", 5.0);
         {
             let store = Store::open(dir.path()).unwrap();
-            store
-                .check_and_spend(std::slice::from_ref(&c), 1.5)
-                .unwrap();
+            spend(&store, std::slice::from_ref(&c), 1.5).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.spent(&c.key()).unwrap(), 1.5);
+        assert_eq!(store.spent(&c.key()).unwrap(), pure(1.5));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -587,7 +908,7 @@ mod tests {
             let store = store.clone();
             let charges = charges.clone();
             tasks.push(tokio::task::spawn_blocking(move || {
-                store.check_and_spend(&charges, 0.1)
+                spend(&store, &charges, 0.1)
             }));
         }
         let mut ok = 0;
@@ -599,31 +920,46 @@ mod tests {
             }
         }
         assert_eq!(ok, 50);
-        let spent = store.spent(&charges[1].key()).unwrap();
+        let spent = store.spent(&charges[1].key()).unwrap().epsilon;
         assert!(spent <= 5.0 + SPEND_TOLERANCE, "{spent}");
         assert!((spent - 5.0).abs() < 1e-9, "{spent}");
-        assert!((store.spent(&charges[0].key()).unwrap() - 5.0).abs() < 1e-9);
+        assert!((store.spent(&charges[0].key()).unwrap().epsilon - 5.0).abs() < 1e-9);
     }
 
     #[test]
-    fn release_cache_hits_same_digest_and_flags_reuse() {
+    fn release_cache_hits_same_digest_recognises_retries_and_flags_reuse() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        let q1 = key("dsu", "q1");
         assert_eq!(
-            store.cached_release::<Vec<f64>>("q1", "d1").unwrap(),
+            store.cached_release::<Vec<f64>>(&q1, "d1", "c1").unwrap(),
             CacheLookup::Miss
         );
-        let released = store.store_release("q1", "d1", &vec![1.5, 2.5]).unwrap();
+        let released = store
+            .store_release(&q1, "d1", "c1", &vec![1.5, 2.5])
+            .unwrap();
         assert_eq!(released, vec![1.5, 2.5]);
         assert_eq!(
-            store.cached_release::<Vec<f64>>("q1", "d1").unwrap(),
+            store.cached_release::<Vec<f64>>(&q1, "d1", "c1").unwrap(),
             CacheLookup::Hit(vec![1.5, 2.5])
         );
+        // Re-signed with a new nonce: other digest, same content.
         assert_eq!(
-            store.cached_release::<Vec<f64>>("q1", "d2").unwrap(),
+            store.cached_release::<Vec<f64>>(&q1, "d2", "c1").unwrap(),
+            CacheLookup::Retry(vec![1.5, 2.5])
+        );
+        assert_eq!(
+            store.cached_release::<Vec<f64>>(&q1, "d3", "c3").unwrap(),
             CacheLookup::Conflict {
                 cached_digest: "d1".into()
             }
+        );
+        // F9: ids are a per-requester namespace.
+        assert_eq!(
+            store
+                .cached_release::<Vec<f64>>(&key("other", "q1"), "d9", "c9")
+                .unwrap(),
+            CacheLookup::Miss
         );
     }
 
@@ -653,19 +989,20 @@ mod tests {
     async fn query_id_lock_serialises_the_same_id_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let g1 = store.lock_query_id("q").await;
-        // A different id is not blocked.
-        let _g2 = store.lock_query_id("other").await;
+        let g1 = store.lock_query_id(&key("dsu", "q")).await;
+        // A different id, or the same id of another requester, is not blocked.
+        let _g2 = store.lock_query_id(&key("dsu", "other")).await;
+        let _g2b = store.lock_query_id(&key("other", "q")).await;
         let blocked = tokio::time::timeout(
             std::time::Duration::from_millis(50),
-            store.lock_query_id("q"),
+            store.lock_query_id(&key("dsu", "q")),
         )
         .await;
         assert!(blocked.is_err());
         drop(g1);
         let _g3 = tokio::time::timeout(
             std::time::Duration::from_millis(500),
-            store.lock_query_id("q"),
+            store.lock_query_id(&key("dsu", "q")),
         )
         .await
         .unwrap();

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use phm_node::audit::{AuditLog, AuditRecord, Outcome, verify_log};
-use phm_node::store::{CacheLookup, Store};
+use phm_node::store::{CacheLookup, QueryKey, Store};
 use phm_policies::LedgerCharge;
 use phm_policies::model::Period;
 use std::io::{BufRead, BufReader, Write};
@@ -28,6 +28,7 @@ fn charges() -> Vec<LedgerCharge> {
             period_label: "2026-11".into(),
             total: 1e9,
             per_query_cap: 1.0,
+            delta_total: 1e-6,
         })
         .collect()
 }
@@ -50,6 +51,8 @@ fn record(qid: &str) -> AuditRecord {
         reason: None,
         reasons: vec![],
         epsilon_spent: EPS,
+        delta_spent: 0.0,
+        ledger_spend: None,
         ledgers: vec![],
         charged: charges().iter().map(|c| c.key()).collect(),
         policy_version: "v".into(),
@@ -73,9 +76,26 @@ fn crash_child() {
                 let charges = charges();
                 for i in 0.. {
                     let qid = format!("q-{pid}-{t}-{i}");
-                    store.check_and_spend(&charges, EPS).expect("spend");
                     store
-                        .store_release(&qid, &format!("digest-{qid}"), &EPS)
+                        .check_and_spend(
+                            &charges,
+                            phm_policies::Spend {
+                                epsilon: EPS,
+                                ..phm_policies::Spend::ZERO
+                            },
+                            1e-9,
+                        )
+                        .expect("spend");
+                    store
+                        .store_release(
+                            &QueryKey {
+                                requester_id: "dsu",
+                                query_id: &qid,
+                            },
+                            &format!("digest-{qid}"),
+                            "",
+                            &EPS,
+                        )
                         .expect("cache");
                     audit.append(&record(&qid)).expect("audit");
                     let mut out = std::io::stdout().lock();
@@ -136,8 +156,8 @@ fn kill9_mid_burst_never_undercounts() {
         let report = verify_log(&dir.path().join("audit.log"))
             .unwrap_or_else(|e| panic!("round {round}: audit chain broken after kill -9: {e}"));
         let store = Store::open(dir.path()).unwrap();
-        let spent = store.spent(&charges()[0].key()).unwrap();
-        let project = store.spent(&charges()[1].key()).unwrap();
+        let spent = store.spent(&charges()[0].key()).unwrap().epsilon;
+        let project = store.spent(&charges()[1].key()).unwrap().epsilon;
         assert_eq!(
             spent.to_bits(),
             project.to_bits(),
@@ -152,7 +172,14 @@ fn kill9_mid_burst_never_undercounts() {
         for qid in &released {
             assert_eq!(
                 store
-                    .cached_release::<f64>(qid, &format!("digest-{qid}"))
+                    .cached_release::<f64>(
+                        &QueryKey {
+                            requester_id: "dsu",
+                            query_id: qid,
+                        },
+                        &format!("digest-{qid}"),
+                        "",
+                    )
                     .unwrap(),
                 CacheLookup::Hit(EPS),
                 "round {round}: released answer {qid} missing from the cache"

@@ -25,7 +25,8 @@ struct Running {
 
 async fn start(f: &Fixture, pki: &TestPki) -> Running {
     let text = format!(
-        r#"policy = "policy.toml"
+        r#"federation_id = "ics-test"
+policy = "policy.toml"
 data_dir = "state"
 listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
@@ -33,6 +34,7 @@ metrics_listen = "127.0.0.1:0"
 cert = "{}"
 key = "{}"
 client_ca = "{}"
+allowed_clients = ["san:dsu-client"]
 [limits]
 max_concurrent_queries = 8
 query_deadline_ms = 20000
@@ -170,15 +172,9 @@ async fn serves_queries_over_mutual_tls_and_shuts_down_cleanly() {
     let d = client
         .describe(proto::DescribeRequest {
             proof: Some(
-                RequesterProof::signed(
-                    ProofOp::Describe,
-                    "dsu".into(),
-                    None,
-                    now_ms(),
-                    nonce(),
-                    &f.dsu,
-                )
-                .into(),
+                RequesterProof::new("ics-test", "dsu", None, now_ms(), nonce())
+                    .sign(ProofOp::Describe, &f.dsu)
+                    .into(),
             ),
         })
         .await
@@ -199,15 +195,9 @@ async fn serves_queries_over_mutual_tls_and_shuts_down_cleanly() {
     let b = client
         .budget(proto::BudgetRequest {
             proof: Some(
-                RequesterProof::signed(
-                    ProofOp::Budget,
-                    "dsu".into(),
-                    None,
-                    now_ms(),
-                    nonce(),
-                    &f.dsu,
-                )
-                .into(),
+                RequesterProof::new("ics-test", "dsu", None, now_ms(), nonce())
+                    .sign(ProofOp::Budget, &f.dsu)
+                    .into(),
             ),
         })
         .await

@@ -42,7 +42,7 @@ async fn answers_then_serves_the_identical_release_from_the_cache() {
     assert_eq!(first.node_id, "A81001");
     assert_eq!(first.population_noisy, 240.0);
     assert!((first.epsilon_remaining - 9.75).abs() < 1e-9);
-    assert_eq!(svc.store().spent(&dsu_key()).unwrap(), 0.25);
+    assert_eq!(svc.store().spent(&dsu_key()).unwrap().epsilon, 0.25);
 
     // The same signed query, even later: identical answer, no new spend.
     let later = chrono::Utc::now() + chrono::Duration::hours(2);
@@ -50,7 +50,7 @@ async fn answers_then_serves_the_identical_release_from_the_cache() {
     assert!(again.cached);
     assert_eq!(again.release, first.release);
     assert_eq!(again.epsilon_remaining, first.epsilon_remaining);
-    assert_eq!(svc.store().spent(&dsu_key()).unwrap(), 0.25);
+    assert_eq!(svc.store().spent(&dsu_key()).unwrap().epsilon, 0.25);
 
     // Same id, different question: refused.
     let mut other = signed.body.clone();
@@ -145,7 +145,7 @@ async fn authentication_freshness_and_replay_refusals_are_audited() {
     assert_eq!(e.reason, DenialReason::Replayed);
 
     // Nothing but the one answer spent budget; every decision is audited.
-    assert!((svc.store().spent(&dsu_key()).unwrap() - 0.1).abs() < 1e-12);
+    assert!((svc.store().spent(&dsu_key()).unwrap().epsilon - 0.1).abs() < 1e-12);
     let lines = audit_lines(&f);
     assert_eq!(lines.len(), n + 3);
     assert!(lines.iter().all(|l| l["client_identity"] == peer));
@@ -204,7 +204,7 @@ async fn policy_and_budget_refusals_name_their_reasons() {
     svc.query(sign(count_by_imd("dsu", 0.1), &f.dsu), "p", now)
         .await
         .unwrap();
-    assert!((svc.store().spent(&dsu_key()).unwrap() - 0.5).abs() < 1e-12);
+    assert!((svc.store().spent(&dsu_key()).unwrap().epsilon - 0.5).abs() < 1e-12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -230,7 +230,7 @@ async fn concurrent_queries_never_overspend() {
             Err(d) => panic!("unexpected refusal {d}"),
         }
     }
-    let spent = svc.store().spent(&dsu_key()).unwrap();
+    let spent = svc.store().spent(&dsu_key()).unwrap().epsilon;
     assert_eq!(answered + exhausted, N);
     assert_eq!(answered, 50, "5.0 / 0.1 queries fit");
     assert!(spent <= 5.0 + 1e-9, "overspent: {spent}");
@@ -258,7 +258,7 @@ async fn concurrent_identical_queries_spend_once() {
     }
     assert_eq!(answers.iter().filter(|a| !a.cached).count(), 1);
     assert!(answers.iter().all(|a| a.release == answers[0].release));
-    assert!((svc.store().spent(&dsu_key()).unwrap() - 0.3).abs() < 1e-12);
+    assert!((svc.store().spent(&dsu_key()).unwrap().epsilon - 0.3).abs() < 1e-12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +280,7 @@ async fn a_missed_deadline_keeps_the_spend_and_a_retry_gets_the_answer() {
     assert!(e.message.contains("deadline"), "{}", e.message);
     // The query finishes in the background; everything drains.
     assert!(svc.drain(Duration::from_secs(30)).await);
-    assert!((svc.store().spent(&dsu_key()).unwrap() - 0.2).abs() < 1e-12);
+    assert!((svc.store().spent(&dsu_key()).unwrap().epsilon - 0.2).abs() < 1e-12);
     let lines = audit_lines(&f);
     assert!(lines.iter().any(|l| l["decision"] == "allowed"));
     assert!(lines.iter().any(|l| l["reason"] == "UNAVAILABLE"));
@@ -326,14 +326,14 @@ fn proof(
     project: Option<&str>,
     key: &ed25519_dalek::SigningKey,
 ) -> RequesterProof {
-    RequesterProof::signed(
-        op,
-        who.into(),
+    RequesterProof::new(
+        "ics-test",
+        who,
         project.map(String::from),
         now_ms(),
         nonce(),
-        key,
     )
+    .sign(op, key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,13 +500,15 @@ async fn reload_applies_valid_policies_and_keeps_the_old_one_on_invalid_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_ledger_is_restored_from_the_audit_log_at_start() {
     let f = fixture(10.0);
-    let config_text = r#"policy = "policy.toml"
+    let config_text = r#"federation_id = "ics-test"
+policy = "policy.toml"
 data_dir = "state"
 listen = "127.0.0.1:0"
 [tls]
 cert = "unused.pem"
 key = "unused.key"
 client_ca = "unused-ca.pem"
+allowed_clients = ["san:coordinator-client"]
 "#;
     let config =
         phm_node::config::NodeConfig::parse(&f.dir.path().join("node.toml"), config_text).unwrap();
@@ -528,6 +530,172 @@ client_ca = "unused-ca.pem"
     // sled detects); the verified audit log still records 0.9 spent.
     std::fs::remove_dir_all(f.data_dir.join("ledger.sled")).unwrap();
     let node = phm_node::cli::Node::start(config).await.unwrap();
-    let spent = node.service().store().spent(&dsu_key()).unwrap();
+    let spent = node.service().store().spent(&dsu_key()).unwrap().epsilon;
     assert!((spent - 0.9).abs() < 1e-9, "ledger restored to {spent}");
+}
+
+/// The fixture's policy with `sex` thresholded (no declared domain) and the dsu's
+/// delta budget set to `delta_budget`.
+fn thresholded_policy(f: &Fixture, delta_budget: f64) -> String {
+    policy_text(f, "\"planning\", \"direct_care\"")
+        .replace(
+            "  group = \"declared\"\n  domain = [\"F\", \"M\", \"U\"]",
+            "  group = \"threshold\"",
+        )
+        .replace(
+            "per_query_cap = 1 }",
+            &format!("per_query_cap = 1, delta = {delta_budget:e} }}"),
+        )
+}
+
+fn count_by_sex(epsilon: f64) -> phm_proto::QueryBody {
+    let mut q = count_by_imd("dsu", epsilon);
+    q.group_by = vec![GroupKey::Column("sex".into())];
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thresholded_queries_spend_delta_until_the_delta_budget_refuses_them() {
+    // F1: each thresholded query can release a one-person key with probability up to
+    // its delta whatever its epsilon; the ledger counts delta and refuses once the
+    // period's delta budget is spent.
+    let f = fixture(10.0);
+    let svc = service(&f, limits()).await;
+    std::fs::write(&f.policy_path, thresholded_policy(&f, 3e-9)).unwrap();
+    assert!(matches!(
+        reload(&svc, &f.policy_path).await,
+        ReloadOutcome::Applied(_)
+    ));
+    let now = chrono::Utc::now();
+    for i in 0..3 {
+        let a = svc
+            .query(sign(count_by_sex(0.1), &f.dsu), "p", now)
+            .await
+            .unwrap_or_else(|e| panic!("thresholded query {i}: {e}"));
+        assert_eq!(a.release.delta_spent, 1e-9, "the release states its delta");
+    }
+    let e = svc
+        .query(sign(count_by_sex(0.1), &f.dsu), "p", now)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, DenialReason::BudgetExhausted, "{e}");
+    assert!(e.message.contains("delta"), "{}", e.message);
+    // A declared-domain query spends no delta and is still answered.
+    let a = svc
+        .query(sign(count_by_imd("dsu", 0.1), &f.dsu), "p", now)
+        .await
+        .unwrap();
+    assert_eq!(a.release.delta_spent, 0.0);
+    let held = svc.store().spent(&dsu_key()).unwrap();
+    assert!((held.delta - 3e-9).abs() < 1e-18, "{held:?}");
+    assert!((held.epsilon - 0.4).abs() < 1e-12, "{held:?}");
+    // The audit log and the Budget RPC show delta.
+    let lines = audit_lines(&f);
+    assert_eq!(lines[0]["delta_spent"], 1e-9);
+    let b = svc
+        .budget(proof(ProofOp::Budget, "dsu", None, &f.dsu), "p", now)
+        .await
+        .unwrap();
+    assert!((b.ledgers[0].delta_spent - 3e-9).abs() < 1e-18);
+    assert_eq!(b.ledgers[0].delta_total, 3e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thresholded_query_needs_the_minimum_epsilon_share_before_any_spend() {
+    let f = fixture(10.0);
+    let svc = service(&f, limits()).await;
+    std::fs::write(&f.policy_path, thresholded_policy(&f, 1e-6)).unwrap();
+    assert!(matches!(
+        reload(&svc, &f.policy_path).await,
+        ReloadOutcome::Applied(_)
+    ));
+    // 0.01 split over COUNT and key selection gives 0.005 < the default 0.01.
+    let e = svc
+        .query(sign(count_by_sex(0.01), &f.dsu), "p", chrono::Utc::now())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, DenialReason::PolicyDenied, "{e}");
+    assert!(
+        e.reasons
+            .iter()
+            .any(|r| r.contains("release.min_threshold_epsilon")),
+        "{:?}",
+        e.reasons
+    );
+    assert_eq!(svc.store().spent(&dsu_key()).unwrap().epsilon, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_signed_for_another_federation_is_refused_without_spend() {
+    // F15: the federation id is the signature's audience.
+    let f = fixture(10.0);
+    let svc = service(&f, limits()).await;
+    let mut q = count_by_imd("dsu", 0.1);
+    q.federation_id = "another-ics".into();
+    let e = svc
+        .query(sign(q, &f.dsu), "p", chrono::Utc::now())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, DenialReason::Unauthenticated, "{e}");
+    assert!(e.message.contains("another-ics"), "{}", e.message);
+    let other_proof = RequesterProof::new("another-ics", "dsu", None, now_ms(), nonce())
+        .sign(ProofOp::Budget, &f.dsu);
+    let e = svc
+        .budget(other_proof, "p", chrono::Utc::now())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, DenialReason::Unauthenticated, "{e}");
+    assert_eq!(svc.store().spent(&dsu_key()).unwrap().epsilon, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_ids_are_per_requester_retries_are_free_and_cache_hits_are_re_decided() {
+    let f = fixture(10.0);
+    let svc = service(&f, limits()).await;
+    let now = chrono::Utc::now();
+    let mut q = count_by_imd("dsu", 0.25);
+    q.query_id = "q-shared".into();
+    let first = svc.query(sign(q.clone(), &f.dsu), "p", now).await.unwrap();
+
+    // F9: another requester may use the same id; it learns nothing of the first.
+    let mut r = count_by_imd("researcher", 0.25);
+    r.query_id = "q-shared".into();
+    r.purpose = Purpose::Research;
+    r.project_id = Some(PROJECT.into());
+    let theirs = svc.query(sign(r, &f.researcher), "p", now).await.unwrap();
+    assert!(
+        !theirs.cached,
+        "a different requester's id is not a cache hit"
+    );
+
+    // The same question re-signed (new nonce and time), as `phm query --query-id`
+    // does on a retry: the stored answer, no new spend.
+    let mut retry = q.clone();
+    retry.nonce = nonce();
+    retry.issued_at_unix_ms = now_ms();
+    let again = svc
+        .query(sign(retry.clone(), &f.dsu), "p", now)
+        .await
+        .unwrap();
+    assert!(again.cached);
+    assert_eq!(again.release, first.release);
+    assert!((svc.store().spent(&dsu_key()).unwrap().epsilon - 0.25).abs() < 1e-12);
+    // A re-signed retry is a new message: a second copy of it is a replay. (The
+    // message that was answered first stays idempotent: a relay may resend it.)
+    let e = svc.query(sign(retry, &f.dsu), "p", now).await.unwrap_err();
+    assert_eq!(e.reason, DenialReason::Replayed, "{e}");
+    let e = svc.query(sign(q.clone(), &f.dsu), "p", now).await;
+    assert!(
+        e.is_ok_and(|a| a.cached),
+        "the answered message is idempotent"
+    );
+
+    // The policy no longer allows planning: even a cached answer is refused.
+    std::fs::write(&f.policy_path, policy_text(&f, "\"direct_care\"")).unwrap();
+    assert!(matches!(
+        reload(&svc, &f.policy_path).await,
+        ReloadOutcome::Applied(_)
+    ));
+    let e = svc.query(sign(q, &f.dsu), "p", now).await.unwrap_err();
+    assert_eq!(e.reason, DenialReason::PolicyDenied, "{e}");
 }

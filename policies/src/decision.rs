@@ -46,6 +46,8 @@ pub enum RefusalKind {
     ProjectOnlyForResearch,
     EpsilonInvalid,
     EpsilonOverCap,
+    /// A thresholded query gives key selection less than `release.min_threshold_epsilon`.
+    ThresholdEpsilonTooSmall,
     UnsupportedAggregate,
     OptOutMissing,
 }
@@ -61,6 +63,8 @@ pub struct LedgerCharge {
     /// Epsilon the ledger holds per period.
     pub total: f64,
     pub per_query_cap: f64,
+    /// Delta the ledger holds per period.
+    pub delta_total: f64,
 }
 
 impl LedgerCharge {
@@ -129,7 +133,14 @@ pub struct Limits {
     /// Total epsilon this query spends at this node (what was requested, within caps).
     pub epsilon: f64,
     pub mechanism: Mechanism,
+    /// The policy's per-release delta: the thresholding share and the Gaussian
+    /// conversion delta.
     pub delta: f64,
+    /// What this query spends on every ledger, planned before it runs; the engine
+    /// noises to exactly these amounts.
+    pub spend: crate::accounting::Spend,
+    /// Epsilon given to key selection when keys are thresholded (0 otherwise).
+    pub threshold_epsilon: f64,
     pub min_reportable_count: f64,
     pub rounding: Rounding,
     pub scope: Scope,

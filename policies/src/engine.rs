@@ -3,6 +3,7 @@
 //! explanation can never disagree with the decision it explains.
 
 use crate::Policy;
+use crate::accounting::{self, Spend};
 use crate::decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
     Refusal, RefusalKind,
@@ -43,6 +44,47 @@ pub fn period_label(period: Period, now: DateTime<Utc>) -> String {
         Period::Day => now.format("%Y-%m-%d").to_string(),
         Period::Month => now.format("%Y-%m").to_string(),
         Period::Quarter => format!("{}-Q{}", now.year(), (now.month() - 1) / 3 + 1),
+    }
+}
+
+/// The first and last day a period label covers ("2026-11-23", "2026-11", "2026-Q4").
+pub fn period_span(label: &str) -> Option<(chrono::NaiveDate, chrono::NaiveDate)> {
+    use chrono::NaiveDate;
+    let parts: Vec<&str> = label.split('-').collect();
+    let year: i32 = parts.first()?.parse().ok()?;
+    let month_end = |y: i32, m: u32| {
+        let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+        NaiveDate::from_ymd_opt(ny, nm, 1).and_then(|d| d.pred_opt())
+    };
+    match parts.as_slice() {
+        [_, m, d] => {
+            let day = NaiveDate::from_ymd_opt(year, m.parse().ok()?, d.parse().ok()?)?;
+            Some((day, day))
+        }
+        [_, q] if q.starts_with('Q') => {
+            let n: u32 = q[1..].parse().ok()?;
+            if !(1..=4).contains(&n) {
+                return None;
+            }
+            let first = NaiveDate::from_ymd_opt(year, 3 * n - 2, 1)?;
+            Some((first, month_end(year, 3 * n)?))
+        }
+        [_, m] => {
+            let m: u32 = m.parse().ok()?;
+            Some((NaiveDate::from_ymd_opt(year, m, 1)?, month_end(year, m)?))
+        }
+        _ => None,
+    }
+}
+
+/// Do two period labels cover a common day? A ledger's spend under one period kind
+/// still counts when the policy switches to another (month → quarter), so a period
+/// change never opens a fresh budget for time already spent. Unparseable labels
+/// are taken to overlap (fail closed).
+pub fn periods_overlap(a: &str, b: &str) -> bool {
+    match (period_span(a), period_span(b)) {
+        (Some((a0, a1)), Some((b0, b1))) => a0 <= b1 && b0 <= a1,
+        _ => true,
     }
 }
 
@@ -245,6 +287,10 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
         exclude_opted_out = check_opt_out(policy, q, d, &mut t);
     }
     check_epsilon(policy, q, requester, project, &mut t);
+    let thresholded = group_by
+        .iter()
+        .any(|g: &GroupLimits| g.domain == GroupDomain::Thresholded);
+    let (spend, threshold_epsilon) = plan_spend(policy, q, thresholded, &mut t);
 
     let mut charges = Vec::new();
     let mut charge = |ledger: String, b: &Budget, t: &mut Trace, rule: String| {
@@ -254,14 +300,17 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
             period_label: period_label(b.period, now),
             total: b.epsilon,
             per_query_cap: b.per_query_cap,
+            delta_total: b.delta,
         };
         t.allow(
             format!("budget {}", c.key()),
             rule,
             format!(
-                "epsilon {} to be charged against {} per {}",
+                "epsilon {} (delta {:e}) to be charged against {} (delta {:e}) per {}",
                 q.epsilon,
+                spend.delta,
                 b.epsilon,
+                b.delta,
                 b.period.as_str()
             ),
         );
@@ -314,6 +363,8 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
             epsilon: q.epsilon,
             mechanism: r.mechanism,
             delta: r.delta,
+            spend,
+            threshold_epsilon,
             min_reportable_count: r.min_reportable_count,
             rounding: r.rounding,
             scope: r.scope,
@@ -976,6 +1027,44 @@ fn check_opt_out(policy: &Policy, q: &QueryBody, d: &Dataset, t: &mut Trace) -> 
             None
         }
     }
+}
+
+/// What the query will spend (`accounting::plan`), planned here so the ledger can
+/// be charged before anything runs; refuses a thresholded query whose key-selection
+/// share is below the policy's minimum.
+fn plan_spend(policy: &Policy, q: &QueryBody, thresholded: bool, t: &mut Trace) -> (Spend, f64) {
+    let r = &policy.file().release;
+    let e = q.epsilon;
+    let (spend, threshold_epsilon) =
+        accounting::plan(r.mechanism, e, q.aggregates.len(), thresholded, r.delta);
+    if thresholded && e.is_finite() && e > 0.0 {
+        let shares = q.aggregates.len() + 1;
+        let subject = format!("epsilon {e}");
+        if threshold_epsilon < r.min_threshold_epsilon {
+            t.refuse(
+                RefusalKind::ThresholdEpsilonTooSmall,
+                &subject,
+                "release.min_threshold_epsilon",
+                format!(
+                    "a thresholded group key needs at least {} epsilon for key selection; this \
+                     query gives it {threshold_epsilon} ({e} split over {shares} shares): ask \
+                     for at least {} epsilon, or group by a column with a declared domain",
+                    r.min_threshold_epsilon,
+                    r.min_threshold_epsilon * shares as f64
+                ),
+            );
+        } else {
+            t.allow(
+                &subject,
+                "release.min_threshold_epsilon",
+                format!(
+                    "key selection gets {threshold_epsilon} epsilon, at least {}",
+                    r.min_threshold_epsilon
+                ),
+            );
+        }
+    }
+    (spend, threshold_epsilon)
 }
 
 fn check_epsilon(

@@ -2,6 +2,7 @@
 //! function of policy, query and time, default deny) whether a query may run.
 //! No IO and no async here: callers read files and pass text in.
 
+pub mod accounting;
 pub mod decision;
 mod domain;
 mod engine;
@@ -12,11 +13,12 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use accounting::Spend;
 pub use decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
     Refusal, RefusalKind,
 };
-pub use engine::{ExplainLine, period_label};
+pub use engine::{ExplainLine, period_label, period_span, periods_overlap};
 pub use model::PolicyFile;
 
 use phm_proto::QueryBody;

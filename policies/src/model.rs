@@ -122,6 +122,11 @@ pub struct ReleaseRules {
     pub max_group_cells: u64,
     /// How long a signed query stays valid after it was issued, in seconds. Default 300.
     pub query_validity_seconds: u64,
+    /// Least epsilon a thresholded query may give to key selection (its share:
+    /// epsilon / (aggregates + 1)). Below it the threshold is set almost entirely by
+    /// delta, and many near-free queries would each release a rare key with
+    /// probability about delta. Default 0.01.
+    pub min_threshold_epsilon: f64,
 }
 
 impl Default for ReleaseRules {
@@ -135,6 +140,7 @@ impl Default for ReleaseRules {
             delta: 1e-9,
             max_group_cells: 500,
             query_validity_seconds: 300,
+            min_threshold_epsilon: 0.01,
         }
     }
 }
@@ -312,6 +318,19 @@ pub struct Budget {
     pub period: Period,
     /// Most epsilon one query may spend from this budget.
     pub per_query_cap: f64,
+    /// Total delta per period: every thresholded query spends the policy's
+    /// `release.delta`, and Gaussian releases spend it once per period for their
+    /// zCDP conversion. Default 1e-6 (a thousand thresholded queries per period at
+    /// the default release delta of 1e-9).
+    #[serde(default = "default_budget_delta")]
+    pub delta: f64,
+}
+
+/// Default delta budget per period.
+pub const DEFAULT_BUDGET_DELTA: f64 = 1e-6;
+
+fn default_budget_delta() -> f64 {
+    DEFAULT_BUDGET_DELTA
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -696,6 +696,7 @@ fn count() -> Aggregate {
 
 fn query() -> QueryBody {
     QueryBody {
+        federation_id: "ics-test".into(),
         query_id: "q1".into(),
         requester_id: "dsu".into(),
         purpose: Purpose::Planning,
@@ -756,6 +757,14 @@ fn cmp(column: &str, op: CompareOp, value: Literal) -> Predicate {
 type Case = (&'static str, fn(&mut QueryBody), RefusalKind);
 
 const REFUSAL_CASES: &[Case] = &[
+    (
+        "thresholded key with too small an epsilon share",
+        |q| {
+            q.group_by = vec![GroupKey::Column("place".into())];
+            q.epsilon = 0.01;
+        },
+        RefusalKind::ThresholdEpsilonTooSmall,
+    ),
     (
         "unknown requester",
         |q| q.requester_id = "mallory".into(),
@@ -1126,6 +1135,7 @@ fn every_refusal_kind_has_a_test() {
         ProjectOnlyForResearch,
         EpsilonInvalid,
         EpsilonOverCap,
+        ThresholdEpsilonTooSmall,
         UnsupportedAggregate,
         OptOutMissing,
     ];
@@ -1154,6 +1164,7 @@ fn every_refusal_kind_has_a_test() {
             | ProjectOnlyForResearch
             | EpsilonInvalid
             | EpsilonOverCap
+            | ThresholdEpsilonTooSmall
             | UnsupportedAggregate
             | OptOutMissing => {}
         }
@@ -1302,6 +1313,60 @@ fn threshold_keys_and_direct_care_without_opt_out() {
     };
     assert_eq!(l.group_by[0].domain, GroupDomain::Thresholded);
     assert_eq!(l.exclude_opted_out, None);
+    // F1: key selection is (epsilon, delta)-DP: the plan charges the policy's delta.
+    assert_eq!(l.spend.delta, l.delta);
+    assert!(l.threshold_epsilon > 0.0);
+    assert!(l.charges.iter().all(|c| c.delta_total > 0.0));
+}
+
+#[test]
+fn declared_domains_spend_no_delta_and_gaussian_plans_rho() {
+    let q = query();
+    let Decision::Allow(l) = decide(&base(), &q, now()) else {
+        panic!("denied")
+    };
+    assert_eq!(l.spend.delta, 0.0);
+    assert_eq!(l.spend.epsilon, q.epsilon);
+    let text = BASE.replacen(
+        "[release]\n",
+        "[release]\nmechanism = \"discrete_gaussian\"\n",
+        1,
+    );
+    let p = Policy::parse("g.toml", &text).unwrap();
+    let Decision::Allow(l) = decide(&p, &q, now()) else {
+        panic!("denied")
+    };
+    assert!(l.spend.rho > 0.0 && l.spend.epsilon == 0.0 && l.spend.delta == 0.0);
+    let (eps, delta) = l.spend.effective(l.delta);
+    assert!(eps <= q.epsilon && eps > q.epsilon * 0.999, "{eps}");
+    assert_eq!(delta, l.delta);
+}
+
+#[test]
+fn a_gaussian_policy_without_delta_and_bad_delta_budgets_are_refused_at_validation() {
+    // F11: refused when the policy is loaded, not after each query's spend.
+    let text = BASE.replacen(
+        "delta = 1e-9\n",
+        "mechanism = \"discrete_gaussian\"\ndelta = 0.0\n",
+        1,
+    );
+    let errs = Policy::parse("g.toml", &text).unwrap_err();
+    assert!(
+        errs.0
+            .iter()
+            .any(|e| e.field == "release.delta" && e.message.contains("discrete_gaussian")),
+        "{errs:?}"
+    );
+    let text = BASE.replacen(
+        "per_query_cap = 0.8 }",
+        "per_query_cap = 0.8, delta = 0.5 }",
+        1,
+    );
+    let errs = Policy::parse("d.toml", &text).unwrap_err();
+    assert!(
+        errs.0.iter().any(|e| e.field.ends_with("budget.delta")),
+        "{errs:?}"
+    );
 }
 
 #[test]

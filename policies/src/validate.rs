@@ -3,7 +3,7 @@
 //! is located in the text by the caller.
 
 use crate::domain::{self, MAX_DOMAIN};
-use crate::model::{Budget, Column, ColumnType, Dataset, Grouping, PolicyFile};
+use crate::model::{Budget, Column, ColumnType, Dataset, Grouping, Mechanism, PolicyFile};
 use phm_proto::Purpose;
 use std::collections::BTreeMap;
 
@@ -132,6 +132,26 @@ fn release(f: &PolicyFile, p: &mut Problems) {
             p,
             "release.delta",
             format!("delta {} must be at least 0 and below 0.001", r.delta),
+        );
+    } else if r.mechanism == Mechanism::DiscreteGaussian && r.delta <= 0.0 {
+        // Refused here, not per query: otherwise every Gaussian query would be
+        // charged and then fail in the engine.
+        push(
+            p,
+            "release.delta",
+            "mechanism = \"discrete_gaussian\" needs release.delta above 0 (its zCDP \
+             guarantee converts to (epsilon, delta)-DP only for delta > 0)"
+                .to_string(),
+        );
+    }
+    if !(r.min_threshold_epsilon.is_finite() && r.min_threshold_epsilon > 0.0) {
+        push(
+            p,
+            "release.min_threshold_epsilon",
+            format!(
+                "min_threshold_epsilon {} must be a finite number above 0",
+                r.min_threshold_epsilon
+            ),
         );
     }
     if !(r.min_reportable_count.is_finite() && r.min_reportable_count >= 0.0) {
@@ -426,6 +446,17 @@ fn budget(b: &Budget, ctx: &str, path: &str, p: &mut Problems) {
             format!(
                 "{ctx}: budget epsilon {} must be a finite number above 0",
                 b.epsilon
+            ),
+        );
+    }
+    if !(b.delta.is_finite() && b.delta >= 0.0 && b.delta < 1e-3) {
+        push(
+            p,
+            format!("{path}.delta"),
+            format!(
+                "{ctx}: budget delta {} must be at least 0 and below 0.001 per {}",
+                b.delta,
+                b.period.as_str()
             ),
         );
     }

@@ -44,6 +44,7 @@ fn all_samples_are_valid() {
 
 fn query(sql_dataset: &str, purpose: phm_proto::Purpose) -> phm_proto::QueryBody {
     phm_proto::QueryBody {
+        federation_id: "ics-test".into(),
         query_id: "q1".into(),
         requester_id: "dsu".into(),
         purpose,

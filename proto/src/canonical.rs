@@ -169,6 +169,7 @@ impl QueryBody {
     /// this function invalidates every outstanding signature.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let QueryBody {
+            federation_id,
             query_id,
             requester_id,
             purpose,
@@ -183,6 +184,7 @@ impl QueryBody {
         } = self;
         let mut e = Encoder::default();
         e.0.extend_from_slice(QUERY_TAG);
+        e.str(federation_id);
         e.str(query_id);
         e.str(requester_id);
         e.purpose(*purpose);
@@ -223,13 +225,15 @@ impl QueryBody {
 }
 
 impl RequesterProof {
-    /// The bytes signed for a Describe or Budget request.
+    /// The bytes signed for a Describe, Budget or GetResult request.
     pub fn canonical_bytes(&self, op: ProofOp) -> Vec<u8> {
         let mut e = Encoder::default();
         e.0.extend_from_slice(PROOF_TAG);
         e.str(op.as_str());
+        e.str(&self.federation_id);
         e.str(&self.requester_id);
         e.opt_str(self.project_id.as_deref());
+        e.opt_str(self.subject.as_deref());
         e.i64(self.issued_at_unix_ms);
         e.bytes(&self.nonce);
         e.0
@@ -242,6 +246,7 @@ mod tests {
 
     fn sample() -> QueryBody {
         QueryBody {
+            federation_id: "ics-test".into(),
             query_id: "q-1".into(),
             requester_id: "dsu".into(),
             purpose: Purpose::Planning,
@@ -311,12 +316,14 @@ mod tests {
     #[test]
     fn bytes_are_pinned() {
         // Pins the format: if this digest changes, every signature in the field breaks.
+        // (Changed once, deliberately, when the federation id became part of what is
+        // signed: signatures made before that are no longer valid anywhere.)
         let bytes = sample().canonical_bytes();
         assert!(bytes.starts_with(QUERY_TAG));
-        assert_eq!(bytes.len(), 265, "canonical layout changed");
+        assert_eq!(bytes.len(), 277, "canonical layout changed");
         assert_eq!(
             sample().digest(),
-            "f71c2d29a87631b6aea4f67a47c1daefb4fd8e17609ebeb36e7cd6bad321d8a1"
+            "8b3b235ee76a3a939f81aa7b8b4c6861e1ddacbb8824d5e7b39a1a4ede5e5ab4"
         );
     }
 
@@ -329,6 +336,7 @@ mod tests {
             f(&mut q);
             variants.push((name, q));
         };
+        push("federation_id", &|q| q.federation_id.push('x'));
         push("query_id", &|q| q.query_id.push('x'));
         push("requester_id", &|q| q.requester_id = "dsv".into());
         push("purpose", &|q| q.purpose = Purpose::Research);
@@ -435,6 +443,8 @@ mod tests {
     #[test]
     fn proof_bytes_bind_operation() {
         let p = RequesterProof {
+            federation_id: "ics-test".into(),
+            subject: None,
             requester_id: "dsu".into(),
             project_id: None,
             issued_at_unix_ms: 1,
@@ -445,5 +455,42 @@ mod tests {
             p.canonical_bytes(ProofOp::Describe),
             p.canonical_bytes(ProofOp::Budget)
         );
+        assert_ne!(
+            p.canonical_bytes(ProofOp::Budget),
+            p.canonical_bytes(ProofOp::GetResult)
+        );
+    }
+
+    #[test]
+    fn proof_bytes_bind_federation_and_subject() {
+        let p = RequesterProof {
+            federation_id: "ics-a".into(),
+            subject: Some("q-1".into()),
+            requester_id: "dsu".into(),
+            project_id: None,
+            issued_at_unix_ms: 1,
+            nonce: vec![0; 16],
+            signature: vec![],
+        };
+        let base = p.canonical_bytes(ProofOp::GetResult);
+        let other_fed = RequesterProof {
+            federation_id: "ics-b".into(),
+            ..p.clone()
+        };
+        let other_subject = RequesterProof {
+            subject: Some("q-2".into()),
+            ..p.clone()
+        };
+        let no_subject = RequesterProof {
+            subject: None,
+            ..p.clone()
+        };
+        for (what, q) in [
+            ("federation", other_fed),
+            ("subject", other_subject),
+            ("no subject", no_subject),
+        ] {
+            assert_ne!(q.canonical_bytes(ProofOp::GetResult), base, "{what}");
+        }
     }
 }

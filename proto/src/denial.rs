@@ -45,7 +45,9 @@ impl Denial {
 
     pub fn code(&self) -> tonic::Code {
         match self.reason {
-            DenialReason::PolicyDenied => tonic::Code::PermissionDenied,
+            DenialReason::PolicyDenied | DenialReason::PermissionDenied => {
+                tonic::Code::PermissionDenied
+            }
             DenialReason::BudgetExhausted | DenialReason::Overloaded => {
                 tonic::Code::ResourceExhausted
             }
@@ -114,6 +116,7 @@ pub fn reason_name(r: DenialReason) -> &'static str {
         DenialReason::Overloaded => "OVERLOADED",
         DenialReason::Unavailable => "UNAVAILABLE",
         DenialReason::Internal => "INTERNAL",
+        DenialReason::PermissionDenied => "PERMISSION_DENIED",
     }
 }
 
@@ -145,6 +148,23 @@ mod tests {
             "BUDGET_EXHAUSTED"
         );
         assert_eq!(Denial::from_status(&s), d);
+    }
+
+    #[test]
+    fn permission_denied_is_its_own_reason_with_the_grpc_code() {
+        let d = Denial::new(
+            DenialReason::PermissionDenied,
+            "this node answers only its coordinator",
+        );
+        let s = d.to_status();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            s.metadata().get(REASON_METADATA_KEY).unwrap(),
+            "PERMISSION_DENIED"
+        );
+        let back = Denial::from_status(&s);
+        assert_eq!(back.reason, DenialReason::PermissionDenied);
+        assert_eq!(back, d);
     }
 
     #[test]

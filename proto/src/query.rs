@@ -261,6 +261,10 @@ pub struct Aggregate {
 /// Everything a requester signs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueryBody {
+    /// The federation the requester signed this for; every node and the coordinator
+    /// refuses a query for another federation (an audience, so a signature is not
+    /// valid in a second federation that lists the same key).
+    pub federation_id: String,
     pub query_id: String,
     pub requester_id: String,
     pub purpose: Purpose,
@@ -327,6 +331,8 @@ pub struct SignedQuery {
 pub enum ProofOp {
     Describe,
     Budget,
+    /// Read (or replay) a stored combined result; the proof's subject is the query id.
+    GetResult,
 }
 
 impl ProofOp {
@@ -334,13 +340,18 @@ impl ProofOp {
         match self {
             ProofOp::Describe => "describe",
             ProofOp::Budget => "budget",
+            ProofOp::GetResult => "get_result",
         }
     }
 }
 
-/// A signed "it is me asking" for Describe and Budget.
+/// A signed "it is me asking" for Describe, Budget and GetResult.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequesterProof {
+    /// The federation the proof is for.
+    pub federation_id: String,
+    /// What the proof is about (the query id for GetResult), if anything.
+    pub subject: Option<String>,
     pub requester_id: String,
     pub project_id: Option<String>,
     pub issued_at_unix_ms: i64,
@@ -733,7 +744,9 @@ impl TryFrom<proto::AggregateQuery> for SignedQuery {
             issued_at_unix_ms,
             nonce,
             signature,
+            federation_id,
         } = q;
+        check_id("federation_id", &federation_id, true)?;
         check_id("query_id", &query_id, true)?;
         check_id("requester_id", &requester_id, true)?;
         check_id("project_id", &project_id, false)?;
@@ -785,6 +798,7 @@ impl TryFrom<proto::AggregateQuery> for SignedQuery {
         }
         Ok(SignedQuery {
             body: QueryBody {
+                federation_id,
                 query_id,
                 requester_id,
                 purpose,
@@ -809,6 +823,7 @@ impl From<SignedQuery> for proto::AggregateQuery {
     fn from(q: SignedQuery) -> Self {
         let SignedQuery { body, signature } = q;
         let QueryBody {
+            federation_id,
             query_id,
             requester_id,
             purpose,
@@ -834,6 +849,7 @@ impl From<SignedQuery> for proto::AggregateQuery {
             issued_at_unix_ms,
             nonce,
             signature,
+            federation_id,
         }
     }
 }
@@ -847,14 +863,20 @@ impl TryFrom<proto::RequesterProof> for RequesterProof {
             issued_at_unix_ms,
             nonce,
             signature,
+            federation_id,
+            subject,
         } = p;
+        check_id("proof.federation_id", &federation_id, true)?;
         check_id("proof.requester_id", &requester_id, true)?;
         check_id("proof.project_id", &project_id, false)?;
+        check_id("proof.subject", &subject, false)?;
         if issued_at_unix_ms <= 0 {
             return Err(ProtocolError::Missing("proof.issued_at_unix_ms"));
         }
         check_nonce(&nonce)?;
         Ok(RequesterProof {
+            federation_id,
+            subject: (!subject.is_empty()).then_some(subject),
             requester_id,
             project_id: (!project_id.is_empty()).then_some(project_id),
             issued_at_unix_ms,
@@ -867,6 +889,8 @@ impl TryFrom<proto::RequesterProof> for RequesterProof {
 impl From<RequesterProof> for proto::RequesterProof {
     fn from(p: RequesterProof) -> Self {
         proto::RequesterProof {
+            federation_id: p.federation_id,
+            subject: p.subject.unwrap_or_default(),
             requester_id: p.requester_id,
             project_id: p.project_id.unwrap_or_default(),
             issued_at_unix_ms: p.issued_at_unix_ms,

@@ -60,24 +60,36 @@ impl SignedQuery {
 }
 
 impl RequesterProof {
-    /// Build and sign a proof for `op`.
-    pub fn signed(
-        op: ProofOp,
-        requester_id: String,
+    /// An unsigned proof by `requester_id` (under `project_id`) for `federation_id`;
+    /// name a subject with [`RequesterProof::about`], then [`RequesterProof::sign`].
+    pub fn new(
+        federation_id: impl Into<String>,
+        requester_id: impl Into<String>,
         project_id: Option<String>,
         issued_at_unix_ms: i64,
         nonce: Vec<u8>,
-        key: &SigningKey,
     ) -> RequesterProof {
-        let mut p = RequesterProof {
-            requester_id,
+        RequesterProof {
+            federation_id: federation_id.into(),
+            subject: None,
+            requester_id: requester_id.into(),
             project_id,
             issued_at_unix_ms,
             nonce,
             signature: Vec::new(),
-        };
-        p.signature = key.sign(&p.canonical_bytes(op)).to_bytes().to_vec();
-        p
+        }
+    }
+
+    /// The thing this proof is about (the query id, for GetResult).
+    pub fn about(mut self, subject: impl Into<String>) -> RequesterProof {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// Sign for `op`.
+    pub fn sign(mut self, op: ProofOp, key: &SigningKey) -> RequesterProof {
+        self.signature = key.sign(&self.canonical_bytes(op)).to_bytes().to_vec();
+        self
     }
 
     pub fn verify(&self, op: ProofOp, key: &VerifyingKey) -> Result<(), SignatureError> {
@@ -118,6 +130,7 @@ mod tests {
 
     fn body() -> QueryBody {
         QueryBody {
+            federation_id: "ics-test".into(),
             query_id: "q".into(),
             requester_id: "dsu".into(),
             purpose: Purpose::Planning,

@@ -13,19 +13,60 @@ pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A TLS channel to `endpoint` trusting `certs/ca.pem`, presenting
-/// `certs/<client>.pem` when `client` is given.
+/// People's client certificates `phm synth` issues (people CA).
+pub const PEOPLE_CERTS: [&str; 2] = ["dsu-client", "researcher-client"];
+
+/// The coordinator's client certificate (infrastructure CA), which every node pins.
+pub const RELAY_CERT: &str = "coordinator-client";
+
+/// A TLS channel to `endpoint` trusting `certs/ca.pem` (the infrastructure CA every
+/// server certificate chains to), presenting `certs/<client>.pem` when `client` is
+/// given.
+///
+/// Calling a node directly stands in, in most tests, for the coordinator relaying an
+/// analyst's signed query: the requester is whoever signed it. Nodes now answer only
+/// their pinned coordinator identity, and trust only the infrastructure CA, so when
+/// `endpoint` is one of the nodes of the ICS that `certs` belongs to, a person's
+/// certificate (`PEOPLE_CERTS`) is replaced by the coordinator's relay certificate.
+/// Tests about which certificate a node accepts use [`channel_exact`] instead.
 pub async fn channel(endpoint: &str, certs: &Path, client: Option<&str>) -> Result<Channel> {
+    let client = match client {
+        Some(name) if PEOPLE_CERTS.contains(&name) && is_ics_node(certs, endpoint) => {
+            Some(RELAY_CERT)
+        }
+        other => other,
+    };
+    let identity = client.map(|name| {
+        (
+            certs.join(format!("{name}.pem")),
+            certs.join(format!("{name}.key")),
+        )
+    });
+    channel_exact(
+        endpoint,
+        &certs.join("ca.pem"),
+        identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+    .await
+}
+
+/// A TLS channel to `endpoint` trusting the CA certificate(s) in `ca` and presenting
+/// exactly the given certificate and key (none when `identity` is `None`).
+pub async fn channel_exact(
+    endpoint: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Channel> {
     init_crypto();
-    let ca = std::fs::read_to_string(certs.join("ca.pem")).context("read ca.pem")?;
+    let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("read {}", ca.display()))?;
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
+        .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
-    if let Some(name) = client {
-        let cert = std::fs::read_to_string(certs.join(format!("{name}.pem")))
-            .with_context(|| format!("read {name}.pem"))?;
-        let key = std::fs::read_to_string(certs.join(format!("{name}.key")))
-            .with_context(|| format!("read {name}.key"))?;
+    if let Some((cert, key)) = identity {
+        let cert =
+            std::fs::read_to_string(cert).with_context(|| format!("read {}", cert.display()))?;
+        let key =
+            std::fs::read_to_string(key).with_context(|| format!("read {}", key.display()))?;
         tls = tls.identity(Identity::from_pem(cert, key));
     }
     let ch = Channel::from_shared(endpoint.to_string())?
@@ -34,6 +75,27 @@ pub async fn channel(endpoint: &str, certs: &Path, client: Option<&str>) -> Resu
         .await
         .with_context(|| format!("connect to {endpoint}"))?;
     Ok(ch)
+}
+
+/// Is `endpoint` the `listen` address of a node.toml in the ICS whose `certs` folder
+/// this is (`<ics>/certs`, nodes at `<ics>/<ODS>/node.toml`)?
+fn is_ics_node(certs: &Path, endpoint: &str) -> bool {
+    let Some(root) = certs.parent() else {
+        return false;
+    };
+    let addr = endpoint
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        std::fs::read_to_string(e.path().join("node.toml"))
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("listen").and_then(|v| v.as_str()).map(str::to_string))
+            .is_some_and(|listen| listen == addr)
+    })
 }
 
 pub fn load_key(path: &Path) -> SigningKey {
@@ -83,6 +145,7 @@ pub fn body(
     epsilon: f64,
 ) -> QueryBody {
     QueryBody {
+        federation_id: crate::FEDERATION_ID.into(),
         query_id: format!("e2e-{}", hex_id()),
         requester_id: requester.into(),
         purpose,
@@ -171,14 +234,14 @@ pub fn proof(
     project: Option<&str>,
     key: &SigningKey,
 ) -> proto::RequesterProof {
-    phm_proto::RequesterProof::signed(
-        op,
-        requester.into(),
+    phm_proto::RequesterProof::new(
+        crate::FEDERATION_ID,
+        requester,
         project.map(str::to_string),
         now_ms(),
         nonce(),
-        key,
     )
+    .sign(op, key)
     .into()
 }
 

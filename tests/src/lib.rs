@@ -18,6 +18,10 @@ pub struct Bins {
     pub coordinator: PathBuf,
 }
 
+/// The federation id `phm synth` writes (`phm::synth::FEDERATION_ID`); test requesters
+/// sign for it.
+pub const FEDERATION_ID: &str = "synthetic-ics";
+
 /// Build (if needed) and locate `phm`, `phm-node` and `phm-coordinator` in the same
 /// target directory as this test binary, so `cargo test --workspace` alone suffices.
 pub fn bins() -> &'static Bins {
@@ -317,7 +321,9 @@ impl RunningCoordinator {
     }
 }
 
-fn wait_listening(addr: &str, proc: &mut Proc) {
+/// Wait until `addr` accepts TCP connections; panic with the process's log if it exits
+/// first or takes more than 120 s.
+pub fn wait_listening(addr: &str, proc: &mut Proc) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if std::net::TcpStream::connect(addr).is_ok() {

@@ -291,6 +291,7 @@ fn dsu(dataset: &str, key: &str) -> Requester {
             epsilon: 20.0,
             period: Period::Month,
             per_query_cap: 1.0,
+            delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
         revoked: false,
     }
@@ -308,6 +309,7 @@ fn researcher(key: &str) -> Requester {
             epsilon: 6.0,
             period: Period::Quarter,
             per_query_cap: 1.0,
+            delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
         revoked: false,
     }
@@ -331,6 +333,7 @@ fn research_project() -> Result<Project, String> {
             epsilon: 4.0,
             period: Period::Quarter,
             per_query_cap: 1.0,
+            delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
     })
 }
@@ -346,6 +349,7 @@ pub fn policy(org: &Org, pcns: &[String], keys: &RequesterKeys) -> Result<Policy
         delta: 1e-9,
         max_group_cells: 500,
         query_validity_seconds: 300,
+        min_threshold_epsilon: 0.01,
     };
     let mut requesters = vec![dsu(&org.dataset, &keys.dsu)];
     let mut projects = Vec::new();
@@ -409,6 +413,7 @@ fn quote(s: &str) -> String {
 pub fn node_toml(org: &Org, port: u16) -> String {
     format!(
         "# Node of {name} ({ods}); written by `phm synth`. Paths are relative to this file.\n\
+         federation_id = {federation}\n\
          policy = \"policy.toml\"\n\
          data_dir = \"state\"\n\
          listen = \"127.0.0.1:{port}\"\n\
@@ -417,15 +422,27 @@ pub fn node_toml(org: &Org, port: u16) -> String {
          [tls]\n\
          cert = \"../certs/{ods}.pem\"\n\
          key = \"../certs/{ods}.key\"\n\
-         client_ca = \"../certs/ca.pem\"\n",
+         # The infrastructure CA only: analysts' certificates (people CA) cannot even\n\
+         # complete a handshake with this node.\n\
+         client_ca = \"../certs/{infra_ca}.pem\"\n\
+         # The one client this node answers: the coordinator's relay identity.\n\
+         allowed_clients = [\"san:{relay}\"]\n",
         name = org.name,
         ods = org.ods_code,
+        federation = quote(super::FEDERATION_ID),
+        infra_ca = crate::certs::INFRA_CA,
+        relay = super::COORDINATOR_CLIENT_CERT,
     )
 }
 
-pub fn coordinator_toml(orgs: &[(Org, u16)], port: u16) -> String {
+pub fn coordinator_toml(
+    orgs: &[(Org, u16)],
+    port: u16,
+    requesters: &std::collections::BTreeMap<String, String>,
+) -> String {
     let mut s = format!(
         "# ICS coordinator of the synthetic ICS; written by `phm synth`.\n\
+         federation_id = {federation}\n\
          listen = \"127.0.0.1:{port}\"\n\
          data_dir = \"state\"\n\
          node_deadline_ms = 30000\n\
@@ -434,12 +451,14 @@ pub fn coordinator_toml(orgs: &[(Org, u16)], port: u16) -> String {
          [tls]\n\
          cert = \"../certs/coordinator.pem\"\n\
          key = \"../certs/coordinator.key\"\n\
-         client_ca = \"../certs/ca.pem\"\n\
+         # Analysts' and researchers' certificates come from the people CA.\n\
+         client_ca = \"../certs/{people_ca}.pem\"\n\
          \n\
+         # The identity every node pins; infrastructure CA, like the nodes' certificates.\n\
          [client_tls]\n\
-         cert = \"../certs/coordinator-client.pem\"\n\
-         key = \"../certs/coordinator-client.key\"\n\
-         ca = \"../certs/ca.pem\"\n\
+         cert = \"../certs/{relay}.pem\"\n\
+         key = \"../certs/{relay}.key\"\n\
+         ca = \"../certs/{infra_ca}.pem\"\n\
          \n\
          # GP registrations: every person belongs to one practice, so practice counts add up\n\
          # to distinct people. The other datasets can hold one person at several partners.\n\
@@ -453,7 +472,11 @@ pub fn coordinator_toml(orgs: &[(Org, u16)], port: u16) -> String {
          total_kind = \"sum_of_partner_counts\"\n\
          \n\
          [datasets.la_residents]\n\
-         total_kind = \"sum_of_partner_counts\"\n"
+         total_kind = \"sum_of_partner_counts\"\n",
+        federation = quote(super::FEDERATION_ID),
+        people_ca = crate::certs::PEOPLE_CA,
+        infra_ca = crate::certs::INFRA_CA,
+        relay = super::COORDINATOR_CLIENT_CERT,
     );
     for (org, node_port) in orgs {
         s.push_str(&format!(
@@ -473,5 +496,73 @@ pub fn coordinator_toml(orgs: &[(Org, u16)], port: u16) -> String {
             quote(&org.dataset)
         ));
     }
+    // The requester directory: Submit and GetResult verify requesters' signatures
+    // with these keys, so a stored result goes back only to whoever asked for it.
+    for (id, key) in requesters {
+        s.push_str(&format!(
+            "\n[[requesters]]\nid = {}\npublic_key = {}\n",
+            quote(id),
+            quote(key)
+        ));
+    }
     s
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+    use std::path::Path;
+
+    fn trust() -> Org {
+        Org {
+            ods_code: "RW2".into(),
+            name: "Wolds and Coast Hospitals".into(),
+            kind: OrgKind::AcuteTrust,
+            place: Some("Coast".into()),
+            pcn: None,
+            dataset: "acute_admissions".into(),
+            registered_population: None,
+        }
+    }
+
+    #[test]
+    fn node_toml_pins_the_coordinator_and_trusts_only_the_infrastructure_ca() {
+        let text = node_toml(&trust(), 50052);
+        let c = phm_node::config::NodeConfig::parse(Path::new("/ics/RW2/node.toml"), &text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.federation_id, super::super::FEDERATION_ID);
+        assert_eq!(c.tls.client_ca, Path::new("/ics/RW2/../certs/ca.pem"));
+        assert_eq!(
+            c.tls.allowed_clients,
+            vec![phm_node::config::ClientPin::San(
+                super::super::COORDINATOR_CLIENT_CERT.into()
+            )]
+        );
+    }
+
+    #[test]
+    fn coordinator_toml_trusts_the_people_ca_and_relays_as_the_pinned_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        for f in [
+            "coordinator.pem",
+            "coordinator.key",
+            "coordinator-client.pem",
+            "coordinator-client.key",
+            "ca.pem",
+            "people-ca.pem",
+        ] {
+            std::fs::write(certs.join(f), "-----BEGIN X-----\nMA==\n-----END X-----\n").unwrap();
+        }
+        let cdir = dir.path().join("coordinator");
+        std::fs::create_dir_all(&cdir).unwrap();
+        let text = coordinator_toml(&[(trust(), 50052)], 50050, &Default::default());
+        let c = phm_coordinator::config::Config::from_toml(&text, &cdir.join("c.toml"), &cdir)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.federation_id, super::super::FEDERATION_ID);
+        assert!(c.tls.client_ca.ends_with("certs/people-ca.pem"));
+        assert!(c.client_tls.cert.ends_with("certs/coordinator-client.pem"));
+        assert!(c.client_tls.ca.ends_with("certs/ca.pem"));
+    }
 }

@@ -24,16 +24,20 @@ use std::time::{Duration, Instant};
 /// the year before it. Fixed so that a seed gives the same bytes on any day.
 pub const AS_OF: (i32, u32, u32) = (2026, 10, 1);
 
+/// The federation id `phm synth` writes into every node's and the coordinator's
+/// config; requesters sign their queries and proofs for it.
+pub const FEDERATION_ID: &str = "synthetic-ics";
+
 pub const MANIFEST_FILE: &str = "ics.json";
 pub const REFERENCE_FILE: &str = "reference_answers.json";
 
-/// Names of the certificates `phm synth` issues besides one per node.
-pub const SERVICE_CERTS: [&str; 4] = [
-    "coordinator",
-    "coordinator-client",
-    "dsu-client",
-    "researcher-client",
-];
+/// The coordinator's server certificate (infrastructure CA, like every node's).
+pub const COORDINATOR_SERVER_CERT: &str = "coordinator";
+/// The coordinator's client certificate towards nodes (infrastructure CA); every
+/// node.toml pins it in `tls.allowed_clients`.
+pub const COORDINATOR_CLIENT_CERT: &str = "coordinator-client";
+/// People's client certificates (people CA), which only the coordinator trusts.
+pub const PEOPLE_CERTS: [&str; 2] = ["dsu-client", "researcher-client"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
@@ -105,6 +109,10 @@ pub struct Manifest {
     pub coordinator_port: u16,
     /// Listen port per ODS code.
     pub ports: BTreeMap<String, u16>,
+    /// Requester id → Ed25519 public key (base64), for the coordinator's requester
+    /// directory.
+    #[serde(default)]
+    pub requesters: BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -192,7 +200,7 @@ pub fn write_configs(
     let path = cdir.join("coordinator.toml");
     std::fs::write(
         &path,
-        governance::coordinator_toml(&pairs, coordinator_port),
+        governance::coordinator_toml(&pairs, coordinator_port, &manifest.requesters),
     )
     .map_err(io(&path))?;
     manifest.coordinator_port = coordinator_port;
@@ -304,9 +312,25 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         dsu: dsu.public_key_base64,
         researcher: researcher.public_key_base64,
     };
-    let mut cert_names: Vec<String> = orgs.iter().map(|o| o.ods_code.clone()).collect();
-    cert_names.extend(SERVICE_CERTS.iter().map(|s| s.to_string()));
-    crate::certs::dev(&out.join("certs"), &cert_names)?;
+    let requesters: BTreeMap<String, String> = [
+        ("dsu".to_string(), keys.dsu.clone()),
+        ("researcher".to_string(), keys.researcher.clone()),
+    ]
+    .into_iter()
+    .collect();
+    // Two CAs: nodes trust only the infrastructure one for clients, so a person's
+    // certificate cannot even complete a handshake with a node.
+    let mut servers: Vec<String> = orgs.iter().map(|o| o.ods_code.clone()).collect();
+    servers.push(COORDINATOR_SERVER_CERT.to_string());
+    crate::certs::dev(
+        &out.join("certs"),
+        &crate::certs::CertPlan {
+            servers,
+            infra_clients: vec![COORDINATOR_CLIENT_CERT.to_string()],
+            people: PEOPLE_CERTS.iter().map(|s| s.to_string()).collect(),
+            legacy: Vec::new(),
+        },
+    )?;
 
     let pcn_names: Vec<String> = ics.pcns.iter().map(|(n, _)| n.clone()).collect();
     for org in &orgs {
@@ -431,6 +455,7 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         practices_not_included: ics.practices.len() - included,
         coordinator_port,
         ports: BTreeMap::new(),
+        requesters,
     };
     write_configs(out, &mut manifest, coordinator_port, &node_ports)?;
 

@@ -202,6 +202,7 @@ pub async fn start_node(pki: &Pki, id: &str, behaviour: Behaviour) -> RunningNod
                 epsilon_spent: 1.0,
                 epsilon_remaining: 9.0,
                 per_query_cap: 1.0,
+                ..Default::default()
             }],
             policy_version: "v1".into(),
         },
@@ -259,9 +260,12 @@ impl Reg {
 
 /// Write coordinator.toml into `pki.dir` (relative paths) and load it.
 pub fn coordinator_config(pki: &Pki, nodes: &[Reg], deadline_ms: u64, extra: &str) -> Config {
+    let dsu = phm_proto::signing::public_key_to_base64(&requester_key().verifying_key());
     let mut text = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\nnode_deadline_ms = {deadline_ms}\n\
+        "federation_id = \"ics-test\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"state\"\n\
+         node_deadline_ms = {deadline_ms}\n\
          {extra}\n\
+         [[requesters]]\nid = \"dsu\"\npublic_key = \"{dsu}\"\n\
          [tls]\ncert = \"certs/leaf.pem\"\nkey = \"certs/leaf.key\"\nclient_ca = \"certs/ca.pem\"\n\
          [client_tls]\ncert = \"certs/leaf.pem\"\nkey = \"certs/leaf.key\"\nca = \"certs/ca.pem\"\n"
     );
@@ -338,7 +342,14 @@ pub async fn start_coordinator(pki: &Pki, config: Config) -> RunningCoordinator 
     }
 }
 
+/// The test requester "dsu"'s key: fixed, so the coordinator's requester directory
+/// (written by `coordinator_config`) can list its public key.
 pub fn requester_key() -> SigningKey {
+    SigningKey::from_bytes(&[7u8; 32])
+}
+
+/// A key the coordinator's directory does not list for anyone.
+pub fn stranger_key() -> SigningKey {
     SigningKey::generate(&mut rand::rngs::OsRng)
 }
 
@@ -362,6 +373,7 @@ pub fn signed_query(
         });
     }
     let body = QueryBody {
+        federation_id: "ics-test".into(),
         query_id: id.into(),
         requester_id: "dsu".into(),
         purpose: Purpose::Planning,
@@ -466,4 +478,30 @@ pub async fn submit(
         }
     }
     Err(Status::internal("stream ended without a result"))
+}
+
+/// The same question re-signed with a fresh nonce and time, as `phm query --query-id`
+/// does on a retry.
+pub fn resign(q: &proto::AggregateQuery, key: &SigningKey) -> proto::AggregateQuery {
+    let mut body = phm_proto::SignedQuery::try_from(q.clone()).unwrap().body;
+    body.nonce = rand::random::<[u8; 16]>().to_vec();
+    body.issued_at_unix_ms = chrono::Utc::now().timestamp_millis();
+    body.sign(key).into()
+}
+
+/// A fresh GetResult request for `query_id`, signed by `key` as "dsu".
+pub fn get_result_request(query_id: &str, key: &SigningKey) -> proto::GetResultRequest {
+    let proof = phm_proto::RequesterProof::new(
+        "ics-test",
+        "dsu",
+        None,
+        chrono::Utc::now().timestamp_millis(),
+        rand::random::<[u8; 16]>().to_vec(),
+    )
+    .about(query_id)
+    .sign(phm_proto::ProofOp::GetResult, key);
+    proto::GetResultRequest {
+        query_id: query_id.into(),
+        proof: Some(proof.into()),
+    }
 }

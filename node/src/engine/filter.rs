@@ -12,7 +12,8 @@ use phm_policies::model::ColumnType;
 use phm_proto::{CompareOp, Literal, Predicate};
 
 use super::EngineError;
-use super::load::parse_date;
+use super::clamp::missing;
+use super::load::{parse_bool, parse_date};
 
 /// Column types of the dataset being queried.
 pub(crate) struct Columns<'a> {
@@ -32,6 +33,15 @@ impl Columns<'_> {
     }
 }
 
+/// A column as filters read it: a real column with NaN as NULL, because NaN is missing
+/// (see `clamp`), so `x IS NULL` holds for it and no comparison does.
+fn column_expr(column: &str, ty: ColumnType) -> Expr {
+    match ty {
+        ColumnType::Real => missing(ident(column)),
+        _ => ident(column),
+    }
+}
+
 /// The column as an expression, plus a literal converter for it. An integer column
 /// compared with a non-integral real is compared as real, so `age < 40.5` means what
 /// it says.
@@ -48,7 +58,7 @@ fn operand(
     let (column_expr, ty) = if as_real {
         (cast(ident(column), DataType::Float64), ColumnType::Real)
     } else {
-        (ident(column), ty)
+        (column_expr(column, ty), ty)
     };
     let lits = values
         .iter()
@@ -84,11 +94,9 @@ pub(crate) fn literal(column: &str, ty: ColumnType, v: &Literal) -> Result<Expr,
         (ColumnType::Text, Literal::Text(s)) => ScalarValue::Utf8(Some(s.clone())),
         (ColumnType::Text, Literal::Integer(i)) => ScalarValue::Utf8(Some(i.to_string())),
         (ColumnType::Boolean, Literal::Boolean(b)) => ScalarValue::Boolean(Some(*b)),
-        (ColumnType::Boolean, Literal::Text(s)) if s.eq_ignore_ascii_case("true") => {
-            ScalarValue::Boolean(Some(true))
-        }
-        (ColumnType::Boolean, Literal::Text(s)) if s.eq_ignore_ascii_case("false") => {
-            ScalarValue::Boolean(Some(false))
+        // The spellings a CSV file may use, so a filter can say what the file says.
+        (ColumnType::Boolean, Literal::Text(s)) => {
+            ScalarValue::Boolean(Some(parse_bool(s.trim()).ok_or_else(bad)?))
         }
         (ColumnType::Date, Literal::Text(s)) => {
             ScalarValue::Date32(Some(parse_date(s.trim()).ok_or_else(bad)?))
@@ -152,11 +160,11 @@ pub(crate) fn to_expr(cols: &Columns<'_>, p: &Predicate) -> Result<Expr, EngineE
             }
         }
         Predicate::IsNull { column, negated } => {
-            cols.ty(column)?;
+            let c = column_expr(column, cols.ty(column)?);
             if *negated {
-                ident(column).is_not_null()
+                c.is_not_null()
             } else {
-                ident(column).is_null()
+                c.is_null()
             }
         }
         Predicate::All(ps) => {

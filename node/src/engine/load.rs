@@ -1,12 +1,16 @@
 //! Loading a dataset at node start: check every declared column exists with a usable
 //! type and every value sits inside its declared domain, then register the data with
 //! DataFusion under an explicit schema taken from the policy. A node whose data does
-//! not match its policy must not start, so every problem names file, column and row.
+//! not match its policy must not start, so every problem names file, column and where
+//! in the file (the line of a CSV file, header = line 1; the 1-based row of a Parquet
+//! file).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use datafusion::arrow::array::{
@@ -23,8 +27,42 @@ use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::prelude::{ParquetReadOptions, SessionContext, lit};
 use phm_policies::model::{ColumnType, Dataset, Domain, Grouping, SourceFormat};
+use sha2::{Digest, Sha256};
 
-/// Why a dataset could not be loaded. The node does not start.
+use super::clamp::{MAX_VALUES_PER_CELL, names_a_person};
+
+/// Where in a file a problem is: CSV problems give the file's line (the header is line
+/// 1, so the first data row is line 2, and a quoted field spanning lines or a skipped
+/// blank line is counted as an editor would); Parquet has no lines, so its problems give
+/// the 1-based row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    Line(u64),
+    Row(u64),
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Position::Line(n) => write!(f, "line {n}"),
+            Position::Row(n) => write!(f, "row {n}"),
+        }
+    }
+}
+
+/// How many offending positions a load error lists.
+const LISTED_POSITIONS: usize = 5;
+
+fn list_positions(p: &[Position]) -> String {
+    p.iter()
+        .map(Position::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a dataset could not be loaded. The node does not start. Each message is complete
+/// on its own (dataset, file, what and where) and carries no `source()`, so a caller
+/// that prints it inside its own message shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("dataset `{dataset}`: cannot read {file}: {reason}")]
@@ -51,19 +89,54 @@ pub enum DataError {
         expected: &'static str,
         found: String,
     },
-    #[error("dataset `{dataset}`: {file}: row {row}, column `{column}`: {reason}")]
+    #[error("dataset `{dataset}`: {file}: {at}, column `{column}`: {reason}")]
     BadValue {
         dataset: String,
         file: String,
         column: String,
-        /// 1-based data row (the CSV header is not counted).
-        row: u64,
+        /// The first offending value: a CSV line or a Parquet row.
+        at: Position,
         reason: String,
+    },
+    #[error(
+        "dataset `{dataset}`: {file}: the person id `{column}` is missing (NULL, empty or blank) in {count} row(s), first at {}: every row must name its person, or contribution bounding cannot hold; remove those rows or give each its own id before loading",
+        list_positions(.first)
+    )]
+    MissingPersonId {
+        dataset: String,
+        file: String,
+        column: String,
+        /// How many rows have no person id.
+        count: u64,
+        /// Where the first few are.
+        first: Vec<Position>,
+    },
+    #[error(
+        "dataset `{dataset}`: {file}: {rows} rows is more than the {max} a node sums exactly; split the file"
+    )]
+    TooManyRows {
+        dataset: String,
+        file: String,
+        rows: u64,
+        max: i64,
     },
     #[error("dataset `{dataset}`: the policy's declaration is unusable: {reason}")]
     Declaration { dataset: String, reason: String },
     #[error("dataset `{dataset}`: the query engine refused it: {reason}")]
     Register { dataset: String, reason: String },
+}
+
+/// Runs when a query has checked the file and is about to scan it (tests only: it lets a
+/// test replace the file inside that window).
+#[cfg(test)]
+#[derive(Clone)]
+pub(crate) struct ScanHook(pub Arc<dyn Fn() + Send + Sync>);
+
+#[cfg(test)]
+impl std::fmt::Debug for ScanHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScanHook")
+    }
 }
 
 /// A dataset as registered with DataFusion.
@@ -76,25 +149,101 @@ pub(crate) struct LoadedDataset {
     /// Most rows any one person has in the whole file, measured at load. When it is within
     /// a query's bound (and the file is unchanged), bounding cannot drop anything.
     pub max_rows_per_person_observed: u64,
-    /// Parquet is read from disk at each query: size and mtime at load, so a file
-    /// replaced under a running node is noticed. `None` for data held in memory.
+    /// Parquet is read from disk at each query: the file as it was when it was
+    /// validated and measured, so a file replaced under a running node is noticed.
+    /// `None` for data held in memory.
     pub fingerprint: Option<FileFingerprint>,
+    /// Set once a change to the file has been logged, so it is logged once.
+    changed_noted: AtomicBool,
+    #[cfg(test)]
+    pub before_scan: Option<ScanHook>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+impl LoadedDataset {
+    /// True when the data are exactly what load validated and measured: always for data
+    /// held in memory; for a file, when its fingerprint is unchanged. The first time a
+    /// file is seen changed, logs that every query now runs contribution bounding.
+    pub fn file_unchanged(&self) -> bool {
+        let Some(f) = &self.fingerprint else {
+            return true;
+        };
+        if f.unchanged() {
+            return true;
+        }
+        if !self.changed_noted.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                dataset = %self.table,
+                file = %f.path.display(),
+                "the data file changed since the node loaded it: every query now runs per-person contribution bounding (slower); reload the policy (SIGHUP) to validate and measure the new file"
+            );
+        }
+        false
+    }
+}
+
+/// What identifies one version of a file without reading all of it. Every part is
+/// compared, so a change is noticed when any of them moves:
+/// - device and inode: a file renamed into place (rsync, atomic writers, `mv`) is a new
+///   inode even when its size and mtime are copied (`rsync -a`);
+/// - size, and mtime to the nanosecond;
+/// - ctime (status change) to the nanosecond: the kernel sets it on every write, rename
+///   and `utime`, and user space cannot set it back, so an in-place rewrite that
+///   restores size and mtime (`cp -p`, `touch -r`) is still noticed;
+/// - SHA-256 of the Parquet footer (schema, row groups, offsets, statistics): a
+///   rewritten file almost always differs there, which also covers file systems whose
+///   ctime or mtime are coarse or not kept (some network and FUSE mounts).
+///
+/// A full content hash was measured and not added: see notes/engine.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FileFingerprint {
     pub path: PathBuf,
-    pub len: u64,
-    pub modified: Option<SystemTime>,
+    len: u64,
+    modified: Option<SystemTime>,
+    dev_ino: Option<(u64, u64)>,
+    ctime: Option<(i64, i64)>,
+    footer: [u8; 32],
 }
 
+/// Most trailing bytes hashed as the "footer" (a Parquet footer is usually a few KiB).
+const FOOTER_MAX: u64 = 16 << 20;
+
 impl FileFingerprint {
-    fn of(path: &Path) -> std::io::Result<FileFingerprint> {
-        let meta = std::fs::metadata(path)?;
+    pub(crate) fn of(path: &Path) -> std::io::Result<FileFingerprint> {
+        // One open file for every part, so they all describe the same inode.
+        let mut f = File::open(path)?;
+        let meta = f.metadata()?;
+        let len = meta.len();
+        #[cfg(unix)]
+        let (dev_ino, ctime) = {
+            use std::os::unix::fs::MetadataExt;
+            (
+                Some((meta.dev(), meta.ino())),
+                Some((meta.ctime(), meta.ctime_nsec())),
+            )
+        };
+        #[cfg(not(unix))]
+        let (dev_ino, ctime) = (None, None);
+        // Parquet ends with the footer length (u32, little endian) and "PAR1".
+        let mut tail_len = len.min(64 << 10);
+        if len >= 12 {
+            let mut end = [0u8; 8];
+            f.seek(SeekFrom::End(-8))?;
+            f.read_exact(&mut end)?;
+            if &end[4..] == b"PAR1" {
+                let footer = u64::from(u32::from_le_bytes([end[0], end[1], end[2], end[3]]));
+                tail_len = (footer + 8).min(len).min(FOOTER_MAX);
+            }
+        }
+        let mut tail = Vec::with_capacity(usize::try_from(tail_len).unwrap_or(0));
+        f.seek(SeekFrom::Start(len - tail_len))?;
+        f.take(tail_len).read_to_end(&mut tail)?;
         Ok(FileFingerprint {
             path: path.to_path_buf(),
-            len: meta.len(),
+            len,
             modified: meta.modified().ok(),
+            dev_ino,
+            ctime,
+            footer: Sha256::digest(&tail).into(),
         })
     }
 
@@ -167,14 +316,18 @@ pub(crate) fn domain_labels(domain: &Domain) -> Result<Vec<String>, String> {
     }
 }
 
-/// Text label of value `i` of a typed array, as results render keys.
+/// Text label of value `i` of a typed array, as results render keys. NULL and NaN (which
+/// is missing, see `clamp`) have none, so they are no key.
 pub(crate) fn label_at(array: &dyn Array, i: usize) -> Option<String> {
     if array.is_null(i) {
         return None;
     }
     match array.data_type() {
         DataType::Int64 => Some(array.as_primitive::<Int64Type>().value(i).to_string()),
-        DataType::Float64 => Some(format!("{}", array.as_primitive::<Float64Type>().value(i))),
+        DataType::Float64 => {
+            let v = array.as_primitive::<Float64Type>().value(i);
+            (!v.is_nan()).then(|| format!("{v}"))
+        }
         DataType::Boolean => Some(array.as_boolean().value(i).to_string()),
         DataType::Utf8 => Some(array.as_string::<i32>().value(i).to_string()),
         DataType::Utf8View => Some(array.as_string_view().value(i).to_string()),
@@ -218,6 +371,42 @@ fn check_values(array: &dyn Array, check: &ColumnCheck) -> Result<(), (usize, St
         }
     }
     Ok(())
+}
+
+/// Rows of a person id column that name no one (NULL, empty or blank), counted, with the
+/// first few positions (0-based, within `array`) kept.
+#[derive(Debug, Default)]
+struct MissingIds {
+    count: u64,
+    first: Vec<u64>,
+}
+
+impl MissingIds {
+    /// Scans one batch of person ids whose first row is row `offset` of the file.
+    fn scan(&mut self, ids: &dyn Array, offset: u64) -> Result<(), String> {
+        let mut note = |i: usize| {
+            self.count += 1;
+            if self.first.len() < LISTED_POSITIONS {
+                self.first.push(offset + i as u64);
+            }
+        };
+        if ids.data_type().is_integer() {
+            for i in 0..ids.len() {
+                if ids.is_null(i) {
+                    note(i);
+                }
+            }
+            return Ok(());
+        }
+        let text = cast(ids, &DataType::Utf8).map_err(|e| e.to_string())?;
+        let text = text.as_string::<i32>();
+        for i in 0..text.len() {
+            if !names_a_person(text.is_valid(i).then(|| text.value(i))) {
+                note(i);
+            }
+        }
+        Ok(())
+    }
 }
 
 pub(crate) async fn load_dataset(
@@ -299,8 +488,16 @@ pub(crate) async fn load_dataset(
 
     let dataset = ds.name.clone();
     let table = TableReference::bare(ds.name.clone());
+    let read_err = |reason: String| DataError::Read {
+        dataset: dataset.clone(),
+        file: file.clone(),
+        reason,
+    };
     let (fingerprint, person_type) = match ds.source.format {
         SourceFormat::Parquet => {
+            // Taken before validation and checked again after the last measurement, so
+            // what was validated and measured is the file this fingerprint describes.
+            let fingerprint = FileFingerprint::of(&path).map_err(|e| read_err(e.to_string()))?;
             let (checks2, path2, dataset2, pid) = (
                 checks.clone(),
                 path.clone(),
@@ -311,31 +508,20 @@ pub(crate) async fn load_dataset(
                 validate_parquet(&dataset2, &path2, &checks2, &pid)
             })
             .await
-            .map_err(|e| DataError::Read {
-                dataset: dataset.clone(),
-                file: file.clone(),
-                reason: format!("validation task failed: {e}"),
-            })??;
+            .map_err(|e| read_err(format!("validation task failed: {e}")))??;
             let person_type = if person_declared {
                 None
             } else {
                 Some(person_type)
             };
             let schema = table_schema(&checks, &ds.person_id, person_type.as_ref(), true);
-            let fingerprint = FileFingerprint::of(&path).map_err(|e| DataError::Read {
-                dataset: dataset.clone(),
-                file: file.clone(),
-                reason: e.to_string(),
-            })?;
             // An empty extension: the policy names one file, whatever it is called.
             let options = ParquetReadOptions::default()
                 .file_extension("")
                 .schema(&schema);
-            let path_str = path.to_str().ok_or_else(|| DataError::Read {
-                dataset: dataset.clone(),
-                file: file.clone(),
-                reason: "path is not valid UTF-8".into(),
-            })?;
+            let path_str = path
+                .to_str()
+                .ok_or_else(|| read_err("path is not valid UTF-8".into()))?;
             ctx.register_parquet(table.clone(), path_str, options)
                 .await
                 .map_err(|e| DataError::Register {
@@ -356,11 +542,7 @@ pub(crate) async fn load_dataset(
                 read_csv(&dataset2, &path2, &checks2, &pid, pid_declared)
             })
             .await
-            .map_err(|e| DataError::Read {
-                dataset: dataset.clone(),
-                file: file.clone(),
-                reason: format!("validation task failed: {e}"),
-            })??;
+            .map_err(|e| read_err(format!("validation task failed: {e}")))??;
             let person_type = if person_declared {
                 None
             } else {
@@ -400,12 +582,22 @@ pub(crate) async fn load_dataset(
             dataset: dataset.clone(),
             reason: format!("counting rows per person: {e}"),
         })?;
+    if let Some(f) = &fingerprint
+        && !f.unchanged()
+    {
+        return Err(read_err(
+            "the file changed while it was being loaded; load again once it is complete".into(),
+        ));
+    }
     Ok(LoadedDataset {
         table,
         columns,
         person_id: ds.person_id.clone(),
         max_rows_per_person_observed: max_rows,
         fingerprint,
+        changed_noted: AtomicBool::new(false),
+        #[cfg(test)]
+        before_scan: None,
     })
 }
 
@@ -472,8 +664,17 @@ fn validate_parquet(
     let f = File::open(path).map_err(|e| read_err(e.to_string()))?;
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| read_err(e.to_string()))?;
+    let rows = builder.metadata().file_metadata().num_rows();
+    if rows > MAX_VALUES_PER_CELL {
+        return Err(DataError::TooManyRows {
+            dataset: dataset.to_string(),
+            file: file.clone(),
+            rows: u64::try_from(rows).unwrap_or(u64::MAX),
+            max: MAX_VALUES_PER_CELL,
+        });
+    }
     let schema = builder.schema().clone();
-    let mut indices = Vec::with_capacity(checks.len());
+    let mut indices = Vec::with_capacity(checks.len() + 1);
     for c in checks {
         let (idx, field) =
             schema
@@ -502,21 +703,25 @@ fn validate_parquet(
                 column: person_id.to_string(),
             });
         }
-        Some((_, f)) if compatible(f.data_type(), ColumnType::Integer) => DataType::Int64,
-        Some((_, f)) if compatible(f.data_type(), ColumnType::Text) => DataType::Utf8,
-        Some((_, f)) => {
-            return Err(DataError::WrongType {
-                dataset: dataset.to_string(),
-                file: file.clone(),
-                column: person_id.to_string(),
-                expected: "a text or integer person id",
-                found: f.data_type().to_string(),
-            });
+        Some((idx, f)) => {
+            if !indices.contains(&idx) {
+                indices.push(idx);
+            }
+            if compatible(f.data_type(), ColumnType::Integer) {
+                DataType::Int64
+            } else if compatible(f.data_type(), ColumnType::Text) {
+                DataType::Utf8
+            } else {
+                return Err(DataError::WrongType {
+                    dataset: dataset.to_string(),
+                    file: file.clone(),
+                    column: person_id.to_string(),
+                    expected: "a text or integer person id",
+                    found: f.data_type().to_string(),
+                });
+            }
         }
     };
-    if checks.is_empty() {
-        return Ok(person_type);
-    }
     let mask = ProjectionMask::roots(builder.parquet_schema(), indices.iter().copied());
     let reader = builder
         .with_projection(mask)
@@ -524,6 +729,7 @@ fn validate_parquet(
         .build()
         .map_err(|e| read_err(e.to_string()))?;
     let mut offset: u64 = 0;
+    let mut missing = MissingIds::default();
     for batch in reader {
         let batch = batch.map_err(|e| read_err(e.to_string()))?;
         for c in checks {
@@ -538,7 +744,7 @@ fn validate_parquet(
                 dataset: dataset.to_string(),
                 file: file.clone(),
                 column: c.name.clone(),
-                row: offset + i as u64 + 1,
+                at: Position::Row(offset + i as u64 + 1),
                 reason,
             };
             let typed = cast(col, &arrow_type(c.ty)).map_err(|e| bad(0, e.to_string()))?;
@@ -555,7 +761,24 @@ fn validate_parquet(
             }
             check_values(&typed, c).map_err(|(i, reason)| bad(i, reason))?;
         }
+        let Some(ids) = batch.column_by_name(person_id) else {
+            return Err(DataError::MissingColumn {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                column: person_id.to_string(),
+            });
+        };
+        missing.scan(ids.as_ref(), offset).map_err(&read_err)?;
         offset += batch.num_rows() as u64;
+    }
+    if missing.count > 0 {
+        return Err(DataError::MissingPersonId {
+            dataset: dataset.to_string(),
+            file: file.clone(),
+            column: person_id.to_string(),
+            count: missing.count,
+            first: missing.first.iter().map(|r| Position::Row(r + 1)).collect(),
+        });
     }
     Ok(person_type)
 }
@@ -577,6 +800,13 @@ fn read_csv(
         dataset: dataset.to_string(),
         file: file.clone(),
         reason,
+    };
+    // Only on the way to an error: where data record `r` (0-based, header not counted)
+    // starts in the file.
+    let at = |record: u64| match csv_record_lines(path, &[record]).as_deref() {
+        Ok([Some(line)]) => Position::Line(*line),
+        // Cannot happen for a file that just parsed; the record number is still right.
+        _ => Position::Row(record + 1),
     };
     let f = File::open(path).map_err(|e| read_err(e.to_string()))?;
     let format = Format::default().with_header(true);
@@ -618,6 +848,7 @@ fn read_csv(
         .map_err(|e| read_err(e.to_string()))?;
     let mut batches = Vec::new();
     let mut offset: u64 = 0;
+    let mut missing = MissingIds::default();
     for batch in reader {
         let batch = batch.map_err(|e| read_err(e.to_string()))?;
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(wanted.len());
@@ -626,7 +857,7 @@ fn read_csv(
                 dataset: dataset.to_string(),
                 file: file.clone(),
                 column: name.clone(),
-                row: offset + i as u64 + 1,
+                at: at(offset + i as u64),
                 reason,
             };
             let Some(text) = batch
@@ -641,14 +872,118 @@ fn read_csv(
             if let Some(c) = checks.iter().find(|c| &c.name == name) {
                 check_values(&typed, c).map_err(|(i, r)| bad(i, r))?;
             }
+            if name == person_id {
+                missing.scan(typed.as_ref(), offset).map_err(&read_err)?;
+            }
             arrays.push(typed);
         }
         let typed = RecordBatch::try_new(out_schema.clone(), arrays)
             .map_err(|e| read_err(e.to_string()))?;
         offset += batch.num_rows() as u64;
+        if offset > MAX_VALUES_PER_CELL as u64 {
+            return Err(DataError::TooManyRows {
+                dataset: dataset.to_string(),
+                file: file.clone(),
+                rows: offset,
+                max: MAX_VALUES_PER_CELL,
+            });
+        }
         batches.push(typed);
     }
+    if missing.count > 0 {
+        let first = match csv_record_lines(path, &missing.first) {
+            Ok(lines) => lines
+                .iter()
+                .zip(&missing.first)
+                .map(|(l, r)| l.map_or(Position::Row(r + 1), Position::Line))
+                .collect(),
+            Err(_) => missing.first.iter().map(|r| Position::Row(r + 1)).collect(),
+        };
+        return Err(DataError::MissingPersonId {
+            dataset: dataset.to_string(),
+            file: file.clone(),
+            column: person_id.to_string(),
+            count: missing.count,
+            first,
+        });
+    }
     Ok(batches)
+}
+
+/// The line on which each given data record (0-based, the header not counted) of a CSV
+/// file starts, following the reader's own rules (arrow-csv on csv-core: fields quoted
+/// with `"`, `""` inside quotes, records ended by `\n`, `\r` or `\r\n`, blank lines
+/// skipped), with lines counted as an editor does (a quoted field may span lines).
+/// Used only to word an error, so it reads the file again rather than slow the load.
+fn csv_record_lines(path: &Path, records: &[u64]) -> std::io::Result<Vec<Option<u64>>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        StartRecord,
+        StartField,
+        InField,
+        InQuoted,
+        /// A quote inside a quoted field: the field's end, or the first half of `""`.
+        QuoteInQuoted,
+    }
+    let mut out = vec![None; records.len()];
+    let mut remaining = records.len();
+    let mut reader = std::io::BufReader::new(File::open(path)?);
+    let mut buf = [0u8; 64 << 10];
+    let (mut line, mut record, mut prev_cr) = (1u64, 0u64, false);
+    let mut state = State::StartRecord;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        for &b in &buf[..n] {
+            let term = b == b'\n' || b == b'\r';
+            if state == State::StartRecord && !term {
+                // A record starts here: the header is record 0, data record r is r + 1.
+                if record > 0 {
+                    for (slot, r) in out.iter_mut().zip(records) {
+                        if *r + 1 == record && slot.is_none() {
+                            *slot = Some(line);
+                            remaining -= 1;
+                        }
+                    }
+                    if remaining == 0 {
+                        return Ok(out);
+                    }
+                }
+                record += 1;
+                state = State::StartField;
+            }
+            state = match (state, b) {
+                (State::StartRecord, _) => State::StartRecord,
+                (State::StartField, b'"') => State::InQuoted,
+                (State::InQuoted, b'"') => State::QuoteInQuoted,
+                (State::QuoteInQuoted, b'"') => State::InQuoted,
+                (State::InQuoted, _) => State::InQuoted,
+                (_, b',') => State::StartField,
+                (_, b'\n' | b'\r') => State::StartRecord,
+                _ => State::InField,
+            };
+            if b == b'\r' || (b == b'\n' && !prev_cr) {
+                line += 1;
+            }
+            prev_cr = b == b'\r';
+        }
+    }
+}
+
+/// A CSV boolean: true/false, t/f, yes/no, y/n or 1/0, in any case. Anything else is no
+/// boolean (so a typo is refused rather than read as false).
+pub(crate) fn parse_bool(s: &str) -> Option<bool> {
+    const TRUE: [&str; 5] = ["true", "t", "yes", "y", "1"];
+    const FALSE: [&str; 5] = ["false", "f", "no", "n", "0"];
+    if TRUE.iter().any(|t| s.eq_ignore_ascii_case(t)) {
+        Some(true)
+    } else if FALSE.iter().any(|f| s.eq_ignore_ascii_case(f)) {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 fn parse_text_column(
@@ -667,7 +1002,7 @@ fn parse_text_column(
     fn parse_all<'a, V>(
         n: usize,
         cell: impl Fn(usize) -> Option<&'a str>,
-        ty: ColumnType,
+        what: &str,
         parse: impl Fn(&str) -> Option<V>,
     ) -> Result<Vec<Option<V>>, (usize, String)> {
         (0..n)
@@ -675,27 +1010,25 @@ fn parse_text_column(
                 None => Ok(None),
                 Some(s) => parse(s)
                     .map(Some)
-                    .ok_or_else(|| (i, format!("\"{s}\" is not {}", super::type_name(ty)))),
+                    .ok_or_else(|| (i, format!("\"{s}\" is not {what}"))),
             })
             .collect()
     }
+    let what = super::type_name(ty);
     Ok(match ty {
-        ColumnType::Integer => Arc::new(Int64Array::from(parse_all(n, cell, ty, |s| {
+        ColumnType::Integer => Arc::new(Int64Array::from(parse_all(n, cell, what, |s| {
             s.parse::<i64>().ok()
         })?)),
-        ColumnType::Real => Arc::new(Float64Array::from(parse_all(n, cell, ty, |s| {
+        ColumnType::Real => Arc::new(Float64Array::from(parse_all(n, cell, what, |s| {
             s.parse::<f64>().ok()
         })?)),
-        ColumnType::Boolean => Arc::new(BooleanArray::from(parse_all(n, cell, ty, |s| {
-            if s.eq_ignore_ascii_case("true") {
-                Some(true)
-            } else if s.eq_ignore_ascii_case("false") {
-                Some(false)
-            } else {
-                None
-            }
-        })?)),
-        ColumnType::Date => Arc::new(Date32Array::from(parse_all(n, cell, ty, parse_date)?)),
+        ColumnType::Boolean => Arc::new(BooleanArray::from(parse_all(
+            n,
+            cell,
+            "a boolean (write true/false, t/f, yes/no, y/n or 1/0, in any case)",
+            parse_bool,
+        )?)),
+        ColumnType::Date => Arc::new(Date32Array::from(parse_all(n, cell, what, parse_date)?)),
         ColumnType::Text => Arc::new(StringArray::from_iter((0..n).map(cell))),
     })
 }

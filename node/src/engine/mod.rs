@@ -53,6 +53,13 @@ pub struct Release {
     /// Privacy loss actually realised by the mechanisms (OpenDP privacy maps), never
     /// more than the query's epsilon.
     pub epsilon_spent: f64,
+    /// Delta of this release: the thresholding share, plus the zCDP conversion's for
+    /// the Gaussian; 0 for a pure epsilon-DP release.
+    #[serde(default)]
+    pub delta_spent: f64,
+    /// zCDP rho of the Gaussian noise (0 for the discrete Laplace).
+    #[serde(default)]
+    pub rho_spent: f64,
     pub mechanism: Mechanism,
     pub min_reportable_count: f64,
 }
@@ -114,6 +121,16 @@ pub enum EngineError {
     Noise(String),
     #[error("privacy loss {spent} would exceed the query's epsilon {limit}; nothing released")]
     BudgetOverrun { spent: f64, limit: f64 },
+    /// Deliberately one fixed sentence with no figure from the data: it is decided on
+    /// the filtered data after the spend (see `plan`).
+    #[error(
+        "this query has too many groups to release; group by fewer or coarser columns, or narrow the filter"
+    )]
+    TooManyGroups,
+    /// A fixed-point sum could not be kept exact (a cell held more values than a node
+    /// sums exactly); nothing is released rather than a wrapped or rounded sum.
+    #[error("a sum in this query cannot be computed exactly; nothing released")]
+    SumOverflow,
 }
 
 impl Engine {
@@ -145,7 +162,10 @@ impl Engine {
         self.run(query, limits, true).await
     }
 
-    /// The same pipeline without noise or suppression, for tests and benchmarks only.
+    /// The same pipeline without noise or suppression, for tests and benchmarks only:
+    /// not in a production build (`--features bench` for the benchmark), so no caller
+    /// there can release exact figures.
+    #[cfg(any(test, feature = "bench"))]
     pub async fn execute_exact(
         &self,
         query: &phm_proto::QueryBody,

@@ -259,18 +259,7 @@ fn threshold_keys(
     Ok((keep, eps, del))
 }
 
-/// rho such that the standard zCDP -> (epsilon, delta) conversion
-/// (epsilon = rho + 2 sqrt(rho ln(1/delta))) spends exactly `epsilon`.
-fn rho_for(epsilon: f64, delta: f64) -> f64 {
-    let l = (1.0 / delta).ln();
-    let r = ((l + epsilon).sqrt() - l.sqrt()).powi(2);
-    // A hair under, so rounding can never push the conversion over epsilon.
-    r * (1.0 - 1e-9)
-}
-
-fn epsilon_of_rho(rho: f64, delta: f64) -> f64 {
-    rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
-}
+use phm_policies::accounting::epsilon_of_rho;
 
 /// Noised cells of one aggregate across keys.
 enum Noisy {
@@ -326,10 +315,20 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
         exact.retain_keys(&keep);
     }
 
-    // Budget per unit share, in the mechanism's own measure.
+    // Budget per unit share, in the mechanism's own measure. The Gaussian's rho is
+    // the one the decision planned and the ledger was charged (composed in rho).
     let unit = match limits.mechanism {
         Mechanism::DiscreteLaplace => share,
-        Mechanism::DiscreteGaussian => rho_for(epsilon - threshold_eps, delta_rest) / agg_shares,
+        Mechanism::DiscreteGaussian => {
+            let (planned, _) = phm_policies::accounting::plan(
+                limits.mechanism,
+                epsilon,
+                exact.aggregates.len(),
+                exact.thresholded,
+                limits.delta,
+            );
+            planned.rho / agg_shares
+        }
     };
     let mut noisy: Vec<Noisy> = Vec::with_capacity(exact.aggregates.len());
     let mut loss_total = 0.0;
@@ -440,11 +439,17 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
             cells,
         });
     }
+    let (delta_spent, rho_spent) = match limits.mechanism {
+        Mechanism::DiscreteLaplace => (if exact.thresholded { limits.delta } else { 0.0 }, 0.0),
+        Mechanism::DiscreteGaussian => (limits.delta, loss_total),
+    };
     Ok(Release {
         group_columns: exact.group_columns,
         aliases: exact.aggregates.iter().map(|a| a.alias.clone()).collect(),
         rows,
         epsilon_spent,
+        delta_spent,
+        rho_spent,
         mechanism: limits.mechanism,
         min_reportable_count: mrc,
     })

@@ -2,23 +2,28 @@
 //! filter, per-person contribution bounding, clamping, and grouping into the declared
 //! key domain. Everything after this (noise, rounding, suppression) works on a few
 //! numbers per group.
+//!
+//! Sums are fixed point (see `clamp`): each clamped value is a whole number of lattice
+//! steps, DataFusion sums them as Int64, and a sum is handed on as the exact f64 value
+//! of that integer. The sum is therefore an exact, order-independent function of the
+//! rows, and one person with at most m rows moves it by at most
+//! [`ValueColumn::sum_sensitivity`], never more than `m * max(|lo|, |hi|)`.
 
 use std::collections::{BTreeMap, HashMap};
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::functions::math::expr_fn::random;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{Expr, ExprFunctionExt, cast, ident, when};
+use datafusion::logical_expr::{Expr, ExprFunctionExt, cast, ident};
 use datafusion::prelude::{SessionContext, lit};
-use datafusion::scalar::ScalarValue;
 use phm_policies::model::ColumnType;
 use phm_policies::{AggregateLimits, GroupDomain, Limits};
 use phm_proto::{AggregateKind, Predicate};
 
 use super::EngineError;
-use super::clamp::clamp;
+use super::clamp::{Lattice, MAX_VALUES_PER_CELL, bin_index, clamp_units, has_person};
 use super::filter::{self, Columns};
 use super::load::{LoadedDataset, label_at};
 
@@ -30,11 +35,40 @@ const MAX_CELLS: usize = 1_000_000;
 #[derive(Debug, Clone)]
 pub(crate) struct ValueColumn {
     pub name: String,
+    /// The clamping bounds the policy declared.
     pub bounds: (f64, f64),
-    /// Sum of clamped values per key.
+    /// The fixed-point lattice the values are clamped to and summed on.
+    pub lattice: Lattice,
+    /// Exact sum of clamped, lattice-rounded values per key.
     pub sums: Vec<f64>,
-    /// Number of non-null values per key (the denominator of a mean).
+    /// Number of values per key that are neither NULL nor NaN (a mean's denominator).
     pub counts: Vec<i64>,
+}
+
+impl ValueColumn {
+    /// L1 (and L2) sensitivity of this column's vector of sums when one person has at
+    /// most `m` rows: `m` times the largest |value| one clamped, rounded row can add.
+    /// The bounds are rounded inwards onto the lattice, so this is never above
+    /// `m * max(|lo|, |hi|)`: the rounding term of the fixed-point sum is zero by
+    /// construction (see [`ValueColumn::per_row_rounding_addend`]), and the sum itself
+    /// is exact (no floating-point error to add).
+    #[allow(
+        dead_code,
+        reason = "for noise.rs: the sensitivity of `sums` (notes/engine.md)"
+    )]
+    pub fn sum_sensitivity(&self, m: i64) -> f64 {
+        m as f64 * self.lattice.max_abs()
+    }
+
+    /// What lattice rounding adds to one row's largest contribution beyond
+    /// `max(|lo|, |hi|)`: 0, because the clamping interval is the declared one rounded
+    /// inwards. Kept as a function so a sensitivity written as
+    /// `m * (max(|lo|, |hi|) + addend)` stays right if the lattice ever changes.
+    #[allow(dead_code, reason = "for noise.rs: see notes/engine.md")]
+    pub fn per_row_rounding_addend(&self) -> f64 {
+        let declared = self.bounds.0.abs().max(self.bounds.1.abs());
+        (self.lattice.max_abs() - declared).max(0.0)
+    }
 }
 
 /// Exact bounded aggregates per candidate key.
@@ -96,7 +130,8 @@ enum KeyPlan {
         labels: Vec<String>,
         index: HashMap<String, usize>,
     },
-    /// Numeric bins: index into `labels` (Int64) computed in the plan, NULL for NULL.
+    /// Numeric bins: index into `labels` (Int64) computed in the plan, NULL for NULL
+    /// and NaN.
     Bins(Vec<String>),
     /// The raw column; its observed values become labels.
     Observed,
@@ -130,241 +165,360 @@ fn invalid(msg: String) -> EngineError {
     EngineError::InvalidLimits(msg)
 }
 
-pub(crate) async fn run_exact(
-    ctx: &SessionContext,
-    ds: &LoadedDataset,
-    filter: Option<&Predicate>,
-    limits: &Limits,
-) -> Result<Exact, EngineError> {
-    let cols = Columns {
-        dataset: &limits.dataset,
-        types: &ds.columns,
-    };
-    let m = limits.max_rows_per_person;
-    if m == 0 {
-        return Err(invalid("max_rows_per_person must be at least 1".into()));
-    }
-    let mut df = ctx.table(ds.table.clone()).await?;
+/// Everything about one query that does not depend on the data: checked in full before
+/// DataFusion reads a row, so a refusal here says nothing about the data.
+struct Spec {
+    m: u32,
+    opt_out: Option<String>,
+    filter: Option<Expr>,
+    /// Group key expressions, aliased `g(i)`, then clamped values, aliased `v(j)`.
+    select: Vec<Expr>,
+    plans: Vec<KeyPlan>,
+    values: Vec<ValueColumn>,
+    thresholded: bool,
+    /// Strides and size of the declared key product (`None` when thresholded).
+    declared: Option<(Vec<usize>, usize)>,
+}
 
-    // 1. National Data Opt-out: keep only rows whose flag is FALSE, so a missing flag
-    // counts as opted out.
-    if let Some(flag) = &limits.exclude_opted_out {
-        match ds.columns.get(flag) {
-            Some(ColumnType::Boolean) => df = df.filter(ident(flag).is_false())?,
-            _ => {
-                return Err(invalid(format!(
-                    "opt-out column `{flag}` is not a boolean column of `{}`",
-                    limits.dataset
-                )));
+impl Spec {
+    fn new(
+        ds: &LoadedDataset,
+        filter: Option<&Predicate>,
+        limits: &Limits,
+    ) -> Result<Spec, EngineError> {
+        let cols = Columns {
+            dataset: &limits.dataset,
+            types: &ds.columns,
+        };
+        let m = limits.max_rows_per_person;
+        if m == 0 {
+            return Err(invalid("max_rows_per_person must be at least 1".into()));
+        }
+        let opt_out = match &limits.exclude_opted_out {
+            Some(flag) => match ds.columns.get(flag) {
+                Some(ColumnType::Boolean) => Some(flag.clone()),
+                _ => {
+                    return Err(invalid(format!(
+                        "opt-out column `{flag}` is not a boolean column of `{}`",
+                        limits.dataset
+                    )));
+                }
+            },
+            None => None,
+        };
+        let filter = filter.map(|p| filter::to_expr(&cols, p)).transpose()?;
+
+        let mut select: Vec<Expr> = Vec::new();
+        let mut plans: Vec<KeyPlan> = Vec::new();
+        let mut thresholded = false;
+        for (i, gl) in limits.group_by.iter().enumerate() {
+            let name = &gl.column.name;
+            let ty = cols_ty(&cols, name)?;
+            let (expr, plan) = match &gl.domain {
+                GroupDomain::Categories(labels) => {
+                    if labels.is_empty() {
+                        return Err(invalid(format!("group key `{name}` has an empty domain")));
+                    }
+                    let index = labels
+                        .iter()
+                        .enumerate()
+                        .map(|(k, l)| (l.clone(), k))
+                        .collect();
+                    (
+                        ident(name),
+                        KeyPlan::Categories {
+                            labels: labels.clone(),
+                            index,
+                        },
+                    )
+                }
+                GroupDomain::Bins { edges } => {
+                    if edges.len() < 2
+                        || edges.iter().any(|e| !e.is_finite())
+                        || edges.windows(2).any(|w| w[0] >= w[1])
+                    {
+                        return Err(invalid(format!(
+                            "group key `{name}` needs at least two increasing finite bin edges"
+                        )));
+                    }
+                    if !ty.is_numeric() {
+                        return Err(invalid(format!(
+                            "group key `{name}` is binned but not numeric"
+                        )));
+                    }
+                    let nbins = edges.len() - 1;
+                    let expr = bin_index(cast(ident(name), DataType::Float64), edges);
+                    let labels = edges[..nbins].iter().map(|e| format!("{e}")).collect();
+                    (expr, KeyPlan::Bins(labels))
+                }
+                GroupDomain::Thresholded => {
+                    thresholded = true;
+                    (ident(name), KeyPlan::Observed)
+                }
+            };
+            select.push(expr.alias(g(i)));
+            plans.push(plan);
+        }
+
+        let mut values: Vec<ValueColumn> = Vec::new();
+        for a in &limits.aggregates {
+            match a.kind {
+                AggregateKind::Count => {}
+                AggregateKind::Sum | AggregateKind::Mean => {
+                    let col = a.column.as_ref().ok_or_else(|| {
+                        invalid(format!("aggregate `{}` needs a column", a.alias))
+                    })?;
+                    let ty = cols_ty(&cols, &col.name)?;
+                    if !ty.is_numeric() {
+                        return Err(invalid(format!(
+                            "aggregate `{}` reads `{}`, which is not numeric",
+                            a.alias, col.name
+                        )));
+                    }
+                    let unusable = || {
+                        invalid(format!(
+                            "aggregate `{}` reads `{}`, which has no usable clamping bounds",
+                            a.alias, col.name
+                        ))
+                    };
+                    let bounds = col.bounds.ok_or_else(unusable)?;
+                    let lattice = Lattice::for_bounds(bounds.0, bounds.1).map_err(|e| {
+                        invalid(format!("aggregate `{}` reads `{}`: {e}", a.alias, col.name))
+                    })?;
+                    match values.iter().find(|v| v.name == col.name) {
+                        Some(existing) if existing.bounds != bounds => {
+                            return Err(invalid(format!(
+                                "column `{}` is given two different bounds",
+                                col.name
+                            )));
+                        }
+                        Some(_) => {}
+                        None => values.push(ValueColumn {
+                            name: col.name.clone(),
+                            bounds,
+                            lattice,
+                            sums: Vec::new(),
+                            counts: Vec::new(),
+                        }),
+                    }
+                }
+                AggregateKind::Quantile(_) => {
+                    return Err(invalid(format!(
+                        "aggregate `{}`: quantiles are not supported",
+                        a.alias
+                    )));
+                }
             }
         }
+        for (j, vc) in values.iter().enumerate() {
+            // Always clamped, even when the data happen to lie within the bounds: skipping
+            // it would save ~3 ms at 1M rows but make the sensitivity rest on the file
+            // being unchanged since load.
+            let clamped = clamp_units(cast(ident(&vc.name), DataType::Float64), &vc.lattice);
+            select.push(clamped.alias(v(j)));
+        }
+        if select.is_empty() {
+            select.push(lit(1i64).alias(v(0)));
+        }
+
+        // The size of the declared key product is a function of the query and the
+        // policy only, so it is checked here, before any data is read.
+        let declared = if thresholded {
+            None
+        } else {
+            let mut total: usize = 1;
+            let mut strides = vec![0usize; plans.len()];
+            for (i, p) in plans.iter().enumerate().rev() {
+                strides[i] = total;
+                if let Some(labels) = p.declared_labels() {
+                    total = total
+                        .checked_mul(labels.len())
+                        .filter(|t| *t <= MAX_CELLS)
+                        .ok_or_else(|| {
+                            invalid(format!("more than {MAX_CELLS} group cells requested"))
+                        })?;
+                }
+            }
+            Some((strides, total))
+        };
+        Ok(Spec {
+            m,
+            opt_out,
+            filter,
+            select,
+            plans,
+            values,
+            thresholded,
+            declared,
+        })
+    }
+}
+
+/// Runs the aggregation in DataFusion. `bounding` adds per-person contribution bounding:
+/// rows whose person id is NULL, empty or blank are dropped first (they belong to no
+/// known person, and partitioning would merge them all into one "person"), then a
+/// uniformly random `m` of each person's rows are kept.
+async fn aggregate(
+    ctx: &SessionContext,
+    ds: &LoadedDataset,
+    spec: &Spec,
+    bounding: bool,
+) -> Result<Vec<RecordBatch>, EngineError> {
+    let mut df = ctx.table(ds.table.clone()).await?;
+    // 1. National Data Opt-out: keep only rows whose flag is FALSE, so a missing flag
+    // counts as opted out.
+    if let Some(flag) = &spec.opt_out {
+        df = df.filter(ident(flag).is_false())?;
     }
     // 2. The requester's filter.
-    if let Some(p) = filter {
-        df = df.filter(filter::to_expr(&cols, p)?)?;
+    if let Some(f) = &spec.filter {
+        df = df.filter(f.clone())?;
     }
-    // 3. Contribution bounding. When the file (unchanged since load) has no person with
-    // more than m rows, no filtered subset has either and the window would keep every
-    // row; otherwise keep a uniformly random m of each person's rows.
-    let within_bound = ds.max_rows_per_person_observed <= u64::from(m)
-        && ds.fingerprint.as_ref().is_none_or(|f| f.unchanged());
-    if !within_bound {
+    // 3. Contribution bounding.
+    if bounding {
         let rn = row_number()
             .partition_by(vec![ident(&ds.person_id)])
             .order_by(vec![random().sort(true, false)])
             .build()?
             .alias(RN);
         df = df
+            .filter(has_person(ident(&ds.person_id)))?
             .window(vec![rn])?
-            .filter(ident(RN).lt_eq(lit(u64::from(m))))?;
+            .filter(ident(RN).lt_eq(lit(u64::from(spec.m))))?;
     }
-
-    // 4. Group keys and clamped values.
-    let mut select: Vec<Expr> = Vec::new();
-    let mut plans: Vec<KeyPlan> = Vec::new();
-    let mut thresholded = false;
-    for (i, gl) in limits.group_by.iter().enumerate() {
-        let name = &gl.column.name;
-        let ty = cols_ty(&cols, name)?;
-        let (expr, plan) = match &gl.domain {
-            GroupDomain::Categories(labels) => {
-                if labels.is_empty() {
-                    return Err(invalid(format!("group key `{name}` has an empty domain")));
-                }
-                let index = labels
-                    .iter()
-                    .enumerate()
-                    .map(|(k, l)| (l.clone(), k))
-                    .collect();
-                (
-                    ident(name),
-                    KeyPlan::Categories {
-                        labels: labels.clone(),
-                        index,
-                    },
-                )
-            }
-            GroupDomain::Bins { edges } => {
-                if edges.len() < 2
-                    || edges.iter().any(|e| !e.is_finite())
-                    || edges.windows(2).any(|w| w[0] >= w[1])
-                {
-                    return Err(invalid(format!(
-                        "group key `{name}` needs at least two increasing finite bin edges"
-                    )));
-                }
-                if !ty.is_numeric() {
-                    return Err(invalid(format!(
-                        "group key `{name}` is binned but not numeric"
-                    )));
-                }
-                let x = cast(ident(name), DataType::Float64);
-                let nbins = edges.len() - 1;
-                let mut b = when(x.clone().is_null(), lit(ScalarValue::Int64(None)));
-                // Bin k is [edges[k], edges[k+1]); values below the first edge fall in
-                // bin 0 and values at or above the last in the last bin (clamping).
-                for (k, upper) in edges.iter().enumerate().skip(1).take(nbins - 1) {
-                    b.when(x.clone().lt(lit(*upper)), lit((k - 1) as i64));
-                }
-                let expr = b.otherwise(lit((nbins - 1) as i64))?;
-                let labels = edges[..nbins].iter().map(|e| format!("{e}")).collect();
-                (expr, KeyPlan::Bins(labels))
-            }
-            GroupDomain::Thresholded => {
-                thresholded = true;
-                (ident(name), KeyPlan::Observed)
-            }
-        };
-        select.push(expr.alias(g(i)));
-        plans.push(plan);
-    }
-
-    let mut values: Vec<ValueColumn> = Vec::new();
-    for a in &limits.aggregates {
-        match a.kind {
-            AggregateKind::Count => {}
-            AggregateKind::Sum | AggregateKind::Mean => {
-                let col = a
-                    .column
-                    .as_ref()
-                    .ok_or_else(|| invalid(format!("aggregate `{}` needs a column", a.alias)))?;
-                let ty = cols_ty(&cols, &col.name)?;
-                if !ty.is_numeric() {
-                    return Err(invalid(format!(
-                        "aggregate `{}` reads `{}`, which is not numeric",
-                        a.alias, col.name
-                    )));
-                }
-                let bounds = match col.bounds {
-                    Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo <= hi => (lo, hi),
-                    _ => {
-                        return Err(invalid(format!(
-                            "aggregate `{}` reads `{}`, which has no usable clamping bounds",
-                            a.alias, col.name
-                        )));
-                    }
-                };
-                match values.iter().find(|v| v.name == col.name) {
-                    Some(existing) if existing.bounds != bounds => {
-                        return Err(invalid(format!(
-                            "column `{}` is given two different bounds",
-                            col.name
-                        )));
-                    }
-                    Some(_) => {}
-                    None => values.push(ValueColumn {
-                        name: col.name.clone(),
-                        bounds,
-                        sums: Vec::new(),
-                        counts: Vec::new(),
-                    }),
-                }
-            }
-            AggregateKind::Quantile(_) => {
-                return Err(invalid(format!(
-                    "aggregate `{}`: quantiles are not supported",
-                    a.alias
-                )));
-            }
-        }
-    }
-    for (j, vc) in values.iter().enumerate() {
-        let (lo, hi) = vc.bounds;
-        // Always clamped, even when the data happen to lie within the bounds: skipping it
-        // would save ~3 ms at 1M rows but make the sensitivity rest on the file being
-        // unchanged since load.
-        let clamped = clamp(cast(ident(&vc.name), DataType::Float64), lo, hi);
-        select.push(clamped.alias(v(j)));
-    }
-    if select.is_empty() {
-        select.push(lit(1i64).alias(v(0)));
-    }
-    // Rows whose key is NULL form their own groups and are dropped when read back.
-    df = df.select(select)?;
+    // 4. Group keys and clamped values. Rows whose key is NULL form their own groups and
+    // are dropped when read back.
+    df = df.select(spec.select.clone())?;
     let mut aggs = vec![count(lit(1i64)).alias(N)];
-    for j in 0..values.len() {
+    for j in 0..spec.values.len() {
         aggs.push(sum(ident(v(j))).alias(s(j)));
         aggs.push(count(ident(v(j))).alias(c(j)));
     }
-    let groups: Vec<Expr> = (0..plans.len()).map(|i| ident(g(i))).collect();
-    let batches = df.aggregate(groups, aggs)?.collect().await?;
+    let groups: Vec<Expr> = (0..spec.plans.len()).map(|i| ident(g(i))).collect();
+    Ok(df.aggregate(groups, aggs)?.collect().await?)
+}
 
-    // 5. Read back into candidate keys.
+pub(crate) async fn run_exact(
+    ctx: &SessionContext,
+    ds: &LoadedDataset,
+    filter: Option<&Predicate>,
+    limits: &Limits,
+) -> Result<Exact, EngineError> {
+    let spec = Spec::new(ds, filter, limits)?;
+    // Contribution bounding may be skipped only when no person in the file has more than
+    // m rows (measured at load) and the file is the one measured. The file is checked
+    // before the scan and again after it: DataFusion opens the file by path during the
+    // scan, so a replacement in between would otherwise be aggregated unbounded while
+    // the noise assumes m. If it changed, the query runs again with bounding, which is
+    // right whatever the file holds. (The bounding window costs ~20x the query at 1M
+    // rows, so it is worth skipping; see BENCHMARKS.md.)
+    let may_skip = ds.max_rows_per_person_observed <= u64::from(spec.m);
+    let batches = if may_skip && ds.file_unchanged() {
+        #[cfg(test)]
+        if let Some(hook) = &ds.before_scan {
+            (hook.0)();
+        }
+        let unbounded = aggregate(ctx, ds, &spec, false).await;
+        if ds.file_unchanged() {
+            unbounded?
+        } else {
+            // Whatever the unbounded scan returned (or why it failed) is discarded.
+            aggregate(ctx, ds, &spec, true).await?
+        }
+    } else {
+        aggregate(ctx, ds, &spec, true).await?
+    };
+    read_back(spec, limits, &batches)
+}
+
+/// A per-key accumulator: rows, and per value column the sum in lattice steps and the
+/// number of values.
+#[derive(Clone)]
+struct Cell {
+    n: i64,
+    units: Vec<i64>,
+    values: Vec<i64>,
+}
+
+impl Cell {
+    fn new(nvals: usize) -> Cell {
+        Cell {
+            n: 0,
+            units: vec![0; nvals],
+            values: vec![0; nvals],
+        }
+    }
+
+    /// Adds one output row of the aggregation. Never wraps: an overflow is an error.
+    fn add(&mut self, n: i64, units: &[i64], values: &[i64]) -> Result<(), EngineError> {
+        let overflow = || EngineError::SumOverflow;
+        self.n = self.n.checked_add(n).ok_or_else(overflow)?;
+        for (acc, u) in self.units.iter_mut().zip(units) {
+            *acc = acc.checked_add(*u).ok_or_else(overflow)?;
+        }
+        for (acc, c) in self.values.iter_mut().zip(values) {
+            *acc = acc.checked_add(*c).ok_or_else(overflow)?;
+        }
+        Ok(())
+    }
+}
+
+/// The exact value of a sum of `values` values in lattice steps. DataFusion's Int64 SUM
+/// wraps on overflow; at most [`MAX_VALUES_PER_CELL`] values of at most 2^20 steps each
+/// cannot reach 2^53, so below that count the sum did not wrap and converts to f64
+/// exactly. Load refuses files with more rows than that, so this can only fail on a
+/// file replaced since load with more than 8.6 billion rows; the message carries no
+/// figure from the data.
+pub(crate) fn exact_sum(lattice: &Lattice, units: i64, values: i64) -> Result<f64, EngineError> {
+    if !(0..=MAX_VALUES_PER_CELL).contains(&values) {
+        return Err(EngineError::SumOverflow);
+    }
+    Ok(lattice.value_of(units))
+}
+
+fn read_back(spec: Spec, limits: &Limits, batches: &[RecordBatch]) -> Result<Exact, EngineError> {
+    let Spec {
+        plans,
+        mut values,
+        thresholded,
+        declared,
+        ..
+    } = spec;
     let group_columns: Vec<String> = limits.group_by.iter().map(|g| g.label.clone()).collect();
     let nvals = values.len();
-    let mut observed: BTreeMap<Vec<String>, (i64, Vec<f64>, Vec<i64>)> = BTreeMap::new();
-    let mut declared: Option<(Vec<usize>, usize)> = None;
-    if !thresholded {
-        let mut total: usize = 1;
-        let mut strides = vec![0usize; plans.len()];
-        for (i, p) in plans.iter().enumerate().rev() {
-            strides[i] = total;
-            if let Some(labels) = p.declared_labels() {
-                total = total
-                    .checked_mul(labels.len())
-                    .filter(|t| *t <= MAX_CELLS)
-                    .ok_or_else(|| {
-                        invalid(format!("more than {MAX_CELLS} group cells requested"))
-                    })?;
-            }
-        }
-        declared = Some((strides, total));
-    }
-    let (mut counts, mut sums, mut nn) = match &declared {
-        Some((_, total)) => (
-            vec![0i64; *total],
-            vec![vec![0f64; *total]; nvals],
-            vec![vec![0i64; *total]; nvals],
-        ),
-        None => (Vec::new(), Vec::new(), Vec::new()),
+    let mut observed: BTreeMap<Vec<String>, Cell> = BTreeMap::new();
+    let mut cells: Vec<Cell> = match &declared {
+        Some((_, total)) => vec![Cell::new(nvals); *total],
+        None => Vec::new(),
     };
-    for b in &batches {
+    for b in batches {
         let ncol = b
             .column_by_name(N)
             .and_then(|a| a.as_primitive_opt::<Int64Type>());
         let Some(ncol) = ncol else {
             return Err(invalid("aggregation returned no row count".into()));
         };
-        let scol: Vec<_> = (0..nvals)
-            .map(|j| {
-                b.column_by_name(&s(j))
-                    .and_then(|a| a.as_primitive_opt::<Float64Type>())
-            })
-            .collect();
-        let ccol: Vec<_> = (0..nvals)
-            .map(|j| {
-                b.column_by_name(&c(j))
-                    .and_then(|a| a.as_primitive_opt::<Int64Type>())
-            })
-            .collect();
+        let int_cols = |name: fn(usize) -> String| -> Vec<_> {
+            (0..nvals)
+                .map(|j| {
+                    b.column_by_name(&name(j))
+                        .and_then(|a| a.as_primitive_opt::<Int64Type>())
+                })
+                .collect()
+        };
+        let (scol, ccol) = (int_cols(s), int_cols(c));
+        if scol.iter().chain(&ccol).any(Option::is_none) {
+            return Err(invalid("aggregation returned no fixed-point sums".into()));
+        }
         let gcol: Vec<_> = (0..plans.len()).map(|i| b.column_by_name(&g(i))).collect();
         for r in 0..b.num_rows() {
             let n = ncol.value(r);
-            let row_sums: Vec<f64> = scol
+            // SUM of no values is NULL: it adds nothing.
+            let row_units: Vec<i64> = scol
                 .iter()
-                .map(|a| a.filter(|a| a.is_valid(r)).map_or(0.0, |a| a.value(r)))
+                .map(|a| a.filter(|a| a.is_valid(r)).map_or(0, |a| a.value(r)))
                 .collect();
-            let row_nn: Vec<i64> = ccol
+            let row_values: Vec<i64> = ccol
                 .iter()
                 .map(|a| a.filter(|a| a.is_valid(r)).map_or(0, |a| a.value(r)))
                 .collect();
@@ -378,12 +532,8 @@ pub(crate) async fn run_exact(
                             None => ok = false,
                         }
                     }
-                    if ok {
-                        counts[flat] += n;
-                        for j in 0..nvals {
-                            sums[j][flat] += row_sums[j];
-                            nn[j][flat] += row_nn[j];
-                        }
+                    if ok && let Some(cell) = cells.get_mut(flat) {
+                        cell.add(n, &row_units, &row_values)?;
                     }
                 }
                 None => {
@@ -402,58 +552,69 @@ pub(crate) async fn run_exact(
                         }
                     }
                     if key.len() == plans.len() {
-                        let e = observed
+                        observed
                             .entry(key)
-                            .or_insert_with(|| (0, vec![0.0; nvals], vec![0; nvals]));
-                        e.0 += n;
-                        for j in 0..nvals {
-                            e.1[j] += row_sums[j];
-                            e.2[j] += row_nn[j];
-                        }
+                            .or_insert_with(|| Cell::new(nvals))
+                            .add(n, &row_units, &row_values)?;
                     }
                 }
             }
         }
     }
     let keys: Vec<Vec<String>> = match &declared {
-        Some((_, total)) => {
-            let mut keys = Vec::with_capacity(*total);
+        Some((strides, total)) => {
             let label_sets: Vec<&Vec<String>> =
                 plans.iter().filter_map(KeyPlan::declared_labels).collect();
-            for flat in 0..*total {
-                let mut rem = flat;
-                let mut key = Vec::with_capacity(label_sets.len());
-                for (i, labels) in label_sets.iter().enumerate() {
-                    let stride = declared.as_ref().map_or(1, |(s, _)| s[i]);
-                    let k = rem / stride;
-                    rem %= stride;
-                    key.push(labels.get(k).cloned().unwrap_or_default());
-                }
-                keys.push(key);
-            }
-            keys
+            (0..*total)
+                .map(|flat| {
+                    let mut rem = flat;
+                    label_sets
+                        .iter()
+                        .zip(strides)
+                        .map(|(labels, stride)| {
+                            let k = rem / stride;
+                            rem %= stride;
+                            labels.get(k).cloned().unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .collect()
         }
         None => {
+            // F12: how many distinct keys the filtered data hold is data, and this runs
+            // after the spend. The refusal is one fixed sentence with no figure, so it
+            // reveals only that the observed keys exceed a constant far above any key
+            // set worth releasing, which one person moves only when the count sits
+            // within m of that constant. It is not replaced by a deterministic cap on
+            // the keys (say the first MAX_CELLS in label order): that would let one
+            // person's key evict another key with its whole count, breaking the
+            // key-selection sensitivity. A refusal decided on the DP-selected keys (after
+            // thresholding, as post-processing) would leak nothing, but the observed
+            // keys must be held before thresholding anyway, so this memory guard stays.
             if observed.len() > MAX_CELLS {
-                return Err(invalid(format!("more than {MAX_CELLS} observed groups")));
+                return Err(EngineError::TooManyGroups);
             }
-            sums = vec![Vec::with_capacity(observed.len()); nvals];
-            nn = vec![Vec::with_capacity(observed.len()); nvals];
             let mut keys = Vec::with_capacity(observed.len());
-            for (k, (n, s_, c_)) in observed {
+            cells.reserve(observed.len());
+            for (k, cell) in observed {
                 keys.push(k);
-                counts.push(n);
-                for j in 0..nvals {
-                    sums[j].push(s_[j]);
-                    nn[j].push(c_[j]);
-                }
+                cells.push(cell);
             }
             keys
         }
     };
-    for (j, vc) in values.iter_mut().enumerate() {
-        vc.sums = std::mem::take(&mut sums[j]);
-        vc.counts = std::mem::take(&mut nn[j]);
+    let mut counts = Vec::with_capacity(cells.len());
+    for vc in &mut values {
+        vc.sums = Vec::with_capacity(cells.len());
+        vc.counts = Vec::with_capacity(cells.len());
+    }
+    for cell in &cells {
+        counts.push(cell.n);
+        for (j, vc) in values.iter_mut().enumerate() {
+            vc.sums
+                .push(exact_sum(&vc.lattice, cell.units[j], cell.values[j])?);
+            vc.counts.push(cell.values[j]);
+        }
     }
     Ok(Exact {
         group_columns,

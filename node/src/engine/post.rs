@@ -86,6 +86,8 @@ pub(crate) fn release_exact(exact: Exact, limits: &Limits) -> Release {
         aliases: limits.aggregates.iter().map(|a| a.alias.clone()).collect(),
         rows,
         epsilon_spent: 0.0,
+        delta_spent: 0.0,
+        rho_spent: 0.0,
         mechanism: limits.mechanism,
         min_reportable_count: limits.min_reportable_count,
     }

@@ -175,6 +175,7 @@ pub async fn service(f: &Fixture, limits: ServiceLimits) -> Arc<Service> {
         .await
         .unwrap_or_else(|e| panic!("fixture policy does not load: {e}"));
     Service::new(
+        "ics-test".to_string(),
         loaded,
         Arc::new(Store::open(&f.data_dir).expect("store")),
         Arc::new(AuditLog::open(&f.data_dir).expect("audit")),
@@ -208,6 +209,7 @@ pub fn new_id() -> String {
 
 pub fn count_by_imd(requester: &str, epsilon: f64) -> QueryBody {
     QueryBody {
+        federation_id: "ics-test".into(),
         query_id: new_id(),
         requester_id: requester.into(),
         purpose: Purpose::Planning,

@@ -39,6 +39,8 @@ fn query_json(
         "query",
         "--coordinator",
         &url,
+        "--federation",
+        phm_e2e::FEDERATION_ID,
         "--key",
         &key_path,
         "--purpose",
@@ -251,7 +253,8 @@ fn resubmitting_a_query_returns_the_same_answer_without_new_spend() {
     let dsu = client::load_key(&fed.ics.key("dsu"));
     let certs = fed.ics.certs();
     let url = fed.coordinator_url();
-    let signed = sign(imd_query("dsu"), &dsu);
+    let question = imd_query("dsu");
+    let signed = sign(question.clone(), &dsu);
     rt().block_on(async {
         let ch = client::channel(&url, &certs, Some("dsu-client"))
             .await
@@ -261,7 +264,11 @@ fn resubmitting_a_query_returns_the_same_answer_without_new_spend() {
             .expect("first");
         let first = first.expect("first result");
         let budget_before = federated_spent(ch.clone(), &dsu).await;
-        let (_, second) = client::submit(ch.clone(), signed.clone())
+        // `phm query --query-id` re-signs the same question: new nonce and time.
+        let mut again = question.clone();
+        again.nonce = client::nonce();
+        again.issued_at_unix_ms = client::now_ms();
+        let (_, second) = client::submit(ch.clone(), sign(again, &dsu))
             .await
             .expect("second");
         let second = second.expect("second result");
@@ -279,6 +286,18 @@ fn resubmitting_a_query_returns_the_same_answer_without_new_spend() {
         let stored = c
             .get_result(phm_proto::proto::GetResultRequest {
                 query_id: first.query_id.clone(),
+                proof: Some(
+                    phm_proto::RequesterProof::new(
+                        phm_e2e::FEDERATION_ID,
+                        "dsu",
+                        None,
+                        client::now_ms(),
+                        client::nonce(),
+                    )
+                    .about(first.query_id.clone())
+                    .sign(phm_proto::ProofOp::GetResult, &dsu)
+                    .into(),
+                ),
             })
             .await
             .expect("GetResult")
@@ -293,14 +312,14 @@ async fn federated_spent(
     key: &ed25519_dalek::SigningKey,
 ) -> Vec<(String, u64)> {
     let mut c = phm_proto::proto::coordinator_service_client::CoordinatorServiceClient::new(ch);
-    let proof = phm_proto::RequesterProof::signed(
-        phm_proto::ProofOp::Budget,
-        "dsu".into(),
+    let proof = phm_proto::RequesterProof::new(
+        phm_e2e::FEDERATION_ID,
+        "dsu",
         None,
         client::now_ms(),
         client::nonce(),
-        key,
-    );
+    )
+    .sign(phm_proto::ProofOp::Budget, key);
     let fb = c
         .budget(phm_proto::proto::BudgetRequest {
             proof: Some(proof.into()),

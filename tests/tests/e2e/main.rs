@@ -8,6 +8,7 @@
 mod faults;
 mod federation;
 mod node_server;
+mod pinning;
 mod redteam;
 
 /// A current-thread runtime for the async gRPC clients; the harness itself is blocking.

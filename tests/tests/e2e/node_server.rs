@@ -320,14 +320,14 @@ async fn describe_version(
     key: &ed25519_dalek::SigningKey,
 ) -> Result<String, tonic::Status> {
     let mut c = phm_proto::proto::node_service_client::NodeServiceClient::new(ch);
-    let proof = phm_proto::RequesterProof::signed(
-        phm_proto::ProofOp::Describe,
-        "dsu".into(),
+    let proof = phm_proto::RequesterProof::new(
+        phm_e2e::FEDERATION_ID,
+        "dsu",
         None,
         client::now_ms(),
         client::nonce(),
-        key,
-    );
+    )
+    .sign(phm_proto::ProofOp::Describe, key);
     c.describe(phm_proto::proto::DescribeRequest {
         proof: Some(proof.into()),
     })

@@ -1,0 +1,200 @@
+//! Privacy accounting: what one query costs a ledger, and what a period's releases
+//! add up to. Pure arithmetic, shared by the decision (which plans the spend before
+//! anything runs), the node's ledger (which composes it) and the engine (which noises
+//! to exactly the planned amounts).
+//!
+//! A ledger holds three running sums per period: pure epsilon (discrete Laplace
+//! releases and the key-selection share of thresholded queries), delta of the
+//! thresholding events (each thresholded query may release a key held by one person
+//! with probability up to its delta, whatever its epsilon, so those events add up
+//! linearly), and zCDP rho of discrete Gaussian noise. Gaussian releases compose in
+//! rho (additively, and far tighter than summing converted epsilons); the sum is
+//! converted to (epsilon, delta) once, with the policy's delta, when the ledger is
+//! read or checked. Basic composition then joins the three parts:
+//! `epsilon = pure + eps(rho)` and `delta = thresholds + (rho > 0 ? delta_conv : 0)`.
+
+use crate::model::Mechanism;
+use serde::{Deserialize, Serialize};
+
+/// The planned privacy cost of one query, before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Spend {
+    /// Pure epsilon-DP part: the whole query for the discrete Laplace; the
+    /// key-selection share for a thresholded Gaussian query.
+    pub epsilon: f64,
+    /// Delta of thresholded key selection (0 when every group key has a declared
+    /// domain).
+    pub delta: f64,
+    /// zCDP rho of the discrete Gaussian noise (0 for the discrete Laplace).
+    pub rho: f64,
+}
+
+impl Spend {
+    /// A spend that costs nothing (refusals).
+    pub const ZERO: Spend = Spend {
+        epsilon: 0.0,
+        delta: 0.0,
+        rho: 0.0,
+    };
+
+    /// Component-wise sum (basic composition for epsilon and delta, additive rho).
+    pub fn plus(self, o: Spend) -> Spend {
+        Spend {
+            epsilon: self.epsilon + o.epsilon,
+            delta: self.delta + o.delta,
+            rho: self.rho + o.rho,
+        }
+    }
+
+    /// Every component is finite and not negative.
+    pub fn is_valid(self) -> bool {
+        [self.epsilon, self.delta, self.rho]
+            .iter()
+            .all(|v| v.is_finite() && *v >= 0.0)
+    }
+
+    /// (epsilon, delta) of these releases taken together, with Gaussian rho converted
+    /// once at `delta_conv`.
+    pub fn effective(self, delta_conv: f64) -> (f64, f64) {
+        if self.rho > 0.0 {
+            (
+                self.epsilon + epsilon_of_rho(self.rho, delta_conv),
+                self.delta + delta_conv,
+            )
+        } else {
+            (self.epsilon, self.delta)
+        }
+    }
+}
+
+/// Plan what a query spends: an even split of `epsilon`, one share per aggregate
+/// plus one for key selection when keys are thresholded. Thresholding is
+/// (share, delta)-DP; the rest is pure epsilon (discrete Laplace) or rho-zCDP
+/// (discrete Gaussian, converted at `delta`, halved when thresholding also takes a
+/// delta). Returns the spend and the epsilon share of key selection (0 when no key is
+/// thresholded). The decision plans with this before the ledger is charged, and the
+/// engine noises with it, so the two cannot disagree.
+pub fn plan(
+    mechanism: Mechanism,
+    epsilon: f64,
+    aggregates: usize,
+    thresholded: bool,
+    delta: f64,
+) -> (Spend, f64) {
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return (Spend::ZERO, 0.0);
+    }
+    let shares = aggregates as f64 + if thresholded { 1.0 } else { 0.0 };
+    let share = if shares > 0.0 {
+        epsilon / shares
+    } else {
+        epsilon
+    };
+    let threshold_epsilon = if thresholded { share } else { 0.0 };
+    let spend = match mechanism {
+        Mechanism::DiscreteLaplace => Spend {
+            epsilon,
+            delta: if thresholded { delta } else { 0.0 },
+            rho: 0.0,
+        },
+        Mechanism::DiscreteGaussian => {
+            let (delta_t, delta_conv) = if thresholded {
+                (delta / 2.0, delta / 2.0)
+            } else {
+                (0.0, delta)
+            };
+            Spend {
+                epsilon: threshold_epsilon,
+                delta: delta_t,
+                rho: if delta_conv > 0.0 && delta_conv < 1.0 {
+                    rho_for(epsilon - threshold_epsilon, delta_conv)
+                } else {
+                    0.0
+                },
+            }
+        }
+    };
+    (spend, threshold_epsilon)
+}
+
+/// The standard zCDP → (epsilon, delta) conversion (Bun and Steinke 2016,
+/// Proposition 1.3): rho-zCDP implies (rho + 2 sqrt(rho ln(1/delta)), delta)-DP.
+pub fn epsilon_of_rho(rho: f64, delta: f64) -> f64 {
+    rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
+}
+
+/// The rho whose conversion at `delta` spends exactly `epsilon` (a hair under, so
+/// rounding can never push the conversion over).
+pub fn rho_for(epsilon: f64, delta: f64) -> f64 {
+    let l = (1.0 / delta).ln();
+    let r = ((l + epsilon).sqrt() - l.sqrt()).powi(2);
+    r * (1.0 - 1e-9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn period_labels_overlap_across_period_kinds() {
+        use crate::{period_span, periods_overlap};
+        assert!(periods_overlap("2026-11", "2026-Q4"));
+        assert!(periods_overlap("2026-11-23", "2026-11"));
+        assert!(periods_overlap("2026-12-31", "2026-Q4"));
+        assert!(!periods_overlap("2026-09", "2026-Q4"));
+        assert!(!periods_overlap("2026-10-31", "2026-11"));
+        assert!(!periods_overlap("2025-Q4", "2026-Q4"));
+        assert!(periods_overlap("garbage", "2026-Q4"), "fail closed");
+        let (a, b) = period_span("2024-02").unwrap();
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            ("2024-02-01".into(), "2024-02-29".into())
+        );
+        assert_eq!(period_span("2026-Q5"), None);
+    }
+
+    #[test]
+    fn rho_round_trips_to_epsilon() {
+        for (eps, delta) in [(0.1, 1e-9), (1.0, 1e-6), (5.0, 1e-12)] {
+            let r = rho_for(eps, delta);
+            let back = epsilon_of_rho(r, delta);
+            assert!(back <= eps && back > eps * (1.0 - 1e-9), "{eps} {back}");
+        }
+    }
+
+    #[test]
+    fn gaussian_releases_compose_tighter_in_rho_than_in_epsilon() {
+        // Ten Gaussian queries at epsilon 0.1 each: summing converted epsilons says
+        // 1.0; composing rho and converting once says much less, at one delta.
+        let delta = 1e-9;
+        let one = Spend {
+            rho: rho_for(0.1, delta),
+            ..Spend::ZERO
+        };
+        let ten = (0..10).fold(Spend::ZERO, |acc, _| acc.plus(one));
+        let (eps, d) = ten.effective(delta);
+        assert!(eps < 0.5, "composed in rho: {eps}");
+        assert_eq!(d, delta);
+        // One query alone costs exactly what was asked.
+        let (eps1, _) = one.effective(delta);
+        assert!((eps1 - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn pure_parts_add_and_delta_counts_every_threshold_event() {
+        let t = Spend {
+            epsilon: 0.25,
+            delta: 1e-9,
+            rho: 0.0,
+        };
+        let total = (0..4).fold(Spend::ZERO, |acc, _| acc.plus(t));
+        assert_eq!(total.effective(1e-9), (1.0, 4e-9));
+        assert!(
+            !Spend {
+                epsilon: f64::NAN,
+                ..Spend::ZERO
+            }
+            .is_valid()
+        );
+    }
+}
