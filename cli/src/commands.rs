@@ -362,6 +362,66 @@ pub async fn budget(a: BudgetArgs) -> u8 {
     }
 }
 
+pub const RESULT_HELP: &str = "\
+Example:
+  phm result --coordinator https://127.0.0.1:50050 --federation synthetic-ics \\
+      --ca certs/ca.pem --key keys/dsu.key --query-id 6f1c…
+
+The coordinator returns a stored result only to the requester who asked for it (and,
+for research, under the same project): this command signs a fresh proof with --key.
+Nothing is spent. Exit codes as for `phm query`.";
+
+#[derive(Debug, Clone, Args)]
+#[command(after_help = RESULT_HELP)]
+pub struct ResultArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// The research project the query was asked under, if any.
+    #[arg(long)]
+    pub project: Option<String>,
+    /// The query id `phm query` printed.
+    #[arg(long)]
+    pub query_id: String,
+    /// table, csv or json.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// `phm result`. Returns the process exit code.
+pub async fn result(a: ResultArgs) -> u8 {
+    let run = async {
+        let (requester, key) = a.key.load()?;
+        let connection = client::with_default_identity(a.connect.connection(), &requester);
+        let channel = client::connect(&connection).await?;
+        client::get_result(
+            channel,
+            &connection.url,
+            &a.key.federation,
+            &requester,
+            a.project.clone(),
+            &a.query_id,
+            &key,
+        )
+        .await
+    };
+    match run.await {
+        Ok(result) => {
+            match a.format {
+                Format::Json => crate::outln!("{}", render::json(&result)),
+                Format::Csv => crate::out!("{}", render::csv(&result)),
+                Format::Table => crate::out!("{}", render::table_report(&result, &[])),
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum AuditCmd {
     /// Check a node's hash-chained audit log; exit 0 when intact, 1 at the first break.

@@ -40,6 +40,8 @@ enum Command {
     Query(phm::commands::QueryArgs),
     /// Privacy budget left for a requester at every partner.
     Budget(phm::commands::BudgetArgs),
+    /// Reopen a stored result by its query id, without spending (only its requester).
+    Result(phm::commands::ResultArgs),
     /// Verify a node's hash-chained audit log.
     #[command(subcommand)]
     Audit(phm::commands::AuditCmd),
@@ -199,6 +201,9 @@ fn main() -> ExitCode {
         }
         Command::Budget(a) => {
             runtime().map(|rt| ExitCode::from(rt.block_on(phm::commands::budget(a))))
+        }
+        Command::Result(a) => {
+            runtime().map(|rt| ExitCode::from(rt.block_on(phm::commands::result(a))))
         }
         Command::Audit(cmd) => Ok(ExitCode::from(phm::commands::audit(cmd))),
         Command::Node(a) => phm_node::cli::run_blocking(a).map(|()| ExitCode::SUCCESS),

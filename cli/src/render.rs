@@ -276,10 +276,17 @@ pub fn table_report(result: &CombinedResult, aggs: &[Aggregate]) -> String {
         t.push_str(&result.total_note);
         t.push('\n');
     }
-    t.push_str(&format!(
-        "Privacy budget spent: ε {} at each answering partner.\n",
-        result.epsilon_spent_per_node
-    ));
+    if result.delta_spent_per_node > 0.0 {
+        t.push_str(&format!(
+            "Privacy budget spent: ε {}, δ {:e} at each answering partner.\n",
+            result.epsilon_spent_per_node, result.delta_spent_per_node
+        ));
+    } else {
+        t.push_str(&format!(
+            "Privacy budget spent: ε {} at each answering partner.\n",
+            result.epsilon_spent_per_node
+        ));
+    }
     t
 }
 

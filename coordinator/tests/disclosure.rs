@@ -224,7 +224,7 @@ async fn two_laplace_noises_get_the_exact_interval_not_the_normal_one() {
     let cell = &r.rows[0].cells[0];
     assert_eq!(cell.estimate, 303.0);
     // The sum of two discrete Laplace(1) noises exceeds 4 in absolute value with
-    // probability 3.1%, and 3 with 6.4%: the 95% interval is ±4. The normal
+    // probability 3.1%, and 3 with 7.3%: the 95% interval is ±4. The normal
     // approximation (±3.76, i.e. ±3 on the integers) covers only 92.7%.
     assert_eq!((cell.ci95_low, cell.ci95_high), (299.0, 307.0));
     assert!((cell.standard_error - (2.0 * variance).sqrt()).abs() < 1e-12);

@@ -1265,6 +1265,22 @@ mod tests {
     }
 
     #[test]
+    fn a_wall_clock_jump_against_the_monotonic_clock_is_refused() {
+        // F13: budget periods follow the wall clock; a clock stepped forward (NTP
+        // spoofing, an operator error) would open fresh budgets.
+        assert!(
+            clock_drift_check(3_600_000, 3_600_000 - 500).is_ok(),
+            "NTP slew"
+        );
+        let forward = clock_drift_check(40 * 86_400_000, 3_600_000).unwrap_err();
+        assert_eq!(forward.reason, DenialReason::Unavailable);
+        assert!(forward.message.contains("forward"), "{}", forward.message);
+        let back = clock_drift_check(0, 3_600_000).unwrap_err();
+        assert!(back.message.contains("back"), "{}", back.message);
+        assert!(ClockGuard::new().check().is_ok());
+    }
+
+    #[test]
     fn freshness_window_is_symmetric() {
         let now = Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).unwrap();
         let ms = now.timestamp_millis();

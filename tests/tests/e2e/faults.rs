@@ -197,7 +197,8 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
     };
 
     // 1. SIGKILL the coordinator during a Submit, restart it, resubmit.
-    let q = sign(planning(EPS), &dsu);
+    let question = planning(EPS);
+    let q = sign(question.clone(), &dsu);
     // Kill it the moment the first node's answer is relayed (plus a random few ms):
     // one node has answered and spent, the others are in flight or answered too.
     let extra = Duration::from_millis(rng.gen_range(0..20));
@@ -249,7 +250,12 @@ fn coordinator_crash_and_dead_or_stopped_nodes_are_reported_without_double_spend
         let ch = client::channel(&url, &certs, Some("dsu-client"))
             .await
             .expect("coordinator channel after restart");
-        let (progress, result) = client::submit_within(ch, q.clone(), SUBMIT_LIMIT)
+        // The analyst resubmits as `phm query --query-id` does: the same question,
+        // re-signed with a fresh nonce (the coordinator refuses an exact replay).
+        let mut again = question.clone();
+        again.nonce = client::nonce();
+        again.issued_at_unix_ms = client::now_ms();
+        let (progress, result) = client::submit_within(ch, sign(again, &dsu), SUBMIT_LIMIT)
             .await
             .expect("the resubmitted query is answered");
         let result = result.expect("a combined result after the resubmit");

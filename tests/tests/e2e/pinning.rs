@@ -122,6 +122,12 @@ impl AnalystRig {
         // total would be RW2's.
         let node_dir = dir.join(ANALYST_NODE);
         std::fs::create_dir_all(node_dir.join("data")).unwrap();
+        // The analyst's services accept the analyst's certificate whichever of the
+        // federation's (public) CA certificates issued it.
+        let ics_cas = bundle(
+            &dir.join("ics-cas.pem"),
+            &[certs.join("ca.pem"), certs.join("people-ca.pem")],
+        );
         let mut policy = read_toml(&fed.ics.policy_path(PROTECTED));
         let header: Vec<String>;
         {
@@ -158,7 +164,7 @@ impl AnalystRig {
             fed_id = phm_e2e::FEDERATION_ID,
             cert = s(&own.join("analyst-node.pem")),
             key = s(&own.join("analyst-node.key")),
-            people = s(&certs.join("people-ca.pem")),
+            people = s(&ics_cas),
         );
         std::fs::write(node_dir.join("node.toml"), node_toml).unwrap();
         let mut node = Proc::spawn(
@@ -197,7 +203,7 @@ impl AnalystRig {
                 s(&own.join("analyst-coordinator.pem")).into(),
             );
             tls.insert("key".into(), s(&own.join("analyst-coordinator.key")).into());
-            tls.insert("client_ca".into(), s(&certs.join("people-ca.pem")).into());
+            tls.insert("client_ca".into(), s(&ics_cas).into());
             let ct = t["client_tls"].as_table_mut().unwrap();
             ct.insert("cert".into(), s(&certs.join("dsu-client.pem")).into());
             ct.insert("key".into(), s(&certs.join("dsu-client.key")).into());
@@ -268,7 +274,8 @@ impl AnalystRig {
             self.coordinator.log_text(),
             self.node.log_text()
         );
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("phm query --format json: {e}: {out}\n{err}"))
     }
 }
 
