@@ -297,8 +297,9 @@ fn real_federation_answers_refuses_reports_budget_and_audits() {
     let est = people["estimate"].as_f64().unwrap();
     assert!(lo <= est && est <= hi && est > 100.0, "{people}");
 
-    // A query id names one signed query: reusing it for a new submission (fresh nonce
-    // and time) is refused rather than silently answered again.
+    // The same question with the same id again (the CLI re-signs it with a fresh
+    // nonce and time) returns the stored answer, as README promises; the same id for
+    // another question is refused.
     let again = fed.query(
         "dsu",
         &[
@@ -311,8 +312,23 @@ fn real_federation_answers_refuses_reports_budget_and_audits() {
         ],
         SQL,
     );
-    assert_eq!(again.status.code(), Some(4), "{}", text(&again.stderr));
-    assert!(text(&again.stderr).contains("QUERY_ID_REUSED"));
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again, v, "a retry by id returns the stored answer");
+    let other = fed.query(
+        "dsu",
+        &[
+            "--purpose",
+            "planning",
+            "--format",
+            "json",
+            "--query-id",
+            "t-1",
+        ],
+        "SELECT COUNT(*) AS people FROM gp_patients",
+    );
+    assert_eq!(other.status.code(), Some(4), "{}", text(&other.stderr));
+    assert!(text(&other.stderr).contains("QUERY_ID_REUSED"));
 
     // CSV: a header and one line per group.
     let out = fed.query("dsu", &["--purpose", "planning", "--format", "csv"], SQL);

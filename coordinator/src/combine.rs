@@ -2791,8 +2791,9 @@ mod tests {
 
         // Large counts: the delta method, with the parts' own multipliers, still covers
         // when one Laplace term dominates the mean's noise (1.96 alone gives about 94%
-        // here: one partner, its sum's noise five times the count's contribution).
-        let (n, bc, bs) = (2000.0, 4.0, 1000.0);
+        // here: one partner, its sum's noise fifty times the count's contribution, and
+        // the mean's standard error, 7, large beside the rounding to 0.1).
+        let (n, bc, bs) = (2000.0, 4.0, 10_000.0);
         let rows = (0..TRIALS)
             .map(|_| {
                 let c = n + discrete_laplace(&mut rng, bc);

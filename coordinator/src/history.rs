@@ -121,7 +121,7 @@ impl History {
             .nonces
             .compare_and_swap(&key, None::<&[u8]>, Some(&issued_at_unix_ms.to_be_bytes()))?
             .is_ok();
-        if fresh && self.nonces.len() % 1024 == 0 {
+        if fresh && self.nonces.len().is_multiple_of(1024) {
             for item in self.nonces.iter() {
                 let (k, v) = item?;
                 let at = <[u8; 8]>::try_from(&v[..])
