@@ -194,7 +194,11 @@ impl Notes {
     /// `cell_text`, with a suppressed cell's reason replaced by a note number.
     pub fn cell(&mut self, cell: &CombinedCell, decimals: usize) -> String {
         if !cell.suppressed {
-            return cell_text(cell, decimals);
+            let text = cell_text(cell, decimals);
+            if cell.note.is_empty() {
+                return text;
+            }
+            return format!("{text} [{}]", self.number(&cell.note));
         }
         let reason = if cell.suppression_reason.is_empty() {
             "below the reportable minimum".to_string()
@@ -209,6 +213,17 @@ impl Notes {
             }
         };
         format!("suppressed [{n}]")
+    }
+
+    /// The number of `note`, adding it if it is new.
+    pub fn number(&mut self, note: &str) -> usize {
+        match self.0.iter().position(|r| r == note) {
+            Some(i) => i + 1,
+            None => {
+                self.0.push(note.to_string());
+                self.0.len()
+            }
+        }
     }
 
     /// "  [1] reason" lines, or nothing.
@@ -238,6 +253,14 @@ pub fn table(result: &CombinedResult, aggs: &[Aggregate]) -> String {
         .iter()
         .map(|row| {
             let mut r = row.key.clone();
+            // A group some answering partners did not release: its total is too low by
+            // an amount the intervals do not cover, so the row says so.
+            if !row.note.is_empty()
+                && let Some(last) = r.last_mut()
+            {
+                let n = notes.number(&row.note);
+                last.push_str(&format!(" [{n}]"));
+            }
             for (i, alias) in result.aggregate_aliases.iter().enumerate() {
                 r.push(
                     cell(row, alias, i)
@@ -395,12 +418,18 @@ pub fn json(result: &CombinedResult) -> Value {
                             "suppressed": false,
                             "reason": Value::Null,
                             "contributors": c.contributors,
+                            "note": (!c.note.is_empty()).then(|| c.note.clone()),
                         })
                     };
                     (alias.clone(), v)
                 })
                 .collect();
-            json!({"group": group, "values": values})
+            json!({
+                "group": group,
+                "values": values,
+                "partners_missing": row.missing,
+                "note": (!row.note.is_empty()).then(|| row.note.clone()),
+            })
         })
         .collect();
     json!({
@@ -418,6 +447,7 @@ pub fn json(result: &CombinedResult) -> Value {
         },
         "rows": rows,
         "epsilon_spent": finite(result.epsilon_spent_per_node),
+        "delta_spent": finite(result.delta_spent_per_node),
     })
 }
 
@@ -508,7 +538,9 @@ mod tests {
                         suppressed: false,
                         suppression_reason: String::new(),
                         contributors: 2,
+                        note: String::new(),
                     }],
+                    ..Default::default()
                 },
                 proto::CombinedRow {
                     key: vec!["U, other".into()],
@@ -518,6 +550,7 @@ mod tests {
                         suppression_reason: "fewer than 7".into(),
                         ..Default::default()
                     }],
+                    ..Default::default()
                 },
             ],
             coverage: Some(proto::Coverage {

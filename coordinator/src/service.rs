@@ -128,6 +128,8 @@ fn to_proto_rows(rows: Vec<combine::Row>) -> Vec<proto::CombinedRow> {
     rows.into_iter()
         .map(|r| proto::CombinedRow {
             key: r.key,
+            missing: r.missing,
+            note: r.note,
             cells: r
                 .cells
                 .into_iter()
@@ -140,6 +142,7 @@ fn to_proto_rows(rows: Vec<combine::Row>) -> Vec<proto::CombinedRow> {
                     suppressed: c.suppressed,
                     suppression_reason: c.suppression_reason,
                     contributors: c.contributors,
+                    note: c.note,
                 })
                 .collect(),
         })
@@ -519,7 +522,14 @@ impl Inner {
                 TotalKind::DistinctPeople => proto::TotalKind::DistinctPeople,
                 TotalKind::SumOfPartnerCounts => proto::TotalKind::SumOfPartnerCounts,
             } as i32,
-            total_note: total_note(kind, answers.len(), targets.len()),
+            total_note: {
+                let mut note = total_note(kind, answers.len(), targets.len());
+                for n in &combined.notes {
+                    note.push(' ');
+                    note.push_str(n);
+                }
+                note
+            },
             epsilon_spent_per_node: combined.epsilon_spent_per_node,
             breakdowns: combined
                 .breakdowns

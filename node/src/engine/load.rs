@@ -237,14 +237,16 @@ impl FileFingerprint {
         let mut tail = Vec::with_capacity(usize::try_from(tail_len).unwrap_or(0));
         f.seek(SeekFrom::Start(len - tail_len))?;
         f.take(tail_len).read_to_end(&mut tail)?;
-        let _ = (dev_ino, ctime, &tail);
         Ok(FileFingerprint {
             path: path.to_path_buf(),
             len,
             modified: meta.modified().ok(),
-            dev_ino: None, // MUTATION: size + mtime only
-            ctime: None,
-            footer: [0; 32],
+            dev_ino,
+            ctime: {
+                let _ = ctime;
+                None
+            }, // MUTATION: no ctime
+            footer: Sha256::digest(&tail).into(),
         })
     }
 
