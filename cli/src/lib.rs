@@ -7,5 +7,6 @@ pub mod commands;
 pub mod keys;
 pub mod questions;
 pub mod render;
-pub mod sql;
+/// The analysts' SQL subset (the `phm-sql` crate), re-exported for the CLI's users.
+pub use phm_sql as sql;
 pub mod synth;

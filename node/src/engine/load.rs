@@ -242,10 +242,7 @@ impl FileFingerprint {
             len,
             modified: meta.modified().ok(),
             dev_ino,
-            ctime: {
-                let _ = ctime;
-                None
-            }, // MUTATION: no ctime
+            ctime,
             footer: Sha256::digest(&tail).into(),
         })
     }

@@ -1,13 +1,11 @@
-//! Fuzz target: `phm::sql::parse` (the very source file, cli/src/sql.rs, compiled in)
+//! Fuzz target: `phm_sql::parse`
 //! on arbitrary UTF-8 must accept or refuse with an in-bounds position, never panic;
 //! rendering the error must not panic either.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../src/sql.rs"]
-#[allow(dead_code)]
-mod sql;
+use phm_sql as sql;
 
 fuzz_target!(|text: &str| {
     match sql::parse(text) {
