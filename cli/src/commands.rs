@@ -175,9 +175,11 @@ pub async fn query(a: QueryArgs) -> u8 {
 }
 
 async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, ClientError> {
-    if !(a.epsilon.is_finite() && a.epsilon > 0.0) {
+    // The wire's own minimum, so the CLI refuses exactly what every node would.
+    let min = phm_proto::query::MIN_EPSILON;
+    if !(a.epsilon.is_finite() && a.epsilon >= min) {
         return Err(ClientError::Input(format!(
-            "--epsilon must be a positive number, got {}",
+            "--epsilon must be a finite number of at least {min}, got {}",
             a.epsilon
         )));
     }

@@ -47,7 +47,7 @@ enum Command {
     Audit(phm::commands::AuditCmd),
     /// Run a partner's node (same code as the phm-node binary).
     #[command(after_help = "Example:\n  phm node --config ics/B81001/node.toml")]
-    Node(phm_node::cli::NodeArgs),
+    Node(phm_node::run::NodeArgs),
     /// Run the ICS coordinator (same code as the phm-coordinator binary).
     #[command(after_help = "Example:\n  phm coordinator --config ics/coordinator/coordinator.toml")]
     Coordinator(phm_coordinator::cli::CoordinatorArgs),
@@ -151,7 +151,9 @@ fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
         KeysCmd::New { out } => {
             let k = phm::keys::new_key_file(&out)?;
             phm::outln!("{}", k.public_key_base64);
-            eprintln!(
+            // A note, not output: a stderr that cannot be written must not panic.
+            let _ = writeln!(
+                std::io::stderr(),
                 "wrote {} (private, mode 0600) and {}",
                 k.private_path.display(),
                 k.public_path.display()
@@ -206,7 +208,7 @@ fn main() -> ExitCode {
             runtime().map(|rt| ExitCode::from(rt.block_on(phm::commands::result(a))))
         }
         Command::Audit(cmd) => Ok(ExitCode::from(phm::commands::audit(cmd))),
-        Command::Node(a) => phm_node::cli::run_blocking(a).map(|()| ExitCode::SUCCESS),
+        Command::Node(a) => phm_node::run::run_blocking(a).map(|()| ExitCode::SUCCESS),
         Command::Coordinator(a) => runtime()
             .and_then(|rt| rt.block_on(phm_coordinator::cli::run(a)))
             .map(|()| ExitCode::SUCCESS),

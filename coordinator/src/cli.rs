@@ -19,8 +19,10 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // An unwritable log must not panic the task that logged (see the node's init_logging).
+    // Logs go to stderr, as the node's do: stdout stays free for output.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .log_internal_errors(false);
     // try_init: `phm` may already have installed a subscriber.
     let _ = match format {

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use phm_coordinator::cli::{CoordinatorArgs, run};
+use std::io::Write as _;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -21,7 +22,8 @@ async fn main() -> ExitCode {
     match run(Cli::parse().args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!: it panics when stderr cannot be written.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -3,11 +3,11 @@
 //! and serves phm.v1.NodeService over mutual TLS.
 
 pub mod audit;
-pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod reload;
+pub mod run;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -7,12 +7,12 @@ use std::io::Write;
 #[command(name = "phm-node", version)]
 struct Cli {
     #[command(flatten)]
-    args: phm_node::cli::NodeArgs,
+    args: phm_node::run::NodeArgs,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match phm_node::cli::run_blocking(cli.args) {
+    match phm_node::run::run_blocking(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Not eprintln!: it panics when stderr cannot be written (e.g. a full disk).

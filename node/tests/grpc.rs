@@ -20,7 +20,7 @@ struct Running {
     addr: std::net::SocketAddr,
     metrics: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), phm_node::cli::NodeError>>,
+    task: tokio::task::JoinHandle<Result<(), phm_node::run::NodeError>>,
 }
 
 async fn start(f: &Fixture, pki: &TestPki) -> Running {
@@ -50,7 +50,7 @@ query_deadline_ms = 20000
         listener.local_addr().unwrap(),
         metrics.local_addr().unwrap(),
     );
-    let node = phm_node::cli::Node::start(config).await.unwrap();
+    let node = phm_node::run::Node::start(config).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(node.serve(listener, Some(metrics), async {
         let _ = rx.await;

@@ -513,7 +513,7 @@ allowed_clients = ["san:coordinator-client"]
     let config =
         phm_node::config::NodeConfig::parse(&f.dir.path().join("node.toml"), config_text).unwrap();
     {
-        let node = phm_node::cli::Node::start(config.clone()).await.unwrap();
+        let node = phm_node::run::Node::start(config.clone()).await.unwrap();
         for _ in 0..3 {
             node.service()
                 .query(
@@ -529,7 +529,7 @@ allowed_clients = ["san:coordinator-client"]
     // The database is lost (e.g. restored from an old backup, or damaged beyond what
     // sled detects); the verified audit log still records 0.9 spent.
     std::fs::remove_dir_all(f.data_dir.join("ledger.sled")).unwrap();
-    let node = phm_node::cli::Node::start(config).await.unwrap();
+    let node = phm_node::run::Node::start(config).await.unwrap();
     let spent = node.service().store().spent(&dsu_key()).unwrap().epsilon;
     assert!((spent - 0.9).abs() < 1e-9, "ledger restored to {spent}");
 }

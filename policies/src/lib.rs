@@ -5,7 +5,7 @@
 pub mod accounting;
 pub mod decision;
 mod domain;
-mod engine;
+mod evaluate;
 pub mod model;
 mod parse;
 mod validate;
@@ -18,7 +18,7 @@ pub use decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
     Refusal, RefusalKind,
 };
-pub use engine::{ExplainLine, period_label, period_span, periods_overlap};
+pub use evaluate::{ExplainLine, period_label, period_span, periods_overlap};
 pub use model::PolicyFile;
 
 use phm_proto::QueryBody;
@@ -160,7 +160,7 @@ impl Policy {
 /// answer is `Allow` only when every check passed, otherwise `Deny` with every
 /// reason found (not just the first).
 pub fn decide(policy: &Policy, query: &QueryBody, now: chrono::DateTime<chrono::Utc>) -> Decision {
-    engine::evaluate(policy, query, now).decision
+    evaluate::evaluate(policy, query, now).decision
 }
 
 /// Line by line, which rule allowed or refused each part of `query` (the same
@@ -170,7 +170,7 @@ pub fn explain(
     query: &QueryBody,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Vec<ExplainLine> {
-    engine::evaluate(policy, query, now).lines
+    evaluate::evaluate(policy, query, now).lines
 }
 
 /// JSON Schema of the policy file format (for editors and documentation).

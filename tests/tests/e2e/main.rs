@@ -10,6 +10,7 @@ mod federation;
 mod node_server;
 mod pinning;
 mod redteam;
+mod tidy;
 mod trust;
 
 /// A current-thread runtime for the async gRPC clients; the harness itself is blocking.
