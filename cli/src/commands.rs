@@ -26,7 +26,7 @@ pub struct ConnectArgs {
     #[arg(long, env = "PHM_CA", value_name = "FILE")]
     pub ca: Option<PathBuf>,
     /// Your client certificate (PEM, from the people CA); always presented, the
-    /// coordinator requires one. Default: <folder of --ca>/<requester>-client.pem.
+    /// coordinator requires one. Default: the folder of --ca, file REQUESTER-client.pem.
     #[arg(long, env = "PHM_CLIENT_CERT", value_name = "FILE")]
     pub cert: Option<PathBuf>,
     /// Private key (PEM) of --cert (default: the .key file beside it).

@@ -226,7 +226,7 @@ impl Notes {
         }
     }
 
-    /// "  [1] reason" lines, or nothing.
+    /// `  [1] reason` lines, or nothing.
     pub fn render(&self) -> String {
         self.0
             .iter()

@@ -165,7 +165,7 @@ pub fn peer_identity<T>(req: &Request<T>) -> String {
     certificate_identity(leaf.as_ref())
 }
 
-/// "CN=<cn> SAN=<a>,<b>" from a DER certificate.
+/// `CN=<cn> SAN=<a>,<b>` from a DER certificate.
 pub fn certificate_identity(der: &[u8]) -> String {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(der) else {

@@ -55,7 +55,7 @@ pub enum RefusalKind {
 /// A privacy-budget ledger a query must be charged to.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LedgerCharge {
-    /// "requester:<id>" or "project:<id>".
+    /// `requester:<id>` or `project:<id>`.
     pub ledger: String,
     pub period: Period,
     /// Label of the current period, e.g. "2026-11-23", "2026-11" or "2026-Q4".
@@ -89,7 +89,7 @@ pub enum GroupDomain {
     /// Declared categories, rendered as text the way results label them
     /// (integers as "1", booleans as "true").
     Categories(Vec<String>),
-    /// Numeric bins: key i covers [edges[i], edges[i+1]); the last bin is closed.
+    /// Numeric bins: key i covers `[edges[i], edges[i+1])`; the last bin is closed.
     /// Labels are the lower edges, rendered like "40" (or "40.5").
     Bins { edges: Vec<f64> },
     /// No declared domain: keys are observed, then kept only if they pass DP
