@@ -13,15 +13,15 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read policy file {path}: {source}")]
+    #[error("cannot read policy file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("policy file {path} is invalid:\n{errors}")]
     Policy { path: PathBuf, errors: PolicyErrors },
-    #[error("policy file {path}: its data cannot be loaded: {source}")]
-    Data { path: PathBuf, source: DataError },
+    #[error("policy file {path}: its data cannot be loaded: {cause}")]
+    Data { path: PathBuf, cause: DataError },
 }
 
 /// Read, parse and validate the policy at `path` and load its datasets. With
@@ -30,9 +30,9 @@ pub enum LoadError {
 pub async fn load(path: &Path, previous: Option<&Loaded>) -> Result<Loaded, LoadError> {
     let text = tokio::fs::read_to_string(path)
         .await
-        .map_err(|source| LoadError::Read {
+        .map_err(|cause| LoadError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
     let policy =
         Policy::parse(&path.display().to_string(), &text).map_err(|errors| LoadError::Policy {
@@ -54,9 +54,9 @@ pub async fn load(path: &Path, previous: Option<&Loaded>) -> Result<Loaded, Load
         None => Arc::new(
             Engine::load(policy.file(), &base_dir)
                 .await
-                .map_err(|source| LoadError::Data {
+                .map_err(|cause| LoadError::Data {
                     path: path.to_path_buf(),
-                    source,
+                    cause,
                 })?,
         ),
     };

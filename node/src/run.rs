@@ -41,10 +41,10 @@ pub struct NodeArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot create the data folder {path}: {source}")]
+    #[error("cannot create the data folder {path}: {cause}")]
     DataDir {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     // Boxed: a policy error carries every located problem, and keeping it inline
     // would make every `Result<_, NodeError>` that large.
@@ -58,10 +58,10 @@ pub enum NodeError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Server(#[from] ServerError),
-    #[error("cannot listen for metrics on {addr}: {source}")]
+    #[error("cannot listen for metrics on {addr}: {cause}")]
     MetricsListen {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot flush state at shutdown: {0}")]
     Flush(String),
@@ -88,9 +88,9 @@ impl Node {
     /// Load the policy and its data, open the ledger and the audit log. Any problem
     /// here means the node does not start.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        std::fs::create_dir_all(&config.data_dir).map_err(|cause| NodeError::DataDir {
             path: config.data_dir.clone(),
-            source,
+            cause,
         })?;
         let loaded = reload::load(&config.policy, None).await?;
         let (store, audit) = {
@@ -252,7 +252,7 @@ pub async fn serve(
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| NodeError::MetricsListen { addr, source })?,
+                .map_err(|cause| NodeError::MetricsListen { addr, cause })?,
         ),
         None => None,
     };
@@ -312,7 +312,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| NodeError::MetricsListen { addr, source })?,
+                .map_err(|cause| NodeError::MetricsListen { addr, cause })?,
         ),
         None => None,
     };

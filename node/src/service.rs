@@ -935,7 +935,8 @@ impl Service {
             let reason = match e {
                 EngineError::UnknownDataset(_)
                 | EngineError::UnknownColumn { .. }
-                | EngineError::BadLiteral { .. } => DenialReason::InvalidQuery,
+                | EngineError::BadLiteral { .. }
+                | EngineError::TooManyGroups => DenialReason::InvalidQuery,
                 _ => DenialReason::Internal,
             };
             Denial::new(

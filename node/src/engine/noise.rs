@@ -341,13 +341,13 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
                 noisy.push(Noisy::Count(n));
             }
             (AggregateKind::Sum, Some(v)) => {
-                let sens = m as f64 * v.bounds.0.abs().max(v.bounds.1.abs());
+                let sens = v.sum_sensitivity(m);
                 let s = noise_sums(&v.sums, sens, limits.mechanism, unit)?;
                 loss_total += s.loss;
                 noisy.push(Noisy::Sum(s));
             }
             (AggregateKind::Mean, Some(v)) => {
-                let sens = m as f64 * v.bounds.0.abs().max(v.bounds.1.abs());
+                let sens = v.sum_sensitivity(m);
                 let s = noise_sums(&v.sums, sens, limits.mechanism, unit / 2.0)?;
                 let c = noise_counts(&v.counts, m, limits.mechanism, unit / 2.0)?;
                 loss_total += s.loss + c.loss;

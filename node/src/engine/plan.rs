@@ -52,10 +52,6 @@ impl ValueColumn {
     /// `m * max(|lo|, |hi|)`: the rounding term of the fixed-point sum is zero by
     /// construction (see [`ValueColumn::per_row_rounding_addend`]), and the sum itself
     /// is exact (no floating-point error to add).
-    #[allow(
-        dead_code,
-        reason = "for noise.rs: the sensitivity of `sums` (notes/engine.md)"
-    )]
     pub fn sum_sensitivity(&self, m: i64) -> f64 {
         m as f64 * self.lattice.max_abs()
     }
@@ -64,7 +60,7 @@ impl ValueColumn {
     /// `max(|lo|, |hi|)`: 0, because the clamping interval is the declared one rounded
     /// inwards. Kept as a function so a sensitivity written as
     /// `m * (max(|lo|, |hi|) + addend)` stays right if the lattice ever changes.
-    #[allow(dead_code, reason = "for noise.rs: see notes/engine.md")]
+    #[cfg(test)]
     pub fn per_row_rounding_addend(&self) -> f64 {
         let declared = self.bounds.0.abs().max(self.bounds.1.abs());
         (self.lattice.max_abs() - declared).max(0.0)
