@@ -662,14 +662,16 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
         Ok((_, url)) if a.keep_running => {
             phm::outln!("\nThe federation is running. Try, for example:\n");
             phm::outln!(
-                "  {} query --coordinator {url} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key --purpose planning --epsilon 0.5 'SELECT place, COUNT(*) AS people FROM gp_patients WHERE copd = TRUE GROUP BY place'",
+                "  {} query --coordinator {url} --federation {fed} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key --purpose planning --epsilon 0.5 'SELECT place, COUNT(*) AS people FROM gp_patients WHERE copd = TRUE GROUP BY place'",
                 exe.display(),
-                d = dir.display()
+                d = dir.display(),
+                fed = phm::synth::FEDERATION_ID
             );
             phm::outln!(
-                "\n  {} budget --coordinator {url} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key",
+                "\n  {} budget --coordinator {url} --federation {fed} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key",
                 exe.display(),
-                d = dir.display()
+                d = dir.display(),
+                fed = phm::synth::FEDERATION_ID
             );
             phm::outln!("\nPress Ctrl-C (or send SIGTERM) to stop it.");
             // SIGTERM too: dying on it would orphan the children.

@@ -478,6 +478,10 @@ fn demo_keep_running_prints_a_query_line_and_stops_cleanly_on_sigterm() {
     }
     let query_line = query_line.expect("the demo prints a phm query line to try");
     assert!(query_line.contains("--key") && query_line.contains("dsu.key"));
+    assert!(
+        query_line.contains("--federation synthetic-ics"),
+        "the line signs for the demo's federation: {query_line}"
+    );
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
