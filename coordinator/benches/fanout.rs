@@ -7,7 +7,7 @@
 //! `--iterations N` (default 100).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/coordinator/common.rs"]
 mod common;
 
 use common::*;

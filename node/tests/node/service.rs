@@ -5,9 +5,7 @@
 // Helpers outside #[test] functions panic on broken fixtures too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use phm_node::audit::verify_log;
 use phm_node::reload::{ReloadOutcome, reload};
 use phm_node::service::ServiceLimits;

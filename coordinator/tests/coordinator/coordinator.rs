@@ -3,9 +3,7 @@
 //! out, refused, malformed), idempotent resubmission, GetResult, Budget and the CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use phm_proto::proto;
 use phm_proto::{Denial, DenialReason};
 use rand::{Rng, SeedableRng};

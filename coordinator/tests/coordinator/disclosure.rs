@@ -5,9 +5,7 @@
 //! two Laplace noises (F14).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use phm_proto::proto;
 use std::sync::Arc;
 

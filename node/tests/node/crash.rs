@@ -117,7 +117,12 @@ fn kill9_mid_burst_never_undercounts() {
     let mut released: Vec<String> = Vec::new();
     for (round, wanted) in [5usize, 40, 1, 120].into_iter().enumerate() {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash::crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -5,9 +5,7 @@
 // Helpers outside #[test] functions panic on broken fixtures too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use phm_node::config::NodeConfig;
 use phm_proto::proto;
 use phm_proto::proto::node_service_client::NodeServiceClient;
