@@ -124,6 +124,51 @@ fn total_note(kind: TotalKind, answered: usize, total: usize) -> String {
     note
 }
 
+/// What a total means, given the coordinator's configuration and what each answering
+/// partner's policy declares (`datasets.total_kind`). Any disagreement is said in the
+/// note, and the reading falls back to the conservative "sum of partner counts" when
+/// any partner says its people may also be counted elsewhere. A partner that declares
+/// nothing (an older node) is not counted either way.
+fn reconcile_total_kind(
+    configured: TotalKind,
+    declared: &[(String, proto::TotalKind)],
+) -> (TotalKind, Option<String>) {
+    let as_config = |k: proto::TotalKind| match k {
+        proto::TotalKind::DistinctPeople => Some(TotalKind::DistinctPeople),
+        proto::TotalKind::SumOfPartnerCounts => Some(TotalKind::SumOfPartnerCounts),
+        proto::TotalKind::Unspecified => None,
+    };
+    let disagree: Vec<&str> = declared
+        .iter()
+        .filter(|(_, k)| as_config(*k).is_some_and(|k| k != configured))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if disagree.is_empty() {
+        return (configured, None);
+    }
+    let name = |k: TotalKind| match k {
+        TotalKind::DistinctPeople => "distinct people",
+        TotalKind::SumOfPartnerCounts => "a sum of partner counts",
+    };
+    let kind = if declared
+        .iter()
+        .any(|(_, k)| *k == proto::TotalKind::SumOfPartnerCounts)
+    {
+        TotalKind::SumOfPartnerCounts
+    } else {
+        configured
+    };
+    let note = format!(
+        "Mismatch: this coordinator reads the dataset's total as {}, but the policy of {} \
+         says otherwise; the total is read as {}. Ask the partners' IG leads and the \
+         coordinator's operator to agree on datasets.total_kind.",
+        name(configured),
+        disagree.join(", "),
+        name(kind)
+    );
+    (kind, Some(note))
+}
+
 fn to_proto_rows(rows: Vec<combine::Row>) -> Vec<proto::CombinedRow> {
     rows.into_iter()
         .map(|r| proto::CombinedRow {
@@ -217,6 +262,9 @@ struct NodeResult {
     population: f64,
     /// Delta the node reports spending (0 unless it answered).
     delta: f64,
+    /// How the node's policy says a total of the dataset reads (unspecified unless
+    /// it answered, or for a node that does not say).
+    total_kind: proto::TotalKind,
 }
 
 impl Inner {
@@ -339,8 +387,11 @@ impl Inner {
         let mut answer = None;
         let mut population = 0.0;
         let mut delta = 0.0;
+        let mut total_kind = proto::TotalKind::Unspecified;
         match outcome {
             CallOutcome::Answered(result) => {
+                total_kind = proto::TotalKind::try_from(result.total_kind)
+                    .unwrap_or(proto::TotalKind::Unspecified);
                 let epsilon = result.epsilon_spent;
                 if result.delta_spent.is_finite() && result.delta_spent > 0.0 {
                     delta = result.delta_spent;
@@ -381,6 +432,7 @@ impl Inner {
             answer,
             population,
             delta,
+            total_kind,
         }
     }
 
@@ -458,6 +510,7 @@ impl Inner {
         let mut registered = Some(0.0);
         let mut answered_population = Some(0.0);
         let mut delta_per_node: f64 = 0.0;
+        let mut declared: Vec<(String, proto::TotalKind)> = Vec::new();
         for r in results {
             let client = &self.clients[r.index];
             let node = node_ref(&client.config);
@@ -492,6 +545,7 @@ impl Inner {
             }
             if let Some(a) = r.answer {
                 delta_per_node = delta_per_node.max(r.delta);
+                declared.push((client.config.id.clone(), r.total_kind));
                 answers.push(a);
             }
         }
@@ -506,11 +560,12 @@ impl Inner {
 
         let expected = Expected::from_query(body);
         let combined = combine::combine(&expected, &answers);
-        let kind = self
+        let configured = self
             .total_kinds
             .get(&body.dataset)
             .copied()
             .unwrap_or_default();
+        let (kind, kind_note) = reconcile_total_kind(configured, &declared);
         proto::CombinedResult {
             query_id: body.query_id.clone(),
             dataset: body.dataset.clone(),
@@ -524,6 +579,10 @@ impl Inner {
             } as i32,
             total_note: {
                 let mut note = total_note(kind, answers.len(), targets.len());
+                if let Some(n) = kind_note {
+                    note.push(' ');
+                    note.push_str(&n);
+                }
                 for n in &combined.notes {
                     note.push(' ');
                     note.push_str(n);
@@ -809,5 +868,36 @@ impl CoordinatorService for Coordinator {
         });
         let nodes = futures::future::join_all(calls).await;
         Ok(Response::new(proto::FederatedBudget { nodes }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partner_declaring_another_total_kind_is_flagged_and_the_reading_is_conservative() {
+        let dp = proto::TotalKind::DistinctPeople;
+        let sum = proto::TotalKind::SumOfPartnerCounts;
+        let agree = [("A".to_string(), dp), ("B".to_string(), dp)];
+        assert_eq!(
+            reconcile_total_kind(TotalKind::DistinctPeople, &agree),
+            (TotalKind::DistinctPeople, None)
+        );
+        let one_says_sum = [("A".to_string(), dp), ("RW2".to_string(), sum)];
+        let (kind, note) = reconcile_total_kind(TotalKind::DistinctPeople, &one_says_sum);
+        assert_eq!(kind, TotalKind::SumOfPartnerCounts);
+        let note = note.unwrap();
+        assert!(note.contains("RW2") && note.contains("Mismatch"), "{note}");
+        // The coordinator is the conservative one: flagged, reading kept.
+        let (kind, note) = reconcile_total_kind(TotalKind::SumOfPartnerCounts, &agree);
+        assert_eq!(kind, TotalKind::SumOfPartnerCounts);
+        assert!(note.unwrap().contains("A, B"));
+        // An older node that declares nothing does not count either way.
+        let silent = [("A".to_string(), proto::TotalKind::Unspecified)];
+        assert_eq!(
+            reconcile_total_kind(TotalKind::DistinctPeople, &silent),
+            (TotalKind::DistinctPeople, None)
+        );
     }
 }

@@ -26,7 +26,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use phm_node::engine::Engine;
-use phm_policies::model::{ColumnType, Mechanism, Rounding, Scope, SourceFormat, TotalKind};
+use phm_policies::model::{ColumnType, Mechanism, Rounding, Scope, TotalKind};
 use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits, Limits, PolicyFile};
 use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, Purpose, QueryBody};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -159,8 +159,6 @@ fn limits() -> Limits {
     Limits {
         policy_version: "bench".into(),
         dataset: "gp_patients".into(),
-        source_format: SourceFormat::Parquet,
-        source_path: String::new(),
         person_id: "person_id".into(),
         max_rows_per_person: 1,
         total_kind: TotalKind::DistinctPeople,
@@ -199,7 +197,6 @@ fn limits() -> Limits {
         mechanism: Mechanism::DiscreteLaplace,
         delta: 1e-9,
         spend: phm_policies::Spend::ZERO,
-        threshold_epsilon: 0.0,
         min_reportable_count: 7.0,
         rounding: Rounding::Nearest5,
         scope: Scope::Standalone,

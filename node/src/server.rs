@@ -8,7 +8,7 @@ use crate::config::{ClientPin, TlsFiles};
 use crate::engine::{ReleaseRow, ReleasedCell};
 use crate::service::{Answer, BudgetView, Description, Service};
 use chrono::Utc;
-use phm_policies::model::{Column, Domain, Grouping, Mechanism, Period, Scope};
+use phm_policies::model::{Column, Domain, Grouping, Mechanism, Period, Scope, TotalKind};
 use phm_proto::proto;
 use phm_proto::proto::node_service_server::{NodeService, NodeServiceServer};
 use phm_proto::{Denial, DenialReason, RequesterProof, SignedQuery};
@@ -269,6 +269,10 @@ pub fn aggregate_result(a: Answer) -> proto::AggregateResult {
         min_reportable_count: a.release.min_reportable_count,
         delta_spent: a.release.delta_spent,
         rho_spent: a.release.rho_spent,
+        total_kind: match a.total_kind {
+            TotalKind::DistinctPeople => proto::TotalKind::DistinctPeople,
+            TotalKind::SumOfPartnerCounts => proto::TotalKind::SumOfPartnerCounts,
+        } as i32,
     }
 }
 

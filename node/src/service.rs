@@ -57,6 +57,10 @@ pub struct Answer {
     /// Set on answers served from the release cache.
     #[serde(default)]
     pub cached: bool,
+    /// How this node's policy says a system total of the dataset reads; the
+    /// coordinator checks it against its own configuration.
+    #[serde(default)]
+    pub total_kind: phm_policies::model::TotalKind,
 }
 
 /// A dataset as the requester may see it.
@@ -977,6 +981,7 @@ impl Service {
             epsilon_remaining: charged.map(LedgerState::remaining).unwrap_or(0.0),
             policy_version: policy.version().to_string(),
             scope: limits.scope,
+            total_kind: limits.total_kind,
             population_noisy: limits
                 .registered_population
                 .or(org.registered_population)

@@ -2,7 +2,7 @@
 //! every reason for refusal. The node's engine takes `Limits` and nothing else from
 //! the policy, so what the IG lead signed off is what runs.
 
-use crate::model::{ColumnType, Mechanism, Period, Rounding, Scope, SourceFormat, TotalKind};
+use crate::model::{ColumnType, Mechanism, Period, Rounding, Scope, TotalKind};
 use phm_proto::AggregateKind;
 use serde::Serialize;
 
@@ -118,9 +118,6 @@ pub struct Limits {
     /// Content hash of the policy that decided this.
     pub policy_version: String,
     pub dataset: String,
-    pub source_format: SourceFormat,
-    /// As written in the policy (relative to the policy file's folder unless absolute).
-    pub source_path: String,
     pub person_id: String,
     pub max_rows_per_person: u32,
     pub total_kind: TotalKind,
@@ -139,8 +136,6 @@ pub struct Limits {
     /// What this query spends on every ledger, planned before it runs; the engine
     /// noises to exactly these amounts.
     pub spend: crate::accounting::Spend,
-    /// Epsilon given to key selection when keys are thresholded (0 otherwise).
-    pub threshold_epsilon: f64,
     pub min_reportable_count: f64,
     pub rounding: Rounding,
     pub scope: Scope,

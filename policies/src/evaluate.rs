@@ -290,7 +290,7 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
     let thresholded = group_by
         .iter()
         .any(|g: &GroupLimits| g.domain == GroupDomain::Thresholded);
-    let (spend, threshold_epsilon) = plan_spend(policy, q, thresholded, &mut t);
+    let spend = plan_spend(policy, q, thresholded, &mut t);
 
     let mut charges = Vec::new();
     let mut charge = |ledger: String, b: &Budget, t: &mut Trace, rule: String| {
@@ -351,8 +351,6 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
         (Some(_), Some(d)) if t.refusals.is_empty() => Decision::Allow(Box::new(Limits {
             policy_version: policy.version().to_string(),
             dataset: d.name.clone(),
-            source_format: d.source.format,
-            source_path: d.source.path.clone(),
             person_id: d.person_id.clone(),
             max_rows_per_person: d.max_rows_per_person,
             total_kind: d.total_kind,
@@ -364,7 +362,6 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
             mechanism: r.mechanism,
             delta: r.delta,
             spend,
-            threshold_epsilon,
             min_reportable_count: r.min_reportable_count,
             rounding: r.rounding,
             scope: r.scope,
@@ -1032,7 +1029,7 @@ fn check_opt_out(policy: &Policy, q: &QueryBody, d: &Dataset, t: &mut Trace) -> 
 /// What the query will spend (`accounting::plan`), planned here so the ledger can
 /// be charged before anything runs; refuses a thresholded query whose key-selection
 /// share is below the policy's minimum.
-fn plan_spend(policy: &Policy, q: &QueryBody, thresholded: bool, t: &mut Trace) -> (Spend, f64) {
+fn plan_spend(policy: &Policy, q: &QueryBody, thresholded: bool, t: &mut Trace) -> Spend {
     let r = &policy.file().release;
     let e = q.epsilon;
     let (spend, threshold_epsilon) =
@@ -1064,7 +1061,7 @@ fn plan_spend(policy: &Policy, q: &QueryBody, thresholded: bool, t: &mut Trace) 
             );
         }
     }
-    (spend, threshold_epsilon)
+    spend
 }
 
 fn check_epsilon(

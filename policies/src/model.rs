@@ -176,12 +176,14 @@ pub struct Source {
 }
 
 /// How the system total of this dataset across partners should be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TotalKind {
     /// Each person belongs to exactly one partner (e.g. GP registration).
     DistinctPeople,
-    /// A person may appear at several partners (e.g. admissions at two trusts).
+    /// A person may appear at several partners (e.g. admissions at two trusts). The
+    /// default, and the fail-closed reading.
+    #[default]
     SumOfPartnerCounts,
 }
 

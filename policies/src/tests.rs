@@ -1315,7 +1315,7 @@ fn threshold_keys_and_direct_care_without_opt_out() {
     assert_eq!(l.exclude_opted_out, None);
     // F1: key selection is (epsilon, delta)-DP: the plan charges the policy's delta.
     assert_eq!(l.spend.delta, l.delta);
-    assert!(l.threshold_epsilon > 0.0);
+    assert!(l.spend.epsilon > 0.0);
     assert!(l.charges.iter().all(|c| c.delta_total > 0.0));
 }
 

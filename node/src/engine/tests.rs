@@ -11,7 +11,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
-use phm_policies::model::{ColumnType, Mechanism, Rounding, Scope, SourceFormat, TotalKind};
+use phm_policies::model::{ColumnType, Mechanism, Rounding, Scope, TotalKind};
 use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits, Limits, PolicyFile};
 use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, Purpose, QueryBody};
 
@@ -266,8 +266,6 @@ fn limits(group_by: Vec<GroupLimits>, aggregates: Vec<AggregateLimits>, epsilon:
     Limits {
         policy_version: "test".into(),
         dataset: "gp_patients".into(),
-        source_format: SourceFormat::Parquet,
-        source_path: "gp.parquet".into(),
         person_id: "person_id".into(),
         max_rows_per_person: 1,
         total_kind: TotalKind::DistinctPeople,
@@ -279,7 +277,6 @@ fn limits(group_by: Vec<GroupLimits>, aggregates: Vec<AggregateLimits>, epsilon:
         mechanism: Mechanism::DiscreteLaplace,
         delta: 1e-9,
         spend: phm_policies::Spend::ZERO,
-        threshold_epsilon: 0.0,
         min_reportable_count: 7.0,
         rounding: Rounding::Nearest5,
         scope: Scope::Standalone,
