@@ -271,14 +271,58 @@ enum Noisy {
     },
 }
 
+/// Turn exact bounded aggregates into a differentially private release, in its steps:
+/// check the limits, select thresholded keys, noise every aggregate with OpenDP, check
+/// the realised loss against the query's epsilon, then round, suppress and form
+/// intervals from the noisy values only.
 pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Release, EngineError> {
+    check_limits(&exact, limits)?;
+    let m = i64::from(limits.max_rows_per_person);
+    // Even split: one share per aggregate (a mean halves its share between its sum and
+    // its count), plus one share for key selection when keys are thresholded.
+    let agg_shares = exact.aggregates.len() as f64;
+    let shares = agg_shares + if exact.thresholded { 1.0 } else { 0.0 };
+    let share = limits.epsilon / shares;
+    let (threshold_eps, delta_rest) = select_keys(&mut exact, limits, m, share)?;
+    let unit = unit_budget(&exact, limits, share, agg_shares);
+    let (noisy, loss_total) = noise_aggregates(&exact, limits, m, unit)?;
+    let epsilon_spent = threshold_eps
+        + match limits.mechanism {
+            Mechanism::DiscreteLaplace => loss_total,
+            Mechanism::DiscreteGaussian => epsilon_of_rho(loss_total, delta_rest),
+        };
+    if epsilon_spent.is_nan() || epsilon_spent > limits.epsilon + EPS_SLACK {
+        return Err(EngineError::BudgetOverrun {
+            spent: epsilon_spent,
+            limit: limits.epsilon,
+        });
+    }
+    let rows = released_rows(&exact, limits, &noisy);
+    let (delta_spent, rho_spent) = match limits.mechanism {
+        Mechanism::DiscreteLaplace => (if exact.thresholded { limits.delta } else { 0.0 }, 0.0),
+        Mechanism::DiscreteGaussian => (limits.delta, loss_total),
+    };
+    Ok(Release {
+        group_columns: exact.group_columns,
+        aliases: exact.aggregates.iter().map(|a| a.alias.clone()).collect(),
+        rows,
+        epsilon_spent,
+        delta_spent,
+        rho_spent,
+        mechanism: limits.mechanism,
+        min_reportable_count: limits.min_reportable_count,
+    })
+}
+
+/// The limits can be met at all: a positive epsilon, a usable delta where one is
+/// needed, at least one aggregate.
+fn check_limits(exact: &Exact, limits: &Limits) -> Result<(), EngineError> {
     let epsilon = limits.epsilon;
     if !(epsilon.is_finite() && epsilon > 0.0) {
         return Err(EngineError::InvalidLimits(format!(
             "epsilon {epsilon} is not a positive number"
         )));
     }
-    let m = i64::from(limits.max_rows_per_person);
     let needs_delta = exact.thresholded || limits.mechanism == Mechanism::DiscreteGaussian;
     if needs_delta && !(limits.delta > 0.0 && limits.delta < 1.0) {
         return Err(EngineError::InvalidLimits(format!(
@@ -291,45 +335,61 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
             "the query has no aggregates".into(),
         ));
     }
-    // Even split: one share per aggregate (a mean halves its share between its sum and
-    // its count), plus one share for key selection when keys are thresholded.
-    let agg_shares = exact.aggregates.len() as f64;
-    let shares = agg_shares + if exact.thresholded { 1.0 } else { 0.0 };
-    let share = epsilon / shares;
+    Ok(())
+}
 
-    let mut threshold_eps = 0.0;
-    let mut delta_rest = limits.delta;
-    if exact.thresholded {
-        let delta_t = match limits.mechanism {
-            Mechanism::DiscreteLaplace => limits.delta,
-            Mechanism::DiscreteGaussian => limits.delta / 2.0,
-        };
-        let (keep, eps, del) = threshold_keys(&exact.counts, m, share, delta_t)?;
-        if del > delta_t {
-            return Err(EngineError::Noise(format!(
-                "thresholding delta {del} exceeds its share {delta_t}"
-            )));
-        }
-        threshold_eps = eps;
-        delta_rest = limits.delta - delta_t;
-        exact.retain_keys(&keep);
+/// Thresholded keys: keep those whose noisy count passes OpenDP's threshold for
+/// the key-selection share. Returns the epsilon that selection spent and the delta
+/// left for the Gaussian's conversion.
+fn select_keys(
+    exact: &mut Exact,
+    limits: &Limits,
+    m: i64,
+    share: f64,
+) -> Result<(f64, f64), EngineError> {
+    if !exact.thresholded {
+        return Ok((0.0, limits.delta));
     }
+    let delta_t = match limits.mechanism {
+        Mechanism::DiscreteLaplace => limits.delta,
+        Mechanism::DiscreteGaussian => limits.delta / 2.0,
+    };
+    let (keep, eps, del) = threshold_keys(&exact.counts, m, share, delta_t)?;
+    if del > delta_t {
+        return Err(EngineError::Noise(format!(
+            "thresholding delta {del} exceeds its share {delta_t}"
+        )));
+    }
+    exact.retain_keys(&keep);
+    Ok((eps, limits.delta - delta_t))
+}
 
-    // Budget per unit share, in the mechanism's own measure. The Gaussian's rho is
-    // the one the decision planned and the ledger was charged (composed in rho).
-    let unit = match limits.mechanism {
+/// Budget per unit share, in the mechanism's own measure. The Gaussian's rho is the
+/// one the decision planned and the ledger was charged (composed in rho).
+fn unit_budget(exact: &Exact, limits: &Limits, share: f64, agg_shares: f64) -> f64 {
+    match limits.mechanism {
         Mechanism::DiscreteLaplace => share,
         Mechanism::DiscreteGaussian => {
             let (planned, _) = phm_policies::accounting::plan(
                 limits.mechanism,
-                epsilon,
+                limits.epsilon,
                 exact.aggregates.len(),
                 exact.thresholded,
                 limits.delta,
             );
             planned.rho / agg_shares
         }
-    };
+    }
+}
+
+/// One OpenDP measurement per aggregate (two for a mean); returns the noised values
+/// and the summed privacy loss in the mechanism's measure.
+fn noise_aggregates(
+    exact: &Exact,
+    limits: &Limits,
+    m: i64,
+    unit: f64,
+) -> Result<(Vec<Noisy>, f64), EngineError> {
     let mut noisy: Vec<Noisy> = Vec::with_capacity(exact.aggregates.len());
     let mut loss_total = 0.0;
     for a in &exact.aggregates {
@@ -361,98 +421,95 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
             }
         }
     }
-    let epsilon_spent = threshold_eps
-        + match limits.mechanism {
-            Mechanism::DiscreteLaplace => loss_total,
-            Mechanism::DiscreteGaussian => epsilon_of_rho(loss_total, delta_rest),
-        };
-    if epsilon_spent.is_nan() || epsilon_spent > epsilon + EPS_SLACK {
-        return Err(EngineError::BudgetOverrun {
-            spent: epsilon_spent,
-            limit: epsilon,
-        });
-    }
+    Ok((noisy, loss_total))
+}
 
+/// Post-processing only: every row's cells rounded, suppressed and given intervals,
+/// all from the noisy values.
+fn released_rows(exact: &Exact, limits: &Limits, noisy: &[Noisy]) -> Vec<ReleaseRow> {
     let mrc = limits.min_reportable_count;
     let reason = suppression_reason(mrc);
     let mut rows = Vec::with_capacity(exact.keys.len());
     for (k, key) in exact.keys.iter().enumerate() {
-        // The group's size decides suppression of every cell in it: the first COUNT,
-        // else the first mean's count. (A query of SUMs alone has no count to judge by.)
-        let group_count = noisy
+        let small = group_count(noisy, k).is_some_and(|c| c <= mrc);
+        let cells = exact
+            .aggregates
             .iter()
-            .find_map(|n| match n {
-                Noisy::Count(c) => c.values.get(k).map(|v| *v as f64),
-                _ => None,
+            .zip(noisy)
+            .map(|(a, n)| {
+                let mut cell = released_cell(&a.alias, n, k, limits, &reason);
+                if small && !cell.suppressed {
+                    cell.suppressed = true;
+                    cell.suppression_reason = Some(reason.clone());
+                }
+                if cell.suppressed {
+                    cell.estimate = 0.0;
+                }
+                cell
             })
-            .or_else(|| {
-                noisy.iter().find_map(|n| match n {
-                    Noisy::Mean { count, .. } => count.values.get(k).map(|v| *v as f64),
-                    _ => None,
-                })
-            });
-        let small = group_count.is_some_and(|c| c <= mrc);
-        let mut cells = Vec::with_capacity(noisy.len());
-        for (a, n) in exact.aggregates.iter().zip(&noisy) {
-            let mut cell = match n {
-                Noisy::Count(c) => {
-                    let v = c.values.get(k).copied().unwrap_or(0) as f64;
-                    ReleasedCell {
-                        alias: a.alias.clone(),
-                        estimate: round(limits.rounding, v.max(0.0)),
-                        noisy_value: v,
-                        noise_scale: c.scale,
-                        variance: c.variance,
-                        ci95: (v - c.half_width, v + c.half_width),
-                        suppressed: false,
-                        suppression_reason: None,
-                        mean: None,
-                    }
-                }
-                Noisy::Sum(s) => {
-                    let v = s.values.get(k).copied().unwrap_or(0.0);
-                    ReleasedCell {
-                        alias: a.alias.clone(),
-                        estimate: round(limits.rounding, v),
-                        noisy_value: v,
-                        noise_scale: s.scale,
-                        variance: s.variance,
-                        ci95: (v - s.half_width, v + s.half_width),
-                        suppressed: false,
-                        suppression_reason: None,
-                        mean: None,
-                    }
-                }
-                Noisy::Mean { sum, count } => mean_cell(&a.alias, sum, count, k, mrc, &reason),
-            };
-            if small && !cell.suppressed {
-                cell.suppressed = true;
-                cell.suppression_reason = Some(reason.clone());
-            }
-            if cell.suppressed {
-                cell.estimate = 0.0;
-            }
-            cells.push(cell);
-        }
+            .collect();
         rows.push(ReleaseRow {
             key: key.clone(),
             cells,
         });
     }
-    let (delta_spent, rho_spent) = match limits.mechanism {
-        Mechanism::DiscreteLaplace => (if exact.thresholded { limits.delta } else { 0.0 }, 0.0),
-        Mechanism::DiscreteGaussian => (limits.delta, loss_total),
+    rows
+}
+
+/// The group's noisy size, which decides suppression of every cell in it: the first
+/// COUNT, else the first mean's count. (A query of SUMs alone has no count to judge by.)
+fn group_count(noisy: &[Noisy], k: usize) -> Option<f64> {
+    noisy
+        .iter()
+        .find_map(|n| match n {
+            Noisy::Count(c) => c.values.get(k).map(|v| *v as f64),
+            _ => None,
+        })
+        .or_else(|| {
+            noisy.iter().find_map(|n| match n {
+                Noisy::Mean { count, .. } => count.values.get(k).map(|v| *v as f64),
+                _ => None,
+            })
+        })
+}
+
+fn released_cell(alias: &str, n: &Noisy, k: usize, limits: &Limits, reason: &str) -> ReleasedCell {
+    let plain = |v: f64, estimate: f64, scale: f64, variance: f64, half: f64| ReleasedCell {
+        alias: alias.to_string(),
+        estimate,
+        noisy_value: v,
+        noise_scale: scale,
+        variance,
+        ci95: (v - half, v + half),
+        suppressed: false,
+        suppression_reason: None,
+        mean: None,
     };
-    Ok(Release {
-        group_columns: exact.group_columns,
-        aliases: exact.aggregates.iter().map(|a| a.alias.clone()).collect(),
-        rows,
-        epsilon_spent,
-        delta_spent,
-        rho_spent,
-        mechanism: limits.mechanism,
-        min_reportable_count: mrc,
-    })
+    match n {
+        Noisy::Count(c) => {
+            let v = c.values.get(k).copied().unwrap_or(0) as f64;
+            plain(
+                v,
+                round(limits.rounding, v.max(0.0)),
+                c.scale,
+                c.variance,
+                c.half_width,
+            )
+        }
+        Noisy::Sum(s) => {
+            let v = s.values.get(k).copied().unwrap_or(0.0);
+            plain(
+                v,
+                round(limits.rounding, v),
+                s.scale,
+                s.variance,
+                s.half_width,
+            )
+        }
+        Noisy::Mean { sum, count } => {
+            mean_cell(alias, sum, count, k, limits.min_reportable_count, reason)
+        }
+    }
 }
 
 /// A mean as noisy sum / noisy count, with a delta-method variance and interval.
