@@ -160,3 +160,84 @@ fn a_query_signed_for_another_federation_is_refused_before_any_node() {
         "nothing is spent anywhere"
     );
 }
+
+#[test]
+fn thresholded_queries_stop_at_the_delta_budget_through_the_real_federation() {
+    // F1: each thresholded query can release a key held by one person with
+    // probability up to its delta, whatever its epsilon. The trust thresholds
+    // `diagnosis_group` and gives the DSU a delta budget of two such queries.
+    let ics = phm_e2e::Ics::synth(20_000, 33);
+    let policy = ics.root.join("RW1").join("policy.toml");
+    phm_e2e::edit_toml(&policy, |t| {
+        let Some(toml::Value::Array(datasets)) = t.get_mut("datasets") else {
+            panic!("no datasets")
+        };
+        for d in datasets.iter_mut() {
+            let Some(toml::Value::Array(cols)) = d.get_mut("columns") else {
+                continue;
+            };
+            for c in cols.iter_mut() {
+                if c.get("name").and_then(toml::Value::as_str) == Some("diagnosis_group")
+                    && let Some(c) = c.as_table_mut()
+                {
+                    c.insert("group".into(), "threshold".into());
+                    c.remove("domain");
+                }
+            }
+        }
+        let Some(toml::Value::Array(reqs)) = t.get_mut("requesters") else {
+            panic!("no requesters")
+        };
+        for r in reqs.iter_mut() {
+            if r.get("id").and_then(toml::Value::as_str) == Some("dsu")
+                && let Some(toml::Value::Table(b)) = r.get_mut("budget")
+            {
+                b.insert("delta".into(), toml::Value::Float(2e-9));
+            }
+        }
+    });
+    let fed = Federation::start_nodes(ics, &["RW1".to_string()], true);
+    let sql = "SELECT diagnosis_group, COUNT(*) AS admissions FROM acute_admissions GROUP BY diagnosis_group";
+    let ask = || {
+        as_requester(
+            &fed,
+            "dsu",
+            phm_e2e::FEDERATION_ID,
+            "query",
+            &[
+                "--purpose",
+                "planning",
+                "--epsilon",
+                "0.5",
+                "--format",
+                "json",
+                sql,
+            ],
+        )
+    };
+    for i in 0..2 {
+        let (code, out, err) = ask();
+        assert_eq!(code, 0, "thresholded query {i}: {out}{err}");
+        let v = json(&out);
+        assert_eq!(v["delta_spent"], 1e-9, "the answer states its delta: {v}");
+    }
+    let (code, out, err) = ask();
+    assert_eq!(
+        code, 4,
+        "the third thresholded query must be refused: {out}{err}"
+    );
+    assert!(
+        err.contains("BUDGET_EXHAUSTED") && err.contains("delta"),
+        "{err}"
+    );
+    // The budget shows the delta spent.
+    let b = spent(&fed, "dsu", None);
+    let rw1 = b
+        .as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["node"].as_str().is_some_and(|n| n.contains("RW1")))
+        })
+        .unwrap_or_else(|| panic!("no RW1 row: {b}"));
+    assert_eq!(rw1["delta_spent"].as_f64(), Some(2e-9), "{rw1}");
+}
