@@ -414,32 +414,7 @@ impl Config {
     }
 }
 
-/// Longest federation id accepted.
-pub const MAX_FEDERATION_ID_LEN: usize = 128;
-
-/// Check a federation id: non-empty, at most 128 characters, letters, digits and
-/// `_ - . :` only. The same rule as the node's (`phm_node::config`), repeated here
-/// because the coordinator does not depend on the node crate.
-pub fn validate_federation_id(id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err("is empty; name the federation, e.g. federation_id = \"synthetic-ics\"".into());
-    }
-    if id.len() > MAX_FEDERATION_ID_LEN {
-        return Err(format!(
-            "is {} characters long; at most {MAX_FEDERATION_ID_LEN}",
-            id.len()
-        ));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
-    {
-        return Err(format!(
-            "{id:?} contains {c:?}; use only letters, digits and _ - . :"
-        ));
-    }
-    Ok(())
-}
+pub use phm_proto::query::validate_federation_id;
 
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()

@@ -195,31 +195,7 @@ pub struct TlsFiles {
     pub allowed_clients: Vec<ClientPin>,
 }
 
-/// Longest federation id accepted.
-pub const MAX_FEDERATION_ID_LEN: usize = 128;
-
-/// Check a federation id: non-empty, at most 128 characters, letters, digits and
-/// `_ - . :` only (it is compared byte for byte and printed in refusals).
-pub fn validate_federation_id(id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err("is empty; name the federation, e.g. federation_id = \"synthetic-ics\"".into());
-    }
-    if id.len() > MAX_FEDERATION_ID_LEN {
-        return Err(format!(
-            "is {} characters long; at most {MAX_FEDERATION_ID_LEN}",
-            id.len()
-        ));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
-    {
-        return Err(format!(
-            "{id:?} contains {c:?}; use only letters, digits and _ - . :"
-        ));
-    }
-    Ok(())
-}
+pub use phm_proto::query::{MAX_FEDERATION_ID_LEN, validate_federation_id};
 
 /// A validated node configuration with absolute (or config-relative resolved) paths.
 #[derive(Debug, Clone, PartialEq)]

@@ -388,6 +388,32 @@ fn check_id(field: &'static str, s: &str, required: bool) -> Result<(), Protocol
     Ok(())
 }
 
+/// Longest federation id accepted.
+pub const MAX_FEDERATION_ID_LEN: usize = 128;
+
+/// Check a federation id as configured at a node or the coordinator: non-empty, at most 128 characters, letters, digits and
+/// `_ - . :` only (it is compared byte for byte and printed in refusals).
+pub fn validate_federation_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("is empty; name the federation, e.g. federation_id = \"synthetic-ics\"".into());
+    }
+    if id.len() > MAX_FEDERATION_ID_LEN {
+        return Err(format!(
+            "is {} characters long; at most {MAX_FEDERATION_ID_LEN}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}; use only letters, digits and _ - . :"
+        ));
+    }
+    Ok(())
+}
+
 fn check_nonce(nonce: &[u8]) -> Result<(), ProtocolError> {
     if nonce.len() < MIN_NONCE_LEN || nonce.len() > MAX_NONCE_LEN {
         return Err(invalid(
