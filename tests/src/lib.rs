@@ -49,18 +49,14 @@ fn build_bins() -> Result<Bins> {
         .unwrap_or("debug");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--bins",
-        "-p",
-        "phm",
-        "-p",
-        "phm-node",
-        "-p",
-        "phm-coordinator",
-    ])
-    .env("CARGO_TARGET_DIR", target_dir)
-    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    // The same selection `cargo test --workspace` builds (every target, dev-dependencies
+    // on), so features unify the same way and the binaries it just built are fresh:
+    // building only `-p phm -p phm-node -p phm-coordinator --bins` resolves features
+    // differently, recompiles rustls, tonic and friends and relinks every binary, in
+    // every test run, and the next `cargo test` undoes it again.
+    cmd.args(["build", "--workspace", "--all-targets"])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
     if profile != "debug" {
         cmd.args(["--profile", profile]);
     }
