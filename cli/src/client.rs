@@ -68,16 +68,21 @@ pub struct Connection {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(path).map_err(|e| ClientError::File {
+    phm_proto::tls::read_pem(what, path).map_err(|e| ClientError::File {
         what,
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: match e {
+            phm_proto::tls::PemError::Read { cause, .. } => cause.to_string(),
+            phm_proto::tls::PemError::NotPem { .. } => {
+                "it holds no PEM block (expected \"-----BEGIN …\")".to_string()
+            }
+        },
     })
 }
 
 /// Install the process-wide rustls provider (ring) once; harmless when already set.
 pub fn install_crypto_provider() {
-    phm_node::server::install_crypto_provider();
+    phm_proto::tls::install_crypto_provider();
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

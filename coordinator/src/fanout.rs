@@ -15,12 +15,8 @@ pub const MAX_NODE_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot read `{field}` ({path}): {source}")]
-    Read {
-        field: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Pem(#[from] phm_proto::tls::PemError),
     #[error("node {node:?}: endpoint {endpoint:?} cannot be used: {source}")]
     Endpoint {
         node: String,
@@ -39,13 +35,7 @@ pub struct NodeClient {
 /// Build one lazily-connecting channel per node, presenting the coordinator's client
 /// identity and trusting only `client_tls.ca` for node certificates.
 pub fn build_clients(config: &Config) -> Result<Vec<NodeClient>, ClientError> {
-    let read = |field: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| ClientError::Read {
-            field,
-            path: path.display().to_string(),
-            source,
-        })
-    };
+    let read = phm_proto::tls::read_pem;
     let ca = Certificate::from_pem(read("client_tls.ca", &config.client_tls.ca)?);
     let identity = Identity::from_pem(
         read("client_tls.cert", &config.client_tls.cert)?,

@@ -16,12 +16,8 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot read `{field}` ({path}): {source}")]
-    Read {
-        field: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Pem(#[from] phm_proto::tls::PemError),
     #[error("cannot create data_dir {path}: {source}")]
     DataDir {
         path: String,
@@ -37,20 +33,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Install rustls's ring provider for the process. tonic's `tls-ring` and any other
-/// rustls user must agree on one provider, or TLS set-up panics at start.
-pub fn install_crypto_provider() {
-    // Err only means a provider is already installed, which is what we want.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-fn read(field: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
-    std::fs::read(path).map_err(|source| ServeError::Read {
-        field,
-        path: path.display().to_string(),
-        source,
-    })
-}
+pub use phm_proto::tls::install_crypto_provider;
+use phm_proto::tls::read_pem as read;
 
 /// Serve on `listener` until `shutdown` completes; in-flight calls are drained.
 pub async fn serve(

@@ -13,7 +13,7 @@ use phm_proto::proto;
 use phm_proto::proto::node_service_server::{NodeService, NodeServiceServer};
 use phm_proto::{Denial, DenialReason, RequesterProof, SignedQuery};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -22,18 +22,8 @@ use tonic::{Request, Response, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{what} {path} holds no PEM block; expected a PEM {expected}")]
-    NotPem {
-        what: &'static str,
-        path: PathBuf,
-        expected: &'static str,
-    },
+    #[error(transparent)]
+    Pem(#[from] phm_proto::tls::PemError),
     #[error("TLS configuration (cert {cert}, key {key}, client CA {ca}) is unusable: {message}")]
     Tls {
         cert: PathBuf,
@@ -47,38 +37,14 @@ pub enum ServerError {
     Serve(String),
 }
 
-/// Install ring as rustls's process-wide provider. Idempotent; needed because a
-/// second provider anywhere in the binary would make rustls refuse to pick one.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-fn read_pem(
-    what: &'static str,
-    path: &Path,
-    expected: &'static str,
-) -> Result<Vec<u8>, ServerError> {
-    let bytes = std::fs::read(path).map_err(|source| ServerError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        return Err(ServerError::NotPem {
-            what,
-            path: path.to_path_buf(),
-            expected,
-        });
-    }
-    Ok(bytes)
-}
+pub use phm_proto::tls::install_crypto_provider;
 
 /// Mutual TLS: the node's identity, and the CA every client certificate must chain
 /// to. Client certificates are required (tonic's default with a client CA).
 pub fn tls_config(tls: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
-    let cert = read_pem("server certificate", &tls.cert, "certificate")?;
-    let key = read_pem("server private key", &tls.key, "private key")?;
-    let ca = read_pem("client CA", &tls.client_ca, "CA certificate")?;
+    let cert = phm_proto::tls::read_pem("server certificate", &tls.cert)?;
+    let key = phm_proto::tls::read_pem("server private key", &tls.key)?;
+    let ca = phm_proto::tls::read_pem("client CA", &tls.client_ca)?;
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca))

@@ -6,6 +6,7 @@ pub mod codec;
 pub mod denial;
 pub mod query;
 pub mod signing;
+pub mod tls;
 
 /// Code generated from `proto/phm/v1/*.proto`. Only edge modules (servers, clients)
 /// should touch these types; domain code uses [`query`].
