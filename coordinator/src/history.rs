@@ -3,6 +3,7 @@
 //! (each bound to its requester and project), the nonces of signed messages seen, and
 //! the last population each node reported.
 
+pub use phm_proto::QueryKey;
 use phm_proto::proto;
 use prost::Message;
 use std::collections::HashMap;
@@ -51,25 +52,6 @@ pub enum Claim {
     New,
     /// The id was already recorded.
     Existing(Box<StoredQuery>),
-}
-
-/// A requester's query id: the history's key. Query ids are a per-requester
-/// namespace, so one requester cannot learn or squat another's ids.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueryKey<'a> {
-    pub requester_id: &'a str,
-    pub query_id: &'a str,
-}
-
-impl QueryKey<'_> {
-    fn bytes(&self) -> Vec<u8> {
-        // Ids cannot contain NUL (validated on receipt), so the key is unambiguous.
-        let mut k = Vec::with_capacity(self.requester_id.len() + self.query_id.len() + 1);
-        k.extend_from_slice(self.requester_id.as_bytes());
-        k.push(0);
-        k.extend_from_slice(self.query_id.as_bytes());
-        k
-    }
 }
 
 #[derive(Clone)]
@@ -144,7 +126,7 @@ impl History {
 
     pub fn get(&self, key: &QueryKey<'_>) -> Result<Option<StoredQuery>, HistoryError> {
         self.queries
-            .get(key.bytes())?
+            .get(key.key_bytes())?
             .map(|b| Self::decode(key.query_id, &b))
             .transpose()
     }
@@ -157,7 +139,7 @@ impl History {
         let record = claim.encode_to_vec();
         match self
             .queries
-            .compare_and_swap(key.bytes(), None::<&[u8]>, Some(record))?
+            .compare_and_swap(key.key_bytes(), None::<&[u8]>, Some(record))?
         {
             Ok(()) => Ok(Claim::New),
             Err(cas) => match cas.current {
@@ -185,7 +167,8 @@ impl History {
         key: &QueryKey<'_>,
         record: &StoredQuery,
     ) -> Result<(), HistoryError> {
-        self.queries.insert(key.bytes(), record.encode_to_vec())?;
+        self.queries
+            .insert(key.key_bytes(), record.encode_to_vec())?;
         self.flush().await
     }
 

@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 type InFlight = HashMap<String, (String, watch::Receiver<bool>)>;
 
 fn in_flight_key(key: &QueryKey<'_>) -> String {
-    format!("{}\0{}", key.requester_id, key.query_id)
+    String::from_utf8_lossy(&key.key_bytes()).into_owned()
 }
 
 fn unauthenticated(message: String) -> Status {
@@ -283,12 +283,7 @@ impl Inner {
             &phm_proto::signing::PublicKey,
         ) -> Result<(), phm_proto::signing::SignatureError>,
     ) -> Result<(), Status> {
-        if federation_id != self.federation_id {
-            return Err(unauthenticated(format!(
-                "this request was signed for federation {federation_id:?}, but this coordinator serves federation {:?}",
-                self.federation_id
-            )));
-        }
+        self.check_federation(federation_id)?;
         let Some(requester) = self.requesters.iter().find(|r| r.id == requester_id) else {
             return Err(unauthenticated(format!(
                 "requester {requester_id:?} is not in this coordinator's requester directory ([[requesters]] in coordinator.toml)"
@@ -330,6 +325,17 @@ impl Inner {
             .to_status());
         }
         Ok(())
+    }
+
+    /// A signature is valid in one federation only: its audience.
+    fn check_federation(&self, federation_id: &str) -> Result<(), Status> {
+        if federation_id == self.federation_id {
+            return Ok(());
+        }
+        Err(unauthenticated(format!(
+            "this request was signed for federation {federation_id:?}, but this coordinator serves federation {:?}",
+            self.federation_id
+        )))
     }
 
     fn plan(self: &Arc<Self>, key: &QueryKey<'_>, claim: &StoredQuery) -> Result<Plan, Status> {
@@ -831,12 +837,7 @@ impl CoordinatorService for Coordinator {
             .to_status());
         };
         let proof = RequesterProof::try_from(proof).map_err(|e| Denial::from(e).to_status())?;
-        if proof.federation_id != self.inner.federation_id {
-            return Err(unauthenticated(format!(
-                "this request was signed for federation {:?}, but this coordinator serves federation {:?}",
-                proof.federation_id, self.inner.federation_id
-            )));
-        }
+        self.inner.check_federation(&proof.federation_id)?;
         let deadline = self.inner.deadline;
         let calls = self.inner.clients.iter().map(|c| {
             let request = request.clone();

@@ -259,16 +259,11 @@ fn clock_drift_check(wall_ms: i64, mono_ms: i64) -> Result<(), Denial> {
     ))
 }
 
-/// Delta of one release on its own: its thresholding delta, plus the conversion
-/// delta of Gaussian noise.
+/// Delta of one release on its own: its thresholding delta, or for Gaussian noise the
+/// policy's whole delta (the plan splits it between thresholding and the conversion).
 fn release_delta(limits: &Limits) -> f64 {
     if limits.spend.rho > 0.0 {
-        let conversion = if limits.spend.delta > 0.0 {
-            limits.delta / 2.0
-        } else {
-            limits.delta
-        };
-        limits.spend.delta + conversion
+        limits.delta
     } else {
         limits.spend.delta
     }

@@ -4,6 +4,7 @@
 //! answer, so a crash can waste budget but never under-count it.
 
 use phm_policies::{LedgerCharge, Spend};
+pub use phm_proto::QueryKey;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -124,25 +125,6 @@ impl LedgerState {
             delta_spent,
             sums,
         }
-    }
-}
-
-/// Where a release is cached: query ids are a per-requester namespace, so one
-/// requester can neither learn that another used an id nor squat it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueryKey<'a> {
-    pub requester_id: &'a str,
-    pub query_id: &'a str,
-}
-
-impl QueryKey<'_> {
-    fn bytes(&self) -> Vec<u8> {
-        // Ids cannot contain NUL (validated on receipt), so the key is unambiguous.
-        let mut k = Vec::with_capacity(self.requester_id.len() + self.query_id.len() + 1);
-        k.extend_from_slice(self.requester_id.as_bytes());
-        k.push(0);
-        k.extend_from_slice(self.query_id.as_bytes());
-        k
     }
 }
 
@@ -500,7 +482,7 @@ impl Store {
     /// Take the lock on (requester, query id); hold the guard until the answer is
     /// cached.
     pub async fn lock_query_id(&self, id: &QueryKey<'_>) -> QueryIdGuard {
-        let key = String::from_utf8_lossy(&id.bytes()).into_owned();
+        let key = String::from_utf8_lossy(&id.key_bytes()).into_owned();
         let mutex = {
             let mut map = self
                 .in_flight
@@ -532,7 +514,7 @@ impl Store {
     ) -> Result<CacheLookup<T>, StoreError> {
         let Some(bytes) = self
             .releases
-            .get(id.bytes())
+            .get(id.key_bytes())
             .map_err(db_err("reading the release cache"))?
         else {
             return Ok(CacheLookup::Miss);
@@ -581,7 +563,7 @@ impl Store {
                 reason: e.to_string(),
             })?;
         self.releases
-            .insert(id.bytes(), bytes)
+            .insert(id.key_bytes(), bytes)
             .map_err(db_err("writing the release cache"))?;
         self.flush()?;
         Ok(stored.answer)

@@ -22,5 +22,5 @@ pub mod proto {
 pub use denial::{Denial, DenialReason};
 pub use query::{
     Aggregate, AggregateKind, CompareOp, GroupKey, Literal, Predicate, ProofOp, ProtocolError,
-    Purpose, QueryBody, RequesterProof, SignedQuery,
+    Purpose, QueryBody, QueryKey, RequesterProof, SignedQuery,
 };

@@ -317,6 +317,27 @@ impl QueryBody {
     }
 }
 
+/// A requester's query id: the key of the node's release cache and the coordinator's
+/// history. Query ids are a per-requester namespace, so one requester can neither
+/// learn that another used an id nor squat it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryKey<'a> {
+    pub requester_id: &'a str,
+    pub query_id: &'a str,
+}
+
+impl QueryKey<'_> {
+    /// `requester \0 query id`: ids cannot contain NUL (validated on receipt), so the
+    /// key is unambiguous.
+    pub fn key_bytes(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.requester_id.len() + self.query_id.len() + 1);
+        k.extend_from_slice(self.requester_id.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.query_id.as_bytes());
+        k
+    }
+}
+
 /// A query with the requester's signature. The signature is checked by the node
 /// ([`SignedQuery::verify`]), never by the coordinator, which only relays it.
 #[derive(Debug, Clone, PartialEq)]

@@ -283,8 +283,21 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
     let agg_shares = exact.aggregates.len() as f64;
     let shares = agg_shares + if exact.thresholded { 1.0 } else { 0.0 };
     let share = limits.epsilon / shares;
-    let (threshold_eps, delta_rest) = select_keys(&mut exact, limits, m, share)?;
-    let unit = unit_budget(&exact, limits, share, agg_shares);
+    // The decision charged the ledger with this same plan; noise to exactly it.
+    let (planned, _) = phm_policies::accounting::plan(
+        limits.mechanism,
+        limits.epsilon,
+        exact.aggregates.len(),
+        exact.thresholded,
+        limits.delta,
+    );
+    let (threshold_eps, delta_rest) = select_keys(&mut exact, limits, m, share, planned.delta)?;
+    // Budget per unit share, in the mechanism's own measure (rho for the Gaussian,
+    // composed in rho on the ledger).
+    let unit = match limits.mechanism {
+        Mechanism::DiscreteLaplace => share,
+        Mechanism::DiscreteGaussian => planned.rho / agg_shares,
+    };
     let (noisy, loss_total) = noise_aggregates(&exact, limits, m, unit)?;
     let epsilon_spent = threshold_eps
         + match limits.mechanism {
@@ -339,21 +352,18 @@ fn check_limits(exact: &Exact, limits: &Limits) -> Result<(), EngineError> {
 }
 
 /// Thresholded keys: keep those whose noisy count passes OpenDP's threshold for
-/// the key-selection share. Returns the epsilon that selection spent and the delta
-/// left for the Gaussian's conversion.
+/// the key-selection share and its planned delta `delta_t`. Returns the epsilon that
+/// selection spent and the delta left for the Gaussian's conversion.
 fn select_keys(
     exact: &mut Exact,
     limits: &Limits,
     m: i64,
     share: f64,
+    delta_t: f64,
 ) -> Result<(f64, f64), EngineError> {
     if !exact.thresholded {
         return Ok((0.0, limits.delta));
     }
-    let delta_t = match limits.mechanism {
-        Mechanism::DiscreteLaplace => limits.delta,
-        Mechanism::DiscreteGaussian => limits.delta / 2.0,
-    };
     let (keep, eps, del) = threshold_keys(&exact.counts, m, share, delta_t)?;
     if del > delta_t {
         return Err(EngineError::Noise(format!(
@@ -362,24 +372,6 @@ fn select_keys(
     }
     exact.retain_keys(&keep);
     Ok((eps, limits.delta - delta_t))
-}
-
-/// Budget per unit share, in the mechanism's own measure. The Gaussian's rho is the
-/// one the decision planned and the ledger was charged (composed in rho).
-fn unit_budget(exact: &Exact, limits: &Limits, share: f64, agg_shares: f64) -> f64 {
-    match limits.mechanism {
-        Mechanism::DiscreteLaplace => share,
-        Mechanism::DiscreteGaussian => {
-            let (planned, _) = phm_policies::accounting::plan(
-                limits.mechanism,
-                limits.epsilon,
-                exact.aggregates.len(),
-                exact.thresholded,
-                limits.delta,
-            );
-            planned.rho / agg_shares
-        }
-    }
 }
 
 /// One OpenDP measurement per aggregate (two for a mean); returns the noised values
