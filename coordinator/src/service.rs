@@ -773,10 +773,14 @@ impl CoordinatorService for Coordinator {
         // Looked up under the proving requester only: another requester's ids are
         // not even visible, so "not found" says nothing about them.
         let not_found = || {
-            Status::not_found(format!(
-                "requester {:?} has submitted no query with id {id:?} to this coordinator",
-                proof.requester_id
-            ))
+            Denial::new(
+                DenialReason::NotFound,
+                format!(
+                    "requester {:?} has submitted no query with id {id:?} to this coordinator",
+                    proof.requester_id
+                ),
+            )
+            .to_status()
         };
         let record = self.inner.history.get(&key).map_err(internal)?;
         let Some(record) = record else {

@@ -56,6 +56,7 @@ impl Denial {
                 tonic::Code::Unauthenticated
             }
             DenialReason::QueryIdReused => tonic::Code::AlreadyExists,
+            DenialReason::NotFound => tonic::Code::NotFound,
             DenialReason::Unavailable => tonic::Code::Unavailable,
             DenialReason::Internal | DenialReason::Unspecified => tonic::Code::Internal,
         }
@@ -97,6 +98,7 @@ impl Denial {
             tonic::Code::InvalidArgument => DenialReason::InvalidQuery,
             tonic::Code::ResourceExhausted => DenialReason::Overloaded,
             tonic::Code::PermissionDenied => DenialReason::PolicyDenied,
+            tonic::Code::NotFound => DenialReason::NotFound,
             _ => DenialReason::Internal,
         };
         Denial::new(reason, status.message().to_string())
@@ -117,6 +119,7 @@ pub fn reason_name(r: DenialReason) -> &'static str {
         DenialReason::Unavailable => "UNAVAILABLE",
         DenialReason::Internal => "INTERNAL",
         DenialReason::PermissionDenied => "PERMISSION_DENIED",
+        DenialReason::NotFound => "NOT_FOUND",
     }
 }
 
@@ -148,6 +151,17 @@ mod tests {
             "BUDGET_EXHAUSTED"
         );
         assert_eq!(Denial::from_status(&s), d);
+    }
+
+    #[test]
+    fn not_found_round_trips_with_the_grpc_code() {
+        let d = Denial::new(DenialReason::NotFound, "no query with id \"q\"");
+        let s = d.to_status();
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert_eq!(Denial::from_status(&s), d);
+        // A bare NOT_FOUND status (no phm details) is still read as not found.
+        let bare = Denial::from_status(&tonic::Status::not_found("gone"));
+        assert_eq!(bare.reason, DenialReason::NotFound);
     }
 
     #[test]

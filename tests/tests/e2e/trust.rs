@@ -87,7 +87,7 @@ fn results_belong_to_their_requester_and_a_retry_by_id_is_free() {
         out.trim().is_empty(),
         "nothing of the result is printed: {out}"
     );
-    assert!(err.contains("rp-q1"), "{err}");
+    assert!(err.contains("rp-q1") && err.contains("NOT_FOUND"), "{err}");
 
     // The researcher can, but only under the same project.
     let (code, out, err) = as_requester(
