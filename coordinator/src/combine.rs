@@ -79,8 +79,10 @@
 //! subtracted, with fresh noise in each, and only differential privacy bounds what that
 //! reveals.
 
+use crate::model::NodeRef;
 use phm_proto::AggregateKind;
-use phm_proto::proto;
+pub use phm_proto::result::Scope;
+use phm_proto::result::{Answer, MeanParts, Mechanism};
 use std::collections::HashMap;
 
 pub use noise_sum::{Dist, MAX_EXACT_TERMS, Noise, Shape};
@@ -91,23 +93,6 @@ pub const Z95: f64 = 1.96;
 /// Above this relative error of a mean's combined noisy count (its noise SD over the
 /// count) the delta-method interval is not trusted; see `mean_cell`.
 pub const MEAN_MAX_COUNT_RELATIVE_ERROR: f64 = 0.1;
-
-/// Who a node is, as registered with the coordinator.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NodeMeta {
-    pub id: String,
-    pub ods_code: String,
-    pub name: String,
-    pub kind: String,
-    pub place: String,
-    pub pcn: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Standalone,
-    SystemTotalOnly,
-}
 
 /// What a valid answer to the query must look like.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,16 +116,14 @@ impl Expected {
     }
 }
 
+/// A mean's noisy parts as released, with the noise on each.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MeanParts {
-    pub noisy_sum: f64,
-    pub sum_variance: f64,
-    pub noisy_count: f64,
-    pub count_variance: f64,
-    /// The noise on `noisy_sum` (real-valued) and on `noisy_count` (integer-valued),
-    /// from the cell's mechanism and the parts' variances.
-    pub sum_noise: Noise,
-    pub count_noise: Noise,
+pub struct MeanNoise {
+    pub parts: MeanParts,
+    /// The noise on `parts.noisy_sum` (real-valued) and on `parts.noisy_count`
+    /// (integer-valued), from the cell's mechanism and the parts' variances.
+    pub sum: Noise,
+    pub count: Noise,
 }
 
 /// One figure as a node released it.
@@ -155,7 +138,7 @@ pub struct NodeCell {
     pub suppression_reason: String,
     /// The noise on `noisy_value` (COUNT and SUM cells; for a MEAN see its parts).
     pub noise: Noise,
-    pub mean: Option<MeanParts>,
+    pub mean: Option<MeanNoise>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -167,7 +150,7 @@ pub struct NodeRow {
 /// A node's answer that passed validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeAnswer {
-    pub node: NodeMeta,
+    pub node: NodeRef,
     pub scope: Scope,
     pub min_reportable_count: f64,
     pub population_noisy: f64,
@@ -180,39 +163,23 @@ pub struct NodeAnswer {
 #[error("{0}")]
 pub struct Malformed(pub String);
 
-fn finite(what: &str, v: f64) -> Result<(), Malformed> {
-    if v.is_finite() {
-        Ok(())
-    } else {
-        Err(Malformed(format!("{what} is not a finite number ({v})")))
-    }
-}
-
-fn non_negative(what: &str, v: f64) -> Result<(), Malformed> {
-    finite(what, v)?;
-    if v < 0.0 {
-        return Err(Malformed(format!("{what} is negative ({v})")));
-    }
-    Ok(())
-}
-
-/// Check a node's result against the query and convert it. Answers are compared with
-/// the query rather than with each other so each node can be judged as it arrives.
-pub fn validate(
-    expected: &Expected,
-    node: NodeMeta,
-    r: proto::AggregateResult,
-) -> Result<NodeAnswer, Malformed> {
-    if r.query_id != expected.query_id {
+/// Check a node's answer against the query and take the view combining needs. The
+/// answer's own checks (finite figures, one cell per aggregate, ...) were made when it
+/// was decoded ([`Answer`]'s `TryFrom`); these are the ones that depend on the query.
+/// Answers are compared with the query rather than with each other so each node can
+/// be judged as it arrives.
+pub fn validate(expected: &Expected, node: NodeRef, a: Answer) -> Result<NodeAnswer, Malformed> {
+    let r = a.release;
+    if a.query_id != expected.query_id {
         return Err(Malformed(format!(
             "answered query id {:?}, expected {:?}",
-            r.query_id, expected.query_id
+            a.query_id, expected.query_id
         )));
     }
-    if r.dataset != expected.dataset {
+    if a.dataset != expected.dataset {
         return Err(Malformed(format!(
             "answered for dataset {:?}, expected {:?}",
-            r.dataset, expected.dataset
+            a.dataset, expected.dataset
         )));
     }
     if r.group_columns != expected.group_columns {
@@ -221,88 +188,39 @@ pub fn validate(
             r.group_columns, expected.group_columns
         )));
     }
-    if r.aggregate_aliases != expected.aliases {
+    if r.aliases != expected.aliases {
         return Err(Malformed(format!(
             "aggregate aliases {:?} do not match the query's {:?}",
-            r.aggregate_aliases, expected.aliases
+            r.aliases, expected.aliases
         )));
     }
-    non_negative("min_reportable_count", r.min_reportable_count)?;
-    non_negative("epsilon_spent", r.epsilon_spent)?;
-    finite("population_noisy", r.population_noisy)?;
     if expected.group_columns.is_empty() && r.rows.len() != 1 {
         return Err(Malformed(format!(
             "an ungrouped query needs exactly one row, got {}",
             r.rows.len()
         )));
     }
-    let mut seen = std::collections::HashSet::new();
     let mut rows = Vec::with_capacity(r.rows.len());
-    for (ri, row) in r.rows.into_iter().enumerate() {
-        if row.key.len() != expected.group_columns.len() {
-            return Err(Malformed(format!(
-                "row {ri} has {} key values for {} group columns",
-                row.key.len(),
-                expected.group_columns.len()
-            )));
-        }
-        if !seen.insert(row.key.clone()) {
-            return Err(Malformed(format!("group {:?} appears twice", row.key)));
-        }
-        if row.cells.len() != expected.aliases.len() {
-            return Err(Malformed(format!(
-                "group {:?} has {} cells for {} aggregates (missing cells)",
-                row.key,
-                row.cells.len(),
-                expected.aliases.len()
-            )));
-        }
+    for row in r.rows {
         let mut cells = Vec::with_capacity(row.cells.len());
-        for (ci, c) in row.cells.into_iter().enumerate() {
-            let alias = &expected.aliases[ci];
-            if c.alias != *alias {
-                return Err(Malformed(format!(
-                    "group {:?}: cell {ci} is {:?}, expected {alias:?}",
-                    row.key, c.alias
-                )));
-            }
-            let at = |f: &str| format!("group {:?} {alias}.{f}", row.key);
-            finite(&at("estimate"), c.estimate)?;
-            finite(&at("noisy_value"), c.noisy_value)?;
-            non_negative(&at("variance"), c.variance)?;
-            non_negative(&at("noise_scale"), c.noise_scale)?;
-            finite(&at("ci95_low"), c.ci95_low)?;
-            finite(&at("ci95_high"), c.ci95_high)?;
-            // An unknown or unspecified mechanism is not an error (the figure and its
-            // variance are still usable); its intervals become distribution-free.
-            let shape = match proto::NoiseMechanism::try_from(c.mechanism) {
-                Ok(proto::NoiseMechanism::DiscreteLaplace) => Some(Shape::Laplace),
-                Ok(proto::NoiseMechanism::DiscreteGaussian) => Some(Shape::Gaussian),
-                _ => None,
-            };
-            let kind = expected.kinds[ci];
+        for (c, &kind) in row.cells.into_iter().zip(&expected.kinds) {
+            let shape = c.mechanism.map(|m| match m {
+                Mechanism::DiscreteLaplace => Shape::Laplace,
+                Mechanism::DiscreteGaussian => Shape::Gaussian,
+            });
             let mean = match (kind, c.mean) {
                 (AggregateKind::Mean, None) => {
                     return Err(Malformed(format!(
-                        "group {:?}: mean {alias} has no sum and count parts",
-                        row.key
+                        "group {:?}: mean {} has no sum and count parts",
+                        row.key, c.alias
                     )));
                 }
-                (AggregateKind::Mean, Some(m)) => {
-                    finite(&at("mean.noisy_sum"), m.noisy_sum)?;
-                    non_negative(&at("mean.sum_variance"), m.sum_variance)?;
-                    finite(&at("mean.noisy_count"), m.noisy_count)?;
-                    non_negative(&at("mean.count_variance"), m.count_variance)?;
-                    Some(MeanParts {
-                        noisy_sum: m.noisy_sum,
-                        sum_variance: m.sum_variance,
-                        noisy_count: m.noisy_count,
-                        count_variance: m.count_variance,
-                        // The parts carry variances only; the scale follows from them.
-                        sum_noise: Noise::new(shape, false, 0.0, m.sum_variance),
-                        count_noise: Noise::new(shape, true, 0.0, m.count_variance),
-                    })
-                }
+                (AggregateKind::Mean, Some(m)) => Some(MeanNoise {
+                    parts: m,
+                    // The parts carry variances only; the scale follows from them.
+                    sum: Noise::new(shape, false, 0.0, m.sum_variance),
+                    count: Noise::new(shape, true, 0.0, m.count_variance),
+                }),
                 _ => None,
             };
             // Counts are noised on the integers, sums on a fine lattice of the reals. A
@@ -323,10 +241,10 @@ pub fn validate(
                 estimate: c.estimate,
                 noisy_value: c.noisy_value,
                 variance: c.variance,
-                ci95_low: c.ci95_low,
-                ci95_high: c.ci95_high,
+                ci95_low: c.ci95.0,
+                ci95_high: c.ci95.1,
                 suppressed: c.suppressed,
-                suppression_reason: c.suppression_reason,
+                suppression_reason: c.suppression_reason.unwrap_or_default(),
                 noise,
                 mean,
             });
@@ -336,17 +254,11 @@ pub fn validate(
             cells,
         });
     }
-    let scope = if r.release_scope == proto::ReleaseScope::Standalone as i32 {
-        Scope::Standalone
-    } else {
-        // Unspecified or unknown scopes are read as the restrictive one.
-        Scope::SystemTotalOnly
-    };
     Ok(NodeAnswer {
         node,
-        scope,
+        scope: a.scope,
         min_reportable_count: r.min_reportable_count,
-        population_noisy: r.population_noisy,
+        population_noisy: a.population_noisy,
         epsilon_spent: r.epsilon_spent,
         rows,
     })
@@ -390,6 +302,12 @@ pub enum Level {
 }
 
 impl Level {
+    pub fn parse(s: &str) -> Option<Level> {
+        [Level::Partner, Level::Place, Level::Pcn]
+            .into_iter()
+            .find(|l| l.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Level::Partner => "partner",
@@ -1009,12 +927,12 @@ fn total_cell(
 /// conservative box `[S ± a] / [C ± c]` from separate 97.5% intervals for the sum and
 /// the count (together ≥ 95% by the union bound), and the cell says why; and when the
 /// count's interval reaches zero the mean is not reported at all.
-fn mean_cell(alias: &str, parts: &[MeanParts], rounded: bool, iv: &mut Intervals) -> (Cell, f64) {
+fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals) -> (Cell, f64) {
     let n = u32::try_from(parts.len()).unwrap_or(u32::MAX);
-    let s: f64 = parts.iter().map(|m| m.noisy_sum).sum();
-    let vs: f64 = parts.iter().map(|m| m.sum_variance).sum();
-    let cnt: f64 = parts.iter().map(|m| m.noisy_count).sum();
-    let vc: f64 = parts.iter().map(|m| m.count_variance).sum();
+    let s: f64 = parts.iter().map(|m| m.parts.noisy_sum).sum();
+    let vs: f64 = parts.iter().map(|m| m.parts.sum_variance).sum();
+    let cnt: f64 = parts.iter().map(|m| m.parts.noisy_count).sum();
+    let vc: f64 = parts.iter().map(|m| m.parts.count_variance).sum();
     if cnt <= 0.0 {
         let cell = suppressed_cell(
             alias,
@@ -1023,8 +941,8 @@ fn mean_cell(alias: &str, parts: &[MeanParts], rounded: bool, iv: &mut Intervals
         );
         return (cell, cnt);
     }
-    let sum_noise: Vec<Noise> = parts.iter().map(|m| m.sum_noise).collect();
-    let count_noise: Vec<Noise> = parts.iter().map(|m| m.count_noise).collect();
+    let sum_noise: Vec<Noise> = parts.iter().map(|m| m.sum).collect();
+    let count_noise: Vec<Noise> = parts.iter().map(|m| m.count).collect();
     let ratio = s / cnt;
     let se = ((vs + ratio * ratio * vc) / (cnt * cnt)).sqrt();
     let relative_error = vc.sqrt() / cnt;
@@ -1128,7 +1046,7 @@ fn combine_group(
             }
             AggregateKind::Mean => {
                 // validate() guarantees mean parts on MEAN cells.
-                let ps: Vec<MeanParts> = parts.iter().filter_map(|r| r.cells[i].mean).collect();
+                let ps: Vec<MeanNoise> = parts.iter().filter_map(|r| r.cells[i].mean).collect();
                 let (c, cnt) = mean_cell(alias, &ps, rounded, iv);
                 if group_count.is_none() {
                     group_count = Some(cnt);
@@ -1574,6 +1492,18 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use phm_proto::proto;
+
+    /// As the coordinator sees a node's answer: decoded from the wire (the answer's
+    /// own checks), then checked against the query.
+    fn validate(
+        e: &Expected,
+        node: NodeRef,
+        r: proto::AggregateResult,
+    ) -> Result<NodeAnswer, Malformed> {
+        let a = Answer::try_from(r).map_err(|m| Malformed(m.0))?;
+        super::validate(e, node, a)
+    }
 
     fn expected(kinds: &[AggregateKind], groups: &[&str]) -> Expected {
         Expected {
@@ -1641,13 +1571,13 @@ mod tests {
         }
     }
 
-    fn meta(id: &str, place: &str, pcn: &str) -> NodeMeta {
-        NodeMeta {
+    fn meta(id: &str, place: &str, pcn: &str) -> NodeRef {
+        NodeRef {
             id: id.into(),
             ods_code: id.into(),
             place: place.into(),
             pcn: pcn.into(),
-            ..NodeMeta::default()
+            ..NodeRef::default()
         }
     }
 

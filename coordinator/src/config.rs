@@ -102,16 +102,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// How a system total of the dataset should be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TotalKind {
-    /// Each person belongs to exactly one partner, so the total counts people once.
-    DistinctPeople,
-    /// A person known to several partners is counted once per partner.
-    #[default]
-    SumOfPartnerCounts,
-}
+/// How a system total of the dataset should be read: the one result model's.
+pub use phm_proto::result::TotalKind;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTls {

@@ -5,6 +5,7 @@
 use crate::config::{Config, NodeConfig};
 use phm_proto::proto;
 use phm_proto::proto::node_service_client::NodeServiceClient;
+use phm_proto::result::Answer;
 use phm_proto::{Denial, DenialReason};
 use prost::Message;
 use std::time::{Duration, Instant};
@@ -69,9 +70,38 @@ pub fn build_clients(config: &Config) -> Result<Vec<NodeClient>, ClientError> {
 }
 
 /// What one call to a node came to.
+/// A message relayed to nodes exactly as its requester sent it (the signature covers
+/// it): the core passes it on and never looks inside.
+#[derive(Debug, Clone)]
+pub struct Relayed<T>(T);
+
+impl<T> Relayed<T> {
+    pub fn new(message: T) -> Self {
+        Relayed(message)
+    }
+
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+/// A requester's signed query, as relayed.
+pub type RelayedQuery = Relayed<proto::AggregateQuery>;
+/// A requester's budget request (with its proof), as relayed.
+pub type RelayedBudgetRequest = Relayed<proto::BudgetRequest>;
+/// A node's budget report, relayed back unchanged.
+pub type RelayedBudget = Relayed<proto::BudgetResponse>;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallOutcome<T> {
     Answered(T),
+    /// The node answered, but not with a well-formed answer (see
+    /// `phm_proto::result::Answer`'s checks); what it claims to have spent, when that
+    /// is a number.
+    Malformed {
+        reason: String,
+        epsilon_spent: f64,
+    },
     /// The node said no, with its machine-readable reason.
     Refused(Denial),
     /// No answer could be had: connection refused, TLS failure, reset.
@@ -162,23 +192,61 @@ impl NodeClient {
     /// Relay the requester's signed query exactly as received.
     pub async fn query(
         &self,
-        query: proto::AggregateQuery,
+        query: RelayedQuery,
         deadline: Duration,
-    ) -> (CallOutcome<proto::AggregateResult>, Duration) {
+    ) -> (CallOutcome<Answer>, Duration) {
         let start = Instant::now();
         let mut client = self.client();
-        let req = with_deadline(proto::QueryRequest { query: Some(query) }, deadline);
-        let out = call(deadline, client.query(req)).await;
+        let req = with_deadline(
+            proto::QueryRequest {
+                query: Some(query.into_inner()),
+            },
+            deadline,
+        );
+        let out = call(deadline, client.query(req)).await.and_then(|wire| {
+            let epsilon = wire.epsilon_spent;
+            match Answer::try_from(wire) {
+                Ok(a) => CallOutcome::Answered(a),
+                Err(e) => CallOutcome::Malformed {
+                    reason: e.to_string(),
+                    epsilon_spent: if epsilon.is_finite() { epsilon } else { 0.0 },
+                },
+            }
+        });
         (out, start.elapsed())
     }
 
     pub async fn budget(
         &self,
-        request: proto::BudgetRequest,
+        request: RelayedBudgetRequest,
         deadline: Duration,
-    ) -> CallOutcome<proto::BudgetResponse> {
+    ) -> CallOutcome<RelayedBudget> {
         let mut client = self.client();
-        call(deadline, client.budget(with_deadline(request, deadline))).await
+        call(
+            deadline,
+            client.budget(with_deadline(request.into_inner(), deadline)),
+        )
+        .await
+        .and_then(|b| CallOutcome::Answered(Relayed(b)))
+    }
+}
+
+impl<T> CallOutcome<T> {
+    /// Read an answer further (decode it, wrap it); every other outcome is kept.
+    fn and_then<U>(self, f: impl FnOnce(T) -> CallOutcome<U>) -> CallOutcome<U> {
+        match self {
+            CallOutcome::Answered(a) => f(a),
+            CallOutcome::Malformed {
+                reason,
+                epsilon_spent,
+            } => CallOutcome::Malformed {
+                reason,
+                epsilon_spent,
+            },
+            CallOutcome::Refused(d) => CallOutcome::Refused(d),
+            CallOutcome::Unreachable(m) => CallOutcome::Unreachable(m),
+            CallOutcome::TimedOut(m) => CallOutcome::TimedOut(m),
+        }
     }
 }
 

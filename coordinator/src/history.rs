@@ -3,34 +3,60 @@
 //! (each bound to its requester and project), the nonces of signed messages seen, and
 //! the last population each node reported.
 
+pub use crate::model::Record;
+use crate::model::SystemResult;
+use crate::wire::WireError;
 pub use phm_proto::QueryKey;
 use phm_proto::proto;
 use prost::Message;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// What is stored per (requester, query id).
+/// What is stored per (requester, query id): a [`Record`] in its wire form.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct StoredQuery {
+struct StoredQuery {
     /// `QueryBody::digest()` of the validated query that claimed this id.
     #[prost(string, tag = "1")]
-    pub digest: String,
-    /// The requester who signed it: the only one a stored result is returned to.
+    digest: String,
     #[prost(string, tag = "4")]
-    pub requester_id: String,
-    /// Its research project (empty for other purposes): a GetResult proof must name
-    /// the same project.
+    requester_id: String,
     #[prost(string, tag = "5")]
-    pub project_id: String,
-    /// `QueryBody::content_digest()`: the question without id, time and nonce, so a
-    /// re-signed retry of the same question is recognised.
+    project_id: String,
     #[prost(string, tag = "6")]
-    pub content_digest: String,
+    content_digest: String,
     #[prost(message, repeated, tag = "2")]
-    pub progress: Vec<proto::NodeProgress>,
-    /// Absent while the query is running (or if the coordinator stopped mid-query).
+    progress: Vec<proto::NodeProgress>,
     #[prost(message, optional, tag = "3")]
-    pub result: Option<proto::CombinedResult>,
+    result: Option<proto::CombinedResult>,
+}
+
+impl From<&Record> for StoredQuery {
+    fn from(r: &Record) -> Self {
+        let r = r.clone();
+        StoredQuery {
+            digest: r.digest,
+            requester_id: r.requester_id,
+            project_id: r.project_id,
+            content_digest: r.content_digest,
+            progress: r.progress.into_iter().map(Into::into).collect(),
+            result: r.result.map(Into::into),
+        }
+    }
+}
+
+impl TryFrom<StoredQuery> for Record {
+    type Error = WireError;
+
+    fn try_from(s: StoredQuery) -> Result<Self, WireError> {
+        Ok(Record {
+            digest: s.digest,
+            requester_id: s.requester_id,
+            project_id: s.project_id,
+            content_digest: s.content_digest,
+            progress: s.progress.into_iter().map(Into::into).collect(),
+            result: s.result.map(SystemResult::try_from).transpose()?,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +77,7 @@ pub enum Claim {
     /// The id was free and is now recorded for this digest.
     New,
     /// The id was already recorded.
-    Existing(Box<StoredQuery>),
+    Existing(Box<Record>),
 }
 
 #[derive(Clone)]
@@ -117,14 +143,16 @@ impl History {
         Ok(fresh)
     }
 
-    fn decode(id: &str, bytes: &[u8]) -> Result<StoredQuery, HistoryError> {
-        StoredQuery::decode(bytes).map_err(|e| HistoryError::Corrupt {
+    fn decode(id: &str, bytes: &[u8]) -> Result<Record, HistoryError> {
+        let corrupt = |reason: String| HistoryError::Corrupt {
             id: id.to_string(),
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        let stored = StoredQuery::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+        Record::try_from(stored).map_err(|e| corrupt(e.to_string()))
     }
 
-    pub fn get(&self, key: &QueryKey<'_>) -> Result<Option<StoredQuery>, HistoryError> {
+    pub fn get(&self, key: &QueryKey<'_>) -> Result<Option<Record>, HistoryError> {
         self.queries
             .get(key.key_bytes())?
             .map(|b| Self::decode(key.query_id, &b))
@@ -135,8 +163,8 @@ impl History {
     /// result yet) under `key` unless the key is already taken. Synchronous so callers
     /// can decide under a lock; follow a `Claim::New` with [`History::flush`] before
     /// contacting nodes.
-    pub fn claim(&self, key: &QueryKey<'_>, claim: StoredQuery) -> Result<Claim, HistoryError> {
-        let record = claim.encode_to_vec();
+    pub fn claim(&self, key: &QueryKey<'_>, claim: &Record) -> Result<Claim, HistoryError> {
+        let record = StoredQuery::from(claim).encode_to_vec();
         match self
             .queries
             .compare_and_swap(key.key_bytes(), None::<&[u8]>, Some(record))?
@@ -162,13 +190,9 @@ impl History {
     }
 
     /// Store a finished query and flush it to disk before returning.
-    pub async fn finish(
-        &self,
-        key: &QueryKey<'_>,
-        record: &StoredQuery,
-    ) -> Result<(), HistoryError> {
+    pub async fn finish(&self, key: &QueryKey<'_>, record: &Record) -> Result<(), HistoryError> {
         self.queries
-            .insert(key.key_bytes(), record.encode_to_vec())?;
+            .insert(key.key_bytes(), StoredQuery::from(record).encode_to_vec())?;
         self.flush().await
     }
 
@@ -204,8 +228,8 @@ mod tests {
         }
     }
 
-    fn claim(digest: &str, requester: &str) -> StoredQuery {
-        StoredQuery {
+    fn claim(digest: &str, requester: &str) -> Record {
+        Record {
             digest: digest.into(),
             requester_id: requester.into(),
             ..Default::default()
@@ -218,11 +242,11 @@ mod tests {
         {
             let h = History::open(dir.path()).unwrap();
             assert!(matches!(
-                h.claim(&key("dsu", "q1"), claim("d1", "dsu")).unwrap(),
+                h.claim(&key("dsu", "q1"), &claim("d1", "dsu")).unwrap(),
                 Claim::New
             ));
             h.flush().await.unwrap();
-            match h.claim(&key("dsu", "q1"), claim("d2", "dsu")).unwrap() {
+            match h.claim(&key("dsu", "q1"), &claim("d2", "dsu")).unwrap() {
                 Claim::Existing(r) => {
                     assert_eq!(r.digest, "d1");
                     assert_eq!(r.requester_id, "dsu");
@@ -232,19 +256,24 @@ mod tests {
             }
             // Another requester's id space is separate.
             assert!(matches!(
-                h.claim(&key("researcher", "q1"), claim("d9", "researcher"))
+                h.claim(&key("researcher", "q1"), &claim("d9", "researcher"))
                     .unwrap(),
                 Claim::New
             ));
-            let rec = StoredQuery {
-                progress: vec![proto::NodeProgress {
-                    message: "ok".into(),
-                    ..Default::default()
-                }],
-                result: Some(proto::CombinedResult {
-                    query_id: "q1".into(),
-                    ..Default::default()
-                }),
+            let stored = proto::CombinedResult {
+                query_id: "q1".into(),
+                total_kind: proto::TotalKind::DistinctPeople as i32,
+                ..Default::default()
+            };
+            let rec = Record {
+                progress: vec![
+                    proto::NodeProgress {
+                        message: "ok".into(),
+                        ..Default::default()
+                    }
+                    .into(),
+                ],
+                result: Some(SystemResult::try_from(stored).unwrap()),
                 ..claim("d1", "dsu")
             };
             h.finish(&key("dsu", "q1"), &rec).await.unwrap();

@@ -4,7 +4,9 @@
 pub mod cli;
 pub mod combine;
 pub mod config;
+pub mod coordinator;
 pub mod fanout;
 pub mod history;
+pub mod model;
 pub mod server;
-pub mod service;
+pub mod wire;

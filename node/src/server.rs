@@ -5,10 +5,9 @@
 //! `Service`. Refusals become statuses through `Denial::to_status`.
 
 use crate::config::{ClientPin, TlsFiles};
-use crate::engine::{ReleaseRow, ReleasedCell};
 use crate::service::{Answer, BudgetView, Description, Service};
 use chrono::Utc;
-use phm_policies::model::{Column, Domain, Grouping, Mechanism, Period, Scope, TotalKind};
+use phm_policies::model::{Column, Domain, Grouping, Period};
 use phm_proto::proto;
 use phm_proto::proto::node_service_server::{NodeService, NodeServiceServer};
 use phm_proto::{Denial, DenialReason, RequesterProof, SignedQuery};
@@ -172,74 +171,9 @@ pub fn certificate_identity(der: &[u8]) -> String {
 // ---------------------------------------------------------------------------------
 // Domain -> wire.
 
-fn mechanism(m: Mechanism) -> proto::NoiseMechanism {
-    match m {
-        Mechanism::DiscreteLaplace => proto::NoiseMechanism::DiscreteLaplace,
-        Mechanism::DiscreteGaussian => proto::NoiseMechanism::DiscreteGaussian,
-    }
-}
-
-fn scope(s: Scope) -> proto::ReleaseScope {
-    match s {
-        Scope::Standalone => proto::ReleaseScope::Standalone,
-        Scope::SystemTotalOnly => proto::ReleaseScope::SystemTotalOnly,
-    }
-}
-
-fn cell(c: ReleasedCell, m: proto::NoiseMechanism) -> proto::Cell {
-    proto::Cell {
-        alias: c.alias,
-        estimate: c.estimate,
-        noisy_value: c.noisy_value,
-        noise_scale: c.noise_scale,
-        variance: c.variance,
-        ci95_low: c.ci95.0,
-        ci95_high: c.ci95.1,
-        suppressed: c.suppressed,
-        suppression_reason: c.suppression_reason.unwrap_or_default(),
-        mechanism: m as i32,
-        mean: c.mean.map(|p| proto::MeanParts {
-            noisy_sum: p.noisy_sum,
-            sum_variance: p.sum_variance,
-            noisy_count: p.noisy_count,
-            count_variance: p.count_variance,
-        }),
-    }
-}
-
 /// A released answer on the wire.
 pub fn aggregate_result(a: Answer) -> proto::AggregateResult {
-    let m = mechanism(a.release.mechanism);
-    proto::AggregateResult {
-        query_id: a.query_id,
-        node_id: a.node_id,
-        dataset: a.dataset,
-        group_columns: a.release.group_columns,
-        aggregate_aliases: a.release.aliases,
-        rows: a
-            .release
-            .rows
-            .into_iter()
-            .map(|ReleaseRow { key, cells }| proto::ResultRow {
-                key,
-                cells: cells.into_iter().map(|c| cell(c, m)).collect(),
-            })
-            .collect(),
-        epsilon_spent: a.release.epsilon_spent,
-        epsilon_remaining: a.epsilon_remaining,
-        policy_version: a.policy_version,
-        release_scope: scope(a.scope) as i32,
-        cached: a.cached,
-        population_noisy: a.population_noisy,
-        released_at_unix_ms: a.released_at_unix_ms,
-        min_reportable_count: a.release.min_reportable_count,
-        delta_spent: a.release.delta_spent,
-        rho_spent: a.release.rho_spent,
-        total_kind: match a.total_kind {
-            TotalKind::DistinctPeople => proto::TotalKind::DistinctPeople,
-            TotalKind::SumOfPartnerCounts => proto::TotalKind::SumOfPartnerCounts,
-        } as i32,
-    }
+    a.into()
 }
 
 /// Declared category domain as text; integer ranges "a..b" are expanded (up to a
@@ -299,7 +233,7 @@ pub fn describe_response(d: Description) -> proto::DescribeResponse {
         policy_version: d.policy_version,
         per_query_epsilon_cap: d.per_query_epsilon_cap,
         min_reportable_count: d.min_reportable_count,
-        release_scope: scope(d.scope) as i32,
+        release_scope: proto::ReleaseScope::from(phm_proto::result::Scope::from(d.scope)) as i32,
     }
 }
 

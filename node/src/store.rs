@@ -5,8 +5,8 @@
 
 use phm_policies::{LedgerCharge, Spend};
 pub use phm_proto::QueryKey;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use phm_proto::result::Answer;
+use prost::Message;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -88,7 +88,7 @@ fn db_err(during: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
 }
 
 /// One ledger's state for the current period.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LedgerState {
     pub ledger: String,
     pub period_label: String,
@@ -143,14 +143,33 @@ pub enum CacheLookup<T> {
     },
 }
 
-#[derive(Serialize, serde::Deserialize)]
-struct CachedEntry<T> {
+/// A release cache entry: the answer in its wire form, as the coordinator's history
+/// stores its results, so what is cached is exactly what was sent and decoding it
+/// re-applies the answer checks.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CachedEntry {
+    #[prost(string, tag = "1")]
     digest: String,
-    /// The question without id, time and nonce; empty in entries written before
-    /// retries were recognised (they then only match their exact message).
-    #[serde(default)]
+    /// The question without id, time and nonce.
+    #[prost(string, tag = "2")]
     content_digest: String,
-    answer: T,
+    #[prost(message, optional, tag = "3")]
+    answer: Option<phm_proto::proto::AggregateResult>,
+}
+
+fn decode_entry(bytes: &[u8], query_id: &str) -> Result<(CachedEntry, Answer), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        what: "cached release",
+        key: query_id.to_string(),
+        reason,
+    };
+    let mut entry = CachedEntry::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let wire = entry
+        .answer
+        .take()
+        .ok_or_else(|| corrupt("the entry holds no answer".into()))?;
+    let answer = Answer::try_from(wire).map_err(|e| corrupt(e.to_string()))?;
+    Ok((entry, answer))
 }
 
 /// Held while a query id is being answered, so two concurrent identical queries
@@ -506,12 +525,12 @@ impl Store {
     /// Look a (requester, query id) up in the release cache. The same signed message
     /// is an exact hit; the same question re-signed (new nonce and time) is a retry;
     /// anything else under that id is a conflict.
-    pub fn cached_release<T: DeserializeOwned>(
+    pub fn cached_release(
         &self,
         id: &QueryKey<'_>,
         digest: &str,
         content_digest: &str,
-    ) -> Result<CacheLookup<T>, StoreError> {
+    ) -> Result<CacheLookup<Answer>, StoreError> {
         let Some(bytes) = self
             .releases
             .get(id.key_bytes())
@@ -519,16 +538,11 @@ impl Store {
         else {
             return Ok(CacheLookup::Miss);
         };
-        let entry: CachedEntry<T> =
-            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                what: "cached release",
-                key: id.query_id.to_string(),
-                reason: e.to_string(),
-            })?;
+        let (entry, answer) = decode_entry(&bytes, id.query_id)?;
         if entry.digest == digest {
-            Ok(CacheLookup::Hit(entry.answer))
+            Ok(CacheLookup::Hit(answer))
         } else if !entry.content_digest.is_empty() && entry.content_digest == content_digest {
-            Ok(CacheLookup::Retry(entry.answer))
+            Ok(CacheLookup::Retry(answer))
         } else {
             Ok(CacheLookup::Conflict {
                 cached_digest: entry.digest,
@@ -538,35 +552,30 @@ impl Store {
 
     /// Cache the answer released for (requester, query id), then fsync. Returns the
     /// answer as decoded from the stored bytes: release exactly that, so the first
-    /// answer and every repeat served from the cache are bit-for-bit the same (a text
-    /// round trip of a float is not guaranteed to be exact, but decoding the same
-    /// bytes is).
-    pub fn store_release<T: Serialize + DeserializeOwned>(
+    /// answer and every repeat served from the cache are bit-for-bit the same, and an
+    /// answer that would not pass the coordinator's checks is never released.
+    pub fn store_release(
         &self,
         id: &QueryKey<'_>,
         digest: &str,
         content_digest: &str,
-        answer: &T,
-    ) -> Result<T, StoreError> {
-        let bytes = serde_json::to_vec(&CachedEntry {
+        answer: Answer,
+    ) -> Result<Answer, StoreError> {
+        let bytes = CachedEntry {
             digest: digest.to_string(),
             content_digest: content_digest.to_string(),
-            answer,
-        })
-        .map_err(|e| StoreError::Encode {
+            answer: Some(answer.into()),
+        }
+        .encode_to_vec();
+        let (_, stored) = decode_entry(&bytes, id.query_id).map_err(|e| StoreError::Encode {
             what: "release",
             reason: e.to_string(),
         })?;
-        let stored: CachedEntry<T> =
-            serde_json::from_slice(&bytes).map_err(|e| StoreError::Encode {
-                what: "release",
-                reason: e.to_string(),
-            })?;
         self.releases
             .insert(id.key_bytes(), bytes)
             .map_err(db_err("writing the release cache"))?;
         self.flush()?;
-        Ok(stored.answer)
+        Ok(stored)
     }
 
     /// Record that `requester` used `nonce` (in `scope`, e.g. "query" or "describe")
@@ -917,30 +926,54 @@ mod tests {
         assert!((store.spent(&charges[0].key()).unwrap().epsilon - 5.0).abs() < 1e-9);
     }
 
+    /// A small, well-formed answer whose figure tells entries apart.
+    pub(crate) fn answer(figure: f64) -> Answer {
+        use phm_proto::result::{Release, Scope};
+        Answer {
+            query_id: "q1".into(),
+            node_id: "A81001".into(),
+            dataset: "gp_patients".into(),
+            release: Release {
+                group_columns: vec![],
+                aliases: vec![],
+                rows: vec![],
+                epsilon_spent: figure,
+                delta_spent: 0.0,
+                rho_spent: 0.0,
+                min_reportable_count: 0.0,
+            },
+            epsilon_remaining: 1.0,
+            policy_version: String::new(),
+            scope: Scope::Standalone,
+            population_noisy: 0.0,
+            released_at_unix_ms: 0,
+            cached: false,
+            total_kind: None,
+        }
+    }
+
     #[test]
     fn release_cache_hits_same_digest_recognises_retries_and_flags_reuse() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let q1 = key("dsu", "q1");
         assert_eq!(
-            store.cached_release::<Vec<f64>>(&q1, "d1", "c1").unwrap(),
+            store.cached_release(&q1, "d1", "c1").unwrap(),
             CacheLookup::Miss
         );
-        let released = store
-            .store_release(&q1, "d1", "c1", &vec![1.5, 2.5])
-            .unwrap();
-        assert_eq!(released, vec![1.5, 2.5]);
+        let released = store.store_release(&q1, "d1", "c1", answer(1.5)).unwrap();
+        assert_eq!(released, answer(1.5));
         assert_eq!(
-            store.cached_release::<Vec<f64>>(&q1, "d1", "c1").unwrap(),
-            CacheLookup::Hit(vec![1.5, 2.5])
+            store.cached_release(&q1, "d1", "c1").unwrap(),
+            CacheLookup::Hit(answer(1.5))
         );
         // Re-signed with a new nonce: other digest, same content.
         assert_eq!(
-            store.cached_release::<Vec<f64>>(&q1, "d2", "c1").unwrap(),
-            CacheLookup::Retry(vec![1.5, 2.5])
+            store.cached_release(&q1, "d2", "c1").unwrap(),
+            CacheLookup::Retry(answer(1.5))
         );
         assert_eq!(
-            store.cached_release::<Vec<f64>>(&q1, "d3", "c3").unwrap(),
+            store.cached_release(&q1, "d3", "c3").unwrap(),
             CacheLookup::Conflict {
                 cached_digest: "d1".into()
             }
@@ -948,7 +981,7 @@ mod tests {
         // F9: ids are a per-requester namespace.
         assert_eq!(
             store
-                .cached_release::<Vec<f64>>(&key("other", "q1"), "d9", "c9")
+                .cached_release(&key("other", "q1"), "d9", "c9")
                 .unwrap(),
             CacheLookup::Miss
         );

@@ -369,3 +369,33 @@ pub struct Project {
     pub expires: toml::value::Datetime,
     pub budget: Budget,
 }
+
+// The policy language's schema-carrying enums convert into the one result model that
+// answers carry on the wire.
+
+impl From<Scope> for phm_proto::result::Scope {
+    fn from(s: Scope) -> Self {
+        match s {
+            Scope::Standalone => phm_proto::result::Scope::Standalone,
+            Scope::SystemTotalOnly => phm_proto::result::Scope::SystemTotalOnly,
+        }
+    }
+}
+
+impl From<Mechanism> for phm_proto::result::Mechanism {
+    fn from(m: Mechanism) -> Self {
+        match m {
+            Mechanism::DiscreteLaplace => phm_proto::result::Mechanism::DiscreteLaplace,
+            Mechanism::DiscreteGaussian => phm_proto::result::Mechanism::DiscreteGaussian,
+        }
+    }
+}
+
+impl From<TotalKind> for phm_proto::result::TotalKind {
+    fn from(k: TotalKind) -> Self {
+        match k {
+            TotalKind::DistinctPeople => phm_proto::result::TotalKind::DistinctPeople,
+            TotalKind::SumOfPartnerCounts => phm_proto::result::TotalKind::SumOfPartnerCounts,
+        }
+    }
+}

@@ -5,6 +5,7 @@ pub mod canonical;
 pub mod codec;
 pub mod denial;
 pub mod query;
+pub mod result;
 pub mod signing;
 pub mod tls;
 

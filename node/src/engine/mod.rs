@@ -22,8 +22,7 @@ use std::path::Path;
 
 use datafusion::prelude::SessionContext;
 use phm_policies::Limits;
-use phm_policies::model::{ColumnType, Mechanism};
-use serde::{Deserialize, Serialize};
+use phm_policies::model::ColumnType;
 
 pub use load::DataError;
 
@@ -41,64 +40,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// What one query released.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Release {
-    /// Labels of the group keys, in query order.
-    pub group_columns: Vec<String>,
-    /// Aggregate aliases, in query order.
-    pub aliases: Vec<String>,
-    /// Every declared group (zeros included), or the groups that passed thresholding.
-    pub rows: Vec<ReleaseRow>,
-    /// Privacy loss actually realised by the mechanisms (OpenDP privacy maps), never
-    /// more than the query's epsilon.
-    pub epsilon_spent: f64,
-    /// Delta of this release: the thresholding share, plus the zCDP conversion's for
-    /// the Gaussian; 0 for a pure epsilon-DP release.
-    #[serde(default)]
-    pub delta_spent: f64,
-    /// zCDP rho of the Gaussian noise (0 for the discrete Laplace).
-    #[serde(default)]
-    pub rho_spent: f64,
-    pub mechanism: Mechanism,
-    pub min_reportable_count: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReleaseRow {
-    /// One label per group key.
-    pub key: Vec<String>,
-    /// One cell per aggregate.
-    pub cells: Vec<ReleasedCell>,
-}
-
-/// One released figure; mirrors proto `Cell`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReleasedCell {
-    pub alias: String,
-    /// Displayable value: rounded per policy; 0 when suppressed.
-    pub estimate: f64,
-    /// Unrounded noisy value, for forming system totals.
-    pub noisy_value: f64,
-    /// Laplace b or Gaussian sigma; for means, the delta-method standard error.
-    pub noise_scale: f64,
-    /// Variance of the noise (delta-method variance for means).
-    pub variance: f64,
-    pub ci95: (f64, f64),
-    pub suppressed: bool,
-    pub suppression_reason: Option<String>,
-    /// Set for means.
-    pub mean: Option<MeanParts>,
-}
-
-/// The noisy parts of a mean, so a coordinator can form a ratio estimate across nodes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MeanParts {
-    pub noisy_sum: f64,
-    pub sum_variance: f64,
-    pub noisy_count: f64,
-    pub count_variance: f64,
-}
+pub use phm_proto::result::{Cell, MeanParts, Release, Row};
 
 /// Why a query could not be answered. Nothing is released when this is returned.
 #[derive(Debug, thiserror::Error)]

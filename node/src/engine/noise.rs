@@ -23,7 +23,7 @@ use phm_proto::AggregateKind;
 
 use super::plan::Exact;
 use super::post::{round, round_mean, suppression_reason};
-use super::{EngineError, MeanParts, Release, ReleaseRow, ReleasedCell};
+use super::{Cell, EngineError, MeanParts, Release, Row};
 
 /// Intervals are 95%.
 const ALPHA: f64 = 0.05;
@@ -322,7 +322,6 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
         epsilon_spent,
         delta_spent,
         rho_spent,
-        mechanism: limits.mechanism,
         min_reportable_count: limits.min_reportable_count,
     })
 }
@@ -418,7 +417,7 @@ fn noise_aggregates(
 
 /// Post-processing only: every row's cells rounded, suppressed and given intervals,
 /// all from the noisy values.
-fn released_rows(exact: &Exact, limits: &Limits, noisy: &[Noisy]) -> Vec<ReleaseRow> {
+fn released_rows(exact: &Exact, limits: &Limits, noisy: &[Noisy]) -> Vec<Row> {
     let mrc = limits.min_reportable_count;
     let reason = suppression_reason(mrc);
     let mut rows = Vec::with_capacity(exact.keys.len());
@@ -440,7 +439,7 @@ fn released_rows(exact: &Exact, limits: &Limits, noisy: &[Noisy]) -> Vec<Release
                 cell
             })
             .collect();
-        rows.push(ReleaseRow {
+        rows.push(Row {
             key: key.clone(),
             cells,
         });
@@ -465,8 +464,8 @@ fn group_count(noisy: &[Noisy], k: usize) -> Option<f64> {
         })
 }
 
-fn released_cell(alias: &str, n: &Noisy, k: usize, limits: &Limits, reason: &str) -> ReleasedCell {
-    let plain = |v: f64, estimate: f64, scale: f64, variance: f64, half: f64| ReleasedCell {
+fn released_cell(alias: &str, n: &Noisy, k: usize, limits: &Limits, reason: &str) -> Cell {
+    let plain = |v: f64, estimate: f64, scale: f64, variance: f64, half: f64| Cell {
         alias: alias.to_string(),
         estimate,
         noisy_value: v,
@@ -475,6 +474,7 @@ fn released_cell(alias: &str, n: &Noisy, k: usize, limits: &Limits, reason: &str
         ci95: (v - half, v + half),
         suppressed: false,
         suppression_reason: None,
+        mechanism: Some(limits.mechanism.into()),
         mean: None,
     };
     match n {
@@ -498,9 +498,7 @@ fn released_cell(alias: &str, n: &Noisy, k: usize, limits: &Limits, reason: &str
                 s.half_width,
             )
         }
-        Noisy::Mean { sum, count } => {
-            mean_cell(alias, sum, count, k, limits.min_reportable_count, reason)
-        }
+        Noisy::Mean { sum, count } => mean_cell(alias, sum, count, k, limits, reason),
     }
 }
 
@@ -510,9 +508,11 @@ fn mean_cell(
     sum: &Noised<f64>,
     count: &Noised<i64>,
     k: usize,
-    mrc: f64,
+    limits: &Limits,
     small_reason: &str,
-) -> ReleasedCell {
+) -> Cell {
+    let mrc = limits.min_reportable_count;
+    let mechanism = Some(limits.mechanism.into());
     let s = sum.values.get(k).copied().unwrap_or(0.0);
     let c = count.values.get(k).copied().unwrap_or(0) as f64;
     let parts = MeanParts {
@@ -522,7 +522,7 @@ fn mean_cell(
         count_variance: count.variance,
     };
     if c <= 0.0 {
-        return ReleasedCell {
+        return Cell {
             alias: alias.to_string(),
             estimate: 0.0,
             noisy_value: 0.0,
@@ -533,6 +533,7 @@ fn mean_cell(
             suppression_reason: Some(
                 "mean not estimable: the noisy number of values is zero or negative".into(),
             ),
+            mechanism,
             mean: Some(parts),
         };
     }
@@ -540,7 +541,7 @@ fn mean_cell(
     let variance = sum.variance / (c * c) + s * s * count.variance / (c * c * c * c);
     let se = variance.sqrt();
     let suppressed = c <= mrc;
-    ReleasedCell {
+    Cell {
         alias: alias.to_string(),
         estimate: round_mean(mean),
         noisy_value: mean,
@@ -549,6 +550,7 @@ fn mean_cell(
         ci95: (mean - Z95 * se, mean + Z95 * se),
         suppressed,
         suppression_reason: suppressed.then(|| small_reason.to_string()),
+        mechanism,
         mean: Some(parts),
     }
 }

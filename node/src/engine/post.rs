@@ -7,7 +7,7 @@ use phm_policies::model::Rounding;
 use phm_proto::AggregateKind;
 
 use super::plan::Exact;
-use super::{Release, ReleaseRow, ReleasedCell};
+use super::{Cell, MeanParts, Release, Row};
 
 /// Rounds a displayable count or sum the way the policy says.
 pub(crate) fn round(rounding: Rounding, x: f64) -> f64 {
@@ -76,7 +76,7 @@ pub(crate) fn release_exact(exact: Exact, limits: &Limits) -> Release {
                 }
             })
             .collect();
-        rows.push(ReleaseRow {
+        rows.push(Row {
             key: key.clone(),
             cells,
         });
@@ -88,13 +88,12 @@ pub(crate) fn release_exact(exact: Exact, limits: &Limits) -> Release {
         epsilon_spent: 0.0,
         delta_spent: 0.0,
         rho_spent: 0.0,
-        mechanism: limits.mechanism,
         min_reportable_count: limits.min_reportable_count,
     }
 }
 
-fn exact_cell(alias: &str, value: f64, mean: Option<(f64, f64)>) -> ReleasedCell {
-    ReleasedCell {
+fn exact_cell(alias: &str, value: f64, mean: Option<(f64, f64)>) -> Cell {
+    Cell {
         alias: alias.to_string(),
         estimate: value,
         noisy_value: value,
@@ -103,7 +102,9 @@ fn exact_cell(alias: &str, value: f64, mean: Option<(f64, f64)>) -> ReleasedCell
         ci95: (value, value),
         suppressed: false,
         suppression_reason: None,
-        mean: mean.map(|(s, c)| super::MeanParts {
+        // Exact figures carry no noise at all.
+        mechanism: None,
+        mean: mean.map(|(s, c)| MeanParts {
             noisy_sum: s,
             sum_variance: 0.0,
             noisy_count: c,

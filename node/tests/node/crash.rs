@@ -33,6 +33,32 @@ fn charges() -> Vec<LedgerCharge> {
         .collect()
 }
 
+/// The answer cached for `qid`: its id and cost, so a lost or mixed-up entry shows.
+fn answer(qid: &str) -> phm_proto::result::Answer {
+    use phm_proto::result::{Answer, Release, Scope};
+    Answer {
+        query_id: qid.to_string(),
+        node_id: "A81001".into(),
+        dataset: "gp_patients".into(),
+        release: Release {
+            group_columns: vec![],
+            aliases: vec![],
+            rows: vec![],
+            epsilon_spent: EPS,
+            delta_spent: 0.0,
+            rho_spent: 0.0,
+            min_reportable_count: 0.0,
+        },
+        epsilon_remaining: 1.0,
+        policy_version: String::new(),
+        scope: Scope::Standalone,
+        population_noisy: 0.0,
+        released_at_unix_ms: 0,
+        cached: false,
+        total_kind: None,
+    }
+}
+
 fn record(qid: &str) -> AuditRecord {
     AuditRecord {
         time: "2026-11-23T10:00:00.000Z".into(),
@@ -94,7 +120,7 @@ fn crash_child() {
                             },
                             &format!("digest-{qid}"),
                             "",
-                            &EPS,
+                            answer(&qid),
                         )
                         .expect("cache");
                     audit.append(&record(&qid)).expect("audit");
@@ -177,7 +203,7 @@ fn kill9_mid_burst_never_undercounts() {
         for qid in &released {
             assert_eq!(
                 store
-                    .cached_release::<f64>(
+                    .cached_release(
                         &QueryKey {
                             requester_id: "dsu",
                             query_id: qid,
@@ -186,7 +212,7 @@ fn kill9_mid_burst_never_undercounts() {
                         "",
                     )
                     .unwrap(),
-                CacheLookup::Hit(EPS),
+                CacheLookup::Hit(answer(qid)),
                 "round {round}: released answer {qid} missing from the cache"
             );
         }

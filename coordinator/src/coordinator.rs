@@ -1,24 +1,24 @@
-//! phm.v1.CoordinatorService: authenticate a signed query against the requester
+//! The coordinator's core: authenticate a signed query against the requester
 //! directory, relay it unchanged to every node serving its dataset concurrently,
-//! stream per-node progress, combine, record the answer durably (bound to its
-//! requester and project) and stream it; plus GetResult (with a fresh requester
-//! proof), ListNodes and Budget.
+//! report per-node progress, combine, record the answer durably (bound to its
+//! requester and project) and hand it over; plus stored results (with a fresh
+//! requester proof), the node list and budget relays. Domain types in and out, with
+//! `Denial` as the error: the gRPC adapter is `server.rs`.
 
-use crate::combine::{self, Expected, NodeAnswer, NodeMeta};
-use crate::config::{Config, TotalKind};
-use crate::fanout::{CallOutcome, NodeClient};
-use crate::history::{Claim, History, QueryKey, StoredQuery};
+use crate::combine::{self, Expected, NodeAnswer};
+use crate::config::{Config, NodeConfig, TotalKind};
+use crate::fanout::{CallOutcome, NodeClient, RelayedBudget, RelayedBudgetRequest, RelayedQuery};
+use crate::history::{Claim, History, QueryKey, Record};
+use crate::model::{
+    Coverage, Event, NodeOutcome, NodeProgress, NodeRef, NodeRefusal, SystemResult,
+};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use phm_proto::proto::coordinator_service_server::CoordinatorService;
-use phm_proto::{Denial, DenialReason, ProofOp, RequesterProof, SignedQuery, proto};
+use phm_proto::{Denial, DenialReason, ProofOp, RequesterProof, SignedQuery};
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
 
 /// Runs under way, by "requester\0query id": their content digest and a "finished"
 /// signal.
@@ -28,11 +28,11 @@ fn in_flight_key(key: &QueryKey<'_>) -> String {
     String::from_utf8_lossy(&key.key_bytes()).into_owned()
 }
 
-fn unauthenticated(message: String) -> Status {
-    Denial::new(DenialReason::Unauthenticated, message).to_status()
+fn unauthenticated(message: String) -> Denial {
+    Denial::new(DenialReason::Unauthenticated, message)
 }
 
-/// The coordinator service. Cheap to clone.
+/// The coordinator. Cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
     inner: Arc<Inner>,
@@ -71,31 +71,9 @@ impl Coordinator {
     }
 }
 
-fn node_ref(n: &crate::config::NodeConfig) -> proto::NodeRef {
-    proto::NodeRef {
-        node_id: n.id.clone(),
-        ods_code: n.ods_code.clone(),
-        name: n.name.clone(),
-        kind: n.kind.clone(),
-        place: n.place.clone(),
-        pcn: n.pcn.clone(),
-    }
-}
-
-fn node_meta(n: &crate::config::NodeConfig) -> NodeMeta {
-    NodeMeta {
-        id: n.id.clone(),
-        ods_code: n.ods_code.clone(),
-        name: n.name.clone(),
-        kind: n.kind.clone(),
-        place: n.place.clone(),
-        pcn: n.pcn.clone(),
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
+fn internal(e: impl std::fmt::Display) -> Denial {
     tracing::error!(error = %e, "internal error");
-    Denial::new(DenialReason::Internal, format!("coordinator error: {e}")).to_status()
+    Denial::new(DenialReason::Internal, format!("coordinator error: {e}"))
 }
 
 fn refusal_message(d: &Denial) -> String {
@@ -131,16 +109,11 @@ fn total_note(kind: TotalKind, answered: usize, total: usize) -> String {
 /// nothing (an older node) is not counted either way.
 fn reconcile_total_kind(
     configured: TotalKind,
-    declared: &[(String, proto::TotalKind)],
+    declared: &[(String, Option<TotalKind>)],
 ) -> (TotalKind, Option<String>) {
-    let as_config = |k: proto::TotalKind| match k {
-        proto::TotalKind::DistinctPeople => Some(TotalKind::DistinctPeople),
-        proto::TotalKind::SumOfPartnerCounts => Some(TotalKind::SumOfPartnerCounts),
-        proto::TotalKind::Unspecified => None,
-    };
     let disagree: Vec<&str> = declared
         .iter()
-        .filter(|(_, k)| as_config(*k).is_some_and(|k| k != configured))
+        .filter(|(_, k)| k.is_some_and(|k| k != configured))
         .map(|(id, _)| id.as_str())
         .collect();
     if disagree.is_empty() {
@@ -152,7 +125,7 @@ fn reconcile_total_kind(
     };
     let kind = if declared
         .iter()
-        .any(|(_, k)| *k == proto::TotalKind::SumOfPartnerCounts)
+        .any(|(_, k)| *k == Some(TotalKind::SumOfPartnerCounts))
     {
         TotalKind::SumOfPartnerCounts
     } else {
@@ -169,54 +142,19 @@ fn reconcile_total_kind(
     (kind, Some(note))
 }
 
-fn to_proto_rows(rows: Vec<combine::Row>) -> Vec<proto::CombinedRow> {
-    rows.into_iter()
-        .map(|r| proto::CombinedRow {
-            key: r.key,
-            missing: r.missing,
-            note: r.note,
-            cells: r
-                .cells
-                .into_iter()
-                .map(|c| proto::CombinedCell {
-                    alias: c.alias,
-                    estimate: c.estimate,
-                    standard_error: c.standard_error,
-                    ci95_low: c.ci95_low,
-                    ci95_high: c.ci95_high,
-                    suppressed: c.suppressed,
-                    suppression_reason: c.suppression_reason,
-                    contributors: c.contributors,
-                    note: c.note,
-                })
-                .collect(),
-        })
-        .collect()
-}
-
-type EventSender = mpsc::Sender<Result<proto::SubmitEvent, Status>>;
-
-fn progress_event(p: proto::NodeProgress) -> proto::SubmitEvent {
-    proto::SubmitEvent {
-        event: Some(proto::submit_event::Event::Progress(p)),
-    }
-}
-
-fn result_event(r: proto::CombinedResult) -> proto::SubmitEvent {
-    proto::SubmitEvent {
-        event: Some(proto::submit_event::Event::Result(r)),
-    }
-}
+/// Where a Submit's events go: progress, then the result, or the reason it failed.
+pub type EventSender = mpsc::Sender<Result<Event, Denial>>;
+pub type Events = mpsc::Receiver<Result<Event, Denial>>;
 
 /// Replay a finished record: its progress events, then its result.
-async fn replay(tx: &EventSender, record: StoredQuery) {
+async fn replay(tx: &EventSender, record: Record) {
     for p in record.progress {
-        if tx.send(Ok(progress_event(p))).await.is_err() {
+        if tx.send(Ok(Event::Progress(p))).await.is_err() {
             return;
         }
     }
     if let Some(r) = record.result {
-        let _ = tx.send(Ok(result_event(r))).await;
+        let _ = tx.send(Ok(Event::Result(Box::new(r)))).await;
     }
 }
 
@@ -238,17 +176,17 @@ impl Drop for InFlightGuard {
 
 enum Plan {
     Run(InFlightGuard, bool),
-    Replay(Box<StoredQuery>),
+    Replay(Box<Record>),
     Wait(watch::Receiver<bool>),
 }
 
 /// One query to fan out: the original message (relayed as received), its validated
 /// body, its digest and the registry indices of the nodes serving its dataset.
 struct Job {
-    query: proto::AggregateQuery,
+    query: RelayedQuery,
     body: phm_proto::QueryBody,
     /// What the history holds for this query before it finishes.
-    claim: StoredQuery,
+    claim: Record,
     targets: Vec<usize>,
     /// Whether the id claim still has to be made durable before nodes are asked.
     needs_flush: bool,
@@ -257,14 +195,14 @@ struct Job {
 /// What one node's call came to, ready for progress and coverage.
 struct NodeResult {
     index: usize,
-    progress: proto::NodeProgress,
+    progress: NodeProgress,
     answer: Option<NodeAnswer>,
     population: f64,
     /// Delta the node reports spending (0 unless it answered).
     delta: f64,
-    /// How the node's policy says a total of the dataset reads (unspecified unless
-    /// it answered, or for a node that does not say).
-    total_kind: proto::TotalKind,
+    /// How the node's policy says a total of the dataset reads (`None` unless it
+    /// answered, or for a node that does not say).
+    total_kind: Option<TotalKind>,
 }
 
 impl Inner {
@@ -282,7 +220,7 @@ impl Inner {
         verify: impl FnOnce(
             &phm_proto::signing::PublicKey,
         ) -> Result<(), phm_proto::signing::SignatureError>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Denial> {
         self.check_federation(federation_id)?;
         let Some(requester) = self.requesters.iter().find(|r| r.id == requester_id) else {
             return Err(unauthenticated(format!(
@@ -309,8 +247,7 @@ impl Inner {
                     now.saturating_sub(issued_at_unix_ms) as f64 / 1000.0,
                     self.validity.as_secs()
                 ),
-            )
-            .to_status());
+            ));
         }
         let forget = now.saturating_sub(window.saturating_mul(2));
         let fresh = self
@@ -321,14 +258,13 @@ impl Inner {
             return Err(Denial::new(
                 DenialReason::Replayed,
                 "this request's nonce was already used by this requester: a replayed copy of an earlier message is refused (sign a fresh one)",
-            )
-            .to_status());
+            ));
         }
         Ok(())
     }
 
     /// A signature is valid in one federation only: its audience.
-    fn check_federation(&self, federation_id: &str) -> Result<(), Status> {
+    fn check_federation(&self, federation_id: &str) -> Result<(), Denial> {
         if federation_id == self.federation_id {
             return Ok(());
         }
@@ -338,7 +274,7 @@ impl Inner {
         )))
     }
 
-    fn plan(self: &Arc<Self>, key: &QueryKey<'_>, claim: &StoredQuery) -> Result<Plan, Status> {
+    fn plan(self: &Arc<Self>, key: &QueryKey<'_>, claim: &Record) -> Result<Plan, Denial> {
         let mut map = self
             .in_flight
             .lock()
@@ -350,7 +286,7 @@ impl Inner {
             }
             return Ok(Plan::Wait(rx.clone()));
         }
-        let needs_flush = match self.history.claim(key, claim.clone()).map_err(internal)? {
+        let needs_flush = match self.history.claim(key, claim).map_err(internal)? {
             Claim::New => true,
             Claim::Existing(rec) if rec.content_digest != claim.content_digest => {
                 return Err(reused(key.query_id));
@@ -375,71 +311,73 @@ impl Inner {
     async fn ask_node(
         &self,
         index: usize,
-        query: proto::AggregateQuery,
+        query: RelayedQuery,
         expected: &Expected,
         nodes_total: u32,
     ) -> NodeResult {
         let client = &self.clients[index];
+        let node = NodeRef::from(&client.config);
         let (outcome, elapsed) = client.query(query, self.deadline).await;
         // Response times stay in the coordinator's log: sent to analysts they would
         // amplify a timing side channel (a node's time grows with matched rows and
         // thresholded keys), cheaply, by averaging many near-free queries.
         tracing::debug!(node = %client.config.id, elapsed_ms = elapsed.as_millis(), "node call finished");
-        let mut progress = proto::NodeProgress {
-            node: Some(node_ref(&client.config)),
-            nodes_total,
-            ..Default::default()
+        let mut result = NodeResult {
+            index,
+            progress: NodeProgress {
+                node: node.clone(),
+                nodes_total,
+                outcome: NodeOutcome::Unreachable,
+                reason: None,
+                message: String::new(),
+                epsilon_spent: 0.0,
+            },
+            answer: None,
+            population: 0.0,
+            delta: 0.0,
+            total_kind: None,
         };
-        let mut answer = None;
-        let mut population = 0.0;
-        let mut delta = 0.0;
-        let mut total_kind = proto::TotalKind::Unspecified;
+        let progress = &mut result.progress;
         match outcome {
-            CallOutcome::Answered(result) => {
-                total_kind = proto::TotalKind::try_from(result.total_kind)
-                    .unwrap_or(proto::TotalKind::Unspecified);
-                let epsilon = result.epsilon_spent;
-                if result.delta_spent.is_finite() && result.delta_spent > 0.0 {
-                    delta = result.delta_spent;
-                }
-                population = result.population_noisy;
-                match combine::validate(expected, node_meta(&client.config), result) {
+            CallOutcome::Answered(answer) => {
+                let (epsilon, delta, population, kind) = (
+                    answer.release.epsilon_spent,
+                    answer.release.delta_spent,
+                    answer.population_noisy,
+                    answer.total_kind,
+                );
+                match combine::validate(expected, node, answer) {
                     Ok(a) => {
-                        progress.outcome = proto::NodeOutcome::Answered as i32;
-                        progress.epsilon_spent = a.epsilon_spent;
+                        progress.outcome = NodeOutcome::Answered;
+                        progress.epsilon_spent = epsilon;
                         progress.message = "answered".into();
-                        answer = Some(a);
+                        result.answer = Some(a);
+                        result.population = population;
+                        result.delta = delta;
+                        result.total_kind = kind;
                     }
-                    Err(m) => {
-                        progress.outcome = proto::NodeOutcome::Malformed as i32;
-                        progress.epsilon_spent = if epsilon.is_finite() { epsilon } else { 0.0 };
-                        progress.message = format!("excluded: malformed answer: {m}");
-                        population = 0.0;
-                    }
+                    Err(m) => malformed(progress, &m.0, epsilon),
                 }
             }
+            CallOutcome::Malformed {
+                reason,
+                epsilon_spent,
+            } => malformed(progress, &reason, epsilon_spent),
             CallOutcome::Refused(d) => {
-                progress.outcome = proto::NodeOutcome::Refused as i32;
-                progress.reason = d.reason as i32;
+                progress.outcome = NodeOutcome::Refused;
+                progress.reason = Some(d.reason);
                 progress.message = refusal_message(&d);
             }
             CallOutcome::Unreachable(m) => {
-                progress.outcome = proto::NodeOutcome::Unreachable as i32;
+                progress.outcome = NodeOutcome::Unreachable;
                 progress.message = m;
             }
             CallOutcome::TimedOut(m) => {
-                progress.outcome = proto::NodeOutcome::TimedOut as i32;
+                progress.outcome = NodeOutcome::TimedOut;
                 progress.message = m;
             }
         }
-        NodeResult {
-            index,
-            progress,
-            answer,
-            population,
-            delta,
-            total_kind,
-        }
+        result
     }
 
     /// Fan out, stream progress, combine, record, stream the result.
@@ -470,7 +408,7 @@ impl Inner {
         let mut progress_log = Vec::with_capacity(targets.len());
         while let Some(r) = pending.next().await {
             // A client that went away does not stop the run: the answer is recorded.
-            let _ = tx.send(Ok(progress_event(r.progress.clone()))).await;
+            let _ = tx.send(Ok(Event::Progress(r.progress.clone()))).await;
             progress_log.push(r.progress.clone());
             results.push(r);
         }
@@ -480,11 +418,11 @@ impl Inner {
         let result = self.combined_result(&body, &targets, results);
         tracing::info!(
             query_id = %body.query_id,
-            answered = result.coverage.as_ref().map_or(0, |c| c.answered.len()),
-            partial = result.coverage.as_ref().is_some_and(|c| c.partial),
+            answered = result.coverage.answered.len(),
+            partial = result.coverage.partial,
             "query combined"
         );
-        let record = StoredQuery {
+        let record = Record {
             progress: progress_log,
             result: Some(result.clone()),
             ..claim
@@ -498,7 +436,7 @@ impl Inner {
             let _ = tx.send(Err(internal(e))).await;
             return;
         }
-        let _ = tx.send(Ok(result_event(result))).await;
+        let _ = tx.send(Ok(Event::Result(Box::new(result)))).await;
     }
 
     fn combined_result(
@@ -506,8 +444,8 @@ impl Inner {
         body: &phm_proto::QueryBody,
         targets: &[usize],
         results: Vec<NodeResult>,
-    ) -> proto::CombinedResult {
-        let mut coverage = proto::Coverage::default();
+    ) -> SystemResult {
+        let mut coverage = Coverage::default();
         let mut answers = Vec::new();
         let known = self.history.populations().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read remembered node populations");
@@ -516,10 +454,10 @@ impl Inner {
         let mut registered = Some(0.0);
         let mut answered_population = Some(0.0);
         let mut delta_per_node: f64 = 0.0;
-        let mut declared: Vec<(String, proto::TotalKind)> = Vec::new();
+        let mut declared: Vec<(String, Option<TotalKind>)> = Vec::new();
         for r in results {
             let client = &self.clients[r.index];
-            let node = node_ref(&client.config);
+            let node = r.progress.node.clone();
             let pop = if r.population > 0.0 {
                 if let Err(e) = self
                     .history
@@ -532,22 +470,22 @@ impl Inner {
                 known.get(&client.config.id).copied().filter(|p| *p > 0.0)
             };
             registered = registered.zip(pop).map(|(a, b)| a + b);
-            let refusal = |p: &proto::NodeProgress| proto::NodeRefusal {
-                node: Some(node.clone()),
+            let refusal = |p: &NodeProgress| NodeRefusal {
+                node: node.clone(),
                 reason: p.reason,
                 message: p.message.clone(),
             };
-            match proto::NodeOutcome::try_from(r.progress.outcome) {
-                Ok(proto::NodeOutcome::Answered) => {
+            match r.progress.outcome {
+                NodeOutcome::Answered => {
                     answered_population = answered_population
                         .zip((r.population > 0.0).then_some(r.population))
                         .map(|(a, b)| a + b);
                     coverage.answered.push(node.clone());
                 }
-                Ok(proto::NodeOutcome::Refused) => coverage.refused.push(refusal(&r.progress)),
-                Ok(proto::NodeOutcome::TimedOut) => coverage.timed_out.push(node.clone()),
-                Ok(proto::NodeOutcome::Malformed) => coverage.malformed.push(refusal(&r.progress)),
-                _ => coverage.unreachable.push(node.clone()),
+                NodeOutcome::Refused => coverage.refused.push(refusal(&r.progress)),
+                NodeOutcome::TimedOut => coverage.timed_out.push(node.clone()),
+                NodeOutcome::Malformed => coverage.malformed.push(refusal(&r.progress)),
+                NodeOutcome::Unreachable => coverage.unreachable.push(node.clone()),
             }
             if let Some(a) = r.answer {
                 delta_per_node = delta_per_node.max(r.delta);
@@ -572,17 +510,14 @@ impl Inner {
             .copied()
             .unwrap_or_default();
         let (kind, kind_note) = reconcile_total_kind(configured, &declared);
-        proto::CombinedResult {
+        SystemResult {
             query_id: body.query_id.clone(),
             dataset: body.dataset.clone(),
             group_columns: expected.group_columns.clone(),
             aggregate_aliases: expected.aliases.clone(),
-            rows: to_proto_rows(combined.rows),
-            coverage: Some(coverage),
-            total_kind: match kind {
-                TotalKind::DistinctPeople => proto::TotalKind::DistinctPeople,
-                TotalKind::SumOfPartnerCounts => proto::TotalKind::SumOfPartnerCounts,
-            } as i32,
+            rows: combined.rows,
+            coverage,
+            total_kind: kind,
             total_note: {
                 let mut note = total_note(kind, answers.len(), targets.len());
                 if let Some(n) = kind_note {
@@ -596,15 +531,7 @@ impl Inner {
                 note
             },
             epsilon_spent_per_node: combined.epsilon_spent_per_node,
-            breakdowns: combined
-                .breakdowns
-                .into_iter()
-                .map(|b| proto::Breakdown {
-                    level: b.level.as_str().to_string(),
-                    label: b.label,
-                    rows: to_proto_rows(b.rows),
-                })
-                .collect(),
+            breakdowns: combined.breakdowns,
             completed_at_unix_ms: chrono::Utc::now().timestamp_millis(),
             min_reportable_count: combined.min_reportable_count,
             delta_spent_per_node: delta_per_node,
@@ -612,7 +539,7 @@ impl Inner {
     }
 }
 
-fn reused(query_id: &str) -> Status {
+fn reused(query_id: &str) -> Denial {
     Denial::new(
         DenialReason::QueryIdReused,
         format!(
@@ -620,34 +547,34 @@ fn reused(query_id: &str) -> Status {
              give the new query a fresh id"
         ),
     )
-    .to_status()
 }
 
-type SubmitStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::SubmitEvent, Status>> + Send>>;
+fn malformed(progress: &mut NodeProgress, reason: &str, epsilon: f64) {
+    progress.outcome = NodeOutcome::Malformed;
+    progress.epsilon_spent = if epsilon.is_finite() { epsilon } else { 0.0 };
+    progress.message = format!("excluded: malformed answer: {reason}");
+}
 
-#[tonic::async_trait]
-impl CoordinatorService for Coordinator {
-    type SubmitStream = SubmitStream;
+/// One node's answer to a budget relay.
+#[derive(Debug)]
+pub struct NodeBudget {
+    pub node: NodeRef,
+    pub outcome: NodeOutcome,
+    pub message: String,
+    /// The node's own report, relayed unchanged; set when it answered.
+    pub budget: Option<RelayedBudget>,
+}
 
-    async fn submit(
-        &self,
-        request: Request<proto::SubmitRequest>,
-    ) -> Result<Response<Self::SubmitStream>, Status> {
-        let Some(query) = request.into_inner().query else {
-            return Err(
-                Denial::new(DenialReason::InvalidQuery, "the request carries no query").to_status(),
-            );
-        };
-        // Validate a copy; the original message is what gets relayed.
-        let signed =
-            SignedQuery::try_from(query.clone()).map_err(|e| Denial::from(e).to_status())?;
+impl Coordinator {
+    /// Start answering a signed query: authenticate it, claim its id, and fan it out
+    /// (or replay a finished run, or wait for one under way). `relay` is the message
+    /// as received, relayed unchanged; `signed` is its validated reading.
+    pub fn submit(&self, signed: SignedQuery, relay: RelayedQuery) -> Result<Events, Denial> {
         if signed.signature.is_empty() {
             return Err(Denial::new(
                 DenialReason::Unauthenticated,
                 "the query is not signed; sign it with the requester's key",
-            )
-            .to_status());
+            ));
         }
         // Which datasets exist is public (ListNodes), so this may come first.
         let targets: Vec<usize> = (0..self.inner.clients.len())
@@ -660,8 +587,7 @@ impl CoordinatorService for Coordinator {
                     "no registered node serves dataset {:?}",
                     signed.body.dataset
                 ),
-            )
-            .to_status());
+            ));
         }
         self.inner.authenticate(
             "submit",
@@ -672,7 +598,7 @@ impl CoordinatorService for Coordinator {
             |k| signed.verify(k),
         )?;
         let body = signed.body;
-        let claim = StoredQuery {
+        let claim = Record {
             digest: body.digest(),
             requester_id: body.requester_id.clone(),
             project_id: body.project_id.clone().unwrap_or_default(),
@@ -689,7 +615,7 @@ impl CoordinatorService for Coordinator {
             Plan::Run(guard, needs_flush) => {
                 let inner = Arc::clone(&self.inner);
                 let job = Job {
-                    query,
+                    query: relay,
                     body,
                     claim,
                     targets,
@@ -700,59 +626,29 @@ impl CoordinatorService for Coordinator {
             Plan::Replay(record) => {
                 tokio::spawn(async move { replay(&tx, *record).await });
             }
-            Plan::Wait(mut done) => {
+            Plan::Wait(done) => {
                 let inner = Arc::clone(&self.inner);
-                let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
-                tokio::spawn(async move {
-                    // Err means the run's guard is gone: it has finished either way.
-                    let _ = done.wait_for(|d| *d).await;
-                    let key = QueryKey {
-                        requester_id: &requester,
-                        query_id: &id,
-                    };
-                    match inner.history.get(&key) {
-                        Ok(Some(rec)) if rec.result.is_some() => replay(&tx, rec).await,
-                        Ok(_) => {
-                            let _ = tx
-                                .send(Err(Denial::new(
-                                    DenialReason::Unavailable,
-                                    "the earlier run of this query did not finish; submit it again",
-                                )
-                                .to_status()))
-                                .await;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(internal(e))).await;
-                        }
-                    }
-                });
+                tokio::spawn(inner.replay_when_done(body, done, tx));
             }
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(rx)
     }
 
-    async fn get_result(
+    /// A stored result, for a fresh `get_result` proof (subject = the query id) by the
+    /// requester who asked, under the same project.
+    pub fn get_result(
         &self,
-        request: Request<proto::GetResultRequest>,
-    ) -> Result<Response<proto::CombinedResult>, Status> {
-        let request = request.into_inner();
-        let id = request.query_id;
+        query_id: &str,
+        proof: RequesterProof,
+    ) -> Result<SystemResult, Denial> {
+        let id = query_id;
         if id.is_empty() || id.len() > phm_proto::query::MAX_ID_LEN {
             return Err(Denial::new(
                 DenialReason::InvalidQuery,
                 "query_id is missing or too long",
-            )
-            .to_status());
+            ));
         }
-        let Some(raw) = request.proof else {
-            return Err(Denial::new(
-                DenialReason::Unauthenticated,
-                "GetResult needs a fresh proof signed by the requester who submitted the query (op get_result, subject = the query id)",
-            )
-            .to_status());
-        };
-        let proof = RequesterProof::try_from(raw).map_err(|e| Denial::from(e).to_status())?;
-        if proof.subject.as_deref() != Some(id.as_str()) {
+        if proof.subject.as_deref() != Some(id) {
             return Err(unauthenticated(format!(
                 "the proof is for {:?}, not for query {id:?}",
                 proof.subject.as_deref().unwrap_or("")
@@ -768,7 +664,7 @@ impl CoordinatorService for Coordinator {
         )?;
         let key = QueryKey {
             requester_id: &proof.requester_id,
-            query_id: &id,
+            query_id: id,
         };
         // Looked up under the proving requester only: another requester's ids are
         // not even visible, so "not found" says nothing about them.
@@ -780,7 +676,6 @@ impl CoordinatorService for Coordinator {
                     proof.requester_id
                 ),
             )
-            .to_status()
         };
         let record = self.inner.history.get(&key).map_err(internal)?;
         let Some(record) = record else {
@@ -797,82 +692,94 @@ impl CoordinatorService for Coordinator {
                     "query {id:?} was asked under project {:?}; sign the proof for that project to read it",
                     record.project_id
                 ),
-            )
-            .to_status());
+            ));
         }
-        match record.result {
-            Some(r) => Ok(Response::new(r)),
-            None => Err(Denial::new(
+        record.result.ok_or_else(|| {
+            Denial::new(
                 DenialReason::Unavailable,
                 format!("query {id:?} has not finished yet"),
             )
-            .to_status()),
-        }
+        })
     }
 
-    async fn list_nodes(
-        &self,
-        _request: Request<proto::ListNodesRequest>,
-    ) -> Result<Response<proto::ListNodesResponse>, Status> {
-        Ok(Response::new(proto::ListNodesResponse {
-            nodes: self
-                .inner
-                .clients
-                .iter()
-                .map(|c| proto::NodeInfo {
-                    node: Some(node_ref(&c.config)),
-                    endpoint: c.config.endpoint.clone(),
-                    datasets: c.config.datasets.clone(),
-                })
-                .collect(),
-        }))
+    /// The registered nodes, in configuration order.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeConfig> {
+        self.inner.clients.iter().map(|c| &c.config)
     }
 
-    async fn budget(
+    /// Relay a budget request to every node. The nodes check the proof themselves;
+    /// the coordinator only refuses one signed for another federation.
+    pub async fn budget(
         &self,
-        request: Request<proto::BudgetRequest>,
-    ) -> Result<Response<proto::FederatedBudget>, Status> {
-        let request = request.into_inner();
-        let Some(proof) = request.proof.clone() else {
-            return Err(Denial::new(
-                DenialReason::InvalidQuery,
-                "the budget request carries no requester proof",
-            )
-            .to_status());
-        };
-        let proof = RequesterProof::try_from(proof).map_err(|e| Denial::from(e).to_status())?;
+        proof: &RequesterProof,
+        request: RelayedBudgetRequest,
+    ) -> Result<Vec<NodeBudget>, Denial> {
         self.inner.check_federation(&proof.federation_id)?;
         let deadline = self.inner.deadline;
         let calls = self.inner.clients.iter().map(|c| {
             let request = request.clone();
             async move {
-                let mut nb = proto::NodeBudget {
-                    node: Some(node_ref(&c.config)),
-                    ..Default::default()
+                let mut nb = NodeBudget {
+                    node: NodeRef::from(&c.config),
+                    outcome: NodeOutcome::Unreachable,
+                    message: String::new(),
+                    budget: None,
                 };
                 match c.budget(request, deadline).await {
                     CallOutcome::Answered(b) => {
-                        nb.outcome = proto::NodeOutcome::Answered as i32;
+                        nb.outcome = NodeOutcome::Answered;
                         nb.budget = Some(b);
                     }
+                    CallOutcome::Malformed { reason, .. } => {
+                        nb.outcome = NodeOutcome::Malformed;
+                        nb.message = reason;
+                    }
                     CallOutcome::Refused(d) => {
-                        nb.outcome = proto::NodeOutcome::Refused as i32;
+                        nb.outcome = NodeOutcome::Refused;
                         nb.message = format!("{}: {}", d.reason_name(), refusal_message(&d));
                     }
-                    CallOutcome::Unreachable(m) => {
-                        nb.outcome = proto::NodeOutcome::Unreachable as i32;
-                        nb.message = m;
-                    }
+                    CallOutcome::Unreachable(m) => nb.message = m,
                     CallOutcome::TimedOut(m) => {
-                        nb.outcome = proto::NodeOutcome::TimedOut as i32;
+                        nb.outcome = NodeOutcome::TimedOut;
                         nb.message = m;
                     }
                 }
                 nb
             }
         });
-        let nodes = futures::future::join_all(calls).await;
-        Ok(Response::new(proto::FederatedBudget { nodes }))
+        Ok(futures::future::join_all(calls).await)
+    }
+}
+
+impl Inner {
+    /// Wait for the run under way for the same question, then replay what it
+    /// recorded.
+    async fn replay_when_done(
+        self: Arc<Self>,
+        body: phm_proto::QueryBody,
+        mut done: watch::Receiver<bool>,
+        tx: EventSender,
+    ) {
+        // Err means the run's guard is gone: it has finished either way.
+        let _ = done.wait_for(|d| *d).await;
+        let key = QueryKey {
+            requester_id: &body.requester_id,
+            query_id: &body.query_id,
+        };
+        match self.history.get(&key) {
+            Ok(Some(rec)) if rec.result.is_some() => replay(&tx, rec).await,
+            Ok(_) => {
+                let _ = tx
+                    .send(Err(Denial::new(
+                        DenialReason::Unavailable,
+                        "the earlier run of this query did not finish; submit it again",
+                    )))
+                    .await;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(internal(e))).await;
+            }
+        }
     }
 }
 
@@ -882,8 +789,8 @@ mod tests {
 
     #[test]
     fn a_partner_declaring_another_total_kind_is_flagged_and_the_reading_is_conservative() {
-        let dp = proto::TotalKind::DistinctPeople;
-        let sum = proto::TotalKind::SumOfPartnerCounts;
+        let dp = Some(TotalKind::DistinctPeople);
+        let sum = Some(TotalKind::SumOfPartnerCounts);
         let agree = [("A".to_string(), dp), ("B".to_string(), dp)];
         assert_eq!(
             reconcile_total_kind(TotalKind::DistinctPeople, &agree),
@@ -899,7 +806,7 @@ mod tests {
         assert_eq!(kind, TotalKind::SumOfPartnerCounts);
         assert!(note.unwrap().contains("A, B"));
         // An older node that declares nothing does not count either way.
-        let silent = [("A".to_string(), proto::TotalKind::Unspecified)];
+        let silent = [("A".to_string(), None)];
         assert_eq!(
             reconcile_total_kind(TotalKind::DistinctPeople, &silent),
             (TotalKind::DistinctPeople, None)
