@@ -5,7 +5,6 @@
 use phm_proto::proto::coordinator_service_client::CoordinatorServiceClient;
 use phm_proto::proto::{self, submit_event};
 use phm_proto::{Denial, DenialReason, ProofOp, Purpose, QueryBody, RequesterProof, SignedQuery};
-use rand::RngCore;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -222,11 +221,7 @@ fn from_status(url: &str, status: &tonic::Status) -> ClientError {
 }
 
 /// 16 bytes from the OS random source, for nonces.
-pub fn nonce() -> Vec<u8> {
-    let mut n = vec![0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut n);
-    n
-}
+pub use phm_proto::query::fresh_nonce as nonce;
 
 /// A query body with a fresh nonce, issued now.
 pub fn query_body(

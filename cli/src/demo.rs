@@ -8,10 +8,10 @@ use phm::client::{self, Connection};
 use phm::questions::{self, Question};
 use phm::render;
 use phm::synth::{self, Manifest, SynthOptions, reference::ReferenceAnswers};
+use phm_devkit::launch::{Federation, Launch, Program, Programs, RunningCoordinator};
 use phm_proto::proto::{self, CombinedResult};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -39,59 +39,6 @@ pub struct DemoArgs {
     pub startup_timeout: u64,
 }
 
-/// One child process of the federation.
-struct Proc {
-    label: String,
-    port: u16,
-    log: PathBuf,
-    child: tokio::process::Child,
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    let start = all.len().saturating_sub(lines);
-    all[start..]
-        .iter()
-        .map(|l| format!("    | {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Distinct free loopback ports, found by binding port 0 (all held until every port is
-/// chosen, so none repeats).
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .context("cannot find free loopback ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-fn spawn(
-    exe: &Path,
-    role: &str,
-    config: &Path,
-    log: &Path,
-) -> anyhow::Result<tokio::process::Child> {
-    let file =
-        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    let err = file.try_clone()?;
-    tokio::process::Command::new(exe)
-        .arg(role)
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(file))
-        .stderr(Stdio::from(err))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start `{} {role}`", exe.display()))
-}
-
 /// Certificates for health checks. Nodes trust only the infrastructure CA for clients,
 /// so they are checked with the coordinator's client certificate (health is open to
 /// any certificate from that CA); the coordinator trusts the people CA, so it is
@@ -104,14 +51,14 @@ struct Tls {
     node_key: PathBuf,
 }
 
-async fn healthy(port: u16, tls: &Tls, node: bool) -> bool {
+async fn healthy(addr: &str, tls: &Tls, node: bool) -> bool {
     let (cert, key) = if node {
         (&tls.node_cert, &tls.node_key)
     } else {
         (&tls.cert, &tls.key)
     };
     let connection = Connection {
-        url: format!("https://127.0.0.1:{port}"),
+        url: format!("https://{addr}"),
         ca: Some(tls.ca.clone()),
         cert: Some(cert.clone()),
         cert_key: Some(key.clone()),
@@ -133,41 +80,49 @@ async fn healthy(port: u16, tls: &Tls, node: bool) -> bool {
     }
 }
 
-/// Wait until every process answers its health check; name the first that dies or
-/// never becomes healthy, with the end of its log.
-async fn wait_healthy(procs: &mut [Proc], tls: &Tls, timeout: Duration) -> anyhow::Result<()> {
+/// Wait until every process answers its health check (listening is not enough: a
+/// node may still be loading its data); name the first that dies or never becomes
+/// healthy, with the end of its log.
+async fn wait_healthy(fed: &mut Federation, tls: &Tls, timeout: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut ready = vec![false; procs.len()];
-    let pb = indicatif::ProgressBar::new(procs.len() as u64);
+    let checks: Vec<(String, bool)> = fed
+        .nodes
+        .iter()
+        .map(|n| (n.addr.clone(), true))
+        .chain(fed.coordinator.iter().map(|c| (c.addr.clone(), false)))
+        .collect();
+    let mut ready = vec![false; checks.len()];
+    let pb = indicatif::ProgressBar::new(checks.len() as u64);
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} services healthy {wide_msg}")
     {
         pb.set_style(style);
     }
     while ready.iter().any(|r| !r) {
-        for (i, p) in procs.iter_mut().enumerate() {
+        for (i, p) in fed.procs_mut().enumerate() {
             if ready[i] {
                 continue;
             }
-            if let Some(status) = p.child.try_wait()? {
+            if !p.is_running() {
                 pb.finish_and_clear();
                 bail!(
-                    "{} failed to start ({status}); end of {}:\n{}",
-                    p.label,
+                    "{} failed to start; end of {}:\n{}",
+                    p.name,
                     p.log.display(),
-                    tail(&p.log, 15)
+                    p.log_tail(15)
                 );
             }
-            if healthy(p.port, tls, p.label != "coordinator").await {
+            let (addr, node) = &checks[i];
+            if healthy(addr, tls, *node).await {
                 ready[i] = true;
                 pb.inc(1);
-                pb.set_message(p.label.clone());
+                pb.set_message(p.name.clone());
             }
         }
         if started.elapsed() > timeout {
             pb.finish_and_clear();
-            let slow: Vec<&Proc> = procs
-                .iter()
+            let slow: Vec<&mut phm_devkit::launch::Proc> = fed
+                .procs_mut()
                 .zip(&ready)
                 .filter(|(_, r)| !**r)
                 .map(|(p, _)| p)
@@ -175,11 +130,11 @@ async fn wait_healthy(procs: &mut [Proc], tls: &Tls, timeout: Duration) -> anyho
             let first = slow.first().ok_or_else(|| anyhow!("timed out"))?;
             bail!(
                 "{} did not become healthy within {}s ({} still starting); end of {}:\n{}",
-                first.label,
+                first.name,
                 timeout.as_secs(),
                 slow.len(),
                 first.log.display(),
-                tail(&first.log, 15)
+                first.log_tail(15)
             );
         }
         if ready.iter().any(|r| !r) {
@@ -188,35 +143,6 @@ async fn wait_healthy(procs: &mut [Proc], tls: &Tls, timeout: Duration) -> anyho
     }
     pb.finish_and_clear();
     Ok(())
-}
-
-/// SIGTERM every child, wait for them to drain, SIGKILL any that hang.
-async fn shutdown(procs: &mut [Proc]) -> (usize, usize) {
-    for p in procs.iter() {
-        if let Some(pid) = p.child.id() {
-            // `kill -TERM`: the servers drain and flush on SIGTERM. (No signal crate: the
-            // workspace forbids unsafe code and this is the one place that signals.)
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-    let mut clean = 0;
-    let mut killed = 0;
-    for p in procs.iter_mut() {
-        match tokio::time::timeout(Duration::from_secs(20), p.child.wait()).await {
-            Ok(Ok(status)) if status.success() => clean += 1,
-            Ok(Ok(_)) | Ok(Err(_)) => killed += 1,
-            Err(_) => {
-                let _ = p.child.start_kill();
-                let _ = p.child.wait().await;
-                killed += 1;
-            }
-        }
-    }
-    (clean, killed)
 }
 
 fn imd_label(k: &str) -> String {
@@ -579,66 +505,53 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
         force: true,
     };
     let summary = tokio::task::spawn_blocking(move || synth::run(&opts)).await??;
-    let mut manifest = summary.manifest;
+    let manifest = summary.manifest;
     let synth_time = started.elapsed();
-
-    let ports = free_ports(manifest.organisations.len() + 1)?;
-    synth::write_configs(&dir, &mut manifest, ports[0], &ports[1..])?;
-    let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
     let exe = std::env::current_exe().context("cannot find the running phm binary")?;
-
-    let mut procs = Vec::new();
+    let logs = dir.join("logs");
     phm::outln!(
         "Starting {} partner nodes and the coordinator (logs in {}) …",
         manifest.organisations.len(),
         logs.display()
     );
+    // One listener for the whole run: a second one created after the report would miss
+    // a SIGTERM sent the moment "Press Ctrl-C" appears (tokio only delivers a signal to
+    // listeners that exist when it arrives), and the demo would never stop.
+    let stop = phm_coordinator::cli::shutdown_signal();
+    tokio::pin!(stop);
+    let t = Instant::now();
+    let launch = Launch {
+        root: dir.clone(),
+        programs: Programs {
+            node: Program::subcommand(&exe, "node"),
+            coordinator: Program::subcommand(&exe, "coordinator"),
+        },
+        nodes: manifest
+            .organisations
+            .iter()
+            .map(|o| o.ods_code.clone())
+            .collect(),
+        with_coordinator: true,
+        logs,
+        timeout: Duration::from_secs(a.startup_timeout),
+    };
+    let mut fed = tokio::task::spawn_blocking(move || Federation::launch(&launch)).await??;
+    let url = fed
+        .coordinator
+        .as_ref()
+        .map(RunningCoordinator::url)
+        .ok_or_else(|| anyhow!("the coordinator was not started"))?;
+    let tls = Tls {
+        ca: dir.join("certs/ca.pem"),
+        cert: dir.join("certs/dsu-client.pem"),
+        key: dir.join("certs/dsu-client.key"),
+        node_cert: dir.join("certs/coordinator-client.pem"),
+        node_key: dir.join("certs/coordinator-client.key"),
+    };
     let result = async {
-        for org in &manifest.organisations {
-            let log = logs.join(format!("{}.log", org.ods_code));
-            let child = spawn(
-                &exe,
-                "node",
-                &dir.join(&org.ods_code).join("node.toml"),
-                &log,
-            )?;
-            procs.push(Proc {
-                label: format!("node {} ({})", org.ods_code, org.name),
-                port: manifest
-                    .ports
-                    .get(&org.ods_code)
-                    .copied()
-                    .unwrap_or_default(),
-                log,
-                child,
-            });
-        }
-        let log = logs.join("coordinator.log");
-        let child = spawn(
-            &exe,
-            "coordinator",
-            &dir.join("coordinator/coordinator.toml"),
-            &log,
-        )?;
-        procs.push(Proc {
-            label: "coordinator".into(),
-            port: manifest.coordinator_port,
-            log,
-            child,
-        });
-        let tls = Tls {
-            ca: dir.join("certs/ca.pem"),
-            cert: dir.join("certs/dsu-client.pem"),
-            key: dir.join("certs/dsu-client.key"),
-            node_cert: dir.join("certs/coordinator-client.pem"),
-            node_key: dir.join("certs/coordinator-client.key"),
-        };
-        let t = Instant::now();
-        wait_healthy(&mut procs, &tls, Duration::from_secs(a.startup_timeout)).await?;
+        wait_healthy(&mut fed, &tls, Duration::from_secs(a.startup_timeout)).await?;
         let startup = t.elapsed();
         let t = Instant::now();
-        let url = format!("https://127.0.0.1:{}", manifest.coordinator_port);
         let checked = questions_and_report(&dir, &manifest, url.clone()).await?;
         phm::outln!(
             "\nTimings: synthesis {:.1}s, start-up {:.1}s, {} queries {:.1}s.",
@@ -647,19 +560,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
             questions::ALL.len(),
             t.elapsed().as_secs_f64()
         );
-        anyhow::Ok((checked, url))
+        anyhow::Ok(checked)
     };
-    // One listener for the whole run: a second one created after the report would miss
-    // a SIGTERM sent the moment "Press Ctrl-C" appears (tokio only delivers a signal to
-    // listeners that exist when it arrives), and the demo would never stop.
-    let stop = phm_coordinator::cli::shutdown_signal();
-    tokio::pin!(stop);
     let outcome = tokio::select! {
         r = result => r,
         () = &mut stop => Err(anyhow!("interrupted")),
     };
     let code = match outcome {
-        Ok((_, url)) if a.keep_running => {
+        Ok(_) if a.keep_running => {
             phm::outln!("\nThe federation is running. Try, for example:\n");
             phm::outln!(
                 "  {} query --coordinator {url} --federation {fed} --ca {d}/certs/ca.pem --cert {d}/certs/dsu-client.pem --cert-key {d}/certs/dsu-client.key --key {d}/keys/dsu.key --purpose planning --epsilon 0.5 'SELECT place, COUNT(*) AS people FROM gp_patients WHERE copd = TRUE GROUP BY place'",
@@ -684,7 +592,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
             1
         }
     };
-    let (clean, killed) = shutdown(&mut procs).await;
+    let (clean, killed) = tokio::task::spawn_blocking(move || fed.stop(Duration::from_secs(20)))
+        .await
+        .unwrap_or((0, 0));
     phm::outln!(
         "Stopped {clean} process{} cleanly{}. Total {:.1}s. Audit logs: phm audit verify --data-dir {}/<ODS>/state",
         if clean == 1 { "" } else { "es" },

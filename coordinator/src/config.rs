@@ -94,13 +94,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
+pub use phm_daemon::LogFormat;
 
 /// How a system total of the dataset should be read: the one result model's.
 pub use phm_proto::result::TotalKind;

@@ -64,13 +64,7 @@ node.toml fields (paths are relative to the config file's folder unless absolute
 Signals: SIGHUP reloads the policy now; SIGTERM or Ctrl-C stops accepting, lets running
 queries finish (bounded by query_deadline_ms), flushes the ledger and audit log, exits 0.";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
+pub use phm_daemon::LogFormat;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

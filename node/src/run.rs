@@ -4,12 +4,13 @@
 //! `phm node` both call [`run`]; in-process tests call [`serve`].
 
 use crate::audit::{AuditError, AuditLog};
-use crate::config::{CONFIG_HELP, LogFormat, NodeConfig};
+use crate::config::{CONFIG_HELP, NodeConfig};
 use crate::metrics::Metrics;
 use crate::reload::{self, LoadError};
 use crate::server::{self, ServerError};
 use crate::service::{Service, ServiceLimits};
 use crate::store::{Store, StoreError};
+use phm_daemon::LogFormat;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -259,53 +260,12 @@ pub async fn serve(
     node.serve(listener, metrics, shutdown).await
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A log that cannot be written (disk full, RLIMIT_FSIZE) must not take the node down:
-    // tracing-subscriber would otherwise report the failed write with `eprintln!`, which
-    // panics when stderr is that same unwritable file, inside whichever task logged.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .log_internal_errors(false);
-    // Already initialised (e.g. inside `phm`) is fine: keep the existing subscriber.
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn termination() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C still stops the node");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 /// Run the node until SIGTERM/Ctrl-C. Everything is loaded and checked before the
 /// port opens, so a listening node is a ready node.
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     server::install_crypto_provider();
     let config = NodeConfig::load(&args.config)?;
-    init_logging(args.log_format.unwrap_or(config.log_format));
+    phm_daemon::init_logging(args.log_format.unwrap_or(config.log_format));
     let node = Node::start(config).await?;
     let cfg = node.config().clone();
     let metrics = match cfg.metrics_listen {
@@ -323,7 +283,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             cfg.source.display()
         )
     })?;
-    node.serve(listener, metrics, termination()).await?;
+    node.serve(listener, metrics, phm_daemon::shutdown_signal())
+        .await?;
     Ok(())
 }
 

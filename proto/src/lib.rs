@@ -4,6 +4,7 @@
 pub mod canonical;
 pub mod codec;
 pub mod denial;
+pub mod keyfile;
 pub mod query;
 pub mod result;
 pub mod signing;

@@ -14,6 +14,23 @@ pub const MAX_ID_LEN: usize = 128;
 pub const MAX_TEXT_LITERAL_LEN: usize = 1_024;
 pub const MIN_NONCE_LEN: usize = 16;
 pub const MAX_NONCE_LEN: usize = 64;
+
+/// A fresh nonce: `MIN_NONCE_LEN` bytes from the operating system's random source,
+/// for every requester that signs (the CLI, the console, the test suites).
+pub fn fresh_nonce() -> Vec<u8> {
+    use rand::RngCore;
+    let mut n = vec![0u8; MIN_NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+/// Now, as the `issued_at_unix_ms` of a request (0 on a clock before 1970, which every
+/// verifier then refuses as stale).
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 /// Smallest epsilon accepted on the wire. Below it the noise scale overflows what a
 /// mechanism can represent, and no useful answer could come back anyway.
 pub const MIN_EPSILON: f64 = 1e-6;

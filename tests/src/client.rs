@@ -104,19 +104,7 @@ pub fn load_key(path: &Path) -> SigningKey {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-pub fn nonce() -> Vec<u8> {
-    use rand::RngCore;
-    let mut n = vec![0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut n);
-    n
-}
+pub use phm_proto::query::{fresh_nonce as nonce, now_unix_ms as now_ms};
 
 pub fn count(alias: &str) -> Aggregate {
     Aggregate {

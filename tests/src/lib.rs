@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -153,91 +153,24 @@ impl Ics {
     }
 }
 
-/// A running child process that is killed on drop.
-pub struct Proc {
-    pub name: String,
-    pub child: Child,
-    pub log: PathBuf,
+use phm_devkit::launch::{Launch, Program, Programs};
+pub use phm_devkit::launch::{Proc, RunningCoordinator, RunningNode};
+
+/// How long a process may take to listen before a test fails.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Start `bin args…`, logging to `log` (a test failure if it cannot start).
+pub fn spawn(name: &str, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    Proc::spawn_command(name, cmd, log).unwrap_or_else(|e| panic!("{e}"))
 }
 
-impl Proc {
-    pub fn spawn(name: &str, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log file: {e}"));
-        let err = file
-            .try_clone()
-            .unwrap_or_else(|e| panic!("log file clone: {e}"));
-        let child = Command::new(bin)
-            .args(args)
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status();
-    }
-
-    /// SIGKILL, then reap.
-    pub fn kill9(&mut self) {
-        self.signal("KILL");
-        let _ = self.child.wait();
-    }
-
-    /// Wait up to `timeout` for the process to exit by itself; its exit code if it did
-    /// (`Some(None)`: killed by a signal), `None` if it is still running.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status.code());
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM and wait up to `timeout` for a clean exit; returns the exit code.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        self.signal("TERM");
-        match self.wait_exit(timeout) {
-            Some(code) => code,
-            None => {
-                self.kill9();
-                None
-            }
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.is_running() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Wait until `addr` accepts TCP connections; panic with the process's log if it exits
+/// first or takes more than 120 s.
+pub fn wait_listening(addr: &str, proc: &mut Proc) {
+    proc.wait_listening(addr, LISTEN_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Poll `f` until it returns `Some`, or fail after `timeout` with `what`.
@@ -256,90 +189,46 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 /// Rewrite a TOML file in place with `edit`.
 pub fn edit_toml(path: &Path, edit: impl FnOnce(&mut toml::Table)) {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut t: toml::Table = text
-        .parse()
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    edit(&mut t);
-    std::fs::write(path, toml::to_string(&t).unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    phm_devkit::launch::edit_toml(path, edit).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// A running federation: nodes and (optionally) a coordinator, on free loopback ports.
+/// A running federation: nodes and (optionally) a coordinator, on free loopback ports,
+/// started by the launcher `phm demo` uses.
 pub struct Federation {
     pub ics: Ics,
     pub nodes: Vec<RunningNode>,
     pub coordinator: Option<RunningCoordinator>,
 }
 
-pub struct RunningNode {
-    /// ODS code (the organisation's folder name).
-    pub id: String,
-    pub config: PathBuf,
-    pub addr: String,
-    pub proc: Proc,
+/// The binaries under test, as the launcher runs them.
+fn programs() -> Programs {
+    Programs {
+        node: Program::new(&bins().node),
+        coordinator: Program::new(&bins().coordinator),
+    }
 }
 
-impl RunningNode {
-    pub fn endpoint(&self) -> String {
-        format!("https://{}", self.addr)
-    }
+/// What a test does to a node or the coordinator beyond the launcher's start and stop.
+pub trait Restart {
+    /// Start the same process again (after a kill) on the same port.
+    fn restart(&mut self);
+}
 
-    pub fn data_dir(&self) -> PathBuf {
-        self.config
-            .parent()
-            .map(|p| p.join("state"))
-            .unwrap_or_default()
-    }
-
-    /// Start the same node again (after a kill) on the same port.
-    pub fn restart(&mut self) {
+impl Restart for RunningNode {
+    fn restart(&mut self) {
         let log = self.proc.log.with_extension("restart.log");
-        self.proc = Proc::spawn(
-            &self.id,
-            &bins().node,
-            &["--config", &self.config.display().to_string()],
-            log,
-        );
+        self.proc = Proc::spawn(&self.id, &programs().node, &self.config, log)
+            .unwrap_or_else(|e| panic!("{e}"));
         wait_listening(&self.addr, &mut self.proc);
     }
 }
 
-pub struct RunningCoordinator {
-    pub config: PathBuf,
-    pub addr: String,
-    pub proc: Proc,
-}
-
-impl RunningCoordinator {
-    pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-}
-
-/// Wait until `addr` accepts TCP connections; panic with the process's log if it exits
-/// first or takes more than 120 s.
-pub fn wait_listening(addr: &str, proc: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        if !proc.is_running() {
-            panic!(
-                "{} exited before listening on {addr}; its log:\n{}",
-                proc.name,
-                proc.log_text()
-            );
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{} did not listen on {addr} within 120 s; its log:\n{}",
-                proc.name,
-                proc.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+impl Restart for RunningCoordinator {
+    fn restart(&mut self) {
+        let log = self.proc.log.with_extension("restart.log");
+        self.proc = Proc::spawn("coordinator", &programs().coordinator, &self.config, log)
+            .unwrap_or_else(|e| panic!("{e}"));
+        wait_listening(&self.addr, &mut self.proc);
     }
 }
 
@@ -352,91 +241,30 @@ impl Federation {
     }
 
     pub fn start_in(ics: Ics, max_nodes: Option<usize>, with_coordinator: bool) -> Federation {
-        let mut configs = ics.node_configs();
+        let mut ids = phm_devkit::launch::organisations(&ics.root);
         if let Some(n) = max_nodes {
-            configs.truncate(n);
+            ids.truncate(n);
         }
-        Self::start_configs(ics, configs, with_coordinator)
+        Self::start_nodes(ics, &ids, with_coordinator)
     }
 
     /// Start exactly the nodes whose organisation folders are `ids` (in that order),
     /// and a coordinator registering only them when `with_coordinator`.
     pub fn start_nodes(ics: Ics, ids: &[String], with_coordinator: bool) -> Federation {
-        let configs = ids.iter().map(|id| ics.node_config(id)).collect();
-        Self::start_configs(ics, configs, with_coordinator)
-    }
-
-    fn start_configs(ics: Ics, configs: Vec<PathBuf>, with_coordinator: bool) -> Federation {
-        let mut endpoints = std::collections::BTreeMap::new();
-        let mut nodes = Vec::new();
-        for config in configs {
-            let id = config
-                .parent()
-                .and_then(|p| p.file_name())
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_string();
-            let addr = format!("127.0.0.1:{}", free_port());
-            // No metrics port: every extra port picked ahead of binding is a chance for
-            // tests running in parallel to collide.
-            edit_toml(&config, |t| {
-                t.insert("listen".into(), addr.clone().into());
-                t.remove("metrics_listen");
-            });
-            let log = config.with_extension("log");
-            let proc = Proc::spawn(
-                &id,
-                &bins().node,
-                &["--config", &config.display().to_string()],
-                log,
-            );
-            endpoints.insert(id.clone(), addr.clone());
-            nodes.push(RunningNode {
-                id,
-                config,
-                addr,
-                proc,
-            });
-        }
-        for n in &mut nodes {
-            wait_listening(&n.addr.clone(), &mut n.proc);
-        }
-        let coordinator = with_coordinator.then(|| {
-            let config = ics.coordinator_config();
-            let addr = format!("127.0.0.1:{}", free_port());
-            edit_toml(&config, |t| {
-                t.insert("listen".into(), addr.clone().into());
-                if let Some(toml::Value::Array(list)) = t.get_mut("nodes") {
-                    list.retain(|n| {
-                        n.get("id")
-                            .and_then(|v| v.as_str())
-                            .is_some_and(|id| endpoints.contains_key(id))
-                    });
-                    for n in list.iter_mut() {
-                        let id = n
-                            .get("id")
-                            .and_then(|v| v.as_str())
-                            .unwrap_or_default()
-                            .to_string();
-                        if let (Some(tbl), Some(a)) = (n.as_table_mut(), endpoints.get(&id)) {
-                            tbl.insert("endpoint".into(), format!("https://{a}").into());
-                        }
-                    }
-                }
-            });
-            let mut proc = Proc::spawn(
-                "coordinator",
-                &bins().coordinator,
-                &["--config", &config.display().to_string()],
-                config.with_extension("log"),
-            );
-            wait_listening(&addr, &mut proc);
-            RunningCoordinator { config, addr, proc }
-        });
+        let launch = Launch {
+            root: ics.root.clone(),
+            programs: programs(),
+            nodes: ids.to_vec(),
+            with_coordinator,
+            logs: ics.root.join("logs"),
+            timeout: LISTEN_TIMEOUT,
+        };
+        let fed = phm_devkit::launch::Federation::launch(&launch)
+            .unwrap_or_else(|e| panic!("cannot start the federation: {e}"));
         Federation {
             ics,
-            nodes,
-            coordinator,
+            nodes: fed.nodes,
+            coordinator: fed.coordinator,
         }
     }
 
@@ -513,20 +341,40 @@ pub enum StartOutcome {
     Exited { code: Option<i32>, log: String },
 }
 
-impl RunningNode {
+/// A node's files, and the restarts fault tests need.
+pub trait NodeExt {
+    /// The node's state folder (ledger, release cache, audit log).
+    fn data_dir(&self) -> PathBuf;
     /// The node's policy file.
-    pub fn policy_path(&self) -> PathBuf {
+    fn policy_path(&self) -> PathBuf;
+    /// Start the node again and report whether it came up or exited (and why), for
+    /// tests that damage its files first. Waits up to `timeout`.
+    fn try_restart(&mut self, timeout: Duration) -> StartOutcome;
+    /// Restart the node with these signals ignored (an ignored disposition survives
+    /// exec), e.g. `XFSZ` so that exceeding a file-size limit fails the write with
+    /// EFBIG instead of killing the process. The shell execs the node, so the pid is
+    /// the node's own.
+    fn restart_ignoring_signals(&mut self, signals: &[&str]);
+}
+
+impl NodeExt for RunningNode {
+    fn data_dir(&self) -> PathBuf {
+        self.config
+            .parent()
+            .map(|p| p.join("state"))
+            .unwrap_or_default()
+    }
+
+    fn policy_path(&self) -> PathBuf {
         self.config
             .parent()
             .map(|p| p.join("policy.toml"))
             .unwrap_or_default()
     }
 
-    /// Start the node again and report whether it came up or exited (and why), for
-    /// tests that damage its files first. Waits up to `timeout`.
-    pub fn try_restart(&mut self, timeout: Duration) -> StartOutcome {
+    fn try_restart(&mut self, timeout: Duration) -> StartOutcome {
         let log = self.proc.log.with_extension("try.log");
-        let mut proc = Proc::spawn(
+        let mut proc = spawn(
             &self.id,
             &bins().node,
             &["--config", &self.config.display().to_string()],
@@ -553,33 +401,15 @@ impl RunningNode {
         }
     }
 
-    /// Restart the node with these signals ignored (an ignored disposition survives
-    /// exec), e.g. `XFSZ` so that exceeding a file-size limit fails the write with
-    /// EFBIG instead of killing the process. The shell execs the node, so the pid is
-    /// the node's own.
-    pub fn restart_ignoring_signals(&mut self, signals: &[&str]) {
+    fn restart_ignoring_signals(&mut self, signals: &[&str]) {
         let log = self.proc.log.with_extension("restart.log");
         let script = format!("trap '' {}; exec \"$0\" \"$@\"", signals.join(" "));
         let node = bins().node.display().to_string();
         let config = self.config.display().to_string();
-        self.proc = Proc::spawn(
+        self.proc = spawn(
             &self.id,
             Path::new("/bin/sh"),
             &["-c", &script, &node, "--config", &config],
-            log,
-        );
-        wait_listening(&self.addr, &mut self.proc);
-    }
-}
-
-impl RunningCoordinator {
-    /// Start the coordinator again (after a kill) on the same port.
-    pub fn restart(&mut self) {
-        let log = self.proc.log.with_extension("restart.log");
-        self.proc = Proc::spawn(
-            "coordinator",
-            &bins().coordinator,
-            &["--config", &self.config.display().to_string()],
             log,
         );
         wait_listening(&self.addr, &mut self.proc);

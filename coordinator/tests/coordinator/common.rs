@@ -1,5 +1,5 @@
-//! Test harness shared by the integration tests and the fan-out benchmark: test
-//! certificates (rcgen), in-process mock nodes served over real mutual TLS, an
+//! Test harness shared by the integration tests and the fan-out benchmark: the
+//! development PKI (phm-devkit), in-process mock nodes served over real mutual TLS, an
 //! in-process coordinator and a signed-query builder.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,10 +9,6 @@ use phm_proto::proto;
 use phm_proto::proto::coordinator_service_client::CoordinatorServiceClient;
 use phm_proto::proto::node_service_server::{NodeService, NodeServiceServer};
 use phm_proto::{Aggregate, AggregateKind, GroupKey, Purpose, QueryBody};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,44 +27,29 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// The development PKI `phm certs dev` issues (one both-usage leaf for
+    /// localhost), under `dir/certs`, as `leaf.pem` / `leaf.key` for the configs.
     pub fn new(dir: &Path) -> Pki {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "phm test CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let mut leaf =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        leaf.distinguished_name
-            .push(DnType::CommonName, "localhost");
-        leaf.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        leaf.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
+        phm_proto::tls::install_crypto_provider();
+        let certs = dir.join("certs");
+        let issued = phm_devkit::pki::dev(
+            &certs,
+            &phm_devkit::pki::CertPlan {
+                legacy: vec!["localhost".into()],
+                ..Default::default()
+            },
+        )
+        .expect("development PKI");
+        let leaf = &issued.leaves[0];
+        let read = |p: &Path| std::fs::read_to_string(p).expect("read PEM");
         let pki = Pki {
             dir: dir.to_path_buf(),
-            ca_pem: ca_cert.pem(),
-            leaf_pem: leaf_cert.pem(),
-            leaf_key: key.serialize_pem(),
+            ca_pem: read(&issued.ca_pem),
+            leaf_pem: read(&leaf.pem),
+            leaf_key: read(&leaf.key),
         };
-        std::fs::create_dir_all(dir.join("certs")).unwrap();
-        std::fs::write(dir.join("certs/ca.pem"), &pki.ca_pem).unwrap();
-        std::fs::write(dir.join("certs/leaf.pem"), &pki.leaf_pem).unwrap();
-        std::fs::write(dir.join("certs/leaf.key"), &pki.leaf_key).unwrap();
+        std::fs::write(certs.join("leaf.pem"), &pki.leaf_pem).expect("write leaf");
+        std::fs::write(certs.join("leaf.key"), &pki.leaf_key).expect("write key");
         pki
     }
 
@@ -388,7 +369,7 @@ pub fn signed_query(
         aggregates,
         epsilon: 0.5,
         issued_at_unix_ms: chrono::Utc::now().timestamp_millis(),
-        nonce: rand::random::<[u8; 16]>().to_vec(),
+        nonce: phm_proto::query::fresh_nonce(),
     };
     body.sign(key).into()
 }
@@ -484,7 +465,7 @@ pub async fn submit(
 /// does on a retry.
 pub fn resign(q: &proto::AggregateQuery, key: &SigningKey) -> proto::AggregateQuery {
     let mut body = phm_proto::SignedQuery::try_from(q.clone()).unwrap().body;
-    body.nonce = rand::random::<[u8; 16]>().to_vec();
+    body.nonce = phm_proto::query::fresh_nonce();
     body.issued_at_unix_ms = chrono::Utc::now().timestamp_millis();
     body.sign(key).into()
 }
@@ -496,7 +477,7 @@ pub fn get_result_request(query_id: &str, key: &SigningKey) -> proto::GetResultR
         "dsu",
         None,
         chrono::Utc::now().timestamp_millis(),
-        rand::random::<[u8; 16]>().to_vec(),
+        phm_proto::query::fresh_nonce(),
     )
     .about(query_id)
     .sign(phm_proto::ProofOp::GetResult, key);

@@ -192,16 +192,7 @@ pub fn limits() -> ServiceLimits {
     }
 }
 
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-pub fn nonce() -> Vec<u8> {
-    use rand::RngCore;
-    let mut n = vec![0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut n);
-    n
-}
+pub use phm_proto::query::{fresh_nonce as nonce, now_unix_ms as now_ms};
 
 pub fn new_id() -> String {
     hex::encode(nonce())
@@ -249,57 +240,34 @@ pub struct TestPki {
     pub rogue_key: PathBuf,
 }
 
-fn ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let key = KeyPair::generate().expect("ca key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key).expect("ca cert");
-    let pem = cert.pem();
-    (rcgen::Issuer::new(params, key), pem)
-}
-
-fn leaf(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
-    cn: &str,
-    dir: &Path,
-) -> (PathBuf, PathBuf) {
-    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
-    let key = KeyPair::generate().expect("leaf key");
-    let mut params = CertificateParams::new(vec![
-        cn.to_string(),
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-    ])
-    .expect("leaf params");
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, issuer).expect("leaf cert");
-    let (c, k) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
-    std::fs::write(&c, cert.pem()).expect("write cert");
-    std::fs::write(&k, key.serialize_pem()).expect("write key");
-    (c, k)
-}
-
 pub fn pki(dir: &Path) -> TestPki {
-    let (issuer, ca_pem) = ca("test CA");
-    let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca_pem).expect("write ca");
-    let (server_cert, server_key) = leaf(&issuer, "A81001", dir);
-    let (client_cert, client_key) = leaf(&issuer, "dsu-client", dir);
-    let (rogue_issuer, _) = ca("rogue CA");
-    let (rogue_cert, rogue_key) = leaf(&rogue_issuer, "intruder", dir);
+    use phm_devkit::pki::{CertPlan, dev};
+    let one_ca = |sub: &str, names: &[&str]| {
+        dev(
+            &dir.join(sub),
+            &CertPlan {
+                legacy: names.iter().map(|n| n.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+        .expect("development PKI")
+    };
+    let main = one_ca("pki", &["A81001", "dsu-client"]);
+    // A client certificate from a different CA.
+    let rogue = one_ca("rogue", &["intruder"]);
+    let leaf = |certs: &phm_devkit::pki::DevCerts, name: &str| {
+        let l = certs
+            .leaves
+            .iter()
+            .find(|l| l.name == name)
+            .expect("issued leaf");
+        (l.pem.clone(), l.key.clone())
+    };
+    let (server_cert, server_key) = leaf(&main, "A81001");
+    let (client_cert, client_key) = leaf(&main, "dsu-client");
+    let (rogue_cert, rogue_key) = leaf(&rogue, "intruder");
     TestPki {
-        ca: ca_path,
+        ca: main.ca_pem.clone(),
         server_cert,
         server_key,
         client_cert,

@@ -7,7 +7,9 @@
 
 use crate::rt;
 use phm_e2e::client::{self, body, count, sign};
-use phm_e2e::{Federation, Ics, RunningNode, StartOutcome, audit_verify, set_budget};
+use phm_e2e::{
+    Federation, Ics, NodeExt, Restart, RunningNode, StartOutcome, audit_verify, set_budget,
+};
 use phm_proto::proto;
 use phm_proto::{GroupKey, Purpose, QueryBody};
 use rand::{Rng, SeedableRng};

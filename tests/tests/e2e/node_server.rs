@@ -3,7 +3,7 @@
 
 use crate::rt;
 use phm_e2e::client::{self, body, count, sign};
-use phm_e2e::{Federation, RunningNode, phm};
+use phm_e2e::{Federation, NodeExt, RunningNode, phm};
 use phm_proto::{GroupKey, Purpose};
 use std::time::Duration;
 

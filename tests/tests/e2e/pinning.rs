@@ -21,7 +21,10 @@
 
 use crate::rt;
 use phm_e2e::client::{self, body, count, sign};
-use phm_e2e::{Federation, Ics, Proc, bins, edit_toml, free_port, phm, read_toml, wait_listening};
+use phm_e2e::{
+    Federation, Ics, Proc, Restart, bins, edit_toml, free_port, phm, read_toml, spawn,
+    wait_listening,
+};
 use phm_proto::{GroupKey, Purpose};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -167,7 +170,7 @@ impl AnalystRig {
             people = s(&ics_cas),
         );
         std::fs::write(node_dir.join("node.toml"), node_toml).unwrap();
-        let mut node = Proc::spawn(
+        let mut node = spawn(
             "analyst node",
             &bins().node,
             &["--config", &s(&node_dir.join("node.toml"))],
@@ -227,7 +230,7 @@ impl AnalystRig {
             );
             nodes.push(toml::Value::Table(mine));
         });
-        let mut coordinator = Proc::spawn(
+        let mut coordinator = spawn(
             "analyst coordinator",
             &bins().coordinator,
             &["--config", &s(&config)],
@@ -597,7 +600,7 @@ fn nodes_answer_only_the_pinned_coordinator_identity() {
                 }
             }
         });
-        let mut p = Proc::spawn(
+        let mut p = spawn(
             "unpinned node",
             &bins().node,
             &["--config", &s(&path)],
@@ -756,7 +759,7 @@ fn the_coordinator_requires_a_client_certificate_from_the_people_ca() {
         );
         t["tls"].as_table_mut().unwrap().remove("client_ca");
     });
-    let mut p = Proc::spawn(
+    let mut p = spawn(
         "coordinator without client_ca",
         &bins().coordinator,
         &["--config", &s(&config)],

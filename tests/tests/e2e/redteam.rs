@@ -8,7 +8,7 @@
 
 use crate::rt;
 use phm_e2e::client::{self, agg, body, count, sign};
-use phm_e2e::{Federation, Ics, read_toml, set_budget};
+use phm_e2e::{Federation, Ics, NodeExt, read_toml, set_budget};
 use phm_proto::proto;
 use phm_proto::{AggregateKind, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody};
 use std::time::Duration;

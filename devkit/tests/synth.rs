@@ -6,7 +6,7 @@
 
 use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use phm::synth::{self, SynthOptions};
+use phm_devkit::synth::{self, SynthOptions};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -194,13 +194,13 @@ fn every_policy_parses_and_decides_the_demo_questions_as_expected() {
         let text = std::fs::read_to_string(&path).unwrap();
         let policy = phm_policies::Policy::parse(&path.display().to_string(), &text)
             .unwrap_or_else(|e| panic!("{e}"));
-        for q in phm::questions::ALL {
-            let parsed = phm::sql::parse(q.sql).unwrap_or_else(|e| panic!("{}", e.render(q.sql)));
+        for q in phm_devkit::questions::ALL {
+            let parsed = phm_sql::parse(q.sql).unwrap_or_else(|e| panic!("{}", e.render(q.sql)));
             if parsed.dataset != org.dataset {
                 continue;
             }
             let body = phm_proto::QueryBody {
-                federation_id: phm::synth::FEDERATION_ID.into(),
+                federation_id: phm_devkit::synth::FEDERATION_ID.into(),
                 query_id: "q1".into(),
                 requester_id: q.requester.into(),
                 purpose: q.purpose,

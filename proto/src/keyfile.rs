@@ -1,7 +1,7 @@
 //! Requester signing keys: `phm keys new` writes a PKCS#8 PEM Ed25519 private key
 //! (mode 0600) and FILE.pub with the base64 public key that policy files list.
 
-use phm_proto::signing::{self, PrivateKey};
+use crate::signing::{self, PrivateKey};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -313,9 +314,14 @@ pub fn dev(dir: &Path, plan: &CertPlan) -> Result<DevCerts, CertError> {
             &infra
         };
         let cert = params.signed_by(&key, issuer).map_err(build)?;
-        let spki_pin = phm_node::server::spki_sha256(cert.der())
-            .map(|b| format!("spki-sha256:{}", hex::encode(b)))
-            .unwrap_or_default();
+        // The key pair's SubjectPublicKeyInfo is what the certificate carries, and what
+        // a node hashes when it checks an `spki-sha256:` pin (a test checks the two agree).
+        let spki_pin = format!(
+            "spki-sha256:{}",
+            hex::encode(Sha256::digest(
+                rcgen::PublicKeyData::subject_public_key_info(&key)
+            ))
+        );
         let pem_path = dir.join(format!("{name}.pem"));
         let key_path = dir.join(format!("{name}.key"));
         write(&pem_path, &cert.pem(), false)?;

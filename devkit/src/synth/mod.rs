@@ -63,9 +63,9 @@ pub enum SynthError {
     #[error("generated policy for {org} is invalid (this is a bug in phm synth): {message}")]
     Policy { org: String, message: String },
     #[error(transparent)]
-    Key(#[from] crate::keys::KeyFileError),
+    Key(#[from] phm_proto::keyfile::KeyFileError),
     #[error(transparent)]
-    Cert(#[from] crate::certs::CertError),
+    Cert(#[from] crate::pki::CertError),
     #[error("{path}: {message}")]
     Manifest { path: PathBuf, message: String },
     #[error("no free loopback port at or above {0}")]
@@ -306,8 +306,8 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     // which is printed and shared).
     let keys_dir = out.join("keys");
     std::fs::create_dir_all(&keys_dir).map_err(io(&keys_dir))?;
-    let dsu = crate::keys::new_key_file(&keys_dir.join("dsu.key"))?;
-    let researcher = crate::keys::new_key_file(&keys_dir.join("researcher.key"))?;
+    let dsu = phm_proto::keyfile::new_key_file(&keys_dir.join("dsu.key"))?;
+    let researcher = phm_proto::keyfile::new_key_file(&keys_dir.join("researcher.key"))?;
     let keys = governance::RequesterKeys {
         dsu: dsu.public_key_base64,
         researcher: researcher.public_key_base64,
@@ -322,9 +322,9 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     // certificate cannot even complete a handshake with a node.
     let mut servers: Vec<String> = orgs.iter().map(|o| o.ods_code.clone()).collect();
     servers.push(COORDINATOR_SERVER_CERT.to_string());
-    crate::certs::dev(
+    crate::pki::dev(
         &out.join("certs"),
-        &crate::certs::CertPlan {
+        &crate::pki::CertPlan {
             servers,
             infra_clients: vec![COORDINATOR_CLIENT_CERT.to_string()],
             people: PEOPLE_CERTS.iter().map(|s| s.to_string()).collect(),

@@ -430,7 +430,7 @@ pub fn node_toml(org: &Org, port: u16) -> String {
         name = org.name,
         ods = org.ods_code,
         federation = quote(super::FEDERATION_ID),
-        infra_ca = crate::certs::INFRA_CA,
+        infra_ca = crate::pki::INFRA_CA,
         relay = super::COORDINATOR_CLIENT_CERT,
     )
 }
@@ -474,8 +474,8 @@ pub fn coordinator_toml(
          [datasets.la_residents]\n\
          total_kind = \"sum_of_partner_counts\"\n",
         federation = quote(super::FEDERATION_ID),
-        people_ca = crate::certs::PEOPLE_CA,
-        infra_ca = crate::certs::INFRA_CA,
+        people_ca = crate::pki::PEOPLE_CA,
+        infra_ca = crate::pki::INFRA_CA,
         relay = super::COORDINATOR_CLIENT_CERT,
     );
     for (org, node_port) in orgs {

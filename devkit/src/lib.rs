@@ -1,0 +1,15 @@
+//! The development kit: everything that exists to run the federation on one machine
+//! without real data or real certificates, shared by `phm demo`, `phm synth`,
+//! `phm certs dev` and every test suite, so there is one of each.
+//!
+//! - [`synth`]: the synthetic Integrated Care System (people, partners, policies,
+//!   configurations and the exact reference answers).
+//! - [`questions`]: the demo's questions, which the reference answers answer exactly.
+//! - [`pki`]: one development PKI (an infrastructure CA, a people CA, leaves by role).
+//! - [`launch`]: one local-federation launcher (nodes and a coordinator as processes on
+//!   loopback ports chosen at run time).
+
+pub mod launch;
+pub mod pki;
+pub mod questions;
+pub mod synth;
