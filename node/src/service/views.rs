@@ -203,6 +203,40 @@ impl Service {
         if let Err(stop) = self.check_proof(ProofOp::Budget, policy, &proof, now).await {
             return Err(self.stopped(record, stop, started).await);
         }
+        let ledgers = match self.read_ledgers(policy, &proof, now).await {
+            Ok(l) => l,
+            Err(stop) => return Err(self.stopped(record, stop, started).await),
+        };
+        record.decision = Outcome::Allowed;
+        record.reasons = ledgers
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {}: spent {} of {}, delta {:e} of {:e}",
+                    l.ledger,
+                    l.period_label,
+                    eps(l.spent),
+                    eps(l.total),
+                    l.delta_spent,
+                    l.delta_total
+                )
+            })
+            .collect();
+        self.write_audit(record).await?;
+        Ok(BudgetView {
+            node_id: policy.file().organisation.ods_code.clone(),
+            ledgers,
+            policy_version: policy.version().to_string(),
+        })
+    }
+
+    /// The requester's ledger and its project's (if named), read for `now`'s period.
+    async fn read_ledgers(
+        &self,
+        policy: &Policy,
+        proof: &RequesterProof,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<LedgerView>, Stop> {
         let mut wanted = Vec::new();
         if let Some(r) = policy.requester(&proof.requester_id) {
             wanted.push((format!("requester:{}", r.id), r.budget.clone()));
@@ -240,35 +274,7 @@ impl Service {
                     })
                     .collect::<Result<Vec<_>, StoreError>>()
             })
-            .await;
-        let ledgers = match read {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
-                let d = self.store_denial(e, "cannot read the ledger");
-                return Err(self.refuse(record, d, started).await);
-            }
-            Err(stop) => return Err(self.stopped(record, stop, started).await),
-        };
-        record.decision = Outcome::Allowed;
-        record.reasons = ledgers
-            .iter()
-            .map(|l| {
-                format!(
-                    "{} {}: spent {} of {}, delta {:e} of {:e}",
-                    l.ledger,
-                    l.period_label,
-                    eps(l.spent),
-                    eps(l.total),
-                    l.delta_spent,
-                    l.delta_total
-                )
-            })
-            .collect();
-        self.write_audit(record).await?;
-        Ok(BudgetView {
-            node_id: policy.file().organisation.ods_code.clone(),
-            ledgers,
-            policy_version: policy.version().to_string(),
-        })
+            .await?;
+        read.map_err(|e| self.store_denial(e, "cannot read the ledger").into())
     }
 }
