@@ -169,7 +169,33 @@ pub struct Malformed(pub String);
 /// Answers are compared with the query rather than with each other so each node can
 /// be judged as it arrives.
 pub fn validate(expected: &Expected, node: NodeRef, a: Answer) -> Result<NodeAnswer, Malformed> {
+    check_answers_the_query(expected, &a)?;
     let r = a.release;
+    let mut rows = Vec::with_capacity(r.rows.len());
+    for row in r.rows {
+        let mut cells = Vec::with_capacity(row.cells.len());
+        for (c, &kind) in row.cells.into_iter().zip(&expected.kinds) {
+            cells.push(node_cell(kind, c, &row.key)?);
+        }
+        rows.push(NodeRow {
+            key: row.key,
+            cells,
+        });
+    }
+    Ok(NodeAnswer {
+        node,
+        scope: a.scope,
+        min_reportable_count: r.min_reportable_count,
+        population_noisy: a.population_noisy,
+        epsilon_spent: r.epsilon_spent,
+        rows,
+    })
+}
+
+/// The answer is for this query: its id, dataset, group columns and aliases, and one
+/// row when the query is ungrouped.
+fn check_answers_the_query(expected: &Expected, a: &Answer) -> Result<(), Malformed> {
+    let r = &a.release;
     if a.query_id != expected.query_id {
         return Err(Malformed(format!(
             "answered query id {:?}, expected {:?}",
@@ -200,67 +226,59 @@ pub fn validate(expected: &Expected, node: NodeRef, a: Answer) -> Result<NodeAns
             r.rows.len()
         )));
     }
-    let mut rows = Vec::with_capacity(r.rows.len());
-    for row in r.rows {
-        let mut cells = Vec::with_capacity(row.cells.len());
-        for (c, &kind) in row.cells.into_iter().zip(&expected.kinds) {
-            let shape = c.mechanism.map(|m| match m {
-                Mechanism::DiscreteLaplace => Shape::Laplace,
-                Mechanism::DiscreteGaussian => Shape::Gaussian,
-            });
-            let mean = match (kind, c.mean) {
-                (AggregateKind::Mean, None) => {
-                    return Err(Malformed(format!(
-                        "group {:?}: mean {} has no sum and count parts",
-                        row.key, c.alias
-                    )));
-                }
-                (AggregateKind::Mean, Some(m)) => Some(MeanNoise {
-                    parts: m,
-                    // The parts carry variances only; the scale follows from them.
-                    sum: Noise::new(shape, false, 0.0, m.sum_variance),
-                    count: Noise::new(shape, true, 0.0, m.count_variance),
-                }),
-                _ => None,
-            };
-            // Counts are noised on the integers, sums on a fine lattice of the reals. A
-            // mean cell's own scale and variance are the node's delta-method figures, not
-            // a noise distribution: its parts carry the noise.
-            let noise = match kind {
-                AggregateKind::Count | AggregateKind::Sum => Noise::new(
-                    shape,
-                    kind == AggregateKind::Count,
-                    c.noise_scale,
-                    c.variance,
-                ),
-                _ => Noise::Unknown {
-                    variance: c.variance,
-                },
-            };
-            cells.push(NodeCell {
-                estimate: c.estimate,
-                noisy_value: c.noisy_value,
-                variance: c.variance,
-                ci95_low: c.ci95.0,
-                ci95_high: c.ci95.1,
-                suppressed: c.suppressed,
-                suppression_reason: c.suppression_reason.unwrap_or_default(),
-                noise,
-                mean,
-            });
+    Ok(())
+}
+
+/// One released cell of row `key` as combining sees it: its figures and the noise
+/// behind them; a mean must carry its sum and count parts.
+fn node_cell(
+    kind: AggregateKind,
+    c: phm_proto::result::Cell,
+    key: &[String],
+) -> Result<NodeCell, Malformed> {
+    let shape = c.mechanism.map(|m| match m {
+        Mechanism::DiscreteLaplace => Shape::Laplace,
+        Mechanism::DiscreteGaussian => Shape::Gaussian,
+    });
+    let mean = match (kind, c.mean) {
+        (AggregateKind::Mean, None) => {
+            return Err(Malformed(format!(
+                "group {key:?}: mean {} has no sum and count parts",
+                c.alias
+            )));
         }
-        rows.push(NodeRow {
-            key: row.key,
-            cells,
-        });
-    }
-    Ok(NodeAnswer {
-        node,
-        scope: a.scope,
-        min_reportable_count: r.min_reportable_count,
-        population_noisy: a.population_noisy,
-        epsilon_spent: r.epsilon_spent,
-        rows,
+        (AggregateKind::Mean, Some(m)) => Some(MeanNoise {
+            parts: m,
+            // The parts carry variances only; the scale follows from them.
+            sum: Noise::new(shape, false, 0.0, m.sum_variance),
+            count: Noise::new(shape, true, 0.0, m.count_variance),
+        }),
+        _ => None,
+    };
+    // Counts are noised on the integers, sums on a fine lattice of the reals. A mean
+    // cell's own scale and variance are the node's delta-method figures, not a noise
+    // distribution: its parts carry the noise.
+    let noise = match kind {
+        AggregateKind::Count | AggregateKind::Sum => Noise::new(
+            shape,
+            kind == AggregateKind::Count,
+            c.noise_scale,
+            c.variance,
+        ),
+        _ => Noise::Unknown {
+            variance: c.variance,
+        },
+    };
+    Ok(NodeCell {
+        estimate: c.estimate,
+        noisy_value: c.noisy_value,
+        variance: c.variance,
+        ci95_low: c.ci95.0,
+        ci95_high: c.ci95.1,
+        suppressed: c.suppressed,
+        suppression_reason: c.suppression_reason.unwrap_or_default(),
+        noise,
+        mean,
     })
 }
 
@@ -941,35 +959,17 @@ fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals
         );
         return (cell, cnt);
     }
-    let sum_noise: Vec<Noise> = parts.iter().map(|m| m.sum).collect();
-    let count_noise: Vec<Noise> = parts.iter().map(|m| m.count).collect();
+    let noise = PartNoises {
+        sum: parts.iter().map(|m| m.sum).collect(),
+        count: parts.iter().map(|m| m.count).collect(),
+    };
     let ratio = s / cnt;
     let se = ((vs + ratio * ratio * vc) / (cnt * cnt)).sqrt();
     let relative_error = vc.sqrt() / cnt;
     let (lo, hi, note) = if relative_error <= MEAN_MAX_COUNT_RELATIVE_ERROR {
-        let (ts, ms) = iv.half_width(&sum_noise, 0.05);
-        // The count's multiplier is taken from a real-valued twin of its noise (same
-        // family and variance): its heavy tail matters to the mean, but the integer
-        // lattice does not (the mean is not integer-valued), and the lattice alone
-        // would push a small-scale count's multiplier to 2.5 or more.
-        let twins: Vec<Noise> = count_noise.iter().map(Noise::real_valued).collect();
-        let (tc, mc) = iv.half_width(&twins, 0.05);
-        // Each part's own multiplier: its exact half-width over its sd.
-        let z_of = |t: f64, noise: &[Noise]| {
-            let sd = noise.iter().map(Noise::variance).sum::<f64>().sqrt();
-            if sd > 0.0 { t / sd } else { 0.0 }
-        };
-        let z = Z95.max(z_of(ts, &sum_noise)).max(z_of(tc, &twins));
-        let note = if ms == Method::Chebyshev || mc == Method::Chebyshev {
-            method_note(Method::Chebyshev).to_string()
-        } else {
-            String::new()
-        };
-        (ratio - z * se, ratio + z * se, note)
+        noise.delta_method_interval(ratio, se, iv)
     } else {
-        let (a, _) = iv.half_width(&sum_noise, 0.025);
-        let (c, _) = iv.half_width(&count_noise, 0.025);
-        if cnt - c <= 0.0 {
+        let Some(interval) = noise.box_interval(s, cnt, relative_error, iv) else {
             let cell = suppressed_cell(
                 alias,
                 "Mean not reported: the count behind it is too small for its noise (its \
@@ -978,6 +978,71 @@ fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals
                 n,
             );
             return (cell, cnt);
+        };
+        interval
+    };
+    let (mut e, mut lo, mut hi) = (ratio, lo, hi);
+    if rounded {
+        (e, lo, hi) = (round_to(e, 0.1), floor_to(lo, 0.1), ceil_to(hi, 0.1));
+    }
+    let cell = Cell {
+        alias: alias.to_string(),
+        estimate: e,
+        standard_error: se,
+        ci95_low: lo,
+        ci95_high: hi,
+        contributors: n,
+        note,
+        ..Cell::default()
+    };
+    (cell, cnt)
+}
+
+/// The noises of a mean's parts over the partners: each one's sum noise and count noise.
+struct PartNoises {
+    sum: Vec<Noise>,
+    count: Vec<Noise>,
+}
+
+impl PartNoises {
+    /// The delta-method interval `ratio ± z·se`, with `z` no smaller than the sum's and
+    /// the count's own exact 95% multipliers. Returns (low, high, note).
+    fn delta_method_interval(&self, ratio: f64, se: f64, iv: &mut Intervals) -> (f64, f64, String) {
+        let (ts, ms) = iv.half_width(&self.sum, 0.05);
+        // The count's multiplier is taken from a real-valued twin of its noise (same
+        // family and variance): its heavy tail matters to the mean, but the integer
+        // lattice does not (the mean is not integer-valued), and the lattice alone
+        // would push a small-scale count's multiplier to 2.5 or more.
+        let twins: Vec<Noise> = self.count.iter().map(Noise::real_valued).collect();
+        let (tc, mc) = iv.half_width(&twins, 0.05);
+        // Each part's own multiplier: its exact half-width over its sd.
+        let z_of = |t: f64, noise: &[Noise]| {
+            let sd = noise.iter().map(Noise::variance).sum::<f64>().sqrt();
+            if sd > 0.0 { t / sd } else { 0.0 }
+        };
+        let z = Z95.max(z_of(ts, &self.sum)).max(z_of(tc, &twins));
+        let note = if ms == Method::Chebyshev || mc == Method::Chebyshev {
+            method_note(Method::Chebyshev).to_string()
+        } else {
+            String::new()
+        };
+        (ratio - z * se, ratio + z * se, note)
+    }
+
+    /// The conservative box `[S ± a] / [C ± c]` from separate 97.5% intervals for the
+    /// noisy sum `s` and count `cnt`, or `None` when the count's interval reaches zero
+    /// (the mean could then be almost anything). Returns (low, high, note).
+    fn box_interval(
+        &self,
+        s: f64,
+        cnt: f64,
+        relative_error: f64,
+        iv: &mut Intervals,
+    ) -> Option<(f64, f64, String)> {
+        let (a, _) = iv.half_width(&self.sum, 0.025);
+        let (c, _) = iv.half_width(&self.count, 0.025);
+        if cnt - c <= 0.0 {
+            return None;
         }
         // Every corner has a positive denominator, so the ratio is monotone in each
         // coordinate and the extremes are at these corners.
@@ -997,23 +1062,8 @@ fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals
              conservative bound from separate 97.5% intervals for the total and the count.",
             relative_error * 100.0
         );
-        (lo, hi, note)
-    };
-    let (mut e, mut lo, mut hi) = (ratio, lo, hi);
-    if rounded {
-        (e, lo, hi) = (round_to(e, 0.1), floor_to(lo, 0.1), ceil_to(hi, 0.1));
+        Some((lo, hi, note))
     }
-    let cell = Cell {
-        alias: alias.to_string(),
-        estimate: e,
-        standard_error: se,
-        ci95_low: lo,
-        ci95_high: hi,
-        contributors: n,
-        note,
-        ..Cell::default()
-    };
-    (cell, cnt)
 }
 
 /// Combine the cells of one group from several nodes (no disclosure rules yet).
@@ -1360,7 +1410,9 @@ fn area_rows(
         .collect()
 }
 
-/// Combine validated answers (in registry order) into the system-level result.
+/// Combine validated answers (in registry order) into the system-level result: the
+/// system total first, then the breakdowns, each figure withheld if it would make a
+/// protected one recoverable from what is already shown.
 pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
     let threshold = answers
         .iter()
@@ -1368,16 +1420,44 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
         .fold(0.0, f64::max);
     let epsilon = answers.iter().map(|a| a.epsilon_spent).fold(0.0, f64::max);
     let rounded = answers.iter().any(|a| node_rounds(expected, a));
-    let aggs = expected.aliases.len();
     let mut iv = Intervals::default();
-    let everyone: Vec<usize> = (0..answers.len()).collect();
+    let mut total = system_total(expected, answers, threshold, rounded, &mut iv);
+    let breakdowns = breakdowns(expected, answers, threshold, rounded, &mut iv, &mut total);
+    Combined {
+        rows: total.rows,
+        breakdowns,
+        min_reportable_count: threshold,
+        epsilon_spent_per_node: epsilon,
+        rounded,
+        notes: notes(expected),
+    }
+}
 
-    // The system total, row by row, over the partners that released each row.
-    let mut rows = Vec::new();
-    let mut guards = Vec::new();
-    let mut row_of: HashMap<Vec<String>, usize> = HashMap::new();
+/// The system total's rows, and per row the guard that the breakdowns publish through.
+struct SystemTotal {
+    rows: Vec<Row>,
+    guards: Vec<RowGuard>,
+    /// Row key → its position in `rows` and `guards`.
+    row_of: HashMap<Vec<String>, usize>,
+}
+
+/// The system total, row by row, over the partners that released each row.
+fn system_total(
+    expected: &Expected,
+    answers: &[NodeAnswer],
+    threshold: f64,
+    rounded: bool,
+    iv: &mut Intervals,
+) -> SystemTotal {
+    let aggs = expected.aliases.len();
+    let everyone: Vec<usize> = (0..answers.len()).collect();
+    let mut total = SystemTotal {
+        rows: Vec::new(),
+        guards: Vec::new(),
+        row_of: HashMap::new(),
+    };
     for (key, members, parts) in group_rows(answers, &everyone) {
-        let mut cells = combine_group(expected, &parts, threshold, rounded, &mut iv);
+        let mut cells = combine_group(expected, &parts, threshold, rounded, iv);
         let mut guard = RowGuard::new(answers, &members, &parts, aggs);
         if members
             .iter()
@@ -1401,17 +1481,22 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
         } else {
             String::new()
         };
-        row_of.insert(key.clone(), guards.len());
-        guards.push(guard);
-        rows.push(Row {
+        total.row_of.insert(key.clone(), total.guards.len());
+        total.guards.push(guard);
+        total.rows.push(Row {
             key,
             cells,
             missing: u32::try_from(missing).unwrap_or(u32::MAX),
             note,
         });
     }
+    total
+}
 
-    // Candidate breakdowns in a fixed order: partners (by id), then Places, then PCNs.
+/// Candidate breakdowns in a fixed order: partners (by id), then Places, then PCNs.
+/// A breakdown's order matters: each figure is published only if, with everything
+/// shown before it, no protected figure becomes recoverable.
+fn breakdown_candidates(answers: &[NodeAnswer]) -> Vec<(Level, String, Vec<usize>)> {
     let mut candidates: Vec<(Level, String, Vec<usize>)> = Vec::new();
     let mut partners: Vec<usize> = (0..answers.len())
         .filter(|&i| answers[i].scope == Scope::Standalone)
@@ -1442,11 +1527,28 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
             }
         }
     }
+    candidates
+}
 
+/// The partner, Place and PCN breakdowns, published through the system total's guards.
+fn breakdowns(
+    expected: &Expected,
+    answers: &[NodeAnswer],
+    threshold: f64,
+    rounded: bool,
+    iv: &mut Intervals,
+    total: &mut SystemTotal,
+) -> Vec<Breakdown> {
     let mut breakdowns = Vec::new();
-    for (level, label, members) in candidates {
+    for (level, label, members) in breakdown_candidates(answers) {
         let rows = match level {
-            Level::Partner => partner_rows(expected, answers, members[0], &mut guards, &row_of),
+            Level::Partner => partner_rows(
+                expected,
+                answers,
+                members[0],
+                &mut total.guards,
+                &total.row_of,
+            ),
             _ => area_rows(
                 expected,
                 answers,
@@ -1454,9 +1556,9 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
                 level,
                 threshold,
                 rounded,
-                &mut iv,
-                &mut guards,
-                &row_of,
+                iv,
+                &mut total.guards,
+                &total.row_of,
             ),
         };
         // A breakdown of nothing but withheld figures says nothing; leave it out (its
@@ -1468,7 +1570,11 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
             breakdowns.push(Breakdown { level, label, rows });
         }
     }
+    breakdowns
+}
 
+/// Notes about the whole result.
+fn notes(expected: &Expected) -> Vec<String> {
     let mut notes = Vec::new();
     if expected.kinds.contains(&AggregateKind::Sum)
         && !expected
@@ -1478,15 +1584,7 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
     {
         notes.push(SUM_ONLY_NOTE.to_string());
     }
-
-    Combined {
-        rows,
-        breakdowns,
-        min_reportable_count: threshold,
-        epsilon_spent_per_node: epsilon,
-        rounded,
-        notes,
-    }
+    notes
 }
 
 #[cfg(test)]

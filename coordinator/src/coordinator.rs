@@ -439,42 +439,71 @@ impl Inner {
         let _ = tx.send(Ok(Event::Result(Box::new(result)))).await;
     }
 
+    /// The system result: who answered (coverage), the combined figures, and how the
+    /// total reads.
     fn combined_result(
         &self,
         body: &phm_proto::QueryBody,
         targets: &[usize],
         results: Vec<NodeResult>,
     ) -> SystemResult {
-        let mut coverage = Coverage::default();
-        let mut answers = Vec::new();
+        let tally = self.tally(results, targets.len());
+        let expected = Expected::from_query(body);
+        let combined = combine::combine(&expected, &tally.answers);
+        let configured = self
+            .total_kinds
+            .get(&body.dataset)
+            .copied()
+            .unwrap_or_default();
+        let (kind, kind_note) = reconcile_total_kind(configured, &tally.declared);
+        let mut note = total_note(kind, tally.answers.len(), targets.len());
+        for n in kind_note.iter().chain(&combined.notes) {
+            note.push(' ');
+            note.push_str(n);
+        }
+        SystemResult {
+            query_id: body.query_id.clone(),
+            dataset: body.dataset.clone(),
+            group_columns: expected.group_columns.clone(),
+            aggregate_aliases: expected.aliases.clone(),
+            rows: combined.rows,
+            coverage: tally.coverage,
+            total_kind: kind,
+            total_note: note,
+            epsilon_spent_per_node: combined.epsilon_spent_per_node,
+            breakdowns: combined.breakdowns,
+            completed_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+            min_reportable_count: combined.min_reportable_count,
+            delta_spent_per_node: tally.delta_per_node,
+        }
+    }
+
+    /// Sort the nodes' outcomes into coverage, and collect the answers to combine with
+    /// what each answering node says about its spend and its total.
+    fn tally(&self, results: Vec<NodeResult>, targets: usize) -> Tally {
+        let mut tally = Tally {
+            coverage: Coverage::default(),
+            answers: Vec::new(),
+            delta_per_node: 0.0,
+            declared: Vec::new(),
+        };
         let known = self.history.populations().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read remembered node populations");
             HashMap::new()
         });
         let mut registered = Some(0.0);
         let mut answered_population = Some(0.0);
-        let mut delta_per_node: f64 = 0.0;
-        let mut declared: Vec<(String, Option<TotalKind>)> = Vec::new();
         for r in results {
             let client = &self.clients[r.index];
             let node = r.progress.node.clone();
-            let pop = if r.population > 0.0 {
-                if let Err(e) = self
-                    .history
-                    .remember_population(&client.config.id, r.population)
-                {
-                    tracing::warn!(error = %e, "cannot remember node population");
-                }
-                Some(r.population)
-            } else {
-                known.get(&client.config.id).copied().filter(|p| *p > 0.0)
-            };
+            let pop = self.node_population(&client.config.id, r.population, &known);
             registered = registered.zip(pop).map(|(a, b)| a + b);
             let refusal = |p: &NodeProgress| NodeRefusal {
                 node: node.clone(),
                 reason: p.reason,
                 message: p.message.clone(),
             };
+            let coverage = &mut tally.coverage;
             match r.progress.outcome {
                 NodeOutcome::Answered => {
                     answered_population = answered_population
@@ -488,55 +517,52 @@ impl Inner {
                 NodeOutcome::Unreachable => coverage.unreachable.push(node.clone()),
             }
             if let Some(a) = r.answer {
-                delta_per_node = delta_per_node.max(r.delta);
-                declared.push((client.config.id.clone(), r.total_kind));
-                answers.push(a);
+                tally.delta_per_node = tally.delta_per_node.max(r.delta);
+                tally
+                    .declared
+                    .push((client.config.id.clone(), r.total_kind));
+                tally.answers.push(a);
             }
         }
-        coverage.partial = answers.len() < targets.len();
+        let coverage = &mut tally.coverage;
+        coverage.partial = tally.answers.len() < targets;
         // 0 means unknown: a sum missing some partners would understate the population.
         coverage.population_registered = registered.unwrap_or(0.0);
-        coverage.population_answered = if answers.is_empty() {
+        coverage.population_answered = if tally.answers.is_empty() {
             0.0
         } else {
             answered_population.unwrap_or(0.0)
         };
+        tally
+    }
 
-        let expected = Expected::from_query(body);
-        let combined = combine::combine(&expected, &answers);
-        let configured = self
-            .total_kinds
-            .get(&body.dataset)
-            .copied()
-            .unwrap_or_default();
-        let (kind, kind_note) = reconcile_total_kind(configured, &declared);
-        SystemResult {
-            query_id: body.query_id.clone(),
-            dataset: body.dataset.clone(),
-            group_columns: expected.group_columns.clone(),
-            aggregate_aliases: expected.aliases.clone(),
-            rows: combined.rows,
-            coverage,
-            total_kind: kind,
-            total_note: {
-                let mut note = total_note(kind, answers.len(), targets.len());
-                if let Some(n) = kind_note {
-                    note.push(' ');
-                    note.push_str(&n);
-                }
-                for n in &combined.notes {
-                    note.push(' ');
-                    note.push_str(n);
-                }
-                note
-            },
-            epsilon_spent_per_node: combined.epsilon_spent_per_node,
-            breakdowns: combined.breakdowns,
-            completed_at_unix_ms: chrono::Utc::now().timestamp_millis(),
-            min_reportable_count: combined.min_reportable_count,
-            delta_spent_per_node: delta_per_node,
+    /// A node's registered population: the one it reports now (remembered for when it
+    /// does not answer), else the one it last reported; `None` if never known.
+    fn node_population(
+        &self,
+        node_id: &str,
+        reported: f64,
+        known: &HashMap<String, f64>,
+    ) -> Option<f64> {
+        if reported > 0.0 {
+            if let Err(e) = self.history.remember_population(node_id, reported) {
+                tracing::warn!(error = %e, "cannot remember node population");
+            }
+            Some(reported)
+        } else {
+            known.get(node_id).copied().filter(|p| *p > 0.0)
         }
     }
+}
+
+/// The nodes' outcomes sorted for one system result.
+struct Tally {
+    coverage: Coverage,
+    answers: Vec<NodeAnswer>,
+    /// Largest delta any answering node spent.
+    delta_per_node: f64,
+    /// What each answering node's policy says a total reads as.
+    declared: Vec<(String, Option<TotalKind>)>,
 }
 
 fn reused(query_id: &str) -> Denial {

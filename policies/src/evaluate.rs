@@ -260,40 +260,87 @@ impl<'a> DatasetCtx<'a> {
     }
 }
 
+/// What the checks against the dataset produced; empty when the dataset is unknown.
+#[derive(Default)]
+struct DatasetChecks {
+    group_by: Vec<GroupLimits>,
+    aggregates: Vec<AggregateLimits>,
+    filter_columns: Vec<ColumnLimits>,
+    exclude_opted_out: Option<String>,
+}
+
+/// Every check, in the order the explanation lists them: who asks, for which dataset
+/// and project, the query's parts against the dataset, epsilon, the spend, the ledgers
+/// to charge and the release rules. Allowed only when nothing was refused.
 pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Evaluation {
     let mut t = Trace::default();
-    let f = policy.file();
     let requester = check_requester(policy, q, &mut t);
     let dataset = check_dataset(policy, q, requester, &mut t);
     let project = check_project(policy, q, requester, now, &mut t);
-
-    let mut group_by = Vec::new();
-    let mut aggregates = Vec::new();
-    let mut filter_columns: Vec<ColumnLimits> = Vec::new();
-    let mut exclude_opted_out = None;
-    if let Some(d) = dataset {
-        let ctx = DatasetCtx {
-            d,
-            path: format!("datasets.{}", d.name),
-        };
-        group_by = check_group_keys(policy, q, &ctx, &mut t);
-        aggregates = check_aggregates(q, &ctx, &mut t);
-        if let Some(filter) = &q.filter {
-            filter_columns = check_filter(filter, &ctx, &mut t);
-        }
-        if let Some(p) = project {
-            check_project_columns(q, p, &mut t);
-        }
-        exclude_opted_out = check_opt_out(policy, q, d, &mut t);
-    }
+    let checks = dataset
+        .map(|d| check_against_dataset(policy, q, d, project, &mut t))
+        .unwrap_or_default();
     check_epsilon(policy, q, requester, project, &mut t);
-    let thresholded = group_by
+    let thresholded = checks
+        .group_by
         .iter()
         .any(|g: &GroupLimits| g.domain == GroupDomain::Thresholded);
     let spend = plan_spend(policy, q, thresholded, &mut t);
+    let charges = ledger_charges(q, requester, project, spend.delta, now, &mut t);
+    note_release_rules(policy, &mut t);
+    let decision = match (requester, dataset) {
+        (Some(_), Some(d)) if t.refusals.is_empty() => {
+            Decision::Allow(Box::new(limits(policy, q, d, checks, spend, charges)))
+        }
+        _ => Decision::Deny(t.refusals),
+    };
+    Evaluation {
+        decision,
+        lines: t.lines,
+    }
+}
 
-    let mut charges = Vec::new();
-    let mut charge = |ledger: String, b: &Budget, t: &mut Trace, rule: String| {
+/// The query's group keys, aggregates and filter against the dataset's columns, the
+/// project's approved columns, and the opt-out rule.
+fn check_against_dataset(
+    policy: &Policy,
+    q: &QueryBody,
+    d: &Dataset,
+    project: Option<&Project>,
+    t: &mut Trace,
+) -> DatasetChecks {
+    let ctx = DatasetCtx {
+        d,
+        path: format!("datasets.{}", d.name),
+    };
+    let group_by = check_group_keys(policy, q, &ctx, t);
+    let aggregates = check_aggregates(q, &ctx, t);
+    let filter_columns = match &q.filter {
+        Some(filter) => check_filter(filter, &ctx, t),
+        None => Vec::new(),
+    };
+    if let Some(p) = project {
+        check_project_columns(q, p, t);
+    }
+    let exclude_opted_out = check_opt_out(policy, q, d, t);
+    DatasetChecks {
+        group_by,
+        aggregates,
+        filter_columns,
+        exclude_opted_out,
+    }
+}
+
+/// The ledgers the spend is charged to: the requester's, then the project's.
+fn ledger_charges(
+    q: &QueryBody,
+    requester: Option<&Requester>,
+    project: Option<&Project>,
+    delta: f64,
+    now: DateTime<Utc>,
+    t: &mut Trace,
+) -> Vec<LedgerCharge> {
+    let charge = |ledger: String, b: &Budget, t: &mut Trace, rule: String| {
         let c = LedgerCharge {
             ledger,
             period: b.period,
@@ -308,32 +355,37 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
             format!(
                 "epsilon {} (delta {:e}) to be charged against {} (delta {:e}) per {}",
                 q.epsilon,
-                spend.delta,
+                delta,
                 b.epsilon,
                 b.delta,
                 b.period.as_str()
             ),
         );
-        charges.push(c);
+        c
     };
+    let mut charges = Vec::new();
     if let Some(r) = requester {
-        charge(
+        charges.push(charge(
             format!("requester:{}", r.id),
             &r.budget,
-            &mut t,
+            t,
             format!("requesters.{}.budget", r.id),
-        );
+        ));
     }
     if let Some(p) = project {
-        charge(
+        charges.push(charge(
             format!("project:{}", p.id),
             &p.budget,
-            &mut t,
+            t,
             format!("projects.{}.budget", p.id),
-        );
+        ));
     }
+    charges
+}
 
-    let r = &f.release;
+/// The release rules the answer will follow, for the explanation.
+fn note_release_rules(policy: &Policy, t: &mut Trace) {
+    let r = &policy.file().release;
     t.allow(
         "release",
         "release",
@@ -346,33 +398,38 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
             snake(&r.scope)
         ),
     );
+}
 
-    let decision = match (requester, dataset) {
-        (Some(_), Some(d)) if t.refusals.is_empty() => Decision::Allow(Box::new(Limits {
-            policy_version: policy.version().to_string(),
-            dataset: d.name.clone(),
-            person_id: d.person_id.clone(),
-            max_rows_per_person: d.max_rows_per_person,
-            total_kind: d.total_kind,
-            exclude_opted_out,
-            group_by,
-            aggregates,
-            filter_columns,
-            epsilon: q.epsilon,
-            mechanism: r.mechanism,
-            delta: r.delta,
-            spend,
-            min_reportable_count: r.min_reportable_count,
-            rounding: r.rounding,
-            scope: r.scope,
-            charges,
-            registered_population: f.organisation.registered_population,
-        })),
-        _ => Decision::Deny(t.refusals),
-    };
-    Evaluation {
-        decision,
-        lines: t.lines,
+/// The limits an allowed query runs under.
+fn limits(
+    policy: &Policy,
+    q: &QueryBody,
+    d: &Dataset,
+    checks: DatasetChecks,
+    spend: Spend,
+    charges: Vec<LedgerCharge>,
+) -> Limits {
+    let f = policy.file();
+    let r = &f.release;
+    Limits {
+        policy_version: policy.version().to_string(),
+        dataset: d.name.clone(),
+        person_id: d.person_id.clone(),
+        max_rows_per_person: d.max_rows_per_person,
+        total_kind: d.total_kind,
+        exclude_opted_out: checks.exclude_opted_out,
+        group_by: checks.group_by,
+        aggregates: checks.aggregates,
+        filter_columns: checks.filter_columns,
+        epsilon: q.epsilon,
+        mechanism: r.mechanism,
+        delta: r.delta,
+        spend,
+        min_reportable_count: r.min_reportable_count,
+        rounding: r.rounding,
+        scope: r.scope,
+        charges,
+        registered_population: f.organisation.registered_population,
     }
 }
 
@@ -478,6 +535,7 @@ fn check_dataset<'a>(
     Some(d)
 }
 
+/// A research query must name an approved project; any other purpose must not.
 fn check_project<'a>(
     policy: &'a Policy,
     q: &QueryBody,
@@ -495,73 +553,7 @@ fn check_project<'a>(
             );
             None
         }
-        (Purpose::Research, Some(id)) => {
-            let subject = format!("project {id}");
-            let Some(p) = policy.project(id) else {
-                t.refuse(
-                    RefusalKind::UnknownProject,
-                    subject,
-                    "projects",
-                    format!("project {id:?} is not approved at this node"),
-                );
-                return None;
-            };
-            let base = format!("projects.{id}");
-            if requester.is_some() {
-                if p.requesters.contains(&q.requester_id) {
-                    t.allow(
-                        &subject,
-                        format!("{base}.requesters"),
-                        "requester is on the project",
-                    );
-                } else {
-                    t.refuse(
-                        RefusalKind::ProjectNotForRequester,
-                        &subject,
-                        format!("{base}.requesters"),
-                        format!(
-                            "requester {:?} is not on project {id} ({})",
-                            q.requester_id,
-                            p.requesters.join(", ")
-                        ),
-                    );
-                }
-            }
-            match crate::validate::expiry_date(&p.expires) {
-                Some(expires) if expires >= now.date_naive() => t.allow(
-                    &subject,
-                    format!("{base}.expires"),
-                    format!("approval {} valid until {expires}", p.approval_ref),
-                ),
-                _ => t.refuse(
-                    RefusalKind::ProjectExpired,
-                    &subject,
-                    format!("{base}.expires"),
-                    format!("project {id} approval expired on {}", p.expires),
-                ),
-            }
-            if policy.dataset(&q.dataset).is_some() {
-                if p.datasets.contains(&q.dataset) {
-                    t.allow(
-                        &subject,
-                        format!("{base}.datasets"),
-                        format!("dataset {} approved", q.dataset),
-                    );
-                } else {
-                    t.refuse(
-                        RefusalKind::ProjectDatasetNotApproved,
-                        &subject,
-                        format!("{base}.datasets"),
-                        format!(
-                            "project {id} is not approved for dataset {} (approved: {})",
-                            q.dataset,
-                            p.datasets.join(", ")
-                        ),
-                    );
-                }
-            }
-            Some(p)
-        }
+        (Purpose::Research, Some(id)) => check_research_project(policy, q, requester, id, now, t),
         (_, Some(id)) => {
             t.refuse(
                 RefusalKind::ProjectOnlyForResearch,
@@ -575,6 +567,97 @@ fn check_project<'a>(
             None
         }
         (_, None) => None,
+    }
+}
+
+/// The named project: approved here, with this requester on it, not expired, and
+/// approved for the dataset.
+fn check_research_project<'a>(
+    policy: &'a Policy,
+    q: &QueryBody,
+    requester: Option<&Requester>,
+    id: &str,
+    now: DateTime<Utc>,
+    t: &mut Trace,
+) -> Option<&'a Project> {
+    let subject = format!("project {id}");
+    let Some(p) = policy.project(id) else {
+        t.refuse(
+            RefusalKind::UnknownProject,
+            subject,
+            "projects",
+            format!("project {id:?} is not approved at this node"),
+        );
+        return None;
+    };
+    let base = format!("projects.{id}");
+    if requester.is_some() {
+        check_project_member(q, p, &subject, &base, t);
+    }
+    check_project_expiry(p, now, &subject, &base, t);
+    if policy.dataset(&q.dataset).is_some() {
+        check_project_dataset(q, p, &subject, &base, t);
+    }
+    Some(p)
+}
+
+fn check_project_member(q: &QueryBody, p: &Project, subject: &str, base: &str, t: &mut Trace) {
+    if p.requesters.contains(&q.requester_id) {
+        t.allow(
+            subject,
+            format!("{base}.requesters"),
+            "requester is on the project",
+        );
+    } else {
+        t.refuse(
+            RefusalKind::ProjectNotForRequester,
+            subject,
+            format!("{base}.requesters"),
+            format!(
+                "requester {:?} is not on project {} ({})",
+                q.requester_id,
+                p.id,
+                p.requesters.join(", ")
+            ),
+        );
+    }
+}
+
+fn check_project_expiry(p: &Project, now: DateTime<Utc>, subject: &str, base: &str, t: &mut Trace) {
+    match crate::validate::expiry_date(&p.expires) {
+        Some(expires) if expires >= now.date_naive() => t.allow(
+            subject,
+            format!("{base}.expires"),
+            format!("approval {} valid until {expires}", p.approval_ref),
+        ),
+        _ => t.refuse(
+            RefusalKind::ProjectExpired,
+            subject,
+            format!("{base}.expires"),
+            format!("project {} approval expired on {}", p.id, p.expires),
+        ),
+    }
+}
+
+fn check_project_dataset(q: &QueryBody, p: &Project, subject: &str, base: &str, t: &mut Trace) {
+    if p.datasets.contains(&q.dataset) {
+        t.allow(
+            subject,
+            format!("{base}.datasets"),
+            format!("dataset {} approved", q.dataset),
+        );
+    } else {
+        t.refuse(
+            RefusalKind::ProjectDatasetNotApproved,
+            subject,
+            format!("{base}.datasets"),
+            format!(
+                "project {} is not approved for dataset {} (approved: {})",
+                p.id,
+                q.dataset,
+                p.datasets.join(", ")
+            ),
+        );
     }
 }
 
@@ -652,6 +735,8 @@ fn check_group_keys(
         .collect()
 }
 
+/// The domain of one group key: a groupable column, by its declared domain or
+/// thresholded (a plain column key), or by declared bins (`bin(col, width)`).
 fn group_domain(
     g: &GroupKey,
     c: &Column,
@@ -670,100 +755,118 @@ fn group_domain(
         return None;
     }
     match g {
-        GroupKey::Column(_) => {
-            if c.group == Grouping::Threshold {
-                t.allow(
-                    subject,
-                    ctx.col_rule(name, "group"),
-                    "observed keys, kept only if they pass DP thresholding",
-                );
-                return Some(PendingDomain::Thresholded);
-            }
-            let rule = ctx.col_rule(name, "group");
-            let d = match domain::plain_group(c) {
-                PlainGroup::Categories(v) => PendingDomain::Categories(v),
-                PlainGroup::Bins(e) => PendingDomain::Bins(e),
-                PlainGroup::IntegerValues { low, high } => PendingDomain::IntegerValues(low, high),
-                PlainGroup::TooNarrow { min_bin_width } => {
-                    t.refuse(
-                        RefusalKind::BinTooNarrow,
-                        subject,
-                        ctx.col_rule(name, "min_bin_width"),
-                        format!(
-                            "grouping by single values of {name} is narrower than its \
-                             min_bin_width {min_bin_width}; use bin({name}, {min_bin_width}) or wider"
-                        ),
-                    );
-                    return None;
-                }
-                PlainGroup::NeedsBin | PlainGroup::Undeclared => {
-                    t.refuse(
-                        RefusalKind::NotGroupable,
-                        subject,
-                        rule,
-                        format!(
-                            "{name} has no declared categories; group by bin({name}, width) instead"
-                        ),
-                    );
-                    return None;
-                }
-            };
-            t.allow(
-                subject,
-                rule,
-                format!("declared domain of {} keys", d.size().unwrap_or(0.0)),
-            );
-            Some(d)
-        }
-        GroupKey::Bin { width, .. } => {
-            let width = *width;
-            if !c.column_type.is_numeric() {
-                t.refuse(
-                    RefusalKind::TypeMismatch,
-                    subject,
-                    ctx.col_rule(name, "type"),
-                    format!(
-                        "bin() needs an integer or real column; {name} is {}",
-                        c.column_type.as_str()
-                    ),
-                );
-                return None;
-            }
-            let min = c.min_bin_width.unwrap_or(0.0);
-            if !(width.is_finite() && width > 0.0) || width < min {
-                t.refuse(
-                    RefusalKind::BinTooNarrow,
-                    subject,
-                    ctx.col_rule(name, "min_bin_width"),
-                    format!(
-                        "bin width {width} for {name} is narrower than the minimum {}",
-                        c.min_bin_width
-                            .map_or("(positive)".to_string(), |m| m.to_string())
-                    ),
-                );
-                return None;
-            }
-            let Some([lower, upper]) = c.bounds else {
-                t.refuse(
-                    RefusalKind::NotGroupable,
-                    subject,
-                    ctx.col_rule(name, "bounds"),
-                    format!("{name} has no bounds, so bin({name}, width) has no declared bins"),
-                );
-                return None;
-            };
-            t.allow(
+        GroupKey::Column(_) => column_domain(c, ctx, t, subject),
+        GroupKey::Bin { width, .. } => bin_domain(*width, c, ctx, t, subject),
+    }
+}
+
+/// A plain column key: observed and thresholded, or the column's declared categories,
+/// bins or integer values.
+fn column_domain(
+    c: &Column,
+    ctx: &DatasetCtx<'_>,
+    t: &mut Trace,
+    subject: &str,
+) -> Option<PendingDomain> {
+    let name = &c.name;
+    if c.group == Grouping::Threshold {
+        t.allow(
+            subject,
+            ctx.col_rule(name, "group"),
+            "observed keys, kept only if they pass DP thresholding",
+        );
+        return Some(PendingDomain::Thresholded);
+    }
+    let rule = ctx.col_rule(name, "group");
+    let d = match domain::plain_group(c) {
+        PlainGroup::Categories(v) => PendingDomain::Categories(v),
+        PlainGroup::Bins(e) => PendingDomain::Bins(e),
+        PlainGroup::IntegerValues { low, high } => PendingDomain::IntegerValues(low, high),
+        PlainGroup::TooNarrow { min_bin_width } => {
+            t.refuse(
+                RefusalKind::BinTooNarrow,
                 subject,
                 ctx.col_rule(name, "min_bin_width"),
-                format!("width {width} at least {min}; bins over bounds [{lower}, {upper}]"),
+                format!(
+                    "grouping by single values of {name} is narrower than its \
+                     min_bin_width {min_bin_width}; use bin({name}, {min_bin_width}) or wider"
+                ),
             );
-            Some(PendingDomain::BinWidth {
-                lower,
-                upper,
-                width,
-            })
+            return None;
         }
+        PlainGroup::NeedsBin | PlainGroup::Undeclared => {
+            t.refuse(
+                RefusalKind::NotGroupable,
+                subject,
+                rule,
+                format!("{name} has no declared categories; group by bin({name}, width) instead"),
+            );
+            return None;
+        }
+    };
+    t.allow(
+        subject,
+        rule,
+        format!("declared domain of {} keys", d.size().unwrap_or(0.0)),
+    );
+    Some(d)
+}
+
+/// `bin(col, width)`: a numeric column with bounds, and a width no narrower than its
+/// `min_bin_width`.
+fn bin_domain(
+    width: f64,
+    c: &Column,
+    ctx: &DatasetCtx<'_>,
+    t: &mut Trace,
+    subject: &str,
+) -> Option<PendingDomain> {
+    let name = &c.name;
+    if !c.column_type.is_numeric() {
+        t.refuse(
+            RefusalKind::TypeMismatch,
+            subject,
+            ctx.col_rule(name, "type"),
+            format!(
+                "bin() needs an integer or real column; {name} is {}",
+                c.column_type.as_str()
+            ),
+        );
+        return None;
     }
+    let min = c.min_bin_width.unwrap_or(0.0);
+    if !(width.is_finite() && width > 0.0) || width < min {
+        t.refuse(
+            RefusalKind::BinTooNarrow,
+            subject,
+            ctx.col_rule(name, "min_bin_width"),
+            format!(
+                "bin width {width} for {name} is narrower than the minimum {}",
+                c.min_bin_width
+                    .map_or("(positive)".to_string(), |m| m.to_string())
+            ),
+        );
+        return None;
+    }
+    let Some([lower, upper]) = c.bounds else {
+        t.refuse(
+            RefusalKind::NotGroupable,
+            subject,
+            ctx.col_rule(name, "bounds"),
+            format!("{name} has no bounds, so bin({name}, width) has no declared bins"),
+        );
+        return None;
+    };
+    t.allow(
+        subject,
+        ctx.col_rule(name, "min_bin_width"),
+        format!("width {width} at least {min}; bins over bounds [{lower}, {upper}]"),
+    );
+    Some(PendingDomain::BinWidth {
+        lower,
+        upper,
+        width,
+    })
 }
 
 fn check_aggregates(q: &QueryBody, ctx: &DatasetCtx<'_>, t: &mut Trace) -> Vec<AggregateLimits> {

@@ -81,6 +81,39 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// Why a request stopped short of its answer, and so whether that can be audited.
+///
+/// The privacy path's steps return `Result<_, Stop>`, and `Service::stopped` is the one
+/// place a `Stop` becomes what the caller sees. A refusal is written to the audit log
+/// first. A storage-down stop is not even attempted: the storage watchdog has fired and
+/// the node is stopping, and an audit append goes to the same failing disk, so it would
+/// hang (or fail) the same way and record nothing.
+#[derive(Debug)]
+pub(super) enum Stop {
+    /// A refusal the node can still record: audited, then returned.
+    Refuse(Denial),
+    /// A ledger, release-cache or audit call failed or hung under the storage watchdog:
+    /// returned without an audit attempt, since the node is stopping.
+    StorageDown(Denial),
+}
+
+/// A step's own refusal (policy, freshness, the engine) is an ordinary, audited one;
+/// only `Service::io` makes a `StorageDown`. This keeps `?` readable in the steps.
+impl From<Denial> for Stop {
+    fn from(d: Denial) -> Stop {
+        Stop::Refuse(d)
+    }
+}
+
+impl Stop {
+    /// The denial either way, for callers that return it as it is.
+    fn into_denial(self) -> Denial {
+        match self {
+            Stop::Refuse(d) | Stop::StorageDown(d) => d,
+        }
+    }
+}
+
 pub(super) fn internal(msg: impl Into<String>) -> Denial {
     Denial::new(DenialReason::Internal, msg)
 }
@@ -199,7 +232,7 @@ impl Service {
             audit.flush().map_err(|e| e.to_string())
         })
         .await
-        .map_err(|d| d.message)?
+        .map_err(|stop| stop.into_denial().message)?
     }
 
     /// Becomes `Some(reason)` when the ledger, release cache or audit log could not
@@ -231,12 +264,15 @@ impl Service {
     /// The watchdog runs in its own task, so it fires even when the query that asked
     /// for the IO has already given up at its deadline: a disk that hangs (sled 0.34
     /// never completes a flush after a failed write) stops the node instead of leaving
-    /// it wedged, accepting connections and answering nothing.
+    /// it wedged, accepting connections and answering nothing. A watchdog failure is a
+    /// `Stop::StorageDown`: the caller must not try to audit it on the same disk.
     async fn io<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Denial> {
-        watched_io(self.fatal.clone(), self.storage_timeout, f).await
+    ) -> Result<T, Stop> {
+        watched_io(self.fatal.clone(), self.storage_timeout, f)
+            .await
+            .map_err(Stop::StorageDown)
     }
 
     /// A refusal for a store error; a failing database also stops the node.
@@ -250,7 +286,13 @@ impl Service {
 
     async fn write_audit(&self, record: AuditRecord) -> Result<(), Denial> {
         let audit = self.audit.clone();
-        match self.io(move || audit.append(&record)).await? {
+        // Already the last write of the request: a watchdog failure here is returned
+        // as it is, like any failure to audit.
+        match self
+            .io(move || audit.append(&record))
+            .await
+            .map_err(Stop::into_denial)?
+        {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.storage_failed(format!("cannot write the audit log: {e}"));
@@ -261,8 +303,27 @@ impl Service {
         }
     }
 
+    /// The one place a `Stop` becomes the caller's denial: a refusal is audited, a
+    /// storage-down stop is logged and counted but not written (see `Stop`).
+    async fn stopped(&self, mut record: AuditRecord, stop: Stop, started: Instant) -> Denial {
+        match stop {
+            Stop::Refuse(denial) => self.refuse(record, denial, started).await,
+            Stop::StorageDown(denial) => self.note_refusal(&mut record, denial, started),
+        }
+    }
+
     /// Audit a refusal and return it (with the policy version filled in).
     async fn refuse(&self, mut record: AuditRecord, denial: Denial, started: Instant) -> Denial {
+        let denial = self.note_refusal(&mut record, denial, started);
+        match self.write_audit(record).await {
+            Ok(()) => denial,
+            Err(audit_failure) => audit_failure,
+        }
+    }
+
+    /// Everything a refusal does short of writing it: fill in the policy version and
+    /// the record's reasons, log it and count it.
+    fn note_refusal(&self, record: &mut AuditRecord, denial: Denial, started: Instant) -> Denial {
         let denial = if denial.policy_version.is_empty() {
             denial.with_policy_version(record.policy_version.clone())
         } else {
@@ -290,10 +351,7 @@ impl Service {
             self.metrics
                 .query_outcome(&outcome_label(&denial), started.elapsed().as_secs_f64());
         }
-        match self.write_audit(record).await {
-            Ok(()) => denial,
-            Err(audit_failure) => audit_failure,
-        }
+        denial
     }
 
     /// Audit a request that could not even be decoded (invalid wire message).
@@ -371,6 +429,113 @@ mod tests {
         assert!(future.message.contains("future"), "{}", future.message);
         assert!(freshness(i64::MIN + 1, now, u64::MAX).is_ok());
         assert!(freshness(1, now, 0).is_err());
+    }
+
+    /// A one-dataset practice in a temporary folder, served by a `Service`.
+    async fn small_service(dir: &std::path::Path) -> Arc<Service> {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
+        let policy = format!(
+            r#"version = 1
+
+[organisation]
+ods_code = "A81001"
+name = "Test Practice"
+kind = "gp_practice"
+
+[release]
+min_reportable_count = 7
+rounding = "nearest_5"
+scope = "standalone"
+per_query_epsilon_cap = 1.0
+mechanism = "discrete_laplace"
+query_validity_seconds = 300
+
+[[datasets]]
+name = "gp_patients"
+source = {{ format = "csv", path = "gp_patients.csv" }}
+person_id = "person_id"
+max_rows_per_person = 1
+
+  [[datasets.columns]]
+  name = "person_id"
+  type = "text"
+  identifier = true
+
+  [[datasets.columns]]
+  name = "age"
+  type = "integer"
+  aggregate = true
+  bounds = [0, 110]
+
+[[requesters]]
+id = "dsu"
+organisation = "Test ICB"
+role = "analyst"
+public_key = "{key}"
+purposes = ["planning"]
+datasets = ["gp_patients"]
+budget = {{ epsilon = 10.0, period = "month", per_query_cap = 1.0 }}
+"#,
+            key = phm_proto::signing::public_key_to_base64(&key),
+        );
+        std::fs::write(dir.join("gp_patients.csv"), "person_id,age\np1,40\np2,50\n").expect("csv");
+        std::fs::write(dir.join("policy.toml"), policy).expect("policy");
+        let loaded = crate::reload::load(&dir.join("policy.toml"), None)
+            .await
+            .expect("the test policy loads");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).expect("state dir");
+        Service::new(
+            "ics-test".into(),
+            loaded,
+            Arc::new(Store::open(&state).expect("store")),
+            Arc::new(AuditLog::open(&state).expect("audit log")),
+            Arc::new(Metrics::new()),
+            ServiceLimits {
+                max_concurrent_queries: 4,
+                query_deadline: Duration::from_secs(60),
+                storage_timeout: Duration::from_secs(60),
+            },
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_is_audited_but_a_storage_down_stop_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let svc = small_service(dir.path()).await;
+        let record = || refused_record(Utc::now(), "query", "dsu", "peer", "v1".into());
+
+        // A step's own refusal converts to an audited stop.
+        let refusal = Denial::new(DenialReason::PolicyDenied, "refused by this node's policy");
+        assert!(matches!(Stop::from(refusal.clone()), Stop::Refuse(_)));
+        let d = svc
+            .stopped(record(), Stop::Refuse(refusal), Instant::now())
+            .await;
+        assert_eq!(d.reason, DenialReason::PolicyDenied);
+        assert_eq!(d.policy_version, "v1");
+        assert_eq!(svc.audit_log().entries(), 1, "a refusal is audited");
+
+        // A storage call that fails under the watchdog is a storage-down stop...
+        let stop = svc
+            .io(|| -> () { panic!("the disk is gone") })
+            .await
+            .expect_err("a panicking storage call fails");
+        let Stop::StorageDown(down) = stop else {
+            panic!("a watchdog failure must be a storage-down stop, not {stop:?}");
+        };
+        assert_eq!(down.reason, DenialReason::Unavailable);
+        assert!(svc.storage_failure().borrow().is_some(), "the node stops");
+
+        // ...which is returned as it is, without an audit attempt.
+        let d = svc
+            .stopped(record(), Stop::StorageDown(down.clone()), Instant::now())
+            .await;
+        assert_eq!(d.message, down.message);
+        assert_eq!(
+            svc.audit_log().entries(),
+            1,
+            "a storage-down stop is not audited"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,9 @@
 //! The privacy path for one signed query, as its steps (ARCHITECTURE.md, "Life of one
 //! query"): authenticate, serve a repeat from the release cache, check freshness and
-//! the nonce, decide, spend durably, execute, cache; audited in one place.
+//! the nonce, decide, spend durably, execute, cache; audited in one place. Each step
+//! returns `Result<_, Stop>`, so whether an exit is audited is in its type.
 
-use super::{Answer, Loaded, Service, eps, internal, ledger_note};
+use super::{Answer, Loaded, Service, Stop, eps, internal, ledger_note};
 use crate::audit::{AuditRecord, Outcome};
 use crate::engine::{EngineError, Release};
 use crate::store::{CacheLookup, LedgerState, QueryKey, StoreError};
@@ -162,8 +163,10 @@ impl Service {
     }
 
     /// The privacy path after authentication, as its steps (ARCHITECTURE.md, "Life
-    /// of one query"). Every step either succeeds or returns a `Denial`; this is the
-    /// one place the outcome is audited, so no exit can skip the audit log.
+    /// of one query"). Every step either succeeds or returns a `Stop`; this is the
+    /// one place the outcome is audited, so no exit can skip the audit log: an answer
+    /// and a `Stop::Refuse` are written, and only a `Stop::StorageDown` (the disk the
+    /// log is on has failed) is returned unwritten.
     async fn answer(
         &self,
         loaded: Arc<Loaded>,
@@ -194,7 +197,7 @@ impl Service {
                 );
                 Ok(answer)
             }
-            Err(d) => Err(self.refuse(record, d, started).await),
+            Err(stop) => Err(self.stopped(record, stop, started).await),
         }
     }
 
@@ -204,7 +207,7 @@ impl Service {
         body: &QueryBody,
         record: &mut AuditRecord,
         now: DateTime<Utc>,
-    ) -> Result<Answer, Denial> {
+    ) -> Result<Answer, Stop> {
         let policy = &loaded.policy;
         match self.lookup_release(body).await? {
             CacheLookup::Hit(answer) => {
@@ -227,7 +230,8 @@ impl Service {
                         "you already used query id {:?} for a different question; give every new query a new id",
                         body.query_id
                     ),
-                ));
+                )
+                .into());
             }
             CacheLookup::Miss => {}
         }
@@ -247,7 +251,7 @@ impl Service {
         answer
     }
 
-    async fn lookup_release(&self, body: &QueryBody) -> Result<CacheLookup<Answer>, Denial> {
+    async fn lookup_release(&self, body: &QueryBody) -> Result<CacheLookup<Answer>, Stop> {
         let store = self.store.clone();
         let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
         let (digest, content) = (body.digest(), body.content_digest());
@@ -262,7 +266,7 @@ impl Service {
             .await?
         {
             Ok(lookup) => Ok(lookup),
-            Err(e) => Err(self.store_denial(e, "cannot read the release cache")),
+            Err(e) => Err(self.store_denial(e, "cannot read the release cache").into()),
         }
     }
 
@@ -271,7 +275,7 @@ impl Service {
         policy: &Policy,
         body: &QueryBody,
         now: DateTime<Utc>,
-    ) -> Result<(), Denial> {
+    ) -> Result<(), Stop> {
         let validity = policy.file().release.query_validity_seconds;
         freshness(body.issued_at_unix_ms, now, validity)?;
         let store = self.store.clone();
@@ -288,8 +292,9 @@ impl Service {
             Err(StoreError::Replayed { .. }) => Err(Denial::new(
                 DenialReason::Replayed,
                 "this nonce was already used by this requester: a replayed or re-signed copy of an earlier message is refused (sign the query afresh with a new nonce)",
-            )),
-            Err(e) => Err(self.store_denial(e, "cannot record the nonce")),
+            )
+            .into()),
+            Err(e) => Err(self.store_denial(e, "cannot record the nonce").into()),
         }
     }
 
@@ -332,7 +337,7 @@ impl Service {
         &self,
         limits: &Limits,
         record: &mut AuditRecord,
-    ) -> Result<Vec<LedgerState>, Denial> {
+    ) -> Result<Vec<LedgerState>, Stop> {
         let store = self.store.clone();
         let charges = limits.charges.clone();
         let (spend, delta_conv) = (limits.spend, limits.delta);
@@ -370,9 +375,10 @@ impl Service {
                     "{ledger} {period_label}: {} {measure} left of {}",
                     fmt(remaining),
                     fmt(total)
-                )]));
+                )])
+                .into());
             }
-            Err(e) => return Err(self.store_denial(e, "cannot charge the budget")),
+            Err(e) => return Err(self.store_denial(e, "cannot charge the budget").into()),
         };
         record.epsilon_spent = limits.epsilon;
         record.delta_spent = release_delta(limits);
@@ -451,7 +457,7 @@ impl Service {
         }
     }
 
-    async fn cache_release(&self, body: &QueryBody, answer: Answer) -> Result<Answer, Denial> {
+    async fn cache_release(&self, body: &QueryBody, answer: Answer) -> Result<Answer, Stop> {
         let store = self.store.clone();
         let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
         let (digest, content) = (body.digest(), body.content_digest());
@@ -466,10 +472,12 @@ impl Service {
             .await?
         {
             Ok(stored) => Ok(stored),
-            Err(e) => Err(self.store_denial(
-                e,
-                "cannot cache the release (the epsilon charged stays spent)",
-            )),
+            Err(e) => Err(self
+                .store_denial(
+                    e,
+                    "cannot cache the release (the epsilon charged stays spent)",
+                )
+                .into()),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! ledgers have left), each behind a fresh signed proof and audited.
 
 use super::query::freshness;
-use super::{Service, eps, period_label};
+use super::{Service, Stop, eps, period_label};
 use crate::audit::Outcome;
 use crate::store::StoreError;
 use chrono::{DateTime, Utc};
@@ -66,7 +66,7 @@ impl Service {
         policy: &Policy,
         proof: &RequesterProof,
         now: DateTime<Utc>,
-    ) -> Result<(), Denial> {
+    ) -> Result<(), Stop> {
         self.check_federation(&proof.federation_id)?;
         self.clock.check()?;
         Self::authenticate(policy, &proof.requester_id, |k| proof.verify(op, k))?;
@@ -90,9 +90,10 @@ impl Service {
                 return Err(Denial::new(
                     DenialReason::Replayed,
                     "this proof's nonce was already used by this requester; sign a fresh one",
-                ));
+                )
+                .into());
             }
-            Err(e) => return Err(self.store_denial(e, "cannot record the nonce")),
+            Err(e) => return Err(self.store_denial(e, "cannot record the nonce").into()),
         }
         if let Some(pid) = &proof.project_id {
             let member = policy
@@ -108,7 +109,8 @@ impl Service {
                         "project {pid:?} is not approved on this node for requester {:?}",
                         proof.requester_id
                     ),
-                ));
+                )
+                .into());
             }
         }
         Ok(())
@@ -126,11 +128,11 @@ impl Service {
         let loaded = self.current();
         let policy = &loaded.policy;
         let mut record = self.proof_record(ProofOp::Describe, policy, &proof, peer, now);
-        if let Err(d) = self
+        if let Err(stop) = self
             .check_proof(ProofOp::Describe, policy, &proof, now)
             .await
         {
-            return Err(self.refuse(record, d, started).await);
+            return Err(self.stopped(record, stop, started).await);
         }
         let file = policy.file();
         let requester = policy.requester(&proof.requester_id);
@@ -198,9 +200,43 @@ impl Service {
         let loaded = self.current();
         let policy = &loaded.policy;
         let mut record = self.proof_record(ProofOp::Budget, policy, &proof, peer, now);
-        if let Err(d) = self.check_proof(ProofOp::Budget, policy, &proof, now).await {
-            return Err(self.refuse(record, d, started).await);
+        if let Err(stop) = self.check_proof(ProofOp::Budget, policy, &proof, now).await {
+            return Err(self.stopped(record, stop, started).await);
         }
+        let ledgers = match self.read_ledgers(policy, &proof, now).await {
+            Ok(l) => l,
+            Err(stop) => return Err(self.stopped(record, stop, started).await),
+        };
+        record.decision = Outcome::Allowed;
+        record.reasons = ledgers
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {}: spent {} of {}, delta {:e} of {:e}",
+                    l.ledger,
+                    l.period_label,
+                    eps(l.spent),
+                    eps(l.total),
+                    l.delta_spent,
+                    l.delta_total
+                )
+            })
+            .collect();
+        self.write_audit(record).await?;
+        Ok(BudgetView {
+            node_id: policy.file().organisation.ods_code.clone(),
+            ledgers,
+            policy_version: policy.version().to_string(),
+        })
+    }
+
+    /// The requester's ledger and its project's (if named), read for `now`'s period.
+    async fn read_ledgers(
+        &self,
+        policy: &Policy,
+        proof: &RequesterProof,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<LedgerView>, Stop> {
         let mut wanted = Vec::new();
         if let Some(r) = policy.requester(&proof.requester_id) {
             wanted.push((format!("requester:{}", r.id), r.budget.clone()));
@@ -239,33 +275,6 @@ impl Service {
                     .collect::<Result<Vec<_>, StoreError>>()
             })
             .await?;
-        let ledgers = match read {
-            Ok(l) => l,
-            Err(e) => {
-                let d = self.store_denial(e, "cannot read the ledger");
-                return Err(self.refuse(record, d, started).await);
-            }
-        };
-        record.decision = Outcome::Allowed;
-        record.reasons = ledgers
-            .iter()
-            .map(|l| {
-                format!(
-                    "{} {}: spent {} of {}, delta {:e} of {:e}",
-                    l.ledger,
-                    l.period_label,
-                    eps(l.spent),
-                    eps(l.total),
-                    l.delta_spent,
-                    l.delta_total
-                )
-            })
-            .collect();
-        self.write_audit(record).await?;
-        Ok(BudgetView {
-            node_id: policy.file().organisation.ods_code.clone(),
-            ledgers,
-            policy_version: policy.version().to_string(),
-        })
+        read.map_err(|e| self.store_denial(e, "cannot read the ledger").into())
     }
 }
