@@ -52,6 +52,70 @@ pub enum RefusalKind {
     OptOutMissing,
 }
 
+impl RefusalKind {
+    /// Every kind, in declaration order: the one list tests iterate over.
+    pub const ALL: [RefusalKind; 25] = [
+        RefusalKind::UnknownRequester,
+        RefusalKind::RequesterRevoked,
+        RefusalKind::PurposeNotPermitted,
+        RefusalKind::DatasetNotPermitted,
+        RefusalKind::UnknownDataset,
+        RefusalKind::UnknownColumn,
+        RefusalKind::IdentifierColumn,
+        RefusalKind::NotFilterable,
+        RefusalKind::NotGroupable,
+        RefusalKind::NotAggregatable,
+        RefusalKind::TypeMismatch,
+        RefusalKind::BinTooNarrow,
+        RefusalKind::TooManyCells,
+        RefusalKind::ProjectRequired,
+        RefusalKind::UnknownProject,
+        RefusalKind::ProjectNotForRequester,
+        RefusalKind::ProjectExpired,
+        RefusalKind::ProjectDatasetNotApproved,
+        RefusalKind::ProjectColumnNotApproved,
+        RefusalKind::ProjectOnlyForResearch,
+        RefusalKind::EpsilonInvalid,
+        RefusalKind::EpsilonOverCap,
+        RefusalKind::ThresholdEpsilonTooSmall,
+        RefusalKind::UnsupportedAggregate,
+        RefusalKind::OptOutMissing,
+    ];
+
+    /// Where this kind sits in [`RefusalKind::ALL`]. An exhaustive match, so a new kind
+    /// fails to compile here until it has a place, and a test then checks `ALL` holds
+    /// it there.
+    pub const fn position(self) -> usize {
+        match self {
+            RefusalKind::UnknownRequester => 0,
+            RefusalKind::RequesterRevoked => 1,
+            RefusalKind::PurposeNotPermitted => 2,
+            RefusalKind::DatasetNotPermitted => 3,
+            RefusalKind::UnknownDataset => 4,
+            RefusalKind::UnknownColumn => 5,
+            RefusalKind::IdentifierColumn => 6,
+            RefusalKind::NotFilterable => 7,
+            RefusalKind::NotGroupable => 8,
+            RefusalKind::NotAggregatable => 9,
+            RefusalKind::TypeMismatch => 10,
+            RefusalKind::BinTooNarrow => 11,
+            RefusalKind::TooManyCells => 12,
+            RefusalKind::ProjectRequired => 13,
+            RefusalKind::UnknownProject => 14,
+            RefusalKind::ProjectNotForRequester => 15,
+            RefusalKind::ProjectExpired => 16,
+            RefusalKind::ProjectDatasetNotApproved => 17,
+            RefusalKind::ProjectColumnNotApproved => 18,
+            RefusalKind::ProjectOnlyForResearch => 19,
+            RefusalKind::EpsilonInvalid => 20,
+            RefusalKind::EpsilonOverCap => 21,
+            RefusalKind::ThresholdEpsilonTooSmall => 22,
+            RefusalKind::UnsupportedAggregate => 23,
+            RefusalKind::OptOutMissing => 24,
+        }
+    }
+}
+
 /// A privacy-budget ledger a query must be charged to.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LedgerCharge {

@@ -1111,64 +1111,14 @@ fn opt_out_missing_is_refused() {
 
 #[test]
 fn every_refusal_kind_has_a_test() {
-    use RefusalKind::*;
-    let all = [
-        UnknownRequester,
-        RequesterRevoked,
-        PurposeNotPermitted,
-        DatasetNotPermitted,
-        UnknownDataset,
-        UnknownColumn,
-        IdentifierColumn,
-        NotFilterable,
-        NotGroupable,
-        NotAggregatable,
-        TypeMismatch,
-        BinTooNarrow,
-        TooManyCells,
-        ProjectRequired,
-        UnknownProject,
-        ProjectNotForRequester,
-        ProjectExpired,
-        ProjectDatasetNotApproved,
-        ProjectColumnNotApproved,
-        ProjectOnlyForResearch,
-        EpsilonInvalid,
-        EpsilonOverCap,
-        ThresholdEpsilonTooSmall,
-        UnsupportedAggregate,
-        OptOutMissing,
-    ];
-    for k in all {
-        // Exhaustive match: a new variant fails to compile here until it is listed.
-        match k {
-            UnknownRequester
-            | RequesterRevoked
-            | PurposeNotPermitted
-            | DatasetNotPermitted
-            | UnknownDataset
-            | UnknownColumn
-            | IdentifierColumn
-            | NotFilterable
-            | NotGroupable
-            | NotAggregatable
-            | TypeMismatch
-            | BinTooNarrow
-            | TooManyCells
-            | ProjectRequired
-            | UnknownProject
-            | ProjectNotForRequester
-            | ProjectExpired
-            | ProjectDatasetNotApproved
-            | ProjectColumnNotApproved
-            | ProjectOnlyForResearch
-            | EpsilonInvalid
-            | EpsilonOverCap
-            | ThresholdEpsilonTooSmall
-            | UnsupportedAggregate
-            | OptOutMissing => {}
-        }
-        let covered = REFUSAL_CASES.iter().any(|(_, _, kind)| *kind == k) || k == OptOutMissing;
+    // `position` is an exhaustive match, so a new kind must take a place; ALL must
+    // then hold it there.
+    for (i, k) in RefusalKind::ALL.iter().enumerate() {
+        assert_eq!(k.position(), i, "{k:?} is out of place in RefusalKind::ALL");
+    }
+    for k in RefusalKind::ALL {
+        let covered =
+            REFUSAL_CASES.iter().any(|(_, _, kind)| *kind == k) || k == RefusalKind::OptOutMissing;
         assert!(covered, "{k:?} has no case");
     }
 }

@@ -310,14 +310,7 @@ impl QueryBody {
 
     /// Readable SQL for logs, audit and `explain`.
     pub fn to_sql(&self) -> String {
-        let mut items: Vec<String> = self
-            .group_by
-            .iter()
-            .map(|g| match g {
-                GroupKey::Column(c) => c.clone(),
-                GroupKey::Bin { column, width } => format!("bin({column}, {width})"),
-            })
-            .collect();
+        let mut items: Vec<String> = self.group_by.iter().map(GroupKey::label).collect();
         for a in &self.aggregates {
             let arg = a.column.as_deref().unwrap_or("*");
             items.push(format!("{}({arg}) AS {}", a.kind.name(), a.alias));

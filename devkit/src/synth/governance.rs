@@ -6,9 +6,9 @@ use super::ics::{Org, OrgKind, PLACES};
 use super::people::{ETHNICITIES, SEXES, SMOKING};
 use crate::questions::RESEARCH_PROJECT;
 use phm_policies::model::{
-    Budget, Column, ColumnType, Dataset, Domain, Grouping, Mechanism, OptOut, Organisation,
-    OrganisationKind, Period, PolicyFile, Project, ReleaseRules, Requester, Rounding, Scope,
-    Source, SourceFormat, TotalKind,
+    Budget, Column, ColumnType, Dataset, Domain, Grouping, OptOut, Organisation, OrganisationKind,
+    Period, PolicyFile, Project, ReleaseRules, Requester, Rounding, Scope, Source, SourceFormat,
+    TotalKind,
 };
 
 /// The column holding each person's National Data Opt-out flag, in every dataset.
@@ -340,17 +340,9 @@ fn research_project() -> Result<Project, String> {
 
 /// The IG policy of one partner.
 pub fn policy(org: &Org, pcns: &[String], keys: &RequesterKeys) -> Result<PolicyFile, String> {
-    let mut release = ReleaseRules {
-        min_reportable_count: 7.0,
-        rounding: Rounding::Nearest5,
-        scope: Scope::Standalone,
-        per_query_epsilon_cap: 1.0,
-        mechanism: Mechanism::DiscreteLaplace,
-        delta: 1e-9,
-        max_group_cells: 500,
-        query_validity_seconds: 300,
-        min_threshold_epsilon: 0.01,
-    };
+    // The language's defaults (small-number suppression at 7, rounding to 5, the
+    // discrete Laplace, ...), written out in full in the policy file.
+    let mut release = ReleaseRules::default();
     let mut requesters = vec![dsu(&org.dataset, &keys.dsu)];
     let mut projects = Vec::new();
     let dataset = match org.kind {

@@ -379,7 +379,6 @@ mod tests {
     use super::watchdog::{ClockGuard, clock_drift_check};
     use super::*;
     use chrono::TimeZone;
-    use phm_policies::model::Period;
 
     #[test]
     fn epsilons_print_without_float_noise() {
@@ -388,16 +387,6 @@ mod tests {
         assert_eq!(eps(0.0), "0");
         assert_eq!(eps(0.25), "0.25");
         assert_eq!(eps(1e-9), "1e-9");
-    }
-
-    #[test]
-    fn period_labels() {
-        let t = Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).unwrap();
-        assert_eq!(period_label(Period::Day, t), "2026-11-23");
-        assert_eq!(period_label(Period::Month, t), "2026-11");
-        assert_eq!(period_label(Period::Quarter, t), "2026-Q4");
-        let t = Utc.with_ymd_and_hms(2026, 3, 31, 23, 59, 59).unwrap();
-        assert_eq!(period_label(Period::Quarter, t), "2026-Q1");
     }
 
     #[test]
