@@ -304,14 +304,7 @@ pub async fn budget(
     project: Option<String>,
     key: &phm_proto::signing::PrivateKey,
 ) -> Result<proto::FederatedBudget, ClientError> {
-    let proof = RequesterProof::new(
-        federation_id,
-        requester,
-        project,
-        chrono::Utc::now().timestamp_millis(),
-        nonce(),
-    )
-    .sign(ProofOp::Budget, key);
+    let proof = RequesterProof::fresh(federation_id, requester, project).sign(ProofOp::Budget, key);
     let mut client = coordinator(channel);
     let response = client
         .budget(proto::BudgetRequest {
@@ -333,15 +326,9 @@ pub async fn get_result(
     query_id: &str,
     key: &phm_proto::signing::PrivateKey,
 ) -> Result<proto::CombinedResult, ClientError> {
-    let proof = RequesterProof::new(
-        federation_id,
-        requester,
-        project,
-        chrono::Utc::now().timestamp_millis(),
-        nonce(),
-    )
-    .about(query_id)
-    .sign(ProofOp::GetResult, key);
+    let proof = RequesterProof::fresh(federation_id, requester, project)
+        .about(query_id)
+        .sign(ProofOp::GetResult, key);
     let mut client = coordinator(channel);
     let response = client
         .get_result(proto::GetResultRequest {

@@ -78,6 +78,27 @@ impl KeyArgs {
     }
 }
 
+/// Who is asking (requester id and signing key) and an open channel to the
+/// coordinator, presenting that requester's client certificate: where every command
+/// that talks to the coordinator starts.
+async fn sign_in(
+    key: &KeyArgs,
+    connect: &ConnectArgs,
+) -> Result<
+    (
+        String,
+        phm_proto::signing::PrivateKey,
+        client::Connection,
+        tonic::transport::Channel,
+    ),
+    ClientError,
+> {
+    let (requester, key) = key.load()?;
+    let connection = client::with_default_identity(connect.connection(), &requester);
+    let channel = client::connect(&connection).await?;
+    Ok((requester, key, connection, channel))
+}
+
 fn parse_purpose(s: &str) -> Result<Purpose, String> {
     Purpose::parse(s)
         .ok_or_else(|| format!("unknown purpose {s:?}; use one of direct_care, planning, research"))
@@ -183,9 +204,7 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
             a.epsilon
         )));
     }
-    let (requester, key) = a.key.load()?;
-    let connection = client::with_default_identity(a.connect.connection(), &requester);
-    let channel = client::connect(&connection).await?;
+    let (requester, key, connection, channel) = sign_in(&a.key, &a.connect).await?;
     let aggregates = parsed.aggregates.clone();
     let body = client::query_body(
         parsed,
@@ -295,9 +314,7 @@ pub fn budget_rows(b: &proto::FederatedBudget) -> Vec<Vec<String>> {
 /// `phm budget`. Returns the process exit code.
 pub async fn budget(a: BudgetArgs) -> u8 {
     let run = async {
-        let (requester, key) = a.key.load()?;
-        let connection = client::with_default_identity(a.connect.connection(), &requester);
-        let channel = client::connect(&connection).await?;
+        let (requester, key, connection, channel) = sign_in(&a.key, &a.connect).await?;
         client::budget(
             channel,
             &connection.url,
@@ -394,9 +411,7 @@ pub struct ResultArgs {
 /// `phm result`. Returns the process exit code.
 pub async fn result(a: ResultArgs) -> u8 {
     let run = async {
-        let (requester, key) = a.key.load()?;
-        let connection = client::with_default_identity(a.connect.connection(), &requester);
-        let channel = client::connect(&connection).await?;
+        let (requester, key, connection, channel) = sign_in(&a.key, &a.connect).await?;
         client::get_result(
             channel,
             &connection.url,

@@ -80,6 +80,21 @@ impl RequesterProof {
         }
     }
 
+    /// A proof issued now with a fresh nonce: what every requester sends.
+    pub fn fresh(
+        federation_id: impl Into<String>,
+        requester_id: impl Into<String>,
+        project_id: Option<String>,
+    ) -> RequesterProof {
+        Self::new(
+            federation_id,
+            requester_id,
+            project_id,
+            crate::query::now_unix_ms(),
+            crate::query::fresh_nonce(),
+        )
+    }
+
     /// The thing this proof is about (the query id, for GetResult).
     pub fn about(mut self, subject: impl Into<String>) -> RequesterProof {
         self.subject = Some(subject.into());

@@ -6,7 +6,7 @@
 use super::{Answer, Loaded, Service, Stop, eps, internal, ledger_note};
 use crate::audit::{AuditRecord, Outcome};
 use crate::engine::{EngineError, Release};
-use crate::store::{CacheLookup, LedgerState, QueryKey, StoreError};
+use crate::store::{CacheLookup, LedgerState, QueryKey, Store, StoreError};
 use chrono::{DateTime, Utc};
 use phm_policies::{Decision, Limits, Policy};
 use phm_proto::{Denial, DenialReason, QueryBody, SignedQuery};
@@ -251,17 +251,30 @@ impl Service {
         answer
     }
 
-    async fn lookup_release(&self, body: &QueryBody) -> Result<CacheLookup<Answer>, Stop> {
+    /// Run a release-cache operation on `body`'s (requester, query id) and digests,
+    /// off the async workers under the storage watchdog.
+    async fn with_release_key<T: Send + 'static>(
+        &self,
+        body: &QueryBody,
+        op: impl FnOnce(&Store, &QueryKey<'_>, &str, &str) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<Result<T, StoreError>, Stop> {
         let store = self.store.clone();
         let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
         let (digest, content) = (body.digest(), body.content_digest());
+        self.io(move || {
+            let key = QueryKey {
+                requester_id: &requester,
+                query_id: &id,
+            };
+            op(&store, &key, &digest, &content)
+        })
+        .await
+    }
+
+    async fn lookup_release(&self, body: &QueryBody) -> Result<CacheLookup<Answer>, Stop> {
         match self
-            .io(move || {
-                let key = QueryKey {
-                    requester_id: &requester,
-                    query_id: &id,
-                };
-                store.cached_release(&key, &digest, &content)
+            .with_release_key(body, |store, key, digest, content| {
+                store.cached_release(key, digest, content)
             })
             .await?
         {
@@ -458,16 +471,9 @@ impl Service {
     }
 
     async fn cache_release(&self, body: &QueryBody, answer: Answer) -> Result<Answer, Stop> {
-        let store = self.store.clone();
-        let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
-        let (digest, content) = (body.digest(), body.content_digest());
         match self
-            .io(move || {
-                let key = QueryKey {
-                    requester_id: &requester,
-                    query_id: &id,
-                };
-                store.store_release(&key, &digest, &content, answer)
+            .with_release_key(body, move |store, key, digest, content| {
+                store.store_release(key, digest, content, answer)
             })
             .await?
         {

@@ -170,7 +170,7 @@ async fn serves_queries_over_mutual_tls_and_shuts_down_cleanly() {
     let d = client
         .describe(proto::DescribeRequest {
             proof: Some(
-                RequesterProof::new("ics-test", "dsu", None, now_ms(), nonce())
+                RequesterProof::fresh("ics-test", "dsu", None)
                     .sign(ProofOp::Describe, &f.dsu)
                     .into(),
             ),
@@ -193,7 +193,7 @@ async fn serves_queries_over_mutual_tls_and_shuts_down_cleanly() {
     let b = client
         .budget(proto::BudgetRequest {
             proof: Some(
-                RequesterProof::new("ics-test", "dsu", None, now_ms(), nonce())
+                RequesterProof::fresh("ics-test", "dsu", None)
                     .sign(ProofOp::Budget, &f.dsu)
                     .into(),
             ),

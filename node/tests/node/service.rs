@@ -636,8 +636,8 @@ async fn a_query_signed_for_another_federation_is_refused_without_spend() {
         .unwrap_err();
     assert_eq!(e.reason, DenialReason::Unauthenticated, "{e}");
     assert!(e.message.contains("another-ics"), "{}", e.message);
-    let other_proof = RequesterProof::new("another-ics", "dsu", None, now_ms(), nonce())
-        .sign(ProofOp::Budget, &f.dsu);
+    let other_proof =
+        RequesterProof::fresh("another-ics", "dsu", None).sign(ProofOp::Budget, &f.dsu);
     let e = svc
         .budget(other_proof, "p", chrono::Utc::now())
         .await
