@@ -338,8 +338,8 @@ impl Inner {
             total_kind: None,
         };
         let progress = &mut result.progress;
-        match outcome {
-            CallOutcome::Answered(answer) => {
+        match answered(outcome) {
+            Ok(answer) => {
                 let (epsilon, delta, population, kind) = (
                     answer.release.epsilon_spent,
                     answer.release.delta_spent,
@@ -356,25 +356,18 @@ impl Inner {
                         result.delta = delta;
                         result.total_kind = kind;
                     }
-                    Err(m) => malformed(progress, &m.0, epsilon),
+                    Err(m) => {
+                        progress.outcome = NodeOutcome::Malformed;
+                        progress.epsilon_spent = if epsilon.is_finite() { epsilon } else { 0.0 };
+                        progress.message = format!("excluded: malformed answer: {m}");
+                    }
                 }
             }
-            CallOutcome::Malformed {
-                reason,
-                epsilon_spent,
-            } => malformed(progress, &reason, epsilon_spent),
-            CallOutcome::Refused(d) => {
-                progress.outcome = NodeOutcome::Refused;
-                progress.reason = Some(d.reason);
-                progress.message = refusal_message(&d);
-            }
-            CallOutcome::Unreachable(m) => {
-                progress.outcome = NodeOutcome::Unreachable;
-                progress.message = m;
-            }
-            CallOutcome::TimedOut(m) => {
-                progress.outcome = NodeOutcome::TimedOut;
-                progress.message = m;
+            Err(f) => {
+                progress.outcome = f.outcome;
+                progress.reason = f.reason;
+                progress.epsilon_spent = f.epsilon_spent;
+                progress.message = f.message;
             }
         }
         result
@@ -575,10 +568,44 @@ fn reused(query_id: &str) -> Denial {
     )
 }
 
-fn malformed(progress: &mut NodeProgress, reason: &str, epsilon: f64) {
-    progress.outcome = NodeOutcome::Malformed;
-    progress.epsilon_spent = if epsilon.is_finite() { epsilon } else { 0.0 };
-    progress.message = format!("excluded: malformed answer: {reason}");
+/// A node call that brought no usable answer, as progress and coverage report it.
+struct Failed {
+    outcome: NodeOutcome,
+    reason: Option<DenialReason>,
+    message: String,
+    /// What a malformed answer claims to have spent (0 otherwise).
+    epsilon_spent: f64,
+}
+
+/// The answer, or how the call failed: the one reading of a `CallOutcome`.
+fn answered<T>(outcome: CallOutcome<T>) -> Result<T, Failed> {
+    let failed = |outcome, reason, message| Failed {
+        outcome,
+        reason,
+        message,
+        epsilon_spent: 0.0,
+    };
+    match outcome {
+        CallOutcome::Answered(a) => Ok(a),
+        CallOutcome::Malformed {
+            reason,
+            epsilon_spent,
+        } => Err(Failed {
+            epsilon_spent,
+            ..failed(
+                NodeOutcome::Malformed,
+                None,
+                format!("excluded: malformed answer: {reason}"),
+            )
+        }),
+        CallOutcome::Refused(d) => Err(failed(
+            NodeOutcome::Refused,
+            Some(d.reason),
+            refusal_message(&d),
+        )),
+        CallOutcome::Unreachable(m) => Err(failed(NodeOutcome::Unreachable, None, m)),
+        CallOutcome::TimedOut(m) => Err(failed(NodeOutcome::TimedOut, None, m)),
+    }
 }
 
 /// One node's answer to a budget relay.
@@ -751,23 +778,19 @@ impl Coordinator {
                     message: String::new(),
                     budget: None,
                 };
-                match c.budget(request, deadline).await {
-                    CallOutcome::Answered(b) => {
+                match answered(c.budget(request, deadline).await) {
+                    Ok(b) => {
                         nb.outcome = NodeOutcome::Answered;
                         nb.budget = Some(b);
                     }
-                    CallOutcome::Malformed { reason, .. } => {
-                        nb.outcome = NodeOutcome::Malformed;
-                        nb.message = reason;
-                    }
-                    CallOutcome::Refused(d) => {
-                        nb.outcome = NodeOutcome::Refused;
-                        nb.message = format!("{}: {}", d.reason_name(), refusal_message(&d));
-                    }
-                    CallOutcome::Unreachable(m) => nb.message = m,
-                    CallOutcome::TimedOut(m) => {
-                        nb.outcome = NodeOutcome::TimedOut;
-                        nb.message = m;
+                    Err(f) => {
+                        nb.outcome = f.outcome;
+                        nb.message = match f.reason {
+                            Some(r) => {
+                                format!("{}: {}", phm_proto::denial::reason_name(r), f.message)
+                            }
+                            None => f.message,
+                        };
                     }
                 }
                 nb
