@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod registry;
 pub mod render;
 /// The development kit's synthetic ICS, demo questions and development PKI.
 pub use phm_devkit::{pki as certs, questions, synth};

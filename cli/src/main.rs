@@ -30,9 +30,12 @@ enum Command {
     /// Generate a synthetic ICS: partner data, policies, keys, certificates, configs.
     #[command(after_help = "Example:\n  phm synth --out ./ics --population 100000 --seed 42")]
     Synth(SynthArgs),
-    /// Requester signing keys.
+    /// Requester signing keys and node identities.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// The federation's node registry (for linked and secure queries).
+    #[command(subcommand)]
+    Registry(phm::registry::RegistryCmd),
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -82,14 +85,28 @@ struct SynthArgs {
 
 #[derive(Subcommand)]
 enum KeysCmd {
-    /// Make a new Ed25519 requester key (PKCS#8 PEM, mode 0600) and FILE.pub.
+    /// Make a new Ed25519 requester key (PKCS#8 PEM, mode 0600) and FILE.pub, or with
+    /// `--kind node` a node identity (Ed25519 + X25519, mode 0600) and FILE.pub.
     #[command(
-        after_help = "Example:\n  phm keys new --out keys/dsu.key\n  # then put the printed public key in each node's policy under [[requesters]]"
+        after_help = "Examples:\n  phm keys new --out keys/dsu.key\n  # then put the printed public key in each node's policy under [[requesters]]\n  phm keys new --kind node --node-id A81001 --out peer/A81001.identity\n  # then list the printed line in the registry: phm registry sign --node peer/A81001.identity.pub …"
     )]
     New {
         #[arg(long)]
         out: PathBuf,
+        /// `requester` (a signing key for queries; also the IG leads' registry key) or
+        /// `node` (a node's identity for sealed frames).
+        #[arg(long, value_enum, default_value = "requester")]
+        kind: KeyKind,
+        /// The node's id (its ODS code), for `--kind node`.
+        #[arg(long, required_if_eq("kind", "node"))]
+        node_id: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KeyKind {
+    Requester,
+    Node,
 }
 
 #[derive(Subcommand)]
@@ -148,7 +165,23 @@ fn synth(a: SynthArgs) -> anyhow::Result<ExitCode> {
 
 fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCmd::New { out } => {
+        KeysCmd::New {
+            out,
+            kind: KeyKind::Node,
+            node_id,
+        } => {
+            let node_id = node_id.unwrap_or_default();
+            let line = phm::registry::new_node_identity(&node_id, &out)?;
+            phm::outln!("{line}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "wrote {} (private, mode 0600) and {}.pub",
+                out.display(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCmd::New { out, .. } => {
             let k = phm::keys::new_key_file(&out)?;
             phm::outln!("{}", k.public_key_base64);
             // A note, not output: a stderr that cannot be written must not panic.
@@ -197,6 +230,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Synth(a) => synth(a),
         Command::Keys(cmd) => keys(cmd),
+        Command::Registry(cmd) => phm::registry::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Certs(cmd) => certs(cmd),
         Command::Query(a) => {
             runtime().map(|rt| ExitCode::from(rt.block_on(phm::commands::query(a))))

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    #[error("node identity or registry for {name}: {reason}")]
+    Peer { name: String, reason: String },
     #[error("certificate name {0:?} is not usable (use letters, digits, '-', '_' and '.')")]
     BadName(String),
     #[error("cannot build the certificate for {name}: {source}")]
@@ -340,6 +342,81 @@ pub fn dev(dir: &Path, plan: &CertPlan) -> Result<DevCerts, CertError> {
         people_ca_pem,
         reused_people_ca,
         leaves,
+    })
+}
+
+/// What [`dev_peers`] wrote: each node's identity file, the registry and the key that
+/// signed it.
+#[derive(Debug, Clone)]
+pub struct DevPeers {
+    /// `<dir>/<node>.identity`, mode 0600, by node id.
+    pub identities: Vec<(String, PathBuf)>,
+    /// The signed registry (`registry.toml`).
+    pub registry: PathBuf,
+    /// The base64 public key that signed it: what each policy's `[peers] registry_key`
+    /// pins.
+    pub registry_key: String,
+}
+
+/// Node identities (`phm keys new --kind node`) for `nodes`, in `dir`, and the
+/// federation's node registry listing them, signed with the IG leads' key at
+/// `signer` (a requester-style key file, created if missing), valid for `days`.
+pub fn dev_peers(
+    dir: &Path,
+    federation_id: &str,
+    nodes: &[String],
+    signer: &Path,
+    days: u64,
+) -> Result<DevPeers, CertError> {
+    use phm_relay::{NodeId, NodeIdentity, Registry, RegistryEntry};
+    let relay = |name: &str, e: phm_relay::RelayError| CertError::Peer {
+        name: name.to_string(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let key = if signer.exists() {
+        phm_proto::keyfile::load_private_key(signer)
+    } else {
+        phm_proto::keyfile::new_key_file(signer)
+            .and_then(|_| phm_proto::keyfile::load_private_key(signer))
+    }
+    .map_err(|e| CertError::Peer {
+        name: signer.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let now = u64::try_from(phm_proto::query::now_unix_ms()).unwrap_or(0);
+    let until = now.saturating_add(days.saturating_mul(86_400_000));
+    let mut identities = Vec::new();
+    let mut entries = Vec::new();
+    for name in nodes {
+        let id = NodeId::new(name.clone()).map_err(|e| relay(name, e))?;
+        let identity = NodeIdentity::generate(id).map_err(|e| relay(name, e))?;
+        let path = dir.join(format!("{name}.identity"));
+        write(&path, identity.to_file_text().as_str(), true)?;
+        // The public line beside it, as `phm keys new --kind node` writes it.
+        write(
+            &dir.join(format!("{name}.identity.pub")),
+            &format!("{}\n", identity.public()),
+            false,
+        )?;
+        entries.push(RegistryEntry {
+            node: identity.public().clone(),
+            valid_from_ms: now.saturating_sub(86_400_000),
+            valid_until_ms: until,
+        });
+        identities.push((name.clone(), path));
+    }
+    let mut registry = Registry::new(federation_id, 1, until, entries);
+    registry.sign(&key).map_err(|e| relay("registry", e))?;
+    let path = dir.join("registry.toml");
+    write(&path, &registry.to_toml(), false)?;
+    Ok(DevPeers {
+        identities,
+        registry: path,
+        registry_key: phm_proto::signing::public_key_to_base64(&key.verifying_key()),
     })
 }
 

@@ -49,6 +49,15 @@ node.toml fields (paths are relative to the config file's folder unless absolute
                                     PERMISSION_DENIED and audited. Health and reflection stay
                                     open to any certificate from client_ca.
 
+  [peer]                            Optional: only for linked and secure queries, and then
+                                    required with the policy's [peers] registry_key.
+  identity = \"peer/A81001.identity\" This node's identity file (`phm keys new --kind node`):
+                                    its Ed25519 and X25519 secret keys. Must not be readable
+                                    by group or others (mode 0600), or the node does not start.
+  registry = \"../registry.toml\"     The federation's node registry (`phm registry sign`),
+                                    signed by the key the policy pins; it must list this
+                                    node's identity, for this federation, and not be expired.
+
   [limits]                          All optional; the values shown are the defaults.
   max_message_bytes = 4194304       Largest request message accepted.
   max_concurrent_queries = 32       Queries running at once; more are refused at once with
@@ -84,7 +93,20 @@ struct RawConfig {
     log_format: LogFormat,
     tls: RawTls,
     #[serde(default)]
+    peer: Option<PeerFiles>,
+    #[serde(default)]
     limits: Limits,
+}
+
+/// `[peer]`: the files a node needs to exchange sealed frames with other nodes (for
+/// linked and secure queries), through the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFiles {
+    /// This node's identity file (secret keys; mode 0600).
+    pub identity: PathBuf,
+    /// The federation's node registry, signed by the key the policy pins.
+    pub registry: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -204,6 +226,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub tls: TlsFiles,
+    /// `[peer]`, with paths resolved.
+    pub peer: Option<PeerFiles>,
     pub limits: Limits,
 }
 
@@ -388,9 +412,24 @@ impl NodeConfig {
                 "must be at least 100 milliseconds (an fsync can take that long on a busy disk)",
             ));
         }
+        if let Some(peer) = &raw.peer {
+            for (name, p) in [
+                ("peer.identity", &peer.identity),
+                ("peer.registry", &peer.registry),
+            ] {
+                if p.as_os_str().is_empty() {
+                    return Err(field(name, "is empty; give a path"));
+                }
+            }
+        }
+        let peer = raw.peer.as_ref().map(|p| PeerFiles {
+            identity: resolve(base, &p.identity),
+            registry: resolve(base, &p.registry),
+        });
         Ok(NodeConfig {
             source: path.to_path_buf(),
             federation_id,
+            peer,
             policy: resolve(base, &raw.policy),
             data_dir: resolve(base, &raw.data_dir),
             listen,

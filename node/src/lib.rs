@@ -6,6 +6,7 @@ pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod peer;
 pub mod reload;
 pub mod run;
 pub mod server;

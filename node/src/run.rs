@@ -70,6 +70,8 @@ pub enum NodeError {
     Startup(String),
     #[error("stopped after a storage failure: {0}")]
     StorageFailure(String),
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
 }
 
 impl From<LoadError> for NodeError {
@@ -83,6 +85,7 @@ impl From<LoadError> for NodeError {
 pub struct Node {
     config: NodeConfig,
     service: Arc<Service>,
+    peer: Option<Arc<crate::peer::Peer>>,
 }
 
 impl Node {
@@ -94,6 +97,10 @@ impl Node {
             cause,
         })?;
         let loaded = reload::load(&config.policy, None).await?;
+        let peer = crate::peer::load(&config, &loaded.policy)?;
+        if let Some(p) = &peer {
+            tracing::info!(identity = %p.identity.public(), registry_serial = p.registry.serial, "node identity and registry checked");
+        }
         let (store, audit) = {
             let dir = config.data_dir.clone();
             tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
@@ -134,7 +141,17 @@ impl Node {
                 storage_timeout: Duration::from_millis(config.limits.storage_timeout_ms),
             },
         );
-        Ok(Node { config, service })
+        Ok(Node {
+            config,
+            service,
+            peer: peer.map(Arc::new),
+        })
+    }
+
+    /// This node's identity and registry, when it takes part in linked and secure
+    /// queries.
+    pub fn peer(&self) -> Option<&Arc<crate::peer::Peer>> {
+        self.peer.as_ref()
     }
 
     pub fn service(&self) -> &Arc<Service> {
@@ -154,7 +171,12 @@ impl Node {
         metrics: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), NodeError> {
-        let Node { config, service } = self;
+        // The sealed-frame services (linked and secure queries) will be served with `peer`.
+        let Node {
+            config,
+            service,
+            peer: _,
+        } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

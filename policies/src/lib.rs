@@ -151,6 +151,15 @@ impl Policy {
         self.file.datasets.iter().find(|d| d.name == name)
     }
 
+    /// The key the federation's node registry must be signed with (`[peers]`), when
+    /// this node takes part in linked and secure queries (validated at parse time).
+    pub fn registry_key(&self) -> Option<ed25519_dalek::VerifyingKey> {
+        self.file
+            .peers
+            .as_ref()
+            .and_then(|p| phm_proto::signing::public_key_from_base64(&p.registry_key).ok())
+    }
+
     pub fn project(&self, id: &str) -> Option<&model::Project> {
         self.file.projects.iter().find(|p| p.id == id)
     }

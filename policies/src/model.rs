@@ -24,6 +24,24 @@ pub struct PolicyFile {
     pub requesters: Vec<Requester>,
     #[serde(default)]
     pub projects: Vec<Project>,
+    /// The federation's node registry this node trusts for linked and secure queries.
+    /// Absent: this node takes part in none (it talks to other nodes only through
+    /// sealed frames, and trusts only nodes that registry lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Peers>,
+}
+
+/// Which other nodes this node will exchange sealed frames with, for linked and
+/// secure queries: those the federation's node registry lists, when that registry is
+/// signed by the key pinned here. The key belongs to the IG leads (who sign the
+/// registry with `phm registry sign`), not to the coordinator's operator: a
+/// coordinator that could add nodes to the registry could pose as a partner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Peers {
+    /// Base64 Ed25519 public key that signs the node registry (the line
+    /// `phm keys new` prints for the IG leads' registry key).
+    pub registry_key: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -5,7 +5,9 @@
 //! (each section, each dataset, each column, each requester, each project): one bad
 //! column does not hide a bad requester further down.
 
-use crate::model::{Dataset, OptOut, Organisation, PolicyFile, Project, ReleaseRules, Requester};
+use crate::model::{
+    Dataset, OptOut, Organisation, Peers, PolicyFile, Project, ReleaseRules, Requester,
+};
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -128,6 +130,7 @@ const TOP_LEVEL: &[&str] = &[
     "datasets",
     "requesters",
     "projects",
+    "peers",
 ];
 
 /// Parse the text into the model, or every problem found.
@@ -165,6 +168,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
     let mut datasets = Some(Vec::new());
     let mut requesters = Some(Vec::new());
     let mut projects = Some(Vec::new());
+    let mut peers: Option<Option<Peers>> = Some(None);
     for (k, v) in root.iter() {
         let key = k.get_ref().as_ref();
         match key {
@@ -175,6 +179,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
             "datasets" => datasets = p.list(v, key, Pieces::dataset),
             "requesters" => requesters = p.list(v, key, |p, v, path| p.de::<Requester>(v, path)),
             "projects" => projects = p.list(v, key, |p, v, path| p.de::<Project>(v, path)),
+            "peers" => peers = p.de::<Peers>(v, key).map(Some),
             other => p.errors.push(Located {
                 offset: k.span().start,
                 field: other.to_string(),
@@ -217,6 +222,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
         datasets,
         requesters,
         projects,
+        peers,
     ) {
         (
             Some(version),
@@ -226,6 +232,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
             Some(datasets),
             Some(requesters),
             Some(projects),
+            Some(peers),
         ) => Ok((
             PolicyFile {
                 version,
@@ -235,6 +242,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
                 datasets,
                 requesters,
                 projects,
+                peers,
             },
             index,
         )),

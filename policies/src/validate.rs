@@ -41,7 +41,21 @@ pub(crate) fn validate(f: &PolicyFile) -> Problems {
     opt_out(f, &mut p);
     requesters(f, &mut p);
     projects(f, &mut p);
+    peers(f, &mut p);
     p
+}
+
+fn peers(f: &PolicyFile, p: &mut Problems) {
+    let Some(peers) = &f.peers else { return };
+    if let Err(e) = phm_proto::signing::public_key_from_base64(&peers.registry_key) {
+        push(
+            p,
+            "peers.registry_key",
+            format!(
+                "the node registry's signing key: {e}; expected the base64 line `phm keys new` prints (32 bytes)"
+            ),
+        );
+    }
 }
 
 fn push(p: &mut Problems, path: impl Into<String>, msg: impl Into<String>) {
@@ -640,4 +654,28 @@ pub(crate) fn expiry_date(d: &toml::value::Datetime) -> Option<chrono::NaiveDate
         u32::from(date.month),
         u32::from(date.day),
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod peers_tests {
+    use crate::Policy;
+
+    const SAMPLE: &str = include_str!("../samples/gp_practice.toml");
+
+    #[test]
+    fn a_pinned_registry_key_is_read_and_a_bad_one_is_refused_with_its_field() {
+        let key = phm_proto::signing::public_key_to_base64(
+            &ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
+        );
+        let with = format!("{SAMPLE}\n[peers]\nregistry_key = \"{key}\"\n");
+        let p = Policy::parse("p.toml", &with).unwrap();
+        assert!(p.registry_key().is_some());
+        assert!(Policy::parse("p.toml", SAMPLE).unwrap().registry_key().is_none());
+        let bad = format!("{SAMPLE}\n[peers]\nregistry_key = \"not-a-key\"\n");
+        let e = Policy::parse("p.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("peers.registry_key"), "{e}");
+        let unknown = format!("{SAMPLE}\n[peers]\nregistry = \"{key}\"\n");
+        assert!(Policy::parse("p.toml", &unknown).is_err());
+    }
 }

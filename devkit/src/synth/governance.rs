@@ -7,8 +7,8 @@ use super::people::{ETHNICITIES, SEXES, SMOKING};
 use crate::questions::RESEARCH_PROJECT;
 use phm_policies::model::{
     Budget, Column, ColumnType, Dataset, Domain, Grouping, OptOut, Organisation, OrganisationKind,
-    Period, PolicyFile, Project, ReleaseRules, Requester, Rounding, Scope, Source, SourceFormat,
-    TotalKind,
+    Peers, Period, PolicyFile, Project, ReleaseRules, Requester, Rounding, Scope, Source,
+    SourceFormat, TotalKind,
 };
 
 /// The column holding each person's National Data Opt-out flag, in every dataset.
@@ -30,6 +30,8 @@ pub const PROJECT_COLUMNS: [&str; 7] = [
 pub struct RequesterKeys {
     pub dsu: String,
     pub researcher: String,
+    /// The IG leads' key that signs the node registry (`[peers] registry_key`).
+    pub registry: String,
 }
 
 fn col(name: &str, t: ColumnType) -> Column {
@@ -385,6 +387,9 @@ pub fn policy(org: &Org, pcns: &[String], keys: &RequesterKeys) -> Result<Policy
         datasets: vec![dataset],
         requesters,
         projects,
+        peers: Some(Peers {
+            registry_key: keys.registry.clone(),
+        }),
     })
 }
 
@@ -418,7 +423,13 @@ pub fn node_toml(org: &Org, port: u16) -> String {
          # complete a handshake with this node.\n\
          client_ca = \"../certs/{infra_ca}.pem\"\n\
          # The one client this node answers: the coordinator's relay identity.\n\
-         allowed_clients = [\"san:{relay}\"]\n",
+         allowed_clients = [\"san:{relay}\"]\n\
+         \n\
+         # This node's identity and the federation's node registry, for linked and\n\
+         # secure queries (the policy pins the registry's signing key).\n\
+         [peer]\n\
+         identity = \"../peer/{ods}.identity\"\n\
+         registry = \"../peer/registry.toml\"\n",
         name = org.name,
         ods = org.ods_code,
         federation = quote(super::FEDERATION_ID),

@@ -308,9 +308,20 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     std::fs::create_dir_all(&keys_dir).map_err(io(&keys_dir))?;
     let dsu = phm_proto::keyfile::new_key_file(&keys_dir.join("dsu.key"))?;
     let researcher = phm_proto::keyfile::new_key_file(&keys_dir.join("researcher.key"))?;
+    let org_ids: Vec<String> = orgs.iter().map(|o| o.ods_code.clone()).collect();
+    // Node identities for linked and secure queries, and the registry listing them,
+    // signed with the IG leads' key (which every policy then pins).
+    let peers = crate::pki::dev_peers(
+        &out.join("peer"),
+        FEDERATION_ID,
+        &org_ids,
+        &keys_dir.join("registry-signer.key"),
+        365,
+    )?;
     let keys = governance::RequesterKeys {
         dsu: dsu.public_key_base64,
         researcher: researcher.public_key_base64,
+        registry: peers.registry_key,
     };
     let requesters: BTreeMap<String, String> = [
         ("dsu".to_string(), keys.dsu.clone()),

@@ -8,6 +8,7 @@
 mod faults;
 mod federation;
 mod node_server;
+mod peers;
 mod pinning;
 mod redteam;
 mod tidy;
