@@ -671,7 +671,12 @@ mod peers_tests {
         let with = format!("{SAMPLE}\n[peers]\nregistry_key = \"{key}\"\n");
         let p = Policy::parse("p.toml", &with).unwrap();
         assert!(p.registry_key().is_some());
-        assert!(Policy::parse("p.toml", SAMPLE).unwrap().registry_key().is_none());
+        assert!(
+            Policy::parse("p.toml", SAMPLE)
+                .unwrap()
+                .registry_key()
+                .is_none()
+        );
         let bad = format!("{SAMPLE}\n[peers]\nregistry_key = \"not-a-key\"\n");
         let e = Policy::parse("p.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("peers.registry_key"), "{e}");

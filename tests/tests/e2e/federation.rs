@@ -348,3 +348,40 @@ async fn federated_spent(
     v.sort();
     v
 }
+
+#[test]
+fn a_partner_whose_policy_reads_the_total_differently_is_flagged_and_the_total_is_conservative() {
+    let ics = Ics::synth(20_000, 61);
+    let gps: Vec<String> = ics
+        .nodes_serving("gp_patients")
+        .into_iter()
+        .take(2)
+        .collect();
+    assert_eq!(gps.len(), 2, "the synthetic ICS has GP practices");
+    // One practice's IG lead says its patients may also be counted at other partners;
+    // the coordinator's configuration reads gp_patients as distinct people.
+    edit_toml(&ics.policy_path(&gps[0]), |t| {
+        if let Some(toml::Value::Array(ds)) = t.get_mut("datasets")
+            && let Some(d) = ds.first_mut().and_then(toml::Value::as_table_mut)
+        {
+            d.insert("total_kind".into(), "sum_of_partner_counts".into());
+        }
+    });
+    let fed = Federation::start_nodes(ics, &gps, true);
+    let answer = query_json(
+        &fed,
+        "dsu",
+        "planning",
+        None,
+        "SELECT COUNT(*) AS people FROM gp_patients",
+    );
+    let note = answer["total_note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("Mismatch") && note.contains(&gps[0]) && !note.contains(&gps[1]),
+        "the note must name the partner whose policy disagrees: {note}"
+    );
+    assert_eq!(
+        answer["total_kind"], "sum_of_partner_counts",
+        "a disagreement is read the conservative way"
+    );
+}
