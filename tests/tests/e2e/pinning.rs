@@ -139,6 +139,9 @@ impl AnalystRig {
             org.insert("name".into(), "The analyst's own node".into());
             let release = policy["release"].as_table_mut().unwrap();
             release.insert("scope".into(), "standalone".into());
+            // The analyst's node is in no node registry: it takes part in no linked or
+            // secure query, so its policy pins no registry key.
+            policy.remove("peers");
             let ds = policy["datasets"].as_array_mut().unwrap()[0]
                 .as_table_mut()
                 .unwrap();
