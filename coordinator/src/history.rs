@@ -279,7 +279,19 @@ mod tests {
             h.finish(&key("dsu", "q1"), &rec).await.unwrap();
             h.remember_population("A", 1234.0).unwrap();
         }
-        let h = History::open(dir.path()).unwrap();
+        // sled's background flusher holds the file lock for a moment after the last
+        // handle is dropped (seen under load): wait for it, as a restarted process would.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let h = loop {
+            match History::open(dir.path()) {
+                Ok(h) => break h,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         let r = h.get(&key("dsu", "q1")).unwrap().unwrap();
         assert_eq!(r.progress[0].message, "ok");
         assert_eq!(r.result.unwrap().query_id, "q1");
