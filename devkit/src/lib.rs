@@ -5,10 +5,13 @@
 //! - [`synth`]: the synthetic Integrated Care System (people, partners, policies,
 //!   configurations and the exact reference answers).
 //! - [`questions`]: the demo's questions, which the reference answers answer exactly.
+//! - [`fixture`]: the one policy fixture of the node's tests and benchmark (the GP
+//!   practice sample, narrowed to a test's columns) and the benchmark's data.
 //! - [`pki`]: one development PKI (an infrastructure CA, a people CA, leaves by role).
 //! - [`launch`]: one local-federation launcher (nodes and a coordinator as processes on
 //!   loopback ports chosen at run time).
 
+pub mod fixture;
 pub mod launch;
 pub mod pki;
 pub mod questions;

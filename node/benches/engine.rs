@@ -11,143 +11,25 @@
 //! (`execute_exact` exists only with the `bench` feature, so it is never in a
 //! production build).
 //!
+//! The policy and the data are the ones the engine's timing test uses too
+//! (`phm_devkit::fixture`): the GP practice sample narrowed to the data's columns.
+//!
 //! The 1M-row file has no NaN, no infinity and no missing person id, and the engine
 //! clamps every value onto its fixed-point lattice and sums it as Int64 whatever the
 //! data, so these figures include that work.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use datafusion::arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use phm_devkit::fixture::{bench_policy, engine_limits, write_bench_data};
 use phm_node::engine::Engine;
-use phm_policies::model::{ColumnType, Mechanism, Rounding, Scope, TotalKind};
-use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits, Limits, PolicyFile};
+use phm_policies::model::ColumnType;
+use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits, Limits};
 use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, Purpose, QueryBody};
-use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const SQL: &str = "SELECT imd_quintile, sex, COUNT(*), SUM(bmi), AVG(bmi) FROM gp_patients \
                    WHERE age >= 40 GROUP BY imd_quintile, sex";
-
-/// Writes `rows` synthetic rows; `repeat_every` > 0 gives every such person a second row.
-/// BMI is uniform on [15, `bmi_max`): above 60 (the clamping bound) only when
-/// `bmi_max` > 60, which makes the engine clamp.
-fn write_data(
-    path: &Path,
-    rows: usize,
-    repeat_every: usize,
-    bmi_max: f64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let mut rng = StdRng::seed_from_u64(20_261_123);
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Utf8, false),
-        Field::new("age", DataType::Int64, false),
-        Field::new("sex", DataType::Utf8, false),
-        Field::new("imd_quintile", DataType::Int64, false),
-        Field::new("bmi", DataType::Float64, true),
-        Field::new("opted_out", DataType::Boolean, false),
-    ]));
-    let mut w = ArrowWriter::try_new(std::fs::File::create(path)?, schema.clone(), None)?;
-    let chunk = 1_000_000;
-    let mut person = 0usize;
-    let mut written = 0usize;
-    while written < rows {
-        let n = chunk.min(rows - written);
-        let mut ids = Vec::with_capacity(n);
-        let mut age = Vec::with_capacity(n);
-        let mut sex = Vec::with_capacity(n);
-        let mut imd = Vec::with_capacity(n);
-        let mut bmi = Vec::with_capacity(n);
-        let mut opt = Vec::with_capacity(n);
-        while ids.len() < n {
-            let copies = if repeat_every > 0 && person.is_multiple_of(repeat_every) {
-                2
-            } else {
-                1
-            };
-            let a: i64 = rng.gen_range(0..100);
-            let s = if rng.gen_bool(0.5) { "F" } else { "M" };
-            let q: i64 = rng.gen_range(1..=5);
-            let b: Option<f64> = if rng.gen_bool(0.95) {
-                Some(rng.gen_range(15.0..bmi_max))
-            } else {
-                None
-            };
-            let o = rng.gen_bool(0.03);
-            for _ in 0..copies {
-                if ids.len() < n {
-                    ids.push(format!("P{person:09}"));
-                    age.push(a);
-                    sex.push(s);
-                    imd.push(q);
-                    bmi.push(b);
-                    opt.push(o);
-                }
-            }
-            person += 1;
-        }
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(ids)),
-            Arc::new(Int64Array::from(age)),
-            Arc::new(StringArray::from(sex)),
-            Arc::new(Int64Array::from(imd)),
-            Arc::new(Float64Array::from(bmi)),
-            Arc::new(BooleanArray::from(opt)),
-        ];
-        w.write(&RecordBatch::try_new(schema.clone(), cols)?)?;
-        written += n;
-    }
-    w.close()?;
-    Ok(())
-}
-
-fn policy(file: &str) -> Result<PolicyFile, toml::de::Error> {
-    toml::from_str(&format!(
-        r#"
-version = 1
-[organisation]
-ods_code = "A81001"
-name = "Bench practice"
-kind = "gp_practice"
-[opt_out]
-column = "opted_out"
-[[datasets]]
-name = "gp_patients"
-person_id = "person_id"
-max_rows_per_person = 1
-source = {{ format = "parquet", path = "{file}" }}
-[[datasets.columns]]
-name = "person_id"
-type = "text"
-identifier = true
-[[datasets.columns]]
-name = "age"
-type = "integer"
-filter = true
-bounds = [0, 110]
-[[datasets.columns]]
-name = "sex"
-type = "text"
-group = "declared"
-domain = ["F", "M"]
-[[datasets.columns]]
-name = "imd_quintile"
-type = "integer"
-group = "declared"
-domain = "1..5"
-[[datasets.columns]]
-name = "bmi"
-type = "real"
-aggregate = true
-bounds = [10, 60]
-"#
-    ))
-}
 
 fn limits() -> Limits {
     let col = |name: &str, t, bounds| ColumnLimits {
@@ -156,14 +38,9 @@ fn limits() -> Limits {
         bounds,
     };
     let bmi = || Some(col("bmi", ColumnType::Real, Some((10.0, 60.0))));
-    Limits {
-        policy_version: "bench".into(),
-        dataset: "gp_patients".into(),
-        person_id: "person_id".into(),
-        max_rows_per_person: 1,
-        total_kind: TotalKind::DistinctPeople,
-        exclude_opted_out: None,
-        group_by: vec![
+    let mut l = match engine_limits(
+        "bench",
+        vec![
             GroupLimits {
                 column: col("imd_quintile", ColumnType::Integer, None),
                 label: "imd_quintile".into(),
@@ -175,7 +52,7 @@ fn limits() -> Limits {
                 domain: GroupDomain::Categories(vec!["F".into(), "M".into()]),
             },
         ],
-        aggregates: vec![
+        vec![
             AggregateLimits {
                 alias: "n".into(),
                 kind: AggregateKind::Count,
@@ -192,17 +69,13 @@ fn limits() -> Limits {
                 column: bmi(),
             },
         ],
-        filter_columns: vec![col("age", ColumnType::Integer, None)],
-        epsilon: 1.0,
-        mechanism: Mechanism::DiscreteLaplace,
-        delta: 1e-9,
-        spend: phm_policies::Spend::ZERO,
-        min_reportable_count: 7.0,
-        rounding: Rounding::Nearest5,
-        scope: Scope::Standalone,
-        charges: vec![],
-        registered_population: None,
-    }
+        1.0,
+    ) {
+        Ok(l) => l,
+        Err(e) => panic!("limits: {e}"),
+    };
+    l.filter_columns = vec![col("age", ColumnType::Integer, None)];
+    l
 }
 
 fn query() -> QueryBody {
@@ -246,12 +119,12 @@ fn bench_engine(c: &mut Criterion) {
         let file = format!("gp_{name}.parquet");
         let path = dir.path().join(&file);
         let t = Instant::now();
-        if let Err(e) = write_data(&path, rows, repeat_every, bmi_max) {
+        if let Err(e) = write_bench_data(&path, rows, repeat_every, bmi_max) {
             panic!("writing {file}: {e}");
         }
         eprintln!("{name}: wrote {rows} rows in {:.1?}", t.elapsed());
         let t = Instant::now();
-        let engine = match policy(&file) {
+        let engine = match bench_policy(&file) {
             Ok(p) => match rt.block_on(Engine::load(&p, dir.path())) {
                 Ok(e) => e,
                 Err(e) => panic!("load {file}: {e}"),

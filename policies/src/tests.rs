@@ -7,100 +7,43 @@ use chrono::{DateTime, Utc};
 use phm_proto::{
     Aggregate, AggregateKind, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody,
 };
+use std::sync::LazyLock;
+use toml_edit::{ArrayOfTables, DocumentMut};
 
-const BASE: &str = r#"version = 1
+/// The GP practice sample, the one policy fixture. These tests mutate its text and check
+/// where errors are located, so it is edited with `toml_edit`, which keeps its layout.
+const SAMPLE: &str = include_str!("../samples/gp_practice.toml");
 
-[organisation]
-ods_code = "A81001"
-name = "Riverside Medical Practice"
-kind = "gp_practice"
-registered_population = 9840
+/// The `gp_patients` columns the tests use, in the order their field paths
+/// (`datasets[0].columns[N]`) name them.
+const COLUMNS: &[&str] = &[
+    "person_id",
+    "nhs_number",
+    "age",
+    "sex",
+    "imd_quintile",
+    "place",
+    "bmi",
+    "diabetes",
+    "admission_date",
+    "lsoa",
+    "ndopt_out",
+];
 
-[release]
-per_query_epsilon_cap = 1.0
-delta = 1e-9
-min_reportable_count = 7
-max_group_cells = 500
-
-[opt_out]
-column = "ndopt_out"
-purposes = ["planning", "research"]
-
-[[datasets]]
-name = "gp_patients"
-source = { format = "parquet", path = "gp.parquet" }
-person_id = "person_id"
-max_rows_per_person = 1
-
-  [[datasets.columns]]
-  name = "person_id"
-  type = "text"
-  identifier = true
-
-  [[datasets.columns]]
-  name = "nhs_number"
-  type = "text"
-  identifier = true
-
-  [[datasets.columns]]
-  name = "age"
-  type = "integer"
-  filter = true
-  group = "declared"
-  aggregate = true
-  bounds = [0, 110]
-  min_bin_width = 5
-
-  [[datasets.columns]]
-  name = "sex"
-  type = "text"
-  filter = true
-  group = "declared"
-  domain = ["F", "M", "U"]
-
-  [[datasets.columns]]
-  name = "imd_quintile"
-  type = "integer"
-  filter = true
-  group = "declared"
-  domain = "1..5"
-
-  [[datasets.columns]]
-  name = "place"
-  type = "text"
-  filter = true
-  group = "threshold"
-
-  [[datasets.columns]]
-  name = "bmi"
-  type = "real"
-  filter = true
-  group = "declared"
-  aggregate = true
-  bounds = [10, 70]
-  bin_edges = [10, 18.5, 25, 30, 70]
-  min_bin_width = 2
-
-  [[datasets.columns]]
-  name = "diabetes"
-  type = "boolean"
-  filter = true
-  group = "declared"
-  domain = [false, true]
-
+/// A column the sample lacks: its one date (date of birth) is an identifier, and the
+/// date cases need a filterable date that is not a group key.
+const ADMISSION_DATE: &str = r#"
   [[datasets.columns]]
   name = "admission_date"
   type = "date"
   filter = true
+"#;
 
-  [[datasets.columns]]
-  name = "lsoa"
-  type = "text"
-
-  [[datasets.columns]]
-  name = "ndopt_out"
-  type = "boolean"
-
+/// What the tests add after the sample's dataset: a second dataset (for the dataset
+/// and project-dataset refusals) and their own requesters and projects, whose purposes,
+/// caps and dates the refusal cases are written against (a revoked requester, an
+/// expired project, per-query caps below the node's).
+const PARTIES: &str = r#"
 [[datasets]]
 name = "registry"
 source = { format = "csv", path = "registry.csv" }
@@ -169,8 +112,55 @@ expires = 2026-01-31
 budget = { epsilon = 3.0, period = "quarter", per_query_cap = 0.4 }
 "#;
 
+/// The base policy's text: the sample with the columns above, BMI in four classes (the
+/// limits test checks them), no explicit mechanism (the Gaussian tests add one) and the
+/// tests' parties in place of the sample's.
+static BASE: LazyLock<String> = LazyLock::new(|| {
+    let mut doc: DocumentMut = SAMPLE.parse().expect("the GP sample parses");
+    doc["release"]
+        .as_table_mut()
+        .expect("[release]")
+        .remove("mechanism");
+    let extra: DocumentMut = ADMISSION_DATE.parse().expect("a column");
+    let admission_date = extra["datasets"]["columns"]
+        .as_array_of_tables()
+        .and_then(|a| a.get(0))
+        .expect("the added column")
+        .clone();
+    let columns = doc["datasets"][0]["columns"]
+        .as_array_of_tables_mut()
+        .expect("gp_patients columns");
+    let first = columns.iter().filter_map(|t| t.position()).min();
+    let mut kept = ArrayOfTables::new();
+    for (i, name) in COLUMNS.iter().enumerate() {
+        let mut t = if *name == "admission_date" {
+            admission_date.clone()
+        } else {
+            columns
+                .iter()
+                .find(|t| t["name"].as_str() == Some(name))
+                .unwrap_or_else(|| panic!("the GP sample has no column {name}"))
+                .clone()
+        };
+        if *name == "bmi" {
+            t["bin_edges"] = toml_edit::value(
+                "[10, 18.5, 25, 30, 70]"
+                    .parse::<toml_edit::Value>()
+                    .expect("edges"),
+            );
+        }
+        // Printed in document position order: the order above.
+        t.set_position(first.map(|p| p + i as isize));
+        kept.push(t);
+    }
+    *columns = kept;
+    doc.remove("requesters");
+    doc.remove("projects");
+    format!("{doc}{PARTIES}")
+});
+
 fn base() -> Policy {
-    match Policy::parse("base.toml", BASE) {
+    match Policy::parse("base.toml", &BASE) {
         Ok(p) => p,
         Err(e) => panic!("base policy must be valid:\n{e}"),
     }
@@ -179,7 +169,7 @@ fn base() -> Policy {
 /// Apply `(from, to)` to BASE; an empty `from` appends `to`.
 fn mutate(from: &str, to: &str) -> String {
     if from.is_empty() {
-        return format!("{BASE}\n{to}\n");
+        return format!("{}\n{to}\n", *BASE);
     }
     assert!(BASE.contains(from), "BASE does not contain {from:?}");
     BASE.replacen(from, to, 1)
@@ -196,7 +186,7 @@ fn errors(text: &str) -> PolicyErrors {
 fn base_policy_is_valid_and_versioned_by_content() {
     let p = base();
     assert_eq!(p.version().len(), 64);
-    let q = Policy::parse("x", &format!("{BASE}\n# comment")).unwrap();
+    let q = Policy::parse("x", &format!("{}\n# comment", *BASE)).unwrap();
     assert_ne!(p.version(), q.version());
     assert!(p.requester_key("dsu").is_some());
     assert!(p.requester_key("nobody").is_none());
@@ -511,8 +501,8 @@ const VALIDATION_CASES: &[(&str, &str, &str, &str)] = &[
         "datasets[0].columns[1].filter",
     ),
     (
-        "max_rows_per_person = 1\n\n",
-        "max_rows_per_person = 0\n\n",
+        "max_rows_per_person = 1\n",
+        "max_rows_per_person = 0\n",
         "max_rows_per_person 0 must be between 1 and",
         "datasets[0].max_rows_per_person",
     ),
@@ -536,8 +526,8 @@ const VALIDATION_CASES: &[(&str, &str, &str, &str)] = &[
         "colour",
     ),
     (
-        "max_rows_per_person = 1\n\n",
-        "max_rows_per_person = \"one\"\n\n",
+        "max_rows_per_person = 1\n",
+        "max_rows_per_person = \"one\"\n",
         "invalid type: string \"one\"",
         "datasets[0].max_rows_per_person",
     ),

@@ -11,7 +11,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
-use phm_policies::model::{ColumnType, Mechanism, Rounding, Scope, TotalKind};
+use phm_policies::model::{ColumnType, Mechanism, Rounding, SourceFormat};
 use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits, Limits, PolicyFile};
 use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, Purpose, QueryBody};
 
@@ -25,7 +25,7 @@ const NULL_ID: &str = "\u{0}null";
 
 /// One fixture person. Person i: age (7i mod 100), sex F/M alternating, IMD quintile
 /// 1..=4 (5 never occurs), bmi 15..64 (some above the bound 60), opted out when
-/// i % 10 == 0, unknown opt-out when i % 10 == 5, region "North" except the last 3
+/// i % 10 == 0, unknown opt-out when i % 10 == 5, place "North" except the last 3
 /// ("Tiny"), diagnosis date 2023-01-01 + i days.
 #[derive(Clone)]
 struct Person {
@@ -35,7 +35,7 @@ struct Person {
     imd: i64,
     bmi: Option<f64>,
     opted_out: Option<bool>,
-    region: &'static str,
+    place: &'static str,
     diag_days: i32,
 }
 
@@ -57,7 +57,7 @@ fn people() -> Vec<Person> {
                 5 => None,
                 _ => Some(false),
             },
-            region: if i >= N_PEOPLE - 3 { "Tiny" } else { "North" },
+            place: if i >= N_PEOPLE - 3 { "Tiny" } else { "North" },
             diag_days: base + i as i32,
         })
         .collect()
@@ -70,8 +70,8 @@ fn batch(ps: &[Person]) -> RecordBatch {
         Field::new("sex", DataType::Utf8, true),
         Field::new("imd_quintile", DataType::Int64, true),
         Field::new("bmi", DataType::Float64, true),
-        Field::new("opted_out", DataType::Boolean, true),
-        Field::new("region", DataType::Utf8, true),
+        Field::new("ndopt_out", DataType::Boolean, true),
+        Field::new("place", DataType::Utf8, true),
         Field::new("diag_date", DataType::Date32, true),
     ]));
     let cols: Vec<ArrayRef> = vec![
@@ -96,7 +96,7 @@ fn batch(ps: &[Person]) -> RecordBatch {
             ps.iter().map(|p| p.opted_out).collect::<Vec<_>>(),
         )),
         Arc::new(StringArray::from(
-            ps.iter().map(|p| p.region).collect::<Vec<_>>(),
+            ps.iter().map(|p| p.place).collect::<Vec<_>>(),
         )),
         Arc::new(Date32Array::from(
             ps.iter().map(|p| p.diag_days).collect::<Vec<_>>(),
@@ -114,7 +114,7 @@ fn write_parquet(path: &Path, b: &RecordBatch) {
 
 fn write_csv(path: &Path, ps: &[Person]) {
     let mut s =
-        String::from("person_id,age,sex,imd_quintile,bmi,opted_out,region,diag_date,extra\n");
+        String::from("person_id,age,sex,imd_quintile,bmi,ndopt_out,place,diag_date,extra\n");
     for p in ps {
         let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()
             + chrono::Duration::days(i64::from(p.diag_days));
@@ -126,72 +126,41 @@ fn write_csv(path: &Path, ps: &[Person]) {
             p.imd,
             p.bmi.map(|b| b.to_string()).unwrap_or_default(),
             p.opted_out.map(|b| b.to_string()).unwrap_or_default(),
-            p.region,
+            p.place,
             date.format("%Y-%m-%d"),
         ));
     }
     std::fs::write(path, s).unwrap();
 }
 
-fn policy_text(format: &str, path: &str, max_rows: u32) -> String {
-    format!(
-        r#"
-version = 1
-[organisation]
-ods_code = "A81001"
-name = "Riverside Medical Practice"
-kind = "gp_practice"
-[opt_out]
-column = "opted_out"
-[[datasets]]
-name = "gp_patients"
-person_id = "person_id"
-max_rows_per_person = {max_rows}
-source = {{ format = "{format}", path = "{path}" }}
-[[datasets.columns]]
-name = "person_id"
-type = "text"
-identifier = true
-[[datasets.columns]]
-name = "age"
-type = "integer"
-filter = true
-group = "declared"
-bounds = [0, 110]
-bin_edges = [0, 18, 40, 65, 110]
-[[datasets.columns]]
-name = "sex"
-type = "text"
-filter = true
-group = "declared"
-domain = ["F", "M"]
-[[datasets.columns]]
-name = "imd_quintile"
-type = "integer"
-filter = true
-group = "declared"
-domain = "1..5"
-[[datasets.columns]]
-name = "bmi"
-type = "real"
-filter = true
-aggregate = true
-bounds = [10, 60]
-[[datasets.columns]]
-name = "region"
-type = "text"
-filter = true
-group = "threshold"
-[[datasets.columns]]
-name = "diag_date"
-type = "date"
-filter = true
-"#
-    )
-}
-
+/// The GP practice sample (`phm_devkit::fixture`) over the fixture file, declaring the
+/// columns `batch` and `write_csv` write.
 fn policy(format: &str, path: &str, max_rows: u32) -> PolicyFile {
-    toml::from_str(&policy_text(format, path, max_rows)).unwrap()
+    let format = match format {
+        "csv" => SourceFormat::Csv,
+        _ => SourceFormat::Parquet,
+    };
+    let mut p = phm_devkit::fixture::engine_gp_patients(
+        format,
+        path,
+        &[
+            "person_id",
+            "age",
+            "sex",
+            "imd_quintile",
+            "bmi",
+            "ndopt_out",
+            "place",
+        ],
+    )
+    .unwrap();
+    let ds = &mut p.datasets[0];
+    ds.max_rows_per_person = max_rows;
+    // The sample's one date (date of birth) is an identifier, never filtered; the
+    // date-filter tests need a filterable date column.
+    ds.columns
+        .push(toml::from_str("name = \"diag_date\"\ntype = \"date\"\nfilter = true").unwrap());
+    p
 }
 
 /// A temp dir holding the standard fixture as Parquet, and the engine loaded on it.
@@ -238,10 +207,10 @@ fn by_age_band() -> GroupLimits {
     }
 }
 
-fn by_region() -> GroupLimits {
+fn by_place() -> GroupLimits {
     GroupLimits {
-        column: col("region", ColumnType::Text, None),
-        label: "region".into(),
+        column: col("place", ColumnType::Text, None),
+        label: "place".into(),
         domain: GroupDomain::Thresholded,
     }
 }
@@ -263,26 +232,7 @@ fn bmi_agg(alias: &str, kind: AggregateKind) -> AggregateLimits {
 }
 
 fn limits(group_by: Vec<GroupLimits>, aggregates: Vec<AggregateLimits>, epsilon: f64) -> Limits {
-    Limits {
-        policy_version: "test".into(),
-        dataset: "gp_patients".into(),
-        person_id: "person_id".into(),
-        max_rows_per_person: 1,
-        total_kind: TotalKind::DistinctPeople,
-        exclude_opted_out: None,
-        group_by,
-        aggregates,
-        filter_columns: vec![],
-        epsilon,
-        mechanism: Mechanism::DiscreteLaplace,
-        delta: 1e-9,
-        spend: phm_policies::Spend::ZERO,
-        min_reportable_count: 7.0,
-        rounding: Rounding::Nearest5,
-        scope: Scope::Standalone,
-        charges: vec![],
-        registered_population: None,
-    }
+    phm_devkit::fixture::engine_limits("test", group_by, aggregates, epsilon).unwrap()
 }
 
 fn query(filter: Option<Predicate>) -> QueryBody {
@@ -487,7 +437,7 @@ async fn csv_and_parquet_give_the_same_exact_answer() {
 async fn opted_out_and_unknown_opt_out_rows_are_excluded() {
     let (_d, engine) = parquet_engine().await;
     let mut l = limits(vec![], vec![count_agg()], 1.0);
-    l.exclude_opted_out = Some("opted_out".into());
+    l.exclude_opted_out = Some("ndopt_out".into());
     let r = engine.execute_exact(&query(None), &l).await.unwrap();
     let expected = people()
         .iter()
@@ -616,11 +566,11 @@ async fn every_predicate_form_matches_a_reference() {
         ),
         (
             Predicate::Not(Box::new(cmp(
-                "region",
+                "place",
                 CompareOp::Eq,
                 Literal::Text("Tiny".into()),
             ))),
-            n(&|p| p.region != "Tiny"),
+            n(&|p| p.place != "Tiny"),
         ),
         (Predicate::All(vec![]), N_PEOPLE as f64),
         (Predicate::Any(vec![]), 0.0),
@@ -873,7 +823,7 @@ async fn numeric_bins_label_by_lower_edge_and_clamp() {
 #[tokio::test]
 async fn thresholded_keys_drop_small_groups() {
     let (_d, engine) = parquet_engine().await;
-    let l = limits(vec![by_region()], vec![count_agg()], 1.0);
+    let l = limits(vec![by_place()], vec![count_agg()], 1.0);
     let exact = engine.execute_exact(&query(None), &l).await.unwrap();
     let keys: Vec<&str> = exact.rows.iter().map(|r| r.key[0].as_str()).collect();
     assert_eq!(keys, vec!["North", "Tiny"]);
@@ -898,7 +848,7 @@ async fn epsilon_spent_never_exceeds_the_query_epsilon() {
     ];
     for mechanism in [Mechanism::DiscreteLaplace, Mechanism::DiscreteGaussian] {
         for eps in [0.01, 0.3, 1.0, 7.0] {
-            for groups in [vec![by_imd(), by_sex()], vec![by_region()], vec![]] {
+            for groups in [vec![by_imd(), by_sex()], vec![by_place()], vec![]] {
                 let groups_len = groups.len();
                 let mut l = limits(groups, aggs.clone(), eps);
                 l.mechanism = mechanism;
@@ -1611,7 +1561,7 @@ async fn csv_booleans_accept_the_usual_spellings_in_any_case() {
         .await
         .unwrap();
     let mut l = limits(vec![], vec![count_agg()], 1.0);
-    l.exclude_opted_out = Some("opted_out".into());
+    l.exclude_opted_out = Some("ndopt_out".into());
     let r = engine.execute_exact(&query(None), &l).await.unwrap();
     let kept = ps.iter().filter(|p| p.opted_out == Some(false)).count();
     assert_eq!(total_count(&r), kept as f64);
@@ -1625,7 +1575,7 @@ async fn csv_booleans_accept_the_usual_spellings_in_any_case() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, DataError::BadValue { column, at: Position::Line(42), .. } if column == "opted_out"),
+        matches!(&err, DataError::BadValue { column, at: Position::Line(42), .. } if column == "ndopt_out"),
         "{err}"
     );
     let msg = err.to_string();
@@ -1681,104 +1631,6 @@ async fn a_load_error_says_where_once_and_has_no_source() {
 
 // ---------------------------------------------------------------- timing (by hand)
 
-/// Writes `rows` synthetic rows like the criterion bench (`benches/engine.rs`): one row
-/// per person unless `repeat_every` > 0, BMI uniform on [15, 45) with 5% NULL.
-fn write_timing_data(path: &Path, rows: usize, repeat_every: usize) {
-    use rand::{Rng, SeedableRng, rngs::StdRng};
-    let mut rng = StdRng::seed_from_u64(20_261_123);
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Utf8, false),
-        Field::new("age", DataType::Int64, false),
-        Field::new("sex", DataType::Utf8, false),
-        Field::new("imd_quintile", DataType::Int64, false),
-        Field::new("bmi", DataType::Float64, true),
-        Field::new("opted_out", DataType::Boolean, false),
-    ]));
-    let f = std::fs::File::create(path).unwrap();
-    let mut w = ArrowWriter::try_new(f, schema.clone(), None).unwrap();
-    let (mut ids, mut age, mut sex, mut imd, mut bmi, mut opt) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut person = 0usize;
-    while ids.len() < rows {
-        let copies = if repeat_every > 0 && person.is_multiple_of(repeat_every) {
-            2
-        } else {
-            1
-        };
-        let a: i64 = rng.gen_range(0..100);
-        let s = if rng.gen_bool(0.5) { "F" } else { "M" };
-        let q: i64 = rng.gen_range(1..=5);
-        let b: Option<f64> = rng.gen_bool(0.95).then(|| rng.gen_range(15.0..45.0));
-        let o = rng.gen_bool(0.03);
-        for _ in 0..copies {
-            if ids.len() < rows {
-                ids.push(format!("P{person:09}"));
-                age.push(a);
-                sex.push(s);
-                imd.push(q);
-                bmi.push(b);
-                opt.push(o);
-            }
-        }
-        person += 1;
-    }
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(ids)),
-        Arc::new(Int64Array::from(age)),
-        Arc::new(StringArray::from(sex)),
-        Arc::new(Int64Array::from(imd)),
-        Arc::new(Float64Array::from(bmi)),
-        Arc::new(BooleanArray::from(opt)),
-    ];
-    w.write(&RecordBatch::try_new(schema, cols).unwrap())
-        .unwrap();
-    w.close().unwrap();
-}
-
-fn timing_policy(file: &str) -> PolicyFile {
-    toml::from_str(&format!(
-        r#"
-version = 1
-[organisation]
-ods_code = "A81001"
-name = "Timing practice"
-kind = "gp_practice"
-[opt_out]
-column = "opted_out"
-[[datasets]]
-name = "gp_patients"
-person_id = "person_id"
-max_rows_per_person = 1
-source = {{ format = "parquet", path = "{file}" }}
-[[datasets.columns]]
-name = "person_id"
-type = "text"
-identifier = true
-[[datasets.columns]]
-name = "age"
-type = "integer"
-filter = true
-bounds = [0, 110]
-[[datasets.columns]]
-name = "sex"
-type = "text"
-group = "declared"
-domain = ["F", "M"]
-[[datasets.columns]]
-name = "imd_quintile"
-type = "integer"
-group = "declared"
-domain = "1..5"
-[[datasets.columns]]
-name = "bmi"
-type = "real"
-aggregate = true
-bounds = [10, 60]
-"#
-    ))
-    .unwrap()
-}
-
 fn median_ms(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -1806,11 +1658,15 @@ async fn timing_1m() {
     for (name, repeat_every) in [("1M", 0usize), ("1M_bounding", 100)] {
         let file = format!("gp_{name}.parquet");
         let path = dir.path().join(&file);
-        write_timing_data(&path, 1_000_000, repeat_every);
+        // The criterion bench's data and policy (BMI on [15, 45), so no clamping).
+        phm_devkit::fixture::write_bench_data(&path, 1_000_000, repeat_every, 45.0).unwrap();
         let t = Instant::now();
-        let engine = Engine::load(&timing_policy(&file), dir.path())
-            .await
-            .unwrap();
+        let engine = Engine::load(
+            &phm_devkit::fixture::bench_policy(&file).unwrap(),
+            dir.path(),
+        )
+        .await
+        .unwrap();
         eprintln!("{name}: load {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
         // What one query's two fingerprint checks cost, and what a full content hash
         // per query would cost instead (the reason there is none).

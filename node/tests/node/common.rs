@@ -1,5 +1,5 @@
-//! Shared fixtures for the node's in-process tests: a small GP practice (policy + CSV
-//! written to a temporary folder), requester keys, query builders, a domain service
+//! Shared fixtures for the node's in-process tests: a small GP practice (the GP practice
+//! sample policy + CSV written to a temporary folder), requester keys, query builders, a domain service
 //! over that fixture, and test certificates for mutual TLS.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
@@ -8,6 +8,8 @@ use phm_node::audit::AuditLog;
 use phm_node::metrics::Metrics;
 use phm_node::service::{Service, ServiceLimits};
 use phm_node::store::Store;
+use phm_policies::PolicyFile;
+use phm_policies::model::{Budget, DEFAULT_BUDGET_DELTA, Period, Project, Requester, SourceFormat};
 use phm_proto::signing::public_key_to_base64;
 use phm_proto::{Aggregate, AggregateKind, GroupKey, Purpose, QueryBody, SignedQuery};
 use std::path::{Path, PathBuf};
@@ -30,112 +32,73 @@ fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
 
-/// The fixture's policy; `dsu_purposes` lets reload tests change what dsu may do.
-pub fn policy_text(f: &Fixture, dsu_purposes: &str) -> String {
-    format!(
-        r#"version = 1
-
-[organisation]
-ods_code = "A81001"
-name = "Test Practice"
-kind = "gp_practice"
-registered_population = 240
-
-[release]
-min_reportable_count = 7
-rounding = "nearest_5"
-scope = "standalone"
-per_query_epsilon_cap = 1.0
-mechanism = "discrete_laplace"
-query_validity_seconds = 300
-
-[opt_out]
-column = "ndopt_out"
-purposes = ["planning", "research"]
-
-[[datasets]]
-name = "gp_patients"
-source = {{ format = "csv", path = "gp_patients.csv" }}
-person_id = "person_id"
-max_rows_per_person = 1
-total_kind = "distinct_people"
-
-  [[datasets.columns]]
-  name = "person_id"
-  type = "text"
-  identifier = true
-
-  [[datasets.columns]]
-  name = "age"
-  type = "integer"
-  filter = true
-  group = "declared"
-  aggregate = true
-  bounds = [0, 110]
-  min_bin_width = 5
-
-  [[datasets.columns]]
-  name = "sex"
-  type = "text"
-  filter = true
-  group = "declared"
-  domain = ["F", "M", "U"]
-
-  [[datasets.columns]]
-  name = "imd_quintile"
-  type = "integer"
-  filter = true
-  group = "declared"
-  domain = "1..5"
-
-  [[datasets.columns]]
-  name = "ndopt_out"
-  type = "boolean"
-
-[[requesters]]
-id = "dsu"
-organisation = "Test ICB"
-role = "analyst"
-public_key = "{dsu}"
-purposes = [{dsu_purposes}]
-datasets = ["gp_patients"]
-budget = {{ epsilon = {budget}, period = "month", per_query_cap = {cap} }}
-
-[[requesters]]
-id = "gone"
-organisation = "Test ICB"
-role = "former analyst"
-public_key = "{gone}"
-purposes = ["planning"]
-datasets = ["gp_patients"]
-budget = {{ epsilon = 10.0, period = "month", per_query_cap = 1.0 }}
-revoked = true
-
-[[requesters]]
-id = "researcher"
-organisation = "Test University"
-role = "research fellow"
-public_key = "{researcher}"
-purposes = ["research"]
-datasets = ["gp_patients"]
-budget = {{ epsilon = 10.0, period = "month", per_query_cap = 1.0 }}
-
-[[projects]]
-id = "{PROJECT}"
-approval_ref = "IRAS 000001"
-lead = "researcher"
-requesters = ["researcher"]
-datasets = ["gp_patients"]
-columns = ["sex", "imd_quintile"]
-expires = 2099-12-31
-budget = {{ epsilon = 2.0, period = "quarter", per_query_cap = 0.5 }}
-"#,
-        dsu = public_key_to_base64(&f.dsu.verifying_key()),
-        gone = public_key_to_base64(&f.gone.verifying_key()),
-        researcher = public_key_to_base64(&f.researcher.verifying_key()),
-        budget = f.dsu_budget,
-        cap = f.dsu_budget.min(1.0),
+/// The fixture's policy: the GP practice sample (`phm_devkit::fixture`) over the
+/// fixture's CSV, with the test requesters and project; `dsu_purposes` lets reload tests
+/// change what dsu may do.
+pub fn policy(f: &Fixture, dsu_purposes: &[&str]) -> PolicyFile {
+    let mut p = phm_devkit::fixture::gp_patients(
+        SourceFormat::Csv,
+        "gp_patients.csv",
+        &["person_id", "age", "sex", "imd_quintile", "ndopt_out"],
     )
+    .expect("the GP sample");
+    // The fixture's list size is its 240 patients (the sample's is the real practice's).
+    p.organisation.registered_population = Some(240);
+    let budget = |epsilon: f64, period: Period, per_query_cap: f64| Budget {
+        epsilon,
+        period,
+        per_query_cap,
+        delta: DEFAULT_BUDGET_DELTA,
+    };
+    let requester = |id: &str, key: &SigningKey, purposes: &[&str], budget: Budget| Requester {
+        id: id.into(),
+        public_key: public_key_to_base64(&key.verifying_key()),
+        purposes: purposes.iter().map(|s| s.to_string()).collect(),
+        datasets: vec!["gp_patients".into()],
+        budget,
+        revoked: false,
+        organisation: "Test ICB".into(),
+        role: "analyst".into(),
+    };
+    p.requesters = vec![
+        requester(
+            "dsu",
+            &f.dsu,
+            dsu_purposes,
+            budget(f.dsu_budget, Period::Month, f.dsu_budget.min(1.0)),
+        ),
+        Requester {
+            revoked: true,
+            ..requester(
+                "gone",
+                &f.gone,
+                &["planning"],
+                budget(10.0, Period::Month, 1.0),
+            )
+        },
+        requester(
+            "researcher",
+            &f.researcher,
+            &["research"],
+            budget(10.0, Period::Month, 1.0),
+        ),
+    ];
+    p.projects = vec![Project {
+        id: PROJECT.into(),
+        approval_ref: "IRAS 000001".into(),
+        lead: "researcher".into(),
+        requesters: vec!["researcher".into()],
+        datasets: vec!["gp_patients".into()],
+        columns: vec!["sex".into(), "imd_quintile".into()],
+        expires: "2099-12-31".parse().expect("a TOML date"),
+        budget: budget(2.0, Period::Quarter, 0.5),
+    }];
+    p
+}
+
+/// [`policy`] as the text of a policy file.
+pub fn policy_text(f: &Fixture, dsu_purposes: &[&str]) -> String {
+    toml::to_string(&policy(f, dsu_purposes)).expect("policy TOML")
 }
 
 /// A practice of 240 patients, every 20th opted out.
@@ -163,7 +126,7 @@ pub fn fixture(dsu_budget: f64) -> Fixture {
     };
     std::fs::write(
         &f.policy_path,
-        policy_text(&f, "\"planning\", \"direct_care\""),
+        policy_text(&f, &["planning", "direct_care"]),
     )
     .expect("policy");
     std::fs::create_dir_all(&f.data_dir).expect("state");
@@ -223,7 +186,7 @@ pub fn sign(body: QueryBody, key: &SigningKey) -> SignedQuery {
     body.sign(key)
 }
 
-pub fn period_label_now(period: phm_policies::model::Period) -> String {
+pub fn period_label_now(period: Period) -> String {
     phm_node::service::period_label(period, chrono::Utc::now())
 }
 

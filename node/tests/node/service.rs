@@ -9,7 +9,7 @@ use crate::common::*;
 use phm_node::audit::verify_log;
 use phm_node::reload::{ReloadOutcome, reload};
 use phm_node::service::ServiceLimits;
-use phm_policies::model::Period;
+use phm_policies::model::{Grouping, Period};
 use phm_proto::{DenialReason, GroupKey, ProofOp, Purpose, RequesterProof};
 use std::time::Duration;
 
@@ -455,7 +455,7 @@ async fn reload_applies_valid_policies_and_keeps_the_old_one_on_invalid_ones() {
 
     // dsu loses planning: takes effect at once, without reloading the data.
     let engine_before = svc.current().engine.clone();
-    std::fs::write(&f.policy_path, policy_text(&f, "\"direct_care\"")).unwrap();
+    std::fs::write(&f.policy_path, policy_text(&f, &["direct_care"])).unwrap();
     let ReloadOutcome::Applied(v2) = reload(&svc, &f.policy_path).await else {
         panic!("valid policy not applied")
     };
@@ -535,15 +535,16 @@ allowed_clients = ["san:coordinator-client"]
 /// The fixture's policy with `sex` thresholded (no declared domain) and the dsu's
 /// delta budget set to `delta_budget`.
 fn thresholded_policy(f: &Fixture, delta_budget: f64) -> String {
-    policy_text(f, "\"planning\", \"direct_care\"")
-        .replace(
-            "  group = \"declared\"\n  domain = [\"F\", \"M\", \"U\"]",
-            "  group = \"threshold\"",
-        )
-        .replace(
-            "per_query_cap = 1 }",
-            &format!("per_query_cap = 1, delta = {delta_budget:e} }}"),
-        )
+    let mut p = policy(f, &["planning", "direct_care"]);
+    let sex = p.datasets[0]
+        .columns
+        .iter_mut()
+        .find(|c| c.name == "sex")
+        .unwrap();
+    sex.group = Grouping::Threshold;
+    sex.domain = None;
+    p.requesters[0].budget.delta = delta_budget;
+    toml::to_string(&p).unwrap()
 }
 
 fn count_by_sex(epsilon: f64) -> phm_proto::QueryBody {
@@ -689,7 +690,7 @@ async fn query_ids_are_per_requester_retries_are_free_and_cache_hits_are_re_deci
     );
 
     // The policy no longer allows planning: even a cached answer is refused.
-    std::fs::write(&f.policy_path, policy_text(&f, "\"direct_care\"")).unwrap();
+    std::fs::write(&f.policy_path, policy_text(&f, &["direct_care"])).unwrap();
     assert!(matches!(
         reload(&svc, &f.policy_path).await,
         ReloadOutcome::Applied(_)
