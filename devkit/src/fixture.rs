@@ -104,7 +104,6 @@ pub fn engine_limits(
         exclude_opted_out: None,
         group_by,
         aggregates,
-        filter_columns: vec![],
         epsilon,
         mechanism: p.release.mechanism,
         delta: p.release.delta,

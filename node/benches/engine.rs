@@ -38,7 +38,7 @@ fn limits() -> Limits {
         bounds,
     };
     let bmi = || Some(col("bmi", ColumnType::Real, Some((10.0, 60.0))));
-    let mut l = match engine_limits(
+    match engine_limits(
         "bench",
         vec![
             GroupLimits {
@@ -73,9 +73,7 @@ fn limits() -> Limits {
     ) {
         Ok(l) => l,
         Err(e) => panic!("limits: {e}"),
-    };
-    l.filter_columns = vec![col("age", ColumnType::Integer, None)];
-    l
+    }
 }
 
 fn query() -> QueryBody {

@@ -189,8 +189,6 @@ pub struct Limits {
     pub exclude_opted_out: Option<String>,
     pub group_by: Vec<GroupLimits>,
     pub aggregates: Vec<AggregateLimits>,
-    /// Columns the filter reads, with their types (all checked filterable).
-    pub filter_columns: Vec<ColumnLimits>,
     /// Total epsilon this query spends at this node (what was requested, within caps).
     pub epsilon: f64,
     pub mechanism: Mechanism,

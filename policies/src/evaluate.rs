@@ -265,7 +265,6 @@ impl<'a> DatasetCtx<'a> {
 struct DatasetChecks {
     group_by: Vec<GroupLimits>,
     aggregates: Vec<AggregateLimits>,
-    filter_columns: Vec<ColumnLimits>,
     exclude_opted_out: Option<String>,
 }
 
@@ -315,10 +314,9 @@ fn check_against_dataset(
     };
     let group_by = check_group_keys(policy, q, &ctx, t);
     let aggregates = check_aggregates(q, &ctx, t);
-    let filter_columns = match &q.filter {
-        Some(filter) => check_filter(filter, &ctx, t),
-        None => Vec::new(),
-    };
+    if let Some(filter) = &q.filter {
+        check_filter(filter, &ctx, t);
+    }
     if let Some(p) = project {
         check_project_columns(q, p, t);
     }
@@ -326,7 +324,6 @@ fn check_against_dataset(
     DatasetChecks {
         group_by,
         aggregates,
-        filter_columns,
         exclude_opted_out,
     }
 }
@@ -420,7 +417,6 @@ fn limits(
         exclude_opted_out: checks.exclude_opted_out,
         group_by: checks.group_by,
         aggregates: checks.aggregates,
-        filter_columns: checks.filter_columns,
         epsilon: q.epsilon,
         mechanism: r.mechanism,
         delta: r.delta,
@@ -966,8 +962,9 @@ fn leaves(p: &Predicate) -> Vec<&Predicate> {
     out
 }
 
-fn check_filter(filter: &Predicate, ctx: &DatasetCtx<'_>, t: &mut Trace) -> Vec<ColumnLimits> {
-    let mut cols: Vec<ColumnLimits> = Vec::new();
+/// Every column the filter reads is filterable and compared with literals of its
+/// type. (The engine derives what it needs from the query itself, so nothing is kept.)
+fn check_filter(filter: &Predicate, ctx: &DatasetCtx<'_>, t: &mut Trace) {
     for leaf in leaves(filter) {
         let subject = format!("filter {leaf}");
         let (name, literals, ordered): (&str, Vec<&Literal>, bool) = match leaf {
@@ -1023,11 +1020,7 @@ fn check_filter(filter: &Predicate, ctx: &DatasetCtx<'_>, t: &mut Trace) -> Vec<
                 "filterable, types match",
             );
         }
-        if !cols.iter().any(|x| x.name == c.name) {
-            cols.push(column_limits(c));
-        }
     }
-    cols
 }
 
 fn literal_fits(c: &Column, lit: &Literal) -> Result<(), String> {
