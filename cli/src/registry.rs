@@ -3,7 +3,7 @@
 //! the nodes' public identities in a registry signed with the IG leads' key, and
 //! `phm registry verify` shows what a node would accept.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Subcommand;
 use phm_relay::{NodeId, NodeIdentity, NodePublic, Registry, RegistryEntry};
 use std::path::{Path, PathBuf};
@@ -64,40 +64,16 @@ fn node_public(arg: &str) -> anyhow::Result<NodePublic> {
         .map_err(|e| anyhow::anyhow!("{arg}: not a node identity line ({e}); expected the `phm-node/v1 …` line `phm keys new --kind node` prints"))
 }
 
-/// Write a private file (mode 0600), refusing to overwrite.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    if path.exists() {
-        bail!(
-            "{} already exists; refusing to overwrite a key (delete it first)",
-            path.display()
-        );
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut f = options
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// `phm keys new --kind node`: the identity file (secret, 0600) and FILE.pub with
 /// the public line. Returns the public line.
 pub fn new_node_identity(node_id: &str, out: &Path) -> anyhow::Result<String> {
     let id = NodeId::new(node_id).map_err(|e| anyhow::anyhow!("--node-id {node_id:?}: {e}"))?;
     let identity = NodeIdentity::generate(id).map_err(|e| anyhow::anyhow!("{e}"))?;
-    write_private(out, identity.to_file_text().as_str())?;
+    phm_proto::keyfile::write_secret(out, identity.to_file_text().as_bytes())?;
     let line = identity.public().to_text();
-    let mut pub_path = out.as_os_str().to_owned();
-    pub_path.push(".pub");
+    let pub_path = phm_proto::keyfile::pub_path(out);
     std::fs::write(&pub_path, format!("{line}\n"))
-        .with_context(|| format!("cannot write {}", PathBuf::from(&pub_path).display()))?;
+        .with_context(|| format!("cannot write {}", pub_path.display()))?;
     Ok(line)
 }
 

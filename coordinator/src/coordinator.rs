@@ -358,7 +358,8 @@ impl Inner {
                     }
                     Err(m) => {
                         progress.outcome = NodeOutcome::Malformed;
-                        progress.epsilon_spent = if epsilon.is_finite() { epsilon } else { 0.0 };
+                        // Decoding checked it is a finite, non-negative number.
+                        progress.epsilon_spent = epsilon;
                         progress.message = format!("excluded: malformed answer: {m}");
                     }
                 }

@@ -34,7 +34,8 @@ pub struct NewKey {
     pub public_key_base64: String,
 }
 
-fn pub_path(path: &Path) -> PathBuf {
+/// `FILE.pub`: where the public half of the secret in FILE is written.
+pub fn pub_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".pub");
     PathBuf::from(s)
@@ -42,14 +43,9 @@ fn pub_path(path: &Path) -> PathBuf {
 
 /// Generate a fresh key from the OS random source and write FILE and FILE.pub.
 pub fn new_key_file(path: &Path) -> Result<NewKey, KeyFileError> {
-    if path.exists() {
-        return Err(KeyFileError::Exists {
-            path: path.to_path_buf(),
-        });
-    }
     let key = PrivateKey::generate(&mut rand::rngs::OsRng);
     let pem = signing::private_key_to_pem(&key).map_err(|e| KeyFileError::Encode(e.to_string()))?;
-    write_private(path, pem.as_bytes())?;
+    write_secret(path, pem.as_bytes())?;
     let public_key_base64 = signing::public_key_to_base64(&key.verifying_key());
     let public_path = pub_path(path);
     std::fs::write(&public_path, format!("{public_key_base64}\n")).map_err(|source| {
@@ -65,7 +61,14 @@ pub fn new_key_file(path: &Path) -> Result<NewKey, KeyFileError> {
     })
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
+/// Write a new secret file (a requester key, a node identity): created 0600, never
+/// over an existing file, and synced.
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
+    if path.exists() {
+        return Err(KeyFileError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
     use std::io::Write;
     let err = |source| KeyFileError::Write {
         path: path.to_path_buf(),

@@ -380,24 +380,17 @@ impl NodeExt for RunningNode {
             &["--config", &self.config.display().to_string()],
             log,
         );
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = proc.child.try_wait() {
-                return StartOutcome::Exited {
-                    code: status.code(),
-                    log: proc.log_text(),
-                };
-            }
-            if std::net::TcpStream::connect(&self.addr).is_ok() {
+        match proc.wait_listening(&self.addr, timeout) {
+            Ok(()) => {
                 self.proc = proc;
-                return StartOutcome::Listening;
+                StartOutcome::Listening
             }
-            if Instant::now() > deadline {
+            Err(_) => {
+                let code = proc.child.try_wait().ok().flatten().and_then(|s| s.code());
                 let log = proc.log_text();
                 proc.kill9();
-                return StartOutcome::Exited { code: None, log };
+                StartOutcome::Exited { code, log }
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
