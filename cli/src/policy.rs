@@ -185,6 +185,7 @@ fn explain_query(a: &ExplainArgs<'_>) -> anyhow::Result<(String, bool)> {
         epsilon: a.epsilon,
         issued_at_unix_ms: a.now.timestamp_millis(),
         nonce: b"phm-policy-explain".to_vec(),
+        linkage: None,
     };
     let mut out = vec![
         format!("policy:  {name} (version {})", short(policy.version())),

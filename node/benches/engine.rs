@@ -94,6 +94,7 @@ fn query() -> QueryBody {
         epsilon: 1.0,
         issued_at_unix_ms: 0,
         nonce: vec![0; 16],
+        linkage: None,
     }
 }
 

@@ -29,6 +29,75 @@ pub struct PolicyFile {
     /// sealed frames, and trusts only nodes that registry lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<Peers>,
+    /// Linked questions across partners (DH-PSI on the NHS number through the
+    /// coordinator). Absent: every linked query is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linkage: Option<Linkage>,
+}
+
+/// Default `linkage.max_set_size`: the most real people this node puts in one set.
+pub const DEFAULT_MAX_SET_SIZE: u64 = 2_000_000;
+
+fn default_max_set_size() -> u64 {
+    DEFAULT_MAX_SET_SIZE
+}
+
+/// What linked questions this node takes part in. Default deny: a pairing is allowed
+/// only when a `[[linkage.partners]]` entry names the other organisation, both
+/// datasets and this node's role, the purpose is listed here, and the requester (or
+/// research project) has `linked_queries = true`. The other node decides its own side
+/// under its own policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Linkage {
+    /// Purposes linked questions may serve: planning, research (never direct_care,
+    /// which has no business with a population count).
+    pub purposes: Vec<String>,
+    /// Most real people this node will put in one linkage set; a bigger cohort is
+    /// refused before anything is sent.
+    #[serde(default = "default_max_set_size")]
+    pub max_set_size: u64,
+    #[serde(default)]
+    pub partners: Vec<LinkPartner>,
+}
+
+/// This node's side of a linked question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkRole {
+    /// Holds the outer dataset (`FROM ... g`) and its group labels; learns only noisy
+    /// linked counts.
+    Anchor,
+    /// Holds the EXISTS dataset; blinds its set and adds the noise; learns no count.
+    Partner,
+}
+
+impl LinkRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkRole::Anchor => "anchor",
+            LinkRole::Partner => "partner",
+        }
+    }
+}
+
+/// One organisation this node may link with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkPartner {
+    /// The other organisation's ODS code, as the signed node registry lists it.
+    pub ods_code: String,
+    /// Optional extra pin of the other node's public identity (the `phm-node/v1 ...`
+    /// line of its `.pub` file): when set, a registry listing another key for this
+    /// organisation is refused, so even the registry signers cannot swap it silently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_key: Option<String>,
+    /// This node's datasets that may be linked with this partner.
+    pub our_datasets: Vec<String>,
+    /// The partner's datasets they may be linked with.
+    pub their_datasets: Vec<String>,
+    /// The roles this node may take with this partner.
+    pub roles: Vec<LinkRole>,
 }
 
 /// Which other nodes this node will exchange sealed frames with, for linked and
@@ -220,6 +289,12 @@ pub struct Dataset {
     /// Set when this dataset cannot contain opted-out patients' rows.
     #[serde(default)]
     pub opt_out_not_applicable: bool,
+    /// The column holding the NHS number this dataset links on (`person` in a linked
+    /// query). It must be a text column marked `identifier = true`: it is read only to
+    /// build blinded linkage sets, never filtered, grouped or released. Absent: the
+    /// dataset cannot be linked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_key: Option<String>,
     pub columns: Vec<Column>,
 }
 
@@ -368,6 +443,9 @@ pub struct Requester {
     /// A revoked requester is refused, whatever its signature.
     #[serde(default)]
     pub revoked: bool,
+    /// May ask linked questions (default false).
+    #[serde(default)]
+    pub linked_queries: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -386,6 +464,9 @@ pub struct Project {
     #[schemars(with = "String")]
     pub expires: toml::value::Datetime,
     pub budget: Budget,
+    /// Linked questions are approved for this project (default false).
+    #[serde(default)]
+    pub linked_queries: bool,
 }
 
 // The policy language's schema-carrying enums convert into the one result model that

@@ -6,7 +6,7 @@
 //! column does not hide a bad requester further down.
 
 use crate::model::{
-    Dataset, OptOut, Organisation, Peers, PolicyFile, Project, ReleaseRules, Requester,
+    Dataset, OptOut, Organisation, Linkage, Peers, PolicyFile, Project, ReleaseRules, Requester,
 };
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -131,6 +131,7 @@ const TOP_LEVEL: &[&str] = &[
     "requesters",
     "projects",
     "peers",
+    "linkage",
 ];
 
 /// Parse the text into the model, or every problem found.
@@ -169,6 +170,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
     let mut requesters = Some(Vec::new());
     let mut projects = Some(Vec::new());
     let mut peers: Option<Option<Peers>> = Some(None);
+    let mut linkage: Option<Option<Linkage>> = Some(None);
     for (k, v) in root.iter() {
         let key = k.get_ref().as_ref();
         match key {
@@ -180,6 +182,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
             "requesters" => requesters = p.list(v, key, |p, v, path| p.de::<Requester>(v, path)),
             "projects" => projects = p.list(v, key, |p, v, path| p.de::<Project>(v, path)),
             "peers" => peers = p.de::<Peers>(v, key).map(Some),
+            "linkage" => linkage = p.de::<Linkage>(v, key).map(Some),
             other => p.errors.push(Located {
                 offset: k.span().start,
                 field: other.to_string(),
@@ -223,6 +226,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
         requesters,
         projects,
         peers,
+        linkage,
     ) {
         (
             Some(version),
@@ -233,6 +237,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
             Some(requesters),
             Some(projects),
             Some(peers),
+            Some(linkage),
         ) => Ok((
             PolicyFile {
                 version,
@@ -243,6 +248,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
                 requesters,
                 projects,
                 peers,
+                linkage,
             },
             index,
         )),

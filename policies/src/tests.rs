@@ -722,6 +722,7 @@ fn query() -> QueryBody {
         epsilon: 0.5,
         issued_at_unix_ms: 1,
         nonce: vec![1; 16],
+        linkage: None,
     }
 }
 

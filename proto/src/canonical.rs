@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 const QUERY_TAG: &[u8] = b"phm.v1.AggregateQuery\0";
 const PROOF_TAG: &[u8] = b"phm.v1.RequesterProof\0";
+const LINKAGE_TAG: &[u8] = b"phm.v1.Linkage\0";
 
 #[derive(Default)]
 struct Encoder(Vec<u8>);
@@ -181,6 +182,7 @@ impl QueryBody {
             epsilon,
             issued_at_unix_ms,
             nonce,
+            linkage,
         } = self;
         let mut e = Encoder::default();
         e.0.extend_from_slice(QUERY_TAG);
@@ -204,6 +206,22 @@ impl QueryBody {
         e.f64(*epsilon);
         e.i64(*issued_at_unix_ms);
         e.bytes(nonce);
+        // Appended only when present, so every query without linkage keeps the bytes
+        // (and the pinned digest, and outstanding signatures) it always had. The tag
+        // keeps the encoding injective: a non-linked encoding ends at the nonce.
+        if let Some(l) = linkage {
+            e.0.extend_from_slice(LINKAGE_TAG);
+            e.str(&l.partner_dataset);
+            match &l.partner_filter {
+                None => e.u8(0),
+                Some(p) => {
+                    e.u8(1);
+                    e.predicate(p);
+                }
+            }
+            e.u8(u8::from(l.negated));
+            e.u32(l.min_partner_rows as usize);
+        }
         e.0
     }
 
@@ -301,6 +319,7 @@ mod tests {
             epsilon: 0.5,
             issued_at_unix_ms: 1_790_000_000_000,
             nonce: vec![7; 16],
+            linkage: None,
         }
     }
 

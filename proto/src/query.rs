@@ -14,6 +14,8 @@ pub const MAX_ID_LEN: usize = 128;
 pub const MAX_TEXT_LITERAL_LEN: usize = 1_024;
 pub const MIN_NONCE_LEN: usize = 16;
 pub const MAX_NONCE_LEN: usize = 64;
+/// Largest `k` of a linked query's `HAVING COUNT(*) >= k`.
+pub const MAX_MIN_PARTNER_ROWS: u32 = 100;
 
 /// A fresh nonce: `MIN_NONCE_LEN` bytes from the operating system's random source,
 /// for every requester that signs (the CLI, the console, the test suites).
@@ -275,6 +277,39 @@ pub struct Aggregate {
     pub column: Option<String>,
 }
 
+/// A linked question's other half: `[NOT] EXISTS (SELECT 1 FROM partner_dataset a WHERE
+/// a.person = g.person AND partner_filter [GROUP BY a.person HAVING COUNT(*) >= k])`.
+/// `person` is each dataset's declared link key, so a query never names an identifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Linkage {
+    pub partner_dataset: String,
+    pub partner_filter: Option<Predicate>,
+    pub negated: bool,
+    /// `k` of `HAVING COUNT(*) >= k`; 1 means "at least one row" (plain EXISTS).
+    pub min_partner_rows: u32,
+}
+
+impl Linkage {
+    /// Readable SQL of the EXISTS clause, as the outer query's alias `g` sees it.
+    pub fn to_sql(&self) -> String {
+        let mut inner = format!(
+            "SELECT 1 FROM {} a WHERE a.person = g.person",
+            self.partner_dataset
+        );
+        if let Some(f) = &self.partner_filter {
+            inner.push_str(&format!(" AND {f}"));
+        }
+        if self.min_partner_rows > 1 {
+            inner.push_str(&format!(
+                " GROUP BY a.person HAVING COUNT(*) >= {}",
+                self.min_partner_rows
+            ));
+        }
+        let not = if self.negated { "NOT " } else { "" };
+        format!("{not}EXISTS ({inner})")
+    }
+}
+
 /// Everything a requester signs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueryBody {
@@ -293,6 +328,9 @@ pub struct QueryBody {
     pub epsilon: f64,
     pub issued_at_unix_ms: i64,
     pub nonce: Vec<u8>,
+    /// Set for a linked question (see [`Linkage`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linkage: Option<Linkage>,
 }
 
 impl QueryBody {
@@ -316,8 +354,13 @@ impl QueryBody {
             items.push(format!("{}({arg}) AS {}", a.kind.name(), a.alias));
         }
         let mut sql = format!("SELECT {} FROM {}", items.join(", "), self.dataset);
-        if let Some(f) = &self.filter {
-            sql.push_str(&format!(" WHERE {f}"));
+        let mut conditions: Vec<String> = self.filter.iter().map(|f| f.to_string()).collect();
+        if let Some(l) = &self.linkage {
+            sql.push_str(" g");
+            conditions.push(l.to_sql());
+        }
+        if !conditions.is_empty() {
+            sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
         }
         if !self.group_by.is_empty() {
             let keys: Vec<String> = self.group_by.iter().map(GroupKey::label).collect();
@@ -802,6 +845,7 @@ impl TryFrom<proto::AggregateQuery> for SignedQuery {
             nonce,
             signature,
             federation_id,
+            linkage,
         } = q;
         check_id("federation_id", &federation_id, true)?;
         check_id("query_id", &query_id, true)?;
@@ -870,9 +914,51 @@ impl TryFrom<proto::AggregateQuery> for SignedQuery {
                 epsilon,
                 issued_at_unix_ms,
                 nonce,
+                linkage: linkage.map(linkage_from_proto).transpose()?,
             },
             signature,
         })
+    }
+}
+
+fn linkage_from_proto(l: proto::Linkage) -> Result<Linkage, ProtocolError> {
+    let proto::Linkage {
+        partner_dataset,
+        partner_filter,
+        negated,
+        min_partner_rows,
+    } = l;
+    check_id("linkage.partner_dataset", &partner_dataset, true)?;
+    if min_partner_rows > MAX_MIN_PARTNER_ROWS {
+        return Err(invalid(
+            "linkage.min_partner_rows",
+            format!(
+                "HAVING COUNT(*) >= k takes k of at most {MAX_MIN_PARTNER_ROWS}, got {min_partner_rows}"
+            ),
+        ));
+    }
+    Ok(Linkage {
+        partner_dataset,
+        partner_filter: partner_filter.map(Predicate::try_from).transpose()?,
+        negated,
+        min_partner_rows: min_partner_rows.max(1),
+    })
+}
+
+impl From<Linkage> for proto::Linkage {
+    fn from(l: Linkage) -> Self {
+        let Linkage {
+            partner_dataset,
+            partner_filter,
+            negated,
+            min_partner_rows,
+        } = l;
+        proto::Linkage {
+            partner_dataset,
+            partner_filter: partner_filter.map(Into::into),
+            negated,
+            min_partner_rows,
+        }
     }
 }
 
@@ -892,6 +978,7 @@ impl From<SignedQuery> for proto::AggregateQuery {
             epsilon,
             issued_at_unix_ms,
             nonce,
+            linkage,
         } = body;
         proto::AggregateQuery {
             query_id,
@@ -907,6 +994,7 @@ impl From<SignedQuery> for proto::AggregateQuery {
             nonce,
             signature,
             federation_id,
+            linkage: linkage.map(Into::into),
         }
     }
 }

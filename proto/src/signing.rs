@@ -161,6 +161,7 @@ mod tests {
             epsilon: 1.0,
             issued_at_unix_ms: 1,
             nonce: vec![1; 16],
+            linkage: None,
         }
     }
 

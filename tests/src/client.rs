@@ -145,6 +145,7 @@ pub fn body(
         epsilon,
         issued_at_unix_ms: now_ms(),
         nonce: nonce(),
+        linkage: None,
     }
 }
 

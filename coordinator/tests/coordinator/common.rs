@@ -370,6 +370,7 @@ pub fn signed_query(
         epsilon: 0.5,
         issued_at_unix_ms: chrono::Utc::now().timestamp_millis(),
         nonce: phm_proto::query::fresh_nonce(),
+        linkage: None,
     };
     body.sign(key).into()
 }

@@ -551,6 +551,7 @@ fn count_by_sex(epsilon: f64) -> phm_proto::QueryBody {
     let mut q = count_by_imd("dsu", epsilon);
     q.group_by = vec![GroupKey::Column("sex".into())];
     q
+    linkage: None,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
