@@ -146,6 +146,41 @@ impl PartnerCohort {
         }
     }
 
+    /// The people with at least `k` records (`GROUP BY a.person HAVING COUNT(*) >= k`),
+    /// records counted per valid number after normalising, so two spellings of one
+    /// number count together. `k` of 0 or 1 is [`PartnerCohort::new`]. A HAVING cohort
+    /// is still a set, so one person still moves the linked count by at most one.
+    pub fn with_min_rows<'a>(
+        records: impl IntoIterator<Item = Option<&'a str>>,
+        k: u32,
+    ) -> PartnerCohort {
+        if k <= 1 {
+            return PartnerCohort::new(records);
+        }
+        let mut stats = CohortStats::default();
+        let mut rows: BTreeMap<NhsNumber, u32> = BTreeMap::new();
+        for raw in records {
+            stats.records += 1;
+            match NhsNumber::parse_opt(raw) {
+                Err(why) => stats.note(why),
+                Ok(n) => {
+                    let c = rows.entry(n).or_insert(0);
+                    if *c > 0 {
+                        stats.duplicates += 1;
+                    }
+                    *c = c.saturating_add(1);
+                }
+            }
+        }
+        let members: Vec<NhsNumber> = rows
+            .into_iter()
+            .filter(|(_, c)| *c >= k)
+            .map(|(n, _)| n)
+            .collect();
+        stats.people = members.len() as u64;
+        PartnerCohort { members, stats }
+    }
+
     pub fn stats(&self) -> &CohortStats {
         &self.stats
     }

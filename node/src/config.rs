@@ -66,6 +66,9 @@ node.toml fields (paths are relative to the config file's folder unless absolute
                                     UNAVAILABLE; budget already spent stays spent and the
                                     answer, once ready, is served to a retry of the same
                                     signed query from the release cache.
+  link_deadline_ms = 600000         A linkage session (both rounds and the blinding of
+                                    up to millions of NHS numbers) not finished within
+                                    this is abandoned; its spend stays spent.
   storage_timeout_ms = 15000        A ledger, release-cache or audit-log write not finished
                                     within this means the disk has failed: the node stops
                                     (exit code 1) rather than run unable to record spends.
@@ -126,6 +129,7 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_concurrent_queries: usize,
     pub query_deadline_ms: u64,
+    pub link_deadline_ms: u64,
     pub storage_timeout_ms: u64,
 }
 
@@ -135,6 +139,7 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_queries: 32,
             query_deadline_ms: 30_000,
+            link_deadline_ms: 600_000,
             storage_timeout_ms: 15_000,
         }
     }
@@ -404,6 +409,12 @@ impl NodeConfig {
             return Err(field(
                 "limits.query_deadline_ms",
                 "must be at least 1 millisecond",
+            ));
+        }
+        if limits.link_deadline_ms < 1_000 {
+            return Err(field(
+                "limits.link_deadline_ms",
+                "must be at least 1000 milliseconds",
             ));
         }
         if limits.storage_timeout_ms < 100 {

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod config;
 pub mod engine;
+pub mod linkwire;
 pub mod metrics;
 pub mod peer;
 pub mod reload;

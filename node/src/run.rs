@@ -138,13 +138,18 @@ impl Node {
             ServiceLimits {
                 max_concurrent_queries: config.limits.max_concurrent_queries,
                 query_deadline: Duration::from_millis(config.limits.query_deadline_ms),
+                link_deadline: Duration::from_millis(config.limits.link_deadline_ms),
                 storage_timeout: Duration::from_millis(config.limits.storage_timeout_ms),
             },
         );
+        let peer = peer.map(Arc::new);
+        if let Some(p) = &peer {
+            service.install_peer(p.clone());
+        }
         Ok(Node {
             config,
             service,
-            peer: peer.map(Arc::new),
+            peer,
         })
     }
 
@@ -171,7 +176,7 @@ impl Node {
         metrics: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), NodeError> {
-        // The sealed-frame services (linked and secure queries) will be served with `peer`.
+        // The service holds `peer` for linkage sessions (installed at start).
         let Node {
             config,
             service,

@@ -228,6 +228,8 @@ pub fn describe_response(d: Description) -> proto::DescribeResponse {
                 name: ds.name,
                 columns: ds.columns.into_iter().map(column_info).collect(),
                 max_rows_per_person: ds.max_rows_per_person,
+                linkable: ds.linkable,
+                link_partners: ds.link_partners,
             })
             .collect(),
         policy_version: d.policy_version,
@@ -350,8 +352,96 @@ fn proof_requester(proof: Option<&proto::RequesterProof>) -> String {
     proof.map(|p| p.requester_id.clone()).unwrap_or_default()
 }
 
+/// Messages buffered each way on a Link stream: enough to keep a round's frames moving
+/// while the other side computes, few enough to bound memory (a frame is at most 4 MiB).
+const LINK_BUFFER: usize = 8;
+
 #[tonic::async_trait]
 impl NodeService for NodeGrpc {
+    type LinkStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::LinkDown, Status>> + Send + 'static>,
+    >;
+
+    async fn link(
+        &self,
+        request: Request<tonic::Streaming<proto::LinkUp>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        self.refuse_unpinned("link", &request, |_| (String::new(), String::new()))
+            .await?;
+        let client = peer_identity(&request);
+        let mut inbound = request.into_inner();
+        let first = match inbound.message().await {
+            Ok(m) => m,
+            Err(status) => {
+                let d = Denial::new(
+                    DenialReason::InvalidQuery,
+                    format!("the Link stream's first message could not be read: {}", status.message()),
+                );
+                return Err(self.refuse_unparsed("link", "", "", &client, d).await);
+            }
+        };
+        let claimed = first
+            .as_ref()
+            .and_then(|m| match &m.step {
+                Some(proto::link_up::Step::Open(o)) => o.query.as_ref(),
+                _ => None,
+            })
+            .map(|q| (bounded(&q.requester_id), bounded(&q.query_id)))
+            .unwrap_or_default();
+        let open = match crate::linkwire::open_from_proto(first) {
+            Ok(o) => o,
+            Err(d) => {
+                return Err(self
+                    .refuse_unparsed("link", &claimed.0, &claimed.1, &client, d)
+                    .await);
+            }
+        };
+        let (in_tx, in_rx) = tokio::sync::mpsc::channel(LINK_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(m)) => crate::linkwire::up_from_proto(m),
+                    // The coordinator closed its side: the session sees the channel end.
+                    Ok(None) => break,
+                    Err(status) => crate::service::LinkIn::Malformed(format!(
+                        "the stream failed: {}",
+                        status.message()
+                    )),
+                };
+                let stop = matches!(next, crate::service::LinkIn::Malformed(_));
+                if in_tx.send(next).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(LINK_BUFFER);
+        let (down_tx, down_rx) = tokio::sync::mpsc::channel(LINK_BUFFER);
+        let forward_tx = down_tx.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(out) = out_rx.recv().await {
+                let down = crate::linkwire::down_to_proto(out, aggregate_result);
+                if forward_tx.send(Ok(down)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let service = self.service.clone();
+        tokio::spawn(async move {
+            let result = service
+                .link(open, &client, Utc::now(), in_rx, out_tx)
+                .await;
+            // Everything the session sent goes first; then its refusal, if any, ends
+            // the stream.
+            let _ = forward.await;
+            if let Err(d) = result {
+                let _ = down_tx.send(Err(d.to_status())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(down_rx),
+        )))
+    }
+
     async fn describe(
         &self,
         request: Request<proto::DescribeRequest>,

@@ -21,6 +21,7 @@ const DELTA_RELATIVE_TOLERANCE: f64 = 1e-9;
 const LEDGER_TREE: &str = "ledger";
 const RELEASE_TREE: &str = "releases";
 const NONCE_TREE: &str = "nonces";
+const LINK_TREE: &str = "link_sessions";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -63,6 +64,8 @@ pub enum StoreError {
     NoLedger,
     #[error("nonce already used by requester {requester}")]
     Replayed { requester: String },
+    #[error("this node already joined a linkage session for query {query_id} with anchor {anchor}")]
+    SecondSession { query_id: String, anchor: String },
     #[error("cannot serialise {what}: {reason}")]
     Encode { what: &'static str, reason: String },
 }
@@ -182,6 +185,9 @@ pub struct Store {
     ledger: sled::Tree,
     releases: sled::Tree,
     nonces: sled::Tree,
+    /// (requester, query id, anchor) of every linkage session this node joined as a
+    /// partner: never forgotten, so a second session (fresh noise to average) is refused.
+    link_sessions: sled::Tree,
     // sled transactions are optimistic and retried on conflict; serialising spends
     // in-process as well makes "never overspend" independent of that machinery (the
     // transaction still gives all-or-nothing across the ledgers on a crash).
@@ -328,6 +334,7 @@ impl Store {
             ledger: tree(LEDGER_TREE)?,
             releases: tree(RELEASE_TREE)?,
             nonces: tree(NONCE_TREE)?,
+            link_sessions: tree(LINK_TREE)?,
             db,
             path,
             spend_lock: Mutex::new(()),
@@ -600,6 +607,31 @@ impl Store {
             Ok(()) => Ok(()),
             Err(_) => Err(StoreError::Replayed {
                 requester: requester.to_string(),
+            }),
+        }
+    }
+
+    /// Record, durably, that this node joins the linkage session of (`key`, `anchor`)
+    /// as a partner; refuses a second one for the same pair whatever its digest or
+    /// nonce, since fresh noise in a second session would let the anchor average.
+    pub fn claim_link_session(
+        &self,
+        key: &QueryKey<'_>,
+        anchor: &str,
+        digest: &str,
+    ) -> Result<(), StoreError> {
+        let mut k = key.key_bytes();
+        k.push(0);
+        k.extend_from_slice(anchor.as_bytes());
+        match self
+            .link_sessions
+            .compare_and_swap(k, None as Option<&[u8]>, Some(digest.as_bytes()))
+            .map_err(db_err("recording a linkage session"))?
+        {
+            Ok(()) => self.flush(),
+            Err(_) => Err(StoreError::SecondSession {
+                query_id: key.query_id.to_string(),
+                anchor: anchor.to_string(),
             }),
         }
     }

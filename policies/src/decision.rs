@@ -50,11 +50,17 @@ pub enum RefusalKind {
     ThresholdEpsilonTooSmall,
     UnsupportedAggregate,
     OptOutMissing,
+    /// A linked question this node's `[linkage]` rules do not allow (no block, the
+    /// partner or dataset not listed, the role, purpose or requester not permitted).
+    LinkageNotPermitted,
+    /// A linked question whose shape cannot be answered with DP on a set (aggregates
+    /// other than COUNT(*), thresholded or not person-level group keys).
+    LinkedQueryShape,
 }
 
 impl RefusalKind {
     /// Every kind, in declaration order: the one list tests iterate over.
-    pub const ALL: [RefusalKind; 25] = [
+    pub const ALL: [RefusalKind; 27] = [
         RefusalKind::UnknownRequester,
         RefusalKind::RequesterRevoked,
         RefusalKind::PurposeNotPermitted,
@@ -80,6 +86,8 @@ impl RefusalKind {
         RefusalKind::ThresholdEpsilonTooSmall,
         RefusalKind::UnsupportedAggregate,
         RefusalKind::OptOutMissing,
+        RefusalKind::LinkageNotPermitted,
+        RefusalKind::LinkedQueryShape,
     ];
 
     /// Where this kind sits in [`RefusalKind::ALL`]. An exhaustive match, so a new kind
@@ -112,6 +120,8 @@ impl RefusalKind {
             RefusalKind::ThresholdEpsilonTooSmall => 22,
             RefusalKind::UnsupportedAggregate => 23,
             RefusalKind::OptOutMissing => 24,
+            RefusalKind::LinkageNotPermitted => 25,
+            RefusalKind::LinkedQueryShape => 26,
         }
     }
 }
@@ -205,4 +215,29 @@ pub struct Limits {
     pub charges: Vec<LedgerCharge>,
     /// Public registered population to report for coverage, if declared.
     pub registered_population: Option<u64>,
+    /// Set for a linked question: this node's side of the session.
+    pub link: Option<LinkLimits>,
+}
+
+/// What a node runs a linkage session under (its own side only; the other node
+/// decides its side under its own policy).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinkLimits {
+    pub role: crate::model::LinkRole,
+    /// The other node's ODS code, when the decision was for a known session.
+    pub peer: Option<String>,
+    /// The other node's public identity text, when this policy pins it.
+    pub peer_node_key: Option<String>,
+    /// The column holding this dataset's NHS numbers.
+    pub link_key: String,
+    /// Most real people this node puts in its set.
+    pub max_set_size: u64,
+    /// NOT EXISTS.
+    pub negated: bool,
+    /// HAVING COUNT(*) >= k at the partner (1: at least one row).
+    pub min_partner_rows: u32,
+    /// The delta of each clamped noise draw: the dummy matches and the set padding.
+    /// Their sum is the query's delta on the ledger.
+    pub delta_link: f64,
+    pub delta_size: f64,
 }

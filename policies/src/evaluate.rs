@@ -9,6 +9,7 @@ use crate::decision::{
     Refusal, RefusalKind,
 };
 use crate::domain::{self, PlainGroup};
+use crate::linking::{self, LinkSide};
 use crate::model::{Budget, Column, ColumnType, Dataset, Grouping, Period, Project, Requester};
 use chrono::{DateTime, Datelike, Utc};
 use phm_proto::{AggregateKind, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody};
@@ -108,6 +109,24 @@ struct Trace {
 }
 
 impl Trace {
+    fn extend(&mut self, notes: Vec<linking::Note>) {
+        for n in notes {
+            match n {
+                linking::Note::Allow {
+                    subject,
+                    rule,
+                    detail,
+                } => self.allow(subject, rule, detail),
+                linking::Note::Refuse {
+                    kind,
+                    subject,
+                    rule,
+                    message,
+                } => self.refuse(kind, subject, rule, message),
+            }
+        }
+    }
+
     fn allow(
         &mut self,
         subject: impl Into<String>,
@@ -271,8 +290,23 @@ struct DatasetChecks {
 /// Every check, in the order the explanation lists them: who asks, for which dataset
 /// and project, the query's parts against the dataset, epsilon, the spend, the ledgers
 /// to charge and the release rules. Allowed only when nothing was refused.
-pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Evaluation {
+pub(crate) fn evaluate(
+    policy: &Policy,
+    signed: &QueryBody,
+    side: Option<LinkSide<'_>>,
+    now: DateTime<Utc>,
+) -> Evaluation {
     let mut t = Trace::default();
+    // A partner decides the EXISTS clause as a query of its own.
+    let view;
+    let q = match (&signed.linkage, side) {
+        (Some(l), Some(LinkSide::Partner { .. })) => {
+            view = linking::partner_view(signed, l);
+            &view
+        }
+        _ => signed,
+    };
+    refuse_out_of_session(signed, side, &mut t);
     let requester = check_requester(policy, q, &mut t);
     let dataset = check_dataset(policy, q, requester, &mut t);
     let project = check_project(policy, q, requester, now, &mut t);
@@ -284,18 +318,67 @@ pub(crate) fn evaluate(policy: &Policy, q: &QueryBody, now: DateTime<Utc>) -> Ev
         .group_by
         .iter()
         .any(|g: &GroupLimits| g.domain == GroupDomain::Thresholded);
-    let spend = plan_spend(policy, q, thresholded, &mut t);
+    let link = match (&signed.linkage, side) {
+        (Some(linkage), Some(side)) => {
+            let (notes, limits) = linking::check(&linking::LinkCheck {
+                policy,
+                query: signed,
+                linkage,
+                side,
+                dataset,
+                requester,
+                project,
+                group_by: &checks.group_by,
+            });
+            t.extend(notes);
+            limits
+        }
+        _ => None,
+    };
+    let spend = if signed.linkage.is_some() {
+        // Two clamped discrete Laplace draws (dummy matches, set padding) at the
+        // query's epsilon in all, each with half the policy's delta of truncation.
+        Spend {
+            epsilon: q.epsilon,
+            delta: policy.file().release.delta,
+            rho: 0.0,
+        }
+    } else {
+        plan_spend(policy, q, thresholded, &mut t)
+    };
     let charges = ledger_charges(q, requester, project, spend.delta, now, &mut t);
     note_release_rules(policy, &mut t);
     let decision = match (requester, dataset) {
         (Some(_), Some(d)) if t.refusals.is_empty() => {
-            Decision::Allow(Box::new(limits(policy, q, d, checks, spend, charges)))
+            let mut limits = limits(policy, q, d, checks, spend, charges);
+            limits.link = link;
+            Decision::Allow(Box::new(limits))
         }
         _ => Decision::Deny(t.refusals),
     };
     Evaluation {
         decision,
         lines: t.lines,
+    }
+}
+
+/// A linked question is answered only inside a link session (the Link RPC, with a
+/// partner in view); a plain Query of one, or a session for a plain query, is refused.
+fn refuse_out_of_session(q: &QueryBody, side: Option<LinkSide<'_>>, t: &mut Trace) {
+    match (&q.linkage, side) {
+        (Some(_), None) => t.refuse(
+            RefusalKind::LinkageNotPermitted,
+            "linkage",
+            "linkage",
+            "a linked question is answered only in a linkage session the coordinator relays, not as a plain query",
+        ),
+        (None, Some(_)) => t.refuse(
+            RefusalKind::LinkedQueryShape,
+            "linkage",
+            "linkage",
+            "this query has no EXISTS clause, so there is nothing to link",
+        ),
+        _ => {}
     }
 }
 
@@ -426,6 +509,7 @@ fn limits(
         scope: r.scope,
         charges,
         registered_population: f.organisation.registered_population,
+        link: None,
     }
 }
 

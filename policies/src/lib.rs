@@ -6,6 +6,7 @@ pub mod accounting;
 pub mod decision;
 mod domain;
 mod evaluate;
+pub mod linking;
 pub mod model;
 mod parse;
 mod validate;
@@ -16,9 +17,10 @@ mod tests;
 pub use accounting::Spend;
 pub use decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
-    Refusal, RefusalKind,
+    LinkLimits, Refusal, RefusalKind,
 };
 pub use evaluate::{ExplainLine, period_label, period_span, periods_overlap};
+pub use linking::{LinkSide, partner_view};
 pub use model::PolicyFile;
 
 use phm_proto::QueryBody;
@@ -169,7 +171,29 @@ impl Policy {
 /// answer is `Allow` only when every check passed, otherwise `Deny` with every
 /// reason found (not just the first).
 pub fn decide(policy: &Policy, query: &QueryBody, now: chrono::DateTime<chrono::Utc>) -> Decision {
-    evaluate::evaluate(policy, query, now).decision
+    evaluate::evaluate(policy, query, None, now).decision
+}
+
+/// Decide this node's side of a linked question (see [`linking`]): the same checks as
+/// [`decide`] on this side's view of the query, plus the `[linkage]` rules.
+pub fn decide_linked(
+    policy: &Policy,
+    query: &QueryBody,
+    side: LinkSide<'_>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Decision {
+    evaluate::evaluate(policy, query, Some(side), now).decision
+}
+
+/// The side this policy would take in a linked question, for `explain`: the anchor if
+/// it holds the outer dataset, else the partner if it holds the EXISTS dataset.
+pub fn linked_side<'a>(policy: &Policy, query: &QueryBody) -> Option<LinkSide<'a>> {
+    let l = query.linkage.as_ref()?;
+    if policy.dataset(&query.dataset).is_some() || policy.dataset(&l.partner_dataset).is_none() {
+        Some(LinkSide::Anchor { partner: None })
+    } else {
+        Some(LinkSide::Partner { anchor: None })
+    }
 }
 
 /// Line by line, which rule allowed or refused each part of `query` (the same
@@ -179,7 +203,7 @@ pub fn explain(
     query: &QueryBody,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Vec<ExplainLine> {
-    evaluate::evaluate(policy, query, now).lines
+    evaluate::evaluate(policy, query, linked_side(policy, query), now).lines
 }
 
 /// JSON Schema of the policy file format (for editors and documentation).

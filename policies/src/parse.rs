@@ -6,7 +6,7 @@
 //! column does not hide a bad requester further down.
 
 use crate::model::{
-    Dataset, OptOut, Organisation, Linkage, Peers, PolicyFile, Project, ReleaseRules, Requester,
+    Dataset, Linkage, OptOut, Organisation, Peers, PolicyFile, Project, ReleaseRules, Requester,
 };
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;

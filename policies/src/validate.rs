@@ -42,7 +42,132 @@ pub(crate) fn validate(f: &PolicyFile) -> Problems {
     requesters(f, &mut p);
     projects(f, &mut p);
     peers(f, &mut p);
+    linkage(f, &mut p);
     p
+}
+
+/// The most people a linkage set may be declared to hold: beyond this a session's
+/// sets would not fit the frames' memory budget on a partner's server.
+const MAX_SET_SIZE: u64 = 50_000_000;
+
+fn link_key(d: &Dataset, path: &str, p: &mut Problems) {
+    let Some(key) = &d.link_key else { return };
+    let ctx = format!("dataset {:?}", d.name);
+    match d.columns.iter().find(|c| &c.name == key) {
+        None => push(
+            p,
+            format!("{path}.link_key"),
+            format!(
+                "{ctx}: link_key column {key:?} is not among the columns ({})",
+                names(&d.columns)
+            ),
+        ),
+        Some(c) if !c.identifier || c.column_type != ColumnType::Text => push(
+            p,
+            format!("{path}.link_key"),
+            format!(
+                "{ctx}: link_key column {key:?} must be a text column marked identifier = true (it holds NHS numbers, which are never filtered, grouped or released)"
+            ),
+        ),
+        Some(_) if key == &d.person_id => push(
+            p,
+            format!("{path}.link_key"),
+            format!(
+                "{ctx}: link_key {key:?} is the person_id column; link on the NHS number column, not the local pseudonym"
+            ),
+        ),
+        Some(_) => {}
+    }
+}
+
+fn linkage(f: &PolicyFile, p: &mut Problems) {
+    let Some(l) = &f.linkage else { return };
+    purposes(&l.purposes, "linkage", "linkage.purposes", p);
+    for (i, purpose) in l.purposes.iter().enumerate() {
+        if Purpose::parse(purpose) == Some(Purpose::DirectCare) {
+            push(
+                p,
+                format!("linkage.purposes[{i}]"),
+                "linkage: linked population counts never serve direct_care; list planning or research",
+            );
+        }
+    }
+    if l.max_set_size == 0 || l.max_set_size > MAX_SET_SIZE {
+        push(
+            p,
+            "linkage.max_set_size",
+            format!(
+                "linkage: max_set_size {} must be between 1 and {MAX_SET_SIZE}",
+                l.max_set_size
+            ),
+        );
+    }
+    if f.peers.is_none() {
+        push(
+            p,
+            "linkage",
+            "linkage needs a [peers] registry_key: partners are known only through the signed node registry",
+        );
+    }
+    unique(
+        l.partners.iter().map(|x| x.ods_code.as_str()),
+        "linkage.partners",
+        "ods_code",
+        "linkage partner",
+        p,
+    );
+    for (i, partner) in l.partners.iter().enumerate() {
+        let path = format!("linkage.partners[{i}]");
+        let ctx = format!("linkage partner {:?}", partner.ods_code);
+        check_name(
+            p,
+            &format!("{path}.ods_code"),
+            "linkage partner",
+            &partner.ods_code,
+        );
+        if partner.ods_code == f.organisation.ods_code {
+            push(
+                p,
+                format!("{path}.ods_code"),
+                format!("{ctx}: a node cannot link with itself"),
+            );
+        }
+        if partner.roles.is_empty() {
+            push(
+                p,
+                format!("{path}.roles"),
+                format!("{ctx}: no roles listed (anchor, partner)"),
+            );
+        }
+        if partner.our_datasets.is_empty() || partner.their_datasets.is_empty() {
+            push(
+                p,
+                format!("{path}.our_datasets"),
+                format!("{ctx}: list at least one of our datasets and one of theirs"),
+            );
+        }
+        dataset_refs(
+            f,
+            &partner.our_datasets,
+            &ctx,
+            &format!("{path}.our_datasets"),
+            p,
+        );
+        for (j, d) in partner.our_datasets.iter().enumerate() {
+            if let Some(ds) = f.datasets.iter().find(|x| &x.name == d)
+                && ds.link_key.is_none()
+            {
+                push(
+                    p,
+                    format!("{path}.our_datasets[{j}]"),
+                    format!("{ctx}: dataset {d:?} declares no link_key, so it cannot be linked"),
+                );
+            }
+        }
+        for (j, d) in partner.their_datasets.iter().enumerate() {
+            check_name(p, &format!("{path}.their_datasets[{j}]"), "dataset", d);
+        }
+    }
 }
 
 fn peers(f: &PolicyFile, p: &mut Problems) {
@@ -251,6 +376,7 @@ fn dataset(f: &PolicyFile, d: &Dataset, path: &str, p: &mut Problems) {
     for (i, c) in d.columns.iter().enumerate() {
         column(f, &ctx, c, &format!("{path}.columns[{i}]"), p);
     }
+    link_key(d, path, p);
 }
 
 fn names(cols: &[Column]) -> String {

@@ -174,6 +174,7 @@ fn gp_dataset(pcns: &[String]) -> Dataset {
         max_rows_per_person: 1,
         total_kind: TotalKind::DistinctPeople,
         opt_out_not_applicable: false,
+        link_key: None,
         columns,
     }
 }
@@ -186,6 +187,7 @@ fn acute_dataset() -> Dataset {
         max_rows_per_person: super::activity::MAX_ADMISSIONS,
         total_kind: TotalKind::SumOfPartnerCounts,
         opt_out_not_applicable: false,
+        link_key: None,
         columns: vec![
             identifier("person_id", ColumnType::Text),
             identifier("admission_id", ColumnType::Text),
@@ -218,6 +220,7 @@ fn social_care_dataset() -> Dataset {
         max_rows_per_person: 3,
         total_kind: TotalKind::SumOfPartnerCounts,
         opt_out_not_applicable: false,
+        link_key: None,
         columns: vec![
             identifier("person_id", ColumnType::Text),
             category("package_type", &PACKAGE_TYPES),
@@ -249,6 +252,7 @@ fn la_dataset() -> Dataset {
         max_rows_per_person: 1,
         total_kind: TotalKind::SumOfPartnerCounts,
         opt_out_not_applicable: false,
+        link_key: None,
         columns: vec![
             identifier("person_id", ColumnType::Text),
             Column {
@@ -296,6 +300,7 @@ fn dsu(dataset: &str, key: &str) -> Requester {
             delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
         revoked: false,
+        linked_queries: false,
     }
 }
 
@@ -314,6 +319,7 @@ fn researcher(key: &str) -> Requester {
             delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
         revoked: false,
+        linked_queries: false,
     }
 }
 
@@ -337,6 +343,7 @@ fn research_project() -> Result<Project, String> {
             per_query_cap: 1.0,
             delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
+        linked_queries: false,
     })
 }
 
@@ -390,6 +397,7 @@ pub fn policy(org: &Org, pcns: &[String], keys: &RequesterKeys) -> Result<Policy
         peers: Some(Peers {
             registry_key: keys.registry.clone(),
         }),
+        linkage: None,
     })
 }
 

@@ -8,6 +8,7 @@
 //! OpenDP noise calibrated to the bounded sensitivity → rounding and suppression.
 
 mod clamp;
+mod cohort;
 mod filter;
 mod load;
 mod noise;
@@ -24,7 +25,10 @@ use datafusion::prelude::SessionContext;
 use phm_policies::Limits;
 use phm_policies::model::ColumnType;
 
+pub use cohort::AnchorSide;
 pub use load::DataError;
+pub use noise::LinkLaplace;
+pub use post::{LinkedRules, release_linked, stricter_rounding};
 
 /// The node's query engine: one DataFusion session with every dataset registered.
 pub struct Engine {
@@ -114,6 +118,34 @@ impl Engine {
         limits: &Limits,
     ) -> Result<Release, EngineError> {
         self.run(query, limits, false).await
+    }
+
+    /// The anchor's people for a linked question the policy allowed: its filter and
+    /// opt-outs applied, each with its cell of the declared group domain.
+    pub async fn anchor_cohort(
+        &self,
+        query: &phm_proto::QueryBody,
+        limits: &Limits,
+    ) -> Result<AnchorSide, EngineError> {
+        let ds = self.dataset(limits)?;
+        cohort::anchor(&self.ctx, ds, query.filter.as_ref(), limits).await
+    }
+
+    /// The partner's people for a linked question: `view` is the partner's side of it
+    /// (`phm_policies::partner_view`), its filter and opt-outs applied.
+    pub async fn partner_cohort(
+        &self,
+        view: &phm_proto::QueryBody,
+        limits: &Limits,
+    ) -> Result<phm_link::PartnerCohort, EngineError> {
+        let ds = self.dataset(limits)?;
+        cohort::partner(&self.ctx, ds, view.filter.as_ref(), limits).await
+    }
+
+    fn dataset(&self, limits: &Limits) -> Result<&load::LoadedDataset, EngineError> {
+        self.datasets
+            .get(&limits.dataset)
+            .ok_or_else(|| EngineError::UnknownDataset(limits.dataset.clone()))
     }
 
     async fn run(

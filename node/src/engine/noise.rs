@@ -554,3 +554,29 @@ fn mean_cell(
         mean: Some(parts),
     }
 }
+
+/// The noise of a linkage session: OpenDP's discrete Laplace (`make_laplace` over
+/// `VectorDomain<AtomDomain<i64>>` with the L1 distance, at phm-link's scale) applied
+/// to a zero vector, so each draw is OpenDP's sampler's. What it returns goes straight
+/// into phm-link's clamped dummy and padding counts; it is never logged or kept.
+#[derive(Debug, Default)]
+pub struct LinkLaplace;
+
+impl phm_link::LinkNoise for LinkLaplace {
+    fn draw(
+        &mut self,
+        _purpose: phm_link::NoisePurpose,
+        scale: f64,
+        len: usize,
+    ) -> Result<Vec<i64>, phm_link::NoiseError> {
+        let err = |e: opendp::error::Error| phm_link::NoiseError(e.to_string());
+        let m = make_laplace::<_, _, MaxDivergence>(
+            VectorDomain::new(AtomDomain::<i64>::default()),
+            L1Distance::<i64>::default(),
+            scale,
+            None,
+        )
+        .map_err(err)?;
+        m.invoke(&vec![0i64; len]).map_err(err)
+    }
+}

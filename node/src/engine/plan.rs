@@ -103,7 +103,7 @@ impl Exact {
 const RN: &str = "__phm_rn";
 const N: &str = "__phm_n";
 
-fn g(i: usize) -> String {
+pub(super) fn g(i: usize) -> String {
     format!("__phm_g{i}")
 }
 fn v(j: usize) -> String {
@@ -117,7 +117,7 @@ fn c(j: usize) -> String {
 }
 
 /// How one group key is computed and read back.
-enum KeyPlan {
+pub(super) enum KeyPlan {
     /// Declared categories. DataFusion groups on the raw column and each of the few
     /// output groups is mapped to its label's index afterwards: mapping every row with
     /// a CASE inside the plan cost more than the whole aggregation. Values outside the
@@ -142,7 +142,7 @@ impl KeyPlan {
     }
 
     /// Index of the declared key that output row `r` of group column `a` belongs to.
-    fn declared_index(&self, a: &dyn Array, r: usize) -> Option<usize> {
+    pub(super) fn declared_index(&self, a: &dyn Array, r: usize) -> Option<usize> {
         match self {
             KeyPlan::Categories { index, .. } => {
                 label_at(a, r).and_then(|l| index.get(&l).copied())
@@ -163,24 +163,24 @@ fn invalid(msg: String) -> EngineError {
 
 /// Everything about one query that does not depend on the data: checked in full before
 /// DataFusion reads a row, so a refusal here says nothing about the data.
-struct Spec {
+pub(super) struct Spec {
     m: u32,
-    opt_out: Option<String>,
-    filter: Option<Expr>,
+    pub(super) opt_out: Option<String>,
+    pub(super) filter: Option<Expr>,
     /// Group key expressions, aliased `g(i)`, then clamped values, aliased `v(j)`.
-    select: Vec<Expr>,
-    plans: Vec<KeyPlan>,
+    pub(super) select: Vec<Expr>,
+    pub(super) plans: Vec<KeyPlan>,
     values: Vec<ValueColumn>,
-    thresholded: bool,
+    pub(super) thresholded: bool,
     /// Strides and size of the declared key product (`None` when thresholded).
-    declared: Option<(Vec<usize>, usize)>,
+    pub(super) declared: Option<(Vec<usize>, usize)>,
 }
 
 impl Spec {
     /// The query's plan, checked step by step in the order the data will meet it:
     /// bounding, opt-out exclusion, the filter, the group keys, the clamped values,
     /// and the size of the declared key product.
-    fn new(
+    pub(super) fn new(
         ds: &LoadedDataset,
         filter: Option<&Predicate>,
         limits: &Limits,
@@ -600,7 +600,11 @@ fn read_back_declared(
 }
 
 /// The labels of every key of the declared product, in flat-index order.
-fn declared_keys(plans: &[KeyPlan], strides: &[usize], total: usize) -> Vec<Vec<String>> {
+pub(super) fn declared_keys(
+    plans: &[KeyPlan],
+    strides: &[usize],
+    total: usize,
+) -> Vec<Vec<String>> {
     let label_sets: Vec<&Vec<String>> = plans.iter().filter_map(KeyPlan::declared_labels).collect();
     (0..total)
         .map(|flat| {

@@ -112,3 +112,72 @@ fn exact_cell(alias: &str, value: f64, mean: Option<(f64, f64)>) -> Cell {
         }),
     }
 }
+
+/// The stricter of two rounding rules: the coarser grid.
+pub fn stricter_rounding(a: Rounding, b: Rounding) -> Rounding {
+    let rank = |r: Rounding| match r {
+        Rounding::None => 0,
+        Rounding::Nearest5 => 1,
+        Rounding::Midpoint6 => 2,
+        Rounding::Nearest10 => 3,
+    };
+    if rank(a) >= rank(b) { a } else { b }
+}
+
+/// What a linked release is shown under: the stricter of both nodes' rules.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkedRules {
+    pub min_reportable_count: f64,
+    pub rounding: Rounding,
+    /// Total epsilon and delta the session spent at this node.
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+/// The anchor's release of one linkage session: one COUNT cell per declared key, the
+/// noisy linked count (`c_g + clamp(Z_g)`, the partner's noise) with its exact variance
+/// and 95% interval, then small-count suppression and rounding as for any count. This
+/// is post-processing of already-noised values, so it costs nothing.
+pub fn release_linked(
+    group_columns: Vec<String>,
+    keys: Vec<Vec<String>>,
+    alias: &str,
+    counts: &phm_link::LinkedCounts,
+    rules: LinkedRules,
+) -> Release {
+    let mrc = rules.min_reportable_count;
+    let reason = suppression_reason(mrc);
+    let half = f64::from(counts.accuracy.half_width_95);
+    let rows = keys
+        .into_iter()
+        .zip(&counts.released)
+        .map(|(key, &v)| {
+            let v = v as f64;
+            let small = v <= mrc;
+            Row {
+                key,
+                cells: vec![Cell {
+                    alias: alias.to_string(),
+                    estimate: if small { 0.0 } else { round(rules.rounding, v) },
+                    noisy_value: v,
+                    noise_scale: counts.noise_scale,
+                    variance: counts.accuracy.variance,
+                    ci95: (v - half, v + half),
+                    suppressed: small,
+                    suppression_reason: small.then(|| reason.clone()),
+                    mechanism: Some(phm_proto::result::Mechanism::DiscreteLaplace),
+                    mean: None,
+                }],
+            }
+        })
+        .collect();
+    Release {
+        group_columns,
+        aliases: vec![alias.to_string()],
+        rows,
+        epsilon_spent: rules.epsilon,
+        delta_spent: rules.delta,
+        rho_spent: 0.0,
+        min_reportable_count: mrc,
+    }
+}

@@ -9,11 +9,13 @@
 //! - `record.rs`: the audit records each RPC starts from.
 //! - `watchdog.rs`: the storage watchdog and the wall-clock guard.
 
+mod link;
 mod query;
 mod record;
 mod views;
 mod watchdog;
 
+pub use link::{LinkIn, LinkOpen, LinkOut, LinkTerms, SESSION_NONCE_LEN};
 pub use views::{BudgetView, DatasetView, Description, LedgerView};
 
 use crate::audit::{AuditLog, AuditRecord, Outcome};
@@ -45,6 +47,8 @@ pub struct Loaded {
 pub struct ServiceLimits {
     pub max_concurrent_queries: usize,
     pub query_deadline: Duration,
+    /// Most time one linkage session may take, rounds and computation included.
+    pub link_deadline: Duration,
     /// A storage operation (sled write, fsync, audit append) not finished within this
     /// is taken as a failed disk: the node stops. Independent of any query's deadline.
     pub storage_timeout: Duration,
@@ -66,7 +70,10 @@ pub struct Service {
     slots: Arc<Semaphore>,
     max_slots: u32,
     deadline: Duration,
+    link_deadline: Duration,
     storage_timeout: Duration,
+    /// This node's identity and registry, when it takes part in linked questions.
+    peer: std::sync::OnceLock<Arc<crate::peer::Peer>>,
     // Set once storage fails: the node then stops rather than run without being able
     // to record spends and decisions.
     fatal: Arc<tokio::sync::watch::Sender<Option<String>>>,
@@ -170,9 +177,16 @@ impl Service {
             slots: Arc::new(Semaphore::new(max_slots as usize)),
             max_slots,
             deadline: limits.query_deadline,
+            link_deadline: limits.link_deadline,
             storage_timeout: limits.storage_timeout,
+            peer: std::sync::OnceLock::new(),
             fatal: Arc::new(tokio::sync::watch::Sender::new(None)),
         })
+    }
+
+    /// Give the service this node's identity and registry (once, at start-up).
+    pub fn install_peer(&self, peer: Arc<crate::peer::Peer>) {
+        let _ = self.peer.set(peer);
     }
 
     /// The policy and engine in force now.
@@ -483,6 +497,7 @@ budget = {{ epsilon = 10.0, period = "month", per_query_cap = 1.0 }}
             ServiceLimits {
                 max_concurrent_queries: 4,
                 query_deadline: Duration::from_secs(60),
+                link_deadline: Duration::from_secs(600),
                 storage_timeout: Duration::from_secs(60),
             },
         )

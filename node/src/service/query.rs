@@ -243,7 +243,7 @@ impl Service {
         self.cache_release(body, answer).await
     }
 
-    fn served_from_cache(mut answer: Answer, record: &mut AuditRecord) -> Answer {
+    pub(super) fn served_from_cache(mut answer: Answer, record: &mut AuditRecord) -> Answer {
         answer.cached = true;
         record.cached = true;
         record.reasons =
@@ -271,7 +271,10 @@ impl Service {
         .await
     }
 
-    async fn lookup_release(&self, body: &QueryBody) -> Result<CacheLookup<Answer>, Stop> {
+    pub(super) async fn lookup_release(
+        &self,
+        body: &QueryBody,
+    ) -> Result<CacheLookup<Answer>, Stop> {
         match self
             .with_release_key(body, |store, key, digest, content| {
                 store.cached_release(key, digest, content)
@@ -289,16 +292,30 @@ impl Service {
         body: &QueryBody,
         now: DateTime<Utc>,
     ) -> Result<(), Stop> {
+        self.check_fresh_and_unseen_in("query", policy, body, now)
+            .await
+    }
+
+    /// Fresh, and its nonce not seen before in `scope` (a partner sees one signed
+    /// linked query once per anchor, so it keeps a scope per anchor).
+    pub(super) async fn check_fresh_and_unseen_in(
+        &self,
+        scope: &str,
+        policy: &Policy,
+        body: &QueryBody,
+        now: DateTime<Utc>,
+    ) -> Result<(), Stop> {
         let validity = policy.file().release.query_validity_seconds;
         freshness(body.issued_at_unix_ms, now, validity)?;
         let store = self.store.clone();
-        let (req, nonce, issued) = (
+        let (req, nonce, issued, scope) = (
             body.requester_id.clone(),
             body.nonce.clone(),
             body.issued_at_unix_ms,
+            scope.to_string(),
         );
         match self
-            .io(move || store.record_nonce("query", &req, &nonce, issued))
+            .io(move || store.record_nonce(&scope, &req, &nonce, issued))
             .await?
         {
             Ok(()) => Ok(()),
@@ -312,13 +329,20 @@ impl Service {
     }
 
     /// Ask the policy; a refusal lists every reason with its rule.
-    fn decide(
+    pub(super) fn decide(
         &self,
         policy: &Policy,
         body: &QueryBody,
         now: DateTime<Utc>,
     ) -> Result<Box<Limits>, Denial> {
-        let refusals = match phm_policies::decide(policy, body, now) {
+        limits_or_denial(phm_policies::decide(policy, body, now))
+    }
+}
+
+/// The limits of an allowed decision, or a denial listing every reason with its rule.
+pub(super) fn limits_or_denial(decision: Decision) -> Result<Box<Limits>, Denial> {
+    {
+        let refusals = match decision {
             Decision::Allow(limits) => return Ok(limits),
             Decision::Deny(refusals) => refusals,
         };
@@ -344,9 +368,11 @@ impl Service {
         };
         Err(Denial::new(DenialReason::PolicyDenied, message).with_reasons(reasons))
     }
+}
 
+impl Service {
     /// Spend, durably, before anything is computed from the data.
-    async fn spend(
+    pub(super) async fn spend(
         &self,
         limits: &Limits,
         record: &mut AuditRecord,
@@ -437,7 +463,7 @@ impl Service {
         Ok(release)
     }
 
-    fn answer_of(
+    pub(super) fn answer_of(
         &self,
         policy: &Policy,
         body: &QueryBody,
@@ -470,7 +496,11 @@ impl Service {
         }
     }
 
-    async fn cache_release(&self, body: &QueryBody, answer: Answer) -> Result<Answer, Stop> {
+    pub(super) async fn cache_release(
+        &self,
+        body: &QueryBody,
+        answer: Answer,
+    ) -> Result<Answer, Stop> {
         match self
             .with_release_key(body, move |store, key, digest, content| {
                 store.store_release(key, digest, content, answer)

@@ -18,6 +18,10 @@ pub struct DatasetView {
     pub max_rows_per_person: u32,
     /// Only usable, non-identifier columns.
     pub columns: Vec<Column>,
+    /// The dataset declares a link key and the requester may ask linked questions.
+    pub linkable: bool,
+    /// `role:ODS` of each partner this dataset may be linked with.
+    pub link_partners: Vec<String>,
 }
 
 /// What Describe returns.
@@ -55,6 +59,20 @@ pub struct BudgetView {
     pub node_id: String,
     pub ledgers: Vec<LedgerView>,
     pub policy_version: String,
+}
+
+/// `role:ODS` of every linkage partner entry that names `dataset` as ours.
+fn link_partners(file: &phm_policies::PolicyFile, dataset: &str) -> Vec<String> {
+    let Some(l) = &file.linkage else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in l.partners.iter().filter(|p| p.our_datasets.iter().any(|d| d == dataset)) {
+        for r in &p.roles {
+            out.push(format!("{}:{}", r.as_str(), p.ods_code));
+        }
+    }
+    out
 }
 
 impl Service {
@@ -147,6 +165,10 @@ impl Service {
             .filter(|d| requester.is_some_and(|r| r.datasets.contains(&d.name)))
             .filter(|d| project.is_none_or(|p| p.datasets.contains(&d.name)))
             .map(|d| DatasetView {
+                linkable: d.link_key.is_some()
+                    && requester.is_some_and(|r| r.linked_queries)
+                    && file.linkage.is_some(),
+                link_partners: link_partners(file, &d.name),
                 name: d.name.clone(),
                 max_rows_per_person: d.max_rows_per_person,
                 columns: d

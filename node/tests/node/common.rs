@@ -151,6 +151,7 @@ pub fn limits() -> ServiceLimits {
     ServiceLimits {
         max_concurrent_queries: 512,
         query_deadline: Duration::from_secs(60),
+        link_deadline: Duration::from_secs(600),
         storage_timeout: Duration::from_secs(60),
     }
 }

@@ -267,6 +267,7 @@ async fn a_missed_deadline_keeps_the_spend_and_a_retry_gets_the_answer() {
         ServiceLimits {
             max_concurrent_queries: 4,
             query_deadline: Duration::from_micros(1),
+            link_deadline: Duration::from_secs(600),
             storage_timeout: Duration::from_secs(60),
         },
     )
@@ -292,6 +293,7 @@ async fn overload_is_refused_at_once() {
         ServiceLimits {
             max_concurrent_queries: 2,
             query_deadline: Duration::from_secs(30),
+            link_deadline: Duration::from_secs(600),
             storage_timeout: Duration::from_secs(60),
         },
     )
@@ -551,7 +553,6 @@ fn count_by_sex(epsilon: f64) -> phm_proto::QueryBody {
     let mut q = count_by_imd("dsu", epsilon);
     q.group_by = vec![GroupKey::Column("sex".into())];
     q
-    linkage: None,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
