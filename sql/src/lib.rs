@@ -2,19 +2,40 @@
 //! client turns it into a structured query and signs that.
 //!
 //! Accepted: `SELECT` group keys and `COUNT(*)`, `SUM(col)`, `AVG(col)` (with `AS`
-//! aliases), `FROM dataset`, a `WHERE` of comparisons with literals, `IN`, `BETWEEN`,
-//! `IS [NOT] NULL`, `AND`/`OR`/`NOT`, and `GROUP BY` columns or `bin(col, width)`.
+//! aliases), `FROM dataset [alias]`, a `WHERE` of comparisons with literals, `IN`,
+//! `BETWEEN`, `IS [NOT] NULL`, `AND`/`OR`/`NOT`, and `GROUP BY` columns or
+//! `bin(col, width)`. Columns are written alone or as `alias.col`.
+//!
+//! A linked question adds one `[NOT] EXISTS` as a top-level `AND` condition of the
+//! `WHERE` (or as the whole `WHERE`), which becomes a [`Linkage`]:
+//!
+//! ```sql
+//! SELECT imd_quintile, COUNT(*) AS patients FROM gp_patients g
+//! WHERE g.diabetes = TRUE
+//!   AND EXISTS (SELECT 1 FROM acute_admissions a
+//!               WHERE a.person = g.person AND a.method = 'emergency'
+//!               [GROUP BY a.person HAVING COUNT(*) >= k])
+//! GROUP BY imd_quintile
+//! ```
+//!
+//! The subquery selects `1` (or `*`) from one aliased partner dataset; its `WHERE` holds
+//! the correlation `a.person = g.person` (either way round) as a top-level `AND`
+//! condition, and its other conditions, in the outer grammar, are the partner filter.
+//! `person` is a pseudo-column, each dataset's declared link key: it may appear only in
+//! the correlation and in `GROUP BY a.person`, never as a value, filter or key.
+//! `HAVING COUNT(*) >= k` takes `1 <= k <= MAX_MIN_PARTNER_ROWS`.
+//!
 //! Everything else is refused with the offending token's position and a hint.
 
 use phm_proto::query::{
-    MAX_AGGREGATES, MAX_GROUP_KEYS, MAX_ID_LEN, MAX_PREDICATE_DEPTH, MAX_PREDICATE_NODES,
-    MAX_TEXT_LITERAL_LEN,
+    Linkage, MAX_AGGREGATES, MAX_GROUP_KEYS, MAX_ID_LEN, MAX_MIN_PARTNER_ROWS, MAX_PREDICATE_DEPTH,
+    MAX_PREDICATE_NODES, MAX_TEXT_LITERAL_LEN,
 };
 use phm_proto::{Aggregate, AggregateKind, CompareOp, GroupKey, Literal, Predicate};
 use sqlparser::ast::{
     BinaryOperator, DataType, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
     Ident, ObjectName, ObjectNamePart, Query, Select, SelectItem, SetExpr, Spanned, Statement,
-    TableFactor, UnaryOperator, Value,
+    TableAlias, TableFactor, UnaryOperator, Value,
 };
 use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
@@ -37,6 +58,8 @@ pub struct SqlQuery {
     pub filter: Option<Predicate>,
     pub group_by: Vec<GroupKey>,
     pub aggregates: Vec<Aggregate>,
+    /// The `[NOT] EXISTS (...)` of a linked question, if any.
+    pub linkage: Option<Linkage>,
 }
 
 /// Why SQL was refused, pointing at the offending token.
@@ -86,6 +109,19 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 const FORM: &str = "the supported form is SELECT keys, COUNT(*) | SUM(col) | AVG(col) [AS name] \
                     FROM dataset [WHERE conditions] [GROUP BY keys]";
 
+/// The linked form, for hints about EXISTS.
+const LINK_FORM: &str = "link with FROM dataset g WHERE [NOT] EXISTS (SELECT 1 FROM other a WHERE \
+                         a.person = g.person [AND conditions on a] \
+                         [GROUP BY a.person HAVING COUNT(*) >= k])";
+
+const JOIN_HINT: &str = "each query reads one dataset; to count people who also appear in another, \
+                         write FROM dataset g WHERE EXISTS (SELECT 1 FROM other a WHERE \
+                         a.person = g.person ...)";
+
+const PERSON_HINT: &str = "person stands for each dataset's declared link key, which no query \
+                           reads or names: it appears only in the EXISTS correlation \
+                           a.person = g.person and the subquery's GROUP BY a.person";
+
 /// Parse analyst SQL into query parts, or say exactly what is not supported and where.
 pub fn parse(sql: &str) -> Result<SqlQuery, SqlError> {
     let pos = Positions::new(sql);
@@ -127,6 +163,7 @@ pub fn parse(sql: &str) -> Result<SqlQuery, SqlError> {
         pos: &pos,
         small: tokens.len() <= SPAN_TOKENS,
         tokens: &tokens,
+        scope: Scope::default(),
     }
     .query(query)
 }
@@ -190,7 +227,7 @@ fn prescan(
     pos: &Positions<'_>,
 ) -> Result<Vec<TokenWithSpan>, SqlError> {
     let mut out: Vec<TokenWithSpan> = Vec::with_capacity(tokens.len());
-    let mut seen_select = false;
+    let mut scan = Scan::default();
     let mut after_semicolon = false;
     let mut count = 0usize;
     let tokens: Vec<TokenWithSpan> = tokens
@@ -217,9 +254,8 @@ fn prescan(
                 "split it into smaller queries",
             );
         }
-        let prev = out.last().map(|p| &p.token);
         let next = tokens.get(i + 1).map(|n| &n.token);
-        if !operator_allowed(&t.token, prev, next) {
+        if !operator_allowed(&t.token, out.last().map(|p| &p.token), next) {
             return err(
                 "arithmetic and operators other than comparisons are not supported",
                 "compare a column with a literal, e.g. age >= 65 or sex IN ('F', 'M')",
@@ -229,67 +265,15 @@ fn prescan(
             if out.is_empty() && k != Keyword::SELECT {
                 return err("only SELECT queries are supported", FORM);
             }
-            use Keyword as K;
-            let refusal: Option<(&str, &str)> = match k {
-                K::SELECT if seen_select => Some((
-                    "subqueries are not supported",
-                    "write one SELECT over one dataset; run separate queries and combine the answers",
-                )),
-                K::JOIN
-                | K::INNER
-                | K::LEFT
-                | K::RIGHT
-                | K::FULL
-                | K::CROSS
-                | K::NATURAL
-                | K::OUTER
-                | K::LATERAL => Some((
-                    "joins are not supported",
-                    "each query reads one dataset; nodes never link records across tables",
-                )),
-                K::UNION | K::INTERSECT | K::EXCEPT | K::MINUS => Some((
-                    "set operations (UNION, INTERSECT, EXCEPT) are not supported",
-                    "run separate queries and combine the answers",
-                )),
-                K::WITH => Some((
-                    "WITH (common table expressions) is not supported",
-                    "write one SELECT over one dataset",
-                )),
-                K::ORDER | K::SORT => Some((
-                    "ORDER BY is not supported",
-                    "results come back in group-key order; sort them after they arrive",
-                )),
-                K::LIMIT | K::OFFSET | K::FETCH | K::TOP => Some((
-                    "LIMIT is not supported",
-                    "every group cell is released or suppressed; a limit would depend on noisy values",
-                )),
-                K::HAVING => Some((
-                    "HAVING is not supported",
-                    "filter rows with WHERE; small cells are suppressed by the node's policy",
-                )),
-                K::DISTINCT => Some((
-                    "DISTINCT is not supported",
-                    "counts are already of people: each person contributes a bounded number of rows",
-                )),
-                K::OVER | K::WINDOW | K::PARTITION | K::QUALIFY => {
-                    Some(("window functions are not supported", "use GROUP BY"))
-                }
-                K::INTO => Some(("SELECT INTO is not supported", FORM)),
-                K::CASE => Some((
-                    "CASE expressions are not supported",
-                    "group by a declared column or bin(col, width)",
-                )),
-                _ => None,
-            };
-            if let Some((m, h)) = refusal {
+            if let Some((m, h)) = scan.refusal(k, &out) {
                 return err(m, h);
             }
-            if k == Keyword::SELECT {
-                seen_select = true;
-            }
+            scan.seen_select |= k == Keyword::SELECT;
+            scan.seen_exists |= k == Keyword::EXISTS;
         } else if out.is_empty() {
             return err("only SELECT queries are supported", FORM);
         }
+        scan.follow_parentheses(&t.token, out.last().map(|p| &p.token));
         out.push(t);
     }
     if out.is_empty() {
@@ -301,6 +285,107 @@ fn prescan(
         });
     }
     Ok(out)
+}
+
+/// What the prescan has seen so far, and where it is relative to the one
+/// `EXISTS (SELECT ...)` a linked query may have.
+#[derive(Default)]
+struct Scan {
+    seen_select: bool,
+    seen_exists: bool,
+    /// Parenthesis depth at the current token.
+    depth: usize,
+    /// The depth of the EXISTS subquery's `(`, while the scan is inside it.
+    exists_at: Option<usize>,
+}
+
+impl Scan {
+    fn follow_parentheses(&mut self, t: &Token, prev: Option<&Token>) {
+        match t {
+            Token::LParen => {
+                self.depth += 1;
+                if self.exists_at.is_none() && prev.and_then(keyword) == Some(Keyword::EXISTS) {
+                    self.exists_at = Some(self.depth);
+                }
+            }
+            Token::RParen => {
+                if self.exists_at == Some(self.depth) {
+                    self.exists_at = None;
+                }
+                self.depth = self.depth.saturating_sub(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// A SELECT right after `EXISTS (` opens the linked subquery.
+    fn opens_exists(out: &[TokenWithSpan]) -> bool {
+        match out {
+            [.., e, p] => p.token == Token::LParen && keyword(&e.token) == Some(Keyword::EXISTS),
+            _ => false,
+        }
+    }
+
+    /// Why keyword `k` is refused here, if it is: (message, hint).
+    fn refusal(&self, k: Keyword, out: &[TokenWithSpan]) -> Option<(&'static str, &'static str)> {
+        use Keyword as K;
+        match k {
+            K::SELECT if self.seen_select && !Scan::opens_exists(out) => Some((
+                "subqueries are not supported",
+                "write one SELECT over one dataset (a linked query adds one EXISTS (SELECT 1 \
+                 FROM other a WHERE a.person = g.person ...)); run separate queries and combine \
+                 the answers",
+            )),
+            K::EXISTS if self.seen_exists => Some((
+                "only one EXISTS is supported per query",
+                "a query links to one partner dataset: put every condition on it inside the one \
+                 EXISTS (...), and ask about a second partner in a separate query",
+            )),
+            K::JOIN
+            | K::INNER
+            | K::LEFT
+            | K::RIGHT
+            | K::FULL
+            | K::CROSS
+            | K::NATURAL
+            | K::OUTER
+            | K::LATERAL => Some(("joins are not supported", JOIN_HINT)),
+            K::UNION | K::INTERSECT | K::EXCEPT | K::MINUS => Some((
+                "set operations (UNION, INTERSECT, EXCEPT) are not supported",
+                "run separate queries and combine the answers",
+            )),
+            K::WITH => Some((
+                "WITH (common table expressions) is not supported",
+                "write one SELECT over one dataset",
+            )),
+            K::ORDER | K::SORT => Some((
+                "ORDER BY is not supported",
+                "results come back in group-key order; sort them after they arrive",
+            )),
+            K::LIMIT | K::OFFSET | K::FETCH | K::TOP => Some((
+                "LIMIT is not supported",
+                "every group cell is released or suppressed; a limit would depend on noisy values",
+            )),
+            K::HAVING if self.exists_at.is_none() => Some((
+                "HAVING is not supported",
+                "filter rows with WHERE; small cells are suppressed by the node's policy \
+                 (only a linked EXISTS subquery takes GROUP BY a.person HAVING COUNT(*) >= k)",
+            )),
+            K::DISTINCT => Some((
+                "DISTINCT is not supported",
+                "counts are already of people: each person contributes a bounded number of rows",
+            )),
+            K::OVER | K::WINDOW | K::PARTITION | K::QUALIFY => {
+                Some(("window functions are not supported", "use GROUP BY"))
+            }
+            K::INTO => Some(("SELECT INTO is not supported", FORM)),
+            K::CASE => Some((
+                "CASE expressions are not supported",
+                "group by a declared column or bin(col, width)",
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Operators the subset has: comparisons, `*` only in `COUNT(*)` and `SELECT *` (which
@@ -389,15 +474,48 @@ enum Item {
     Agg(Aggregate, Span),
 }
 
+/// A group key and where it is written.
+type Keyed = (GroupKey, Span);
+
+/// Which table aliases a column reference may use where it is read.
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    /// The alias of the dataset read here, if it has one.
+    alias: Option<String>,
+    /// Inside the EXISTS subquery, the outer dataset's alias, which only the
+    /// correlation `a.person = g.person` may name.
+    outer: Option<String>,
+}
+
+/// The dataset after FROM.
+struct Source {
+    dataset: String,
+    /// Its alias, and where the alias is written.
+    alias: Option<(String, Span)>,
+    /// Where the dataset name is written.
+    span: Span,
+}
+
 struct Converter<'a, 'b> {
     pos: &'a Positions<'b>,
     /// Whether the query is small enough to compute node spans, which sqlparser does
     /// recursively over the whole subtree.
     small: bool,
     tokens: &'a [TokenWithSpan],
+    scope: Scope,
 }
 
-impl Converter<'_, '_> {
+impl<'a, 'b> Converter<'a, 'b> {
+    /// The same converter, reading columns in another scope.
+    fn within(&self, scope: Scope) -> Converter<'a, 'b> {
+        Converter {
+            pos: self.pos,
+            small: self.small,
+            tokens: self.tokens,
+            scope,
+        }
+    }
+
     /// The span of an AST node; for a large query, the whole statement instead, so
     /// that a hostile, deeply chained expression cannot exhaust the stack.
     fn sp<T: Spanned>(&self, node: &T) -> Span {
@@ -452,6 +570,12 @@ impl Converter<'_, '_> {
     }
 
     fn query(&self, q: &Query) -> Result<SqlQuery, SqlError> {
+        let s = self.plain_query(q)?;
+        self.select(s)
+    }
+
+    /// The SELECT of a query with no WITH, ORDER BY, LIMIT or other wrapping.
+    fn plain_query<'q>(&self, q: &'q Query) -> Result<&'q Select, SqlError> {
         // Spans of whole queries are unions over every node, computed recursively:
         // point at the statement as a whole instead.
         let span = Span::empty();
@@ -468,7 +592,7 @@ impl Converter<'_, '_> {
             return self.err(span, "only a plain SELECT is supported", FORM);
         }
         match q.body.as_ref() {
-            SetExpr::Select(s) => self.select(s),
+            SetExpr::Select(s) => Ok(s),
             SetExpr::Query(inner) => self.err(
                 self.sp(inner.as_ref()),
                 "a parenthesised query is not supported",
@@ -479,7 +603,26 @@ impl Converter<'_, '_> {
     }
 
     fn select(&self, s: &Select) -> Result<SqlQuery, SqlError> {
-        let span = s.select_token.0.span;
+        self.plain_select(s, false)?;
+        let source = self.from(s)?;
+        let outer = self.within(Scope {
+            alias: source.alias.as_ref().map(|(a, _)| a.clone()),
+            outer: None,
+        });
+        let (keys, aggregates) = outer.projection(s)?;
+        let group_by = outer.outer_group_by(&s.group_by, &keys)?;
+        let (filter, linkage) = outer.where_clause(s.selection.as_ref(), &source)?;
+        Ok(SqlQuery {
+            dataset: source.dataset,
+            filter,
+            group_by,
+            aggregates,
+            linkage,
+        })
+    }
+
+    /// Refuse SELECT clauses outside the subset; HAVING only in a linked subquery.
+    fn plain_select(&self, s: &Select, linked: bool) -> Result<(), SqlError> {
         if s.distinct.is_some()
             || s.top.is_some()
             || s.into.is_some()
@@ -489,20 +632,24 @@ impl Converter<'_, '_> {
             || !s.cluster_by.is_empty()
             || !s.distribute_by.is_empty()
             || !s.sort_by.is_empty()
-            || s.having.is_some()
+            || (s.having.is_some() && !linked)
             || !s.named_window.is_empty()
             || s.qualify.is_some()
             || s.value_table_mode.is_some()
             || s.exclude.is_some()
         {
             return self.err(
-                span,
+                s.select_token.0.span,
                 "this SELECT uses a clause that is not supported",
                 FORM,
             );
         }
-        let dataset = self.from(s)?;
-        let mut keys: Vec<(GroupKey, Span)> = Vec::new();
+        Ok(())
+    }
+
+    /// The SELECT list: group keys (with where they are written) and aggregates.
+    fn projection(&self, s: &Select) -> Result<(Vec<Keyed>, Vec<Aggregate>), SqlError> {
+        let mut keys: Vec<Keyed> = Vec::new();
         let mut aggregates: Vec<(Aggregate, Span)> = Vec::new();
         for item in &s.projection {
             match self.select_item(item)? {
@@ -521,7 +668,7 @@ impl Converter<'_, '_> {
         }
         if aggregates.is_empty() {
             return self.err(
-                span,
+                s.select_token.0.span,
                 "the query selects no aggregate",
                 "select COUNT(*), SUM(col) or AVG(col); nodes release aggregates only",
             );
@@ -533,8 +680,17 @@ impl Converter<'_, '_> {
                 "split the query",
             );
         }
-        let group_by = self.group_by(&s.group_by)?;
-        for (k, sp) in &keys {
+        Ok((keys, aggregates.into_iter().map(|(a, _)| a).collect()))
+    }
+
+    /// The outer GROUP BY, which must list exactly the selected keys.
+    fn outer_group_by(
+        &self,
+        g: &GroupByExpr,
+        keys: &[(GroupKey, Span)],
+    ) -> Result<Vec<GroupKey>, SqlError> {
+        let group_by = self.group_by(g)?;
+        for (k, sp) in keys {
             if !group_by.iter().any(|(g, _)| g == k) {
                 return self.err(
                     *sp,
@@ -559,22 +715,60 @@ impl Converter<'_, '_> {
                 "group by fewer keys",
             );
         }
-        let filter = match &s.selection {
-            None => None,
-            Some(e) => {
-                let mut nodes = 0;
-                Some(self.predicate(e, 0, &mut nodes)?)
-            }
-        };
-        Ok(SqlQuery {
-            dataset,
-            filter,
-            group_by: group_by.into_iter().map(|(g, _)| g).collect(),
-            aggregates: aggregates.into_iter().map(|(a, _)| a).collect(),
-        })
+        Ok(group_by.into_iter().map(|(g, _)| g).collect())
     }
 
-    fn from(&self, s: &Select) -> Result<String, SqlError> {
+    /// The outer WHERE: the filter, and the linkage when one of its top-level AND
+    /// conditions is `[NOT] EXISTS (...)`.
+    fn where_clause(
+        &self,
+        selection: Option<&Expr>,
+        source: &Source,
+    ) -> Result<(Option<Predicate>, Option<Linkage>), SqlError> {
+        let Some(e) = selection else {
+            return Ok((None, None));
+        };
+        let parts = conjuncts(e);
+        let mut rest = Vec::with_capacity(parts.len());
+        let mut link = None;
+        for p in parts {
+            match (as_exists(p), link.is_some()) {
+                (None, _) => rest.push(p),
+                (Some(x), false) => link = Some(x),
+                (Some(_), true) => {
+                    return self.err(
+                        self.exists_keyword(1),
+                        "only one EXISTS is supported per query",
+                        "a query links to one partner dataset; ask about another in a separate query",
+                    );
+                }
+            }
+        }
+        let Some((subquery, negated)) = link else {
+            return Ok((Some(self.predicate(e, 0, &mut 0)?), None));
+        };
+        let filter = self.conjunction(&rest)?;
+        Ok((filter, Some(self.linkage(subquery, negated, source)?)))
+    }
+
+    /// AND conditions left once EXISTS or the correlation is taken out, as one filter.
+    fn conjunction(&self, parts: &[&Expr]) -> Result<Option<Predicate>, SqlError> {
+        match parts {
+            [] => Ok(None),
+            [one] => Ok(Some(self.predicate(one, 0, &mut 0)?)),
+            many => {
+                // Counted as the AND node `predicate` would have made of them.
+                let mut nodes = 1;
+                let parts = many
+                    .iter()
+                    .map(|p| self.predicate(p, 1, &mut nodes))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some(Predicate::All(parts)))
+            }
+        }
+    }
+
+    fn from(&self, s: &Select) -> Result<Source, SqlError> {
         let Some(first) = s.from.first() else {
             return self.err(
                 s.select_token.0.span,
@@ -586,42 +780,58 @@ impl Converter<'_, '_> {
             return self.err(
                 self.sp(second),
                 "only one dataset can be queried",
-                "each query reads one dataset; nodes never link records across tables",
+                JOIN_HINT,
             );
         }
         if let Some(j) = first.joins.first() {
-            return self.err(
-                self.sp(j),
-                "joins are not supported",
-                "each query reads one dataset; nodes never link records across tables",
-            );
+            return self.err(self.sp(j), "joins are not supported", JOIN_HINT);
         }
-        match &first.relation {
-            TableFactor::Table { name, alias, .. } => {
-                if let Some(a) = alias {
-                    return self.err(
-                        a.span(),
-                        "table aliases are not supported",
-                        "write the dataset name alone",
-                    );
-                }
-                // Any other decoration (arguments, hints, sampling) changes how the
-                // relation prints; a bare name prints as itself.
-                if first.relation.to_string() != name.to_string() {
-                    return self.err(
-                        self.sp(&first.relation),
-                        "only a bare dataset name is supported after FROM",
-                        "write FROM dataset, e.g. FROM gp_patients",
-                    );
-                }
-                self.object_name(name, "dataset")
-            }
-            other => self.err(
-                self.sp(other),
+        let TableFactor::Table { name, alias, .. } = &first.relation else {
+            return self.err(
+                self.sp(&first.relation),
                 "only a dataset name is supported after FROM (no subqueries or functions)",
                 "write FROM dataset, e.g. FROM gp_patients",
-            ),
+            );
+        };
+        self.bare_table(&first.relation, name)?;
+        Ok(Source {
+            dataset: self.object_name(name, "dataset")?,
+            alias: alias.as_ref().map(|a| self.table_alias(a)).transpose()?,
+            span: self.sp(name),
+        })
+    }
+
+    /// Any decoration but an alias (arguments, hints, sampling) changes how the
+    /// relation prints; a bare name prints as itself.
+    fn bare_table(&self, relation: &TableFactor, name: &ObjectName) -> Result<(), SqlError> {
+        let mut bare = relation.clone();
+        if let TableFactor::Table { alias, .. } = &mut bare {
+            *alias = None;
         }
+        if bare.to_string() != name.to_string() {
+            return self.err(
+                self.sp(relation),
+                "only a bare dataset name is supported after FROM",
+                "write FROM dataset [alias], e.g. FROM gp_patients g",
+            );
+        }
+        Ok(())
+    }
+
+    fn table_alias(&self, a: &TableAlias) -> Result<(String, Span), SqlError> {
+        let extra = a
+            .columns
+            .first()
+            .map(|c| c.name.span)
+            .or(a.at.as_ref().map(|i| i.span));
+        if let Some(span) = extra {
+            return self.err(
+                span,
+                "a table alias can only name the dataset",
+                "write FROM dataset g, without column names after the alias",
+            );
+        }
+        Ok((self.ident(&a.name, "alias")?, a.name.span))
     }
 
     fn object_name(&self, name: &ObjectName, what: &str) -> Result<String, SqlError> {
@@ -638,11 +848,7 @@ impl Converter<'_, '_> {
     /// A column, dataset or alias name: unquoted names fold to lower case, as in
     /// PostgreSQL; names must be valid on the wire.
     fn ident(&self, ident: &Ident, what: &str) -> Result<String, SqlError> {
-        let name = if ident.quote_style.is_some() {
-            ident.value.clone()
-        } else {
-            ident.value.to_lowercase()
-        };
+        let name = folded(ident);
         let ok = !name.is_empty()
             && name.len() <= MAX_ID_LEN
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -656,15 +862,60 @@ impl Converter<'_, '_> {
         Ok(name)
     }
 
+    /// A column read here: alone or qualified by this scope's alias, never `person`.
     fn column(&self, e: &Expr) -> Result<String, SqlError> {
-        match e {
-            Expr::Identifier(i) => self.ident(i, "column"),
-            Expr::CompoundIdentifier(_) => self.err(
+        let name = self.ident(self.column_ident(e)?, "column")?;
+        if name == "person" {
+            return self.err(
                 self.esp(e),
-                "qualified column names are not supported",
-                "write the column name alone",
-            ),
+                "person is not a column that can be read",
+                PERSON_HINT,
+            );
+        }
+        Ok(name)
+    }
+
+    /// The name part of a column reference, once its qualifier (if any) is checked.
+    fn column_ident<'e>(&self, e: &'e Expr) -> Result<&'e Ident, SqlError> {
+        match e {
+            Expr::Identifier(i) => Ok(i),
+            Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+                [q, c] => self.qualifier(q, e).map(|()| c),
+                _ => self.err(
+                    self.esp(e),
+                    "qualified column names are not supported",
+                    "write the column name alone, or after the dataset's alias: g.col",
+                ),
+            },
             _ => self.err(self.esp(e), "expected a column name here", FORM),
+        }
+    }
+
+    /// A column's qualifier must be the alias of the dataset read here.
+    fn qualifier(&self, q: &Ident, e: &Expr) -> Result<(), SqlError> {
+        let q = folded(q);
+        let span = self.esp(e);
+        match (&self.scope.alias, &self.scope.outer) {
+            (Some(own), _) if *own == q => Ok(()),
+            (Some(own), Some(outer)) if *outer == q => self.err(
+                span,
+                format!("only {own}.person = {outer}.person may correlate"),
+                format!(
+                    "conditions inside EXISTS read {own}'s columns ({own}.col or col); put \
+                     conditions on {outer} in the outer WHERE"
+                ),
+            ),
+            (Some(own), _) => self.err(
+                span,
+                format!("{q} is not the alias of the dataset read here"),
+                format!("qualify columns with {own}, or write them alone"),
+            ),
+            (None, _) => self.err(
+                span,
+                "qualified column names are not supported without a table alias",
+                "write the column name alone, or alias the dataset (FROM gp_patients g) and \
+                 write g.col",
+            ),
         }
     }
 
@@ -1054,6 +1305,12 @@ impl Converter<'_, '_> {
                 column: self.column(inner)?,
                 negated: true,
             }),
+            Expr::Exists { .. } => self.err(
+                self.exists_keyword(0),
+                "EXISTS must be a condition of its own, joined to the others with AND",
+                "write WHERE conditions AND [NOT] EXISTS (...); EXISTS cannot sit under OR, or \
+                 under NOT of a group of conditions",
+            ),
             Expr::InSubquery { subquery, .. } => self.err(
                 self.sp(subquery.as_ref()),
                 "subqueries are not supported",
@@ -1107,11 +1364,16 @@ impl Converter<'_, '_> {
         };
         let is_col = |x: &Expr| matches!(x, Expr::Identifier(_) | Expr::CompoundIdentifier(_));
         match (is_col(left), is_col(right)) {
-            (true, true) => self.err(
-                self.esp(right),
-                "comparing two columns is not supported",
-                "compare a column with a literal value, e.g. age >= 65",
-            ),
+            (true, true) => {
+                self.misplaced_correlation(e)?;
+                self.column_ident(left)?;
+                self.column_ident(right)?;
+                self.err(
+                    self.esp(right),
+                    "comparing two columns is not supported",
+                    "compare a column with a literal value, e.g. age >= 65",
+                )
+            }
             (true, false) => Ok(Predicate::Compare {
                 column: self.column(left)?,
                 op,
@@ -1135,6 +1397,342 @@ impl Converter<'_, '_> {
                 "e.g. age >= 65",
             ),
         }
+    }
+}
+
+// The linked subquery: `[NOT] EXISTS (SELECT 1 FROM other a WHERE a.person = g.person
+// [AND conditions] [GROUP BY a.person HAVING COUNT(*) >= k])`.
+impl Converter<'_, '_> {
+    fn linkage(&self, q: &Query, negated: bool, outer: &Source) -> Result<Linkage, SqlError> {
+        let s = self.plain_query(q)?;
+        self.plain_select(s, true)?;
+        let outer_alias = self.outer_alias(outer)?;
+        let partner = self.from(s)?;
+        let alias = self.partner_alias(&partner, &outer_alias)?;
+        self.exists_projection(s)?;
+        let inner = self.within(Scope {
+            alias: Some(alias),
+            outer: Some(outer_alias),
+        });
+        Ok(Linkage {
+            partner_dataset: partner.dataset,
+            partner_filter: inner.partner_filter(s.selection.as_ref())?,
+            negated,
+            min_partner_rows: inner.min_partner_rows(s)?,
+        })
+    }
+
+    /// The outer dataset's alias, which the correlation needs.
+    fn outer_alias(&self, outer: &Source) -> Result<String, SqlError> {
+        match &outer.alias {
+            Some((a, _)) => Ok(a.clone()),
+            None => self.err(
+                outer.span,
+                "a linked query needs an alias for its dataset",
+                format!(
+                    "write FROM {} g, and correlate with a.person = g.person",
+                    outer.dataset
+                ),
+            ),
+        }
+    }
+
+    /// The partner dataset's alias: required, and not the outer one.
+    fn partner_alias(&self, partner: &Source, outer_alias: &str) -> Result<String, SqlError> {
+        match &partner.alias {
+            None => self.err(
+                partner.span,
+                "the dataset inside EXISTS needs an alias",
+                format!(
+                    "write FROM {} a ... WHERE a.person = {outer_alias}.person",
+                    partner.dataset
+                ),
+            ),
+            Some((a, span)) if a == outer_alias => self.err(
+                *span,
+                format!("the alias {a} is already the outer dataset's"),
+                format!(
+                    "give {} its own alias, e.g. FROM {} a",
+                    partner.dataset, partner.dataset
+                ),
+            ),
+            Some((a, _)) => Ok(a.clone()),
+        }
+    }
+
+    /// The subquery selects `1` (or `*`): it only asks whether partner rows exist.
+    fn exists_projection(&self, s: &Select) -> Result<(), SqlError> {
+        let one = |item: &SelectItem| match item {
+            SelectItem::Wildcard(_) => true,
+            SelectItem::UnnamedExpr(Expr::Value(v)) => {
+                matches!(&v.value, Value::Number(n, _) if n == "1")
+            }
+            _ => false,
+        };
+        match s.projection.as_slice() {
+            [item] if one(item) => Ok(()),
+            items => {
+                let bad = items.iter().find(|i| !one(i)).or(items.get(1));
+                self.err(
+                    bad.map_or(s.select_token.0.span, |i| self.sp(i)),
+                    "the subquery of EXISTS must select 1",
+                    LINK_FORM,
+                )
+            }
+        }
+    }
+
+    /// The subquery's WHERE: the correlation, and the partner filter from the rest.
+    fn partner_filter(&self, selection: Option<&Expr>) -> Result<Option<Predicate>, SqlError> {
+        let parts = selection.map(conjuncts).unwrap_or_default();
+        let mut rest = Vec::with_capacity(parts.len());
+        let mut correlated = false;
+        for p in parts {
+            if !self.is_correlation(p) {
+                rest.push(p);
+            } else if correlated {
+                return self.err(
+                    self.esp(p),
+                    "the correlation is written twice",
+                    "write it once",
+                );
+            } else {
+                correlated = true;
+            }
+        }
+        let filter = self.conjunction(&rest)?;
+        if !correlated {
+            let (a, g) = self.aliases();
+            return self.err(
+                self.exists_keyword(0),
+                format!("the EXISTS subquery is not correlated by {a}.person = {g}.person"),
+                format!(
+                    "add {a}.person = {g}.person to the subquery's WHERE, joined with AND; \
+                     {LINK_FORM}"
+                ),
+            );
+        }
+        Ok(filter)
+    }
+
+    /// This scope's alias and the outer one, for messages.
+    fn aliases(&self) -> (&str, &str) {
+        (
+            self.scope.alias.as_deref().unwrap_or("a"),
+            self.scope.outer.as_deref().unwrap_or("g"),
+        )
+    }
+
+    /// Whether `e` is `a.person = g.person` (either way round) for this scope.
+    fn is_correlation(&self, e: &Expr) -> bool {
+        let Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = e
+        else {
+            return false;
+        };
+        let (Some(own), Some(outer)) = (&self.scope.alias, &self.scope.outer) else {
+            return false;
+        };
+        match (person_qualifier(left), person_qualifier(right)) {
+            (Some(l), Some(r)) => (l == *own && r == *outer) || (l == *outer && r == *own),
+            _ => false,
+        }
+    }
+
+    /// The correlation reached the filter grammar: it sits under OR or NOT.
+    fn misplaced_correlation(&self, e: &Expr) -> Result<(), SqlError> {
+        if !self.is_correlation(e) {
+            return Ok(());
+        }
+        let (a, g) = self.aliases();
+        self.err(
+            self.esp(e),
+            format!("{a}.person = {g}.person must be a condition of its own"),
+            "join the correlation to the subquery's other conditions with AND, not OR or NOT",
+        )
+    }
+
+    /// `k` of `GROUP BY a.person HAVING COUNT(*) >= k`; 1 without them.
+    fn min_partner_rows(&self, s: &Select) -> Result<u32, SqlError> {
+        let (a, _) = self.aliases();
+        match (&s.having, self.partner_group_by(&s.group_by)?) {
+            (None, None) => Ok(1),
+            (None, Some(span)) => self.err(
+                span,
+                format!("GROUP BY {a}.person needs HAVING COUNT(*) >= k"),
+                format!(
+                    "add HAVING COUNT(*) >= k for people with at least k rows in the partner \
+                     dataset, or drop GROUP BY {a}.person"
+                ),
+            ),
+            (Some(h), None) => self.err(
+                self.token_before(self.esp(h)),
+                format!("HAVING needs GROUP BY {a}.person"),
+                format!("write GROUP BY {a}.person HAVING COUNT(*) >= k"),
+            ),
+            (Some(h), Some(_)) => self.having_count(h),
+        }
+    }
+
+    /// Whether the subquery is grouped by `a.person` (where, if so); any other
+    /// GROUP BY is refused.
+    fn partner_group_by(&self, g: &GroupByExpr) -> Result<Option<Span>, SqlError> {
+        let (a, _) = self.aliases();
+        let message = format!("the subquery of EXISTS can group by {a}.person only");
+        let hint = format!("write GROUP BY {a}.person HAVING COUNT(*) >= k");
+        let exprs = match g {
+            GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs,
+            GroupByExpr::Expressions(exprs, _) => {
+                let span = exprs.last().map_or(Span::empty(), |e| self.esp(e));
+                return self.err(span, message, hint);
+            }
+            GroupByExpr::All(_) => return self.err(Span::empty(), message, hint),
+        };
+        let is_key = |e: &Expr| person_qualifier(e).as_deref() == Some(a);
+        match exprs.as_slice() {
+            [] => Ok(None),
+            [e] if is_key(e) => Ok(Some(self.esp(e))),
+            es => {
+                let bad = es.iter().find(|e| !is_key(e)).or(es.get(1));
+                self.err(bad.map_or(Span::empty(), |e| self.esp(e)), message, hint)
+            }
+        }
+    }
+
+    /// `COUNT(*) >= k`, with `k` from 1 to `MAX_MIN_PARTNER_ROWS`.
+    fn having_count(&self, h: &Expr) -> Result<u32, SqlError> {
+        let hint = format!(
+            "write HAVING COUNT(*) >= k with a whole k from 1 to {MAX_MIN_PARTNER_ROWS} \
+             (for more than 3 rows, >= 4)"
+        );
+        let h = strip_nested(h);
+        let right = match h {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::GtEq,
+                right,
+            } if self.is_count_star(left) => right,
+            _ => return self.err(self.esp(h), "only HAVING COUNT(*) >= k is supported", hint),
+        };
+        let k = match self.literal(right)? {
+            Literal::Integer(k) => u32::try_from(k).ok(),
+            _ => None,
+        };
+        match k {
+            Some(k) if (1..=MAX_MIN_PARTNER_ROWS).contains(&k) => Ok(k),
+            _ => self.err(
+                self.esp(right),
+                format!("k of HAVING COUNT(*) >= k must be from 1 to {MAX_MIN_PARTNER_ROWS}"),
+                hint,
+            ),
+        }
+    }
+
+    fn is_count_star(&self, e: &Expr) -> bool {
+        let Expr::Function(f) = e else {
+            return false;
+        };
+        let count = matches!(f.name.0.as_slice(),
+            [ObjectNamePart::Identifier(i)] if folded(i) == "count");
+        count
+            && matches!(
+                self.args(f, 1).as_deref(),
+                Ok([FunctionArg::Unnamed(FunctionArgExpr::Wildcard)])
+            )
+    }
+
+    /// Where the `n`th EXISTS keyword is (the prescan lets at most one through).
+    fn exists_keyword(&self, n: usize) -> Span {
+        self.tokens
+            .iter()
+            .filter(|t| keyword(&t.token) == Some(Keyword::EXISTS))
+            .nth(n)
+            .map_or(Span::empty(), |t| t.span)
+    }
+
+    /// The token just before the one `span` starts at (e.g. HAVING before its
+    /// condition); `span` itself when there is none.
+    fn token_before(&self, span: Span) -> Span {
+        self.tokens
+            .iter()
+            .position(|t| t.span.start == span.start)
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| self.tokens.get(i))
+            .map_or(span, |t| t.span)
+    }
+}
+
+/// The top-level AND conditions of a WHERE, through parentheses, without recursion.
+fn conjuncts(e: &Expr) -> Vec<&Expr> {
+    let mut out = Vec::new();
+    let mut stack = vec![e];
+    while let Some(x) = stack.pop() {
+        match x {
+            Expr::Nested(inner) => stack.push(inner),
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And,
+                right,
+            } => {
+                stack.push(right);
+                stack.push(left);
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `[NOT] EXISTS (query)`, through parentheses, as (query, negated).
+fn as_exists(e: &Expr) -> Option<(&Query, bool)> {
+    let mut negated = false;
+    let mut x = e;
+    loop {
+        match x {
+            Expr::Nested(inner) => x = inner,
+            Expr::UnaryOp {
+                op: UnaryOperator::Not,
+                expr,
+            } => {
+                negated = !negated;
+                x = expr;
+            }
+            Expr::Exists {
+                subquery,
+                negated: n,
+            } => return Some((subquery, negated != *n)),
+            _ => return None,
+        }
+    }
+}
+
+fn strip_nested(mut e: &Expr) -> &Expr {
+    while let Expr::Nested(inner) = e {
+        e = inner;
+    }
+    e
+}
+
+/// An identifier as the subset names it: unquoted names fold to lower case.
+fn folded(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// `q` of a reference `q.person`.
+fn person_qualifier(e: &Expr) -> Option<String> {
+    match e {
+        Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+            [q, c] if folded(c) == "person" => Some(folded(q)),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -1196,6 +1794,7 @@ mod tests {
                 filter: None,
                 group_by: vec![],
                 aggregates: vec![count()],
+                linkage: None,
             }
         );
     }
@@ -1367,6 +1966,224 @@ mod tests {
         match filter(&conds.join(" AND ")) {
             Predicate::All(parts) => assert_eq!(parts.len(), 490),
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn linkage(
+        partner: &str,
+        partner_filter: Option<Predicate>,
+        negated: bool,
+        min_partner_rows: u32,
+    ) -> Option<Linkage> {
+        Some(Linkage {
+            partner_dataset: partner.into(),
+            partner_filter,
+            negated,
+            min_partner_rows,
+        })
+    }
+
+    fn text(s: &str) -> Literal {
+        Literal::Text(s.into())
+    }
+
+    const DIABETES_EMERGENCIES: &str = "SELECT imd_quintile, COUNT(*) AS patients
+FROM gp_patients g
+WHERE g.diabetes = TRUE
+  AND EXISTS (SELECT 1 FROM acute_admissions a
+              WHERE a.person = g.person AND a.method = 'emergency'
+                AND a.admission_date >= '2025-12-01')
+GROUP BY imd_quintile";
+
+    const FREQUENT_ATTENDERS: &str = "SELECT COUNT(*) AS clients FROM social_care_packages s
+WHERE EXISTS (SELECT 1 FROM acute_admissions a WHERE a.person = s.person
+              GROUP BY a.person HAVING COUNT(*) >= 4)";
+
+    #[test]
+    fn a_linked_question_with_filters_on_both_sides() {
+        assert_eq!(
+            ok(DIABETES_EMERGENCIES),
+            SqlQuery {
+                dataset: "gp_patients".into(),
+                filter: Some(cmp("diabetes", CompareOp::Eq, Literal::Boolean(true))),
+                group_by: vec![GroupKey::Column("imd_quintile".into())],
+                aggregates: vec![Aggregate {
+                    alias: "patients".into(),
+                    kind: AggregateKind::Count,
+                    column: None,
+                }],
+                linkage: linkage(
+                    "acute_admissions",
+                    Some(Predicate::All(vec![
+                        cmp("method", CompareOp::Eq, text("emergency")),
+                        cmp("admission_date", CompareOp::Ge, text("2025-12-01")),
+                    ])),
+                    false,
+                    1,
+                ),
+            }
+        );
+    }
+
+    #[test]
+    fn frequent_attenders_count_partner_rows() {
+        let q = ok(FREQUENT_ATTENDERS);
+        assert_eq!(q.dataset, "social_care_packages");
+        assert_eq!(q.filter, None);
+        assert_eq!(q.linkage, linkage("acute_admissions", None, false, 4));
+        let bounds = [("1", 1), ("100", 100)];
+        for (k, rows) in bounds {
+            let sql = FREQUENT_ATTENDERS.replace(">= 4", &format!(">= {k}"));
+            assert_eq!(
+                ok(&sql).linkage,
+                linkage("acute_admissions", None, false, rows)
+            );
+        }
+    }
+
+    #[test]
+    fn not_exists_and_exists_as_the_whole_where() {
+        let inner = "(SELECT 1 FROM acute_admissions a WHERE a.person = g.person)";
+        for (condition, negated) in [
+            (format!("EXISTS {inner}"), false),
+            (format!("NOT EXISTS {inner}"), true),
+            (format!("NOT (EXISTS {inner})"), true),
+            (format!("(EXISTS {inner})"), false),
+        ] {
+            let q = ok(&format!(
+                "SELECT COUNT(*) FROM gp_patients g WHERE {condition}"
+            ));
+            assert_eq!(q.filter, None, "{condition}");
+            assert_eq!(
+                q.linkage,
+                linkage("acute_admissions", None, negated, 1),
+                "{condition}"
+            );
+        }
+        let q = ok(&format!(
+            "SELECT COUNT(*) FROM gp_patients g WHERE NOT EXISTS {inner} AND age >= 65"
+        ));
+        assert_eq!(
+            q.filter,
+            Some(cmp("age", CompareOp::Ge, Literal::Integer(65)))
+        );
+        assert_eq!(q.linkage, linkage("acute_admissions", None, true, 1));
+    }
+
+    #[test]
+    fn the_correlation_reads_either_way_round_and_inner_columns_need_no_alias() {
+        let expected = linkage(
+            "acute_admissions",
+            Some(cmp("method", CompareOp::Eq, text("emergency"))),
+            false,
+            1,
+        );
+        for inner in [
+            "a.person = g.person AND a.method = 'emergency'",
+            "g.person = a.person AND a.method = 'emergency'",
+            "method = 'emergency' AND a.person = g.person",
+            "(A.Person = G.Person) AND (method = 'emergency')",
+        ] {
+            let sql = format!(
+                "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+                 (SELECT * FROM acute_admissions a WHERE {inner})"
+            );
+            assert_eq!(ok(&sql).linkage, expected, "{inner}");
+        }
+    }
+
+    #[test]
+    fn outer_conditions_around_exists_form_the_filter() {
+        let q = ok("SELECT sex, COUNT(*) FROM gp_patients AS g \
+                    WHERE age > 40 AND EXISTS (SELECT 1 FROM acute_admissions AS a \
+                    WHERE a.person = g.person) AND (g.sex = 'F' OR bmi IS NULL) GROUP BY g.sex");
+        assert_eq!(q.group_by, vec![GroupKey::Column("sex".into())]);
+        assert_eq!(
+            q.filter,
+            Some(Predicate::All(vec![
+                cmp("age", CompareOp::Gt, Literal::Integer(40)),
+                Predicate::Any(vec![
+                    cmp("sex", CompareOp::Eq, text("F")),
+                    Predicate::IsNull {
+                        column: "bmi".into(),
+                        negated: false
+                    },
+                ]),
+            ]))
+        );
+        assert_eq!(q.linkage, linkage("acute_admissions", None, false, 1));
+    }
+
+    #[test]
+    fn an_alias_without_exists_is_harmless() {
+        let plain = ok("SELECT sex, COUNT(*) FROM gp_patients WHERE age > 3 GROUP BY sex");
+        let aliased = ok("SELECT g.sex, COUNT(*) FROM gp_patients g WHERE g.age > 3 GROUP BY sex");
+        assert_eq!(aliased, plain);
+        assert_eq!(aliased.linkage, None);
+    }
+
+    #[test]
+    fn to_sql_of_a_parsed_query_parses_back_to_it() {
+        for sql in [
+            DIABETES_EMERGENCIES,
+            FREQUENT_ATTENDERS,
+            "SELECT COUNT(*) FROM gp_patients g WHERE NOT EXISTS (SELECT 1 FROM acute_admissions \
+             x WHERE x.person = g.person AND (x.ward IN ('A', 'B') OR NOT x.los > 3))",
+            "SELECT sex, bin(age, 10), COUNT(*) AS n, SUM(bmi) FROM gp_patients p WHERE \
+             p.age BETWEEN 40 AND 74 AND p.bmi > 30.5 AND p.sex <> 'U' AND EXISTS (SELECT 1 \
+             FROM social_care_packages s WHERE s.person = p.person AND s.hours IS NOT NULL \
+             GROUP BY s.person HAVING COUNT(*) >= 2) GROUP BY sex, bin(age, 10)",
+            "SELECT sex, AVG(bmi) AS mean_bmi FROM gp_patients WHERE age > 1 OR sex = 'F' \
+             GROUP BY sex",
+        ] {
+            let parsed = ok(sql);
+            let body = phm_proto::QueryBody {
+                federation_id: "f".into(),
+                query_id: "q".into(),
+                requester_id: "r".into(),
+                purpose: phm_proto::Purpose::Research,
+                project_id: None,
+                dataset: parsed.dataset.clone(),
+                filter: parsed.filter.clone(),
+                group_by: parsed.group_by.clone(),
+                aggregates: parsed.aggregates.clone(),
+                epsilon: 1.0,
+                issued_at_unix_ms: 1,
+                nonce: vec![0; 16],
+                linkage: parsed.linkage.clone(),
+            };
+            let rendered = body.to_sql();
+            assert_eq!(ok(&rendered), parsed, "{sql}\n  rendered as\n{rendered}");
+        }
+    }
+
+    #[test]
+    fn a_large_linked_query_parses_and_errors_stay_in_bounds() {
+        let values = vec!["'w'"; 400].join(", ");
+        let sql = format!(
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person AND a.ward IN ({values}) GROUP BY a.person \
+             HAVING COUNT(*) >= 3)"
+        );
+        assert!(sql.len() < MAX_SQL_LEN);
+        let q = ok(&sql);
+        assert!(matches!(
+            q.linkage,
+            Some(Linkage {
+                min_partner_rows: 3,
+                ..
+            })
+        ));
+        for bad in [
+            sql.replace(">= 3", ">= 0"),
+            sql.replace("a.person = g.person", "a.age = g.age"),
+            sql.replace("GROUP BY a.person ", ""),
+            sql.replace("acute_admissions a", "acute_admissions g"),
+            format!("{sql} OR EXISTS (SELECT 1 FROM x b WHERE b.person = g.person)"),
+        ] {
+            let e = parse(&bad).unwrap_err();
+            assert!(e.offset + e.len <= bad.len(), "{e:?}");
+            let _ = e.render(&bad);
         }
     }
 
@@ -1638,10 +2455,16 @@ mod tests {
             "qualified dataset name",
         ),
         (
-            "SELECT COUNT(*) FROM gp_patients g",
-            "g",
+            "SELECT COUNT(*) FROM gp_patients g WHERE x.age > 3",
+            "x.age",
+            0,
+            "x is not the alias",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g (a, b)",
+            "a",
             1,
-            "table aliases",
+            "a table alias can only name the dataset",
         ),
         (
             "SELECT COUNT(*) FROM gp_patients WHERE g.age > 3",
@@ -1685,8 +2508,12 @@ mod tests {
 
     #[test]
     fn refusals_point_at_the_offending_token() {
+        check_refusals(REFUSALS);
+    }
+
+    fn check_refusals(table: &[(&str, &str, usize, &str)]) {
         let mut failures = Vec::new();
-        for (sql, token, nth, message) in REFUSALS {
+        for (sql, token, nth, message) in table {
             let expected = if token.is_empty() {
                 sql.len()
             } else {
@@ -1718,6 +2545,255 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    }
+
+    /// Refusals of linked questions, in the style of `REFUSALS`.
+    const LINK_REFUSALS: &[(&str, &str, usize, &str)] = &[
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person) AND EXISTS (SELECT 1 FROM social_care_packages s \
+             WHERE s.person = g.person)",
+            "EXISTS",
+            1,
+            "only one EXISTS",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person AND EXISTS (SELECT 1 FROM x b WHERE b.person = a.person))",
+            "EXISTS",
+            1,
+            "only one EXISTS",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE g.age > 80 OR EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person)",
+            "EXISTS",
+            0,
+            "EXISTS must be a condition of its own",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE NOT (g.age > 80 AND EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person))",
+            "EXISTS",
+            0,
+            "EXISTS must be a condition of its own",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.method = 'emergency')",
+            "EXISTS",
+            0,
+            "not correlated by a.person = g.person",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a)",
+            "EXISTS",
+            0,
+            "not correlated by a.person = g.person",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.age = g.age)",
+            "g.age",
+            0,
+            "only a.person = g.person may correlate",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.nhs_number)",
+            "g.nhs_number",
+            0,
+            "only a.person = g.person may correlate",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person AND g.age > 3)",
+            "g.age",
+            0,
+            "only a.person = g.person may correlate",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person OR a.los > 3)",
+            "a.person = g.person",
+            0,
+            "must be a condition of its own",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person AND a.person = 'x')",
+            "a.person",
+            1,
+            "person is not a column",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients WHERE person IS NOT NULL",
+            "person",
+            0,
+            "person is not a column",
+        ),
+        (
+            "SELECT person, COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person) GROUP BY person",
+            "person",
+            0,
+            "person is not a column",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person) GROUP BY g.person",
+            "g.person",
+            1,
+            "person is not a column",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE n.nhs_number = '9434765919'",
+            "n.nhs_number",
+            0,
+            "n is not the alias",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = n.person)",
+            "n.person",
+            0,
+            "n is not the alias",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person GROUP BY a.person HAVING COUNT(*) >= 0)",
+            "0",
+            0,
+            "must be from 1 to 100",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person GROUP BY a.person HAVING COUNT(*) >= 101)",
+            "101",
+            0,
+            "must be from 1 to 100",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person GROUP BY a.person HAVING COUNT(*) >= 2.5)",
+            "2.5",
+            0,
+            "must be from 1 to 100",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person GROUP BY a.person HAVING COUNT(*) > 3)",
+            "COUNT(*) > 3",
+            0,
+            "only HAVING COUNT(*) >= k",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person HAVING COUNT(*) >= 4)",
+            "HAVING",
+            0,
+            "HAVING needs GROUP BY a.person",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person GROUP BY a.ward HAVING COUNT(*) >= 4)",
+            "a.ward",
+            0,
+            "can group by a.person only",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person GROUP BY a.person)",
+            "a.person",
+            1,
+            "needs HAVING COUNT(*) >= k",
+        ),
+        (
+            "SELECT sex, COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM \
+             acute_admissions a WHERE a.person = g.person) GROUP BY sex HAVING COUNT(*) > 1",
+            "HAVING",
+            0,
+            "HAVING is not supported",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             JOIN wards w ON a.ward = w.ward WHERE a.person = g.person)",
+            "JOIN",
+            0,
+            "joins are not supported",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a, \
+             wards w WHERE a.person = g.person)",
+            "wards w",
+            0,
+            "only one dataset",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+             WHERE a.person = g.person AND a.ward IN (SELECT 1))",
+            "SELECT",
+            2,
+            "subqueries are not supported",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS (SELECT 1 FROM \
+             (SELECT 1) a WHERE a.person = g.person)",
+            "SELECT",
+            2,
+            "subqueries are not supported",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions g WHERE g.person = g.person)",
+            "g",
+            2,
+            "already the outer dataset's",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions WHERE acute_admissions.person = g.person)",
+            "acute_admissions",
+            0,
+            "needs an alias",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = gp_patients.person)",
+            "gp_patients",
+            0,
+            "needs an alias for its dataset",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT a.ward FROM acute_admissions a WHERE a.person = g.person)",
+            "a.ward",
+            0,
+            "must select 1",
+        ),
+        (
+            "SELECT COUNT(*) FROM gp_patients g WHERE EXISTS \
+             (SELECT 1 FROM acute_admissions a WHERE a.person = g.person ORDER BY a.ward)",
+            "ORDER",
+            0,
+            "ORDER BY is not supported",
+        ),
+    ];
+
+    #[test]
+    fn linked_refusals_point_at_the_offending_token() {
+        check_refusals(LINK_REFUSALS);
+    }
+
+    #[test]
+    fn a_linked_refusal_renders_on_its_line() {
+        let sql = DIABETES_EMERGENCIES.replace("a.person = g.person AND ", "");
+        let r = parse(&sql).unwrap_err().render(&sql);
+        assert!(
+            r.contains("  --> line 4\n   |   AND EXISTS (SELECT 1 FROM acute_admissions a\n   |       ^^^^^^\n"),
+            "{r}"
+        );
+        assert!(r.contains("hint: add a.person = g.person"), "{r}");
     }
 
     #[test]
