@@ -24,6 +24,8 @@ that holds the file. Unknown fields are refused.
   node_deadline_ms = 10000        per-node deadline for Query and Budget calls
                                   (1..=600000; default 10000); a node slower than this
                                   is reported TIMED_OUT and never delays the answer
+  link_deadline_ms = 600000       deadline for one linkage session between an anchor
+                                  and a partner node (1000..=3600000; default 600000)
   log_format = \"human\"            \"human\" or \"json\" (default human)
 
   [tls]                           what analysts' clients connect to (mutual TLS)
@@ -155,6 +157,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub node_deadline: Duration,
+    /// Deadline of one linkage session (both nodes' rounds).
+    pub link_deadline: Duration,
     pub log_format: LogFormat,
     pub tls: ServerTls,
     pub client_tls: ClientTls,
@@ -252,6 +256,15 @@ impl Config {
                 format!(
                     "must be between 1 and {MAX_NODE_DEADLINE_MS} milliseconds, got {}",
                     raw.node_deadline_ms
+                ),
+            ));
+        }
+        if !(1_000..=3_600_000).contains(&raw.link_deadline_ms) {
+            return Err(invalid(
+                "link_deadline_ms",
+                format!(
+                    "must be between 1000 and 3600000 milliseconds, got {}",
+                    raw.link_deadline_ms
                 ),
             ));
         }
@@ -380,6 +393,7 @@ impl Config {
             listen,
             data_dir,
             node_deadline: Duration::from_millis(raw.node_deadline_ms),
+            link_deadline: Duration::from_millis(raw.link_deadline_ms),
             log_format: raw.log_format,
             tls,
             client_tls,
@@ -434,6 +448,10 @@ fn default_deadline() -> u64 {
     DEFAULT_NODE_DEADLINE_MS
 }
 
+fn default_link_deadline() -> u64 {
+    600_000
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -444,6 +462,8 @@ struct RawConfig {
     data_dir: PathBuf,
     #[serde(default = "default_deadline")]
     node_deadline_ms: u64,
+    #[serde(default = "default_link_deadline")]
+    link_deadline_ms: u64,
     #[serde(default)]
     log_format: LogFormat,
     tls: RawServerTls,

@@ -42,6 +42,7 @@ struct Inner {
     clients: Vec<NodeClient>,
     history: History,
     deadline: Duration,
+    link_deadline: Duration,
     federation_id: String,
     requesters: Vec<crate::config::RequesterConfig>,
     validity: Duration,
@@ -57,6 +58,7 @@ impl Coordinator {
                 clients,
                 history,
                 deadline: config.node_deadline,
+                link_deadline: config.link_deadline,
                 federation_id: config.federation_id.clone(),
                 requesters: config.requesters.clone(),
                 validity: config.query_validity,
@@ -97,6 +99,48 @@ fn total_note(kind: TotalKind, answered: usize, total: usize) -> String {
         note.push_str(&format!(
             " Partial: only {answered} of the {total} partners serving this dataset answered; \
              the figures cover those partners only."
+        ));
+    }
+    note
+}
+
+/// What a linked total means and what it leaves out.
+fn linked_note(
+    body: &phm_proto::QueryBody,
+    l: &phm_proto::query::Linkage,
+    partners: &[&str],
+    answered: usize,
+    sessions: usize,
+) -> String {
+    let how = if l.negated { "not found" } else { "found" };
+    let mut note = format!(
+        "Linked on NHS number: people of {} {how} in {} ({}), matched by privacy-preserving \
+         set intersection, so no organisation (the coordinator included) learned who is in \
+         another's data. Records without a valid NHS number at either side cannot be linked \
+         and are not counted{}.",
+        body.dataset,
+        l.partner_dataset,
+        partners.join(", "),
+        if l.negated {
+            " (NOT EXISTS counts only people with a valid number)"
+        } else {
+            ""
+        }
+    );
+    if l.min_partner_rows > 1 {
+        note.push_str(&format!(
+            " \"Frequent\" means at least {} rows at one partner.",
+            l.min_partner_rows
+        ));
+    }
+    if partners.len() > 1 {
+        note.push_str(
+            " Each partner node is linked separately: a person linked at two of them counts once for each (sum of partner counts).",
+        );
+    }
+    if answered < sessions {
+        note.push_str(&format!(
+            " Partial: only {answered} of the {sessions} linkage sessions completed; the figures cover those pairings only."
         ));
     }
     note
@@ -188,6 +232,9 @@ struct Job {
     /// What the history holds for this query before it finishes.
     claim: Record,
     targets: Vec<usize>,
+    /// For a linked question, the nodes serving its EXISTS dataset: each target
+    /// (anchor) runs one linkage session with each of them.
+    partners: Vec<usize>,
     /// Whether the id claim still has to be made durable before nodes are asked.
     needs_flush: bool,
 }
@@ -322,56 +369,40 @@ impl Inner {
         // amplify a timing side channel (a node's time grows with matched rows and
         // thresholded keys), cheaply, by averaging many near-free queries.
         tracing::debug!(node = %client.config.id, elapsed_ms = elapsed.as_millis(), "node call finished");
-        let mut result = NodeResult {
-            index,
-            progress: NodeProgress {
-                node: node.clone(),
-                nodes_total,
-                outcome: NodeOutcome::Unreachable,
-                reason: None,
-                message: String::new(),
-                epsilon_spent: 0.0,
-            },
-            answer: None,
-            population: 0.0,
-            delta: 0.0,
-            total_kind: None,
-        };
-        let progress = &mut result.progress;
-        match answered(outcome) {
-            Ok(answer) => {
-                let (epsilon, delta, population, kind) = (
-                    answer.release.epsilon_spent,
-                    answer.release.delta_spent,
-                    answer.population_noisy,
-                    answer.total_kind,
-                );
-                match combine::validate(expected, node, answer) {
-                    Ok(a) => {
-                        progress.outcome = NodeOutcome::Answered;
-                        progress.epsilon_spent = epsilon;
-                        progress.message = "answered".into();
-                        result.answer = Some(a);
-                        result.population = population;
-                        result.delta = delta;
-                        result.total_kind = kind;
-                    }
-                    Err(m) => {
-                        progress.outcome = NodeOutcome::Malformed;
-                        // Decoding checked it is a finite, non-negative number.
-                        progress.epsilon_spent = epsilon;
-                        progress.message = format!("excluded: malformed answer: {m}");
-                    }
-                }
-            }
-            Err(f) => {
-                progress.outcome = f.outcome;
-                progress.reason = f.reason;
-                progress.epsilon_spent = f.epsilon_spent;
-                progress.message = f.message;
-            }
+        node_result(index, node, nodes_total, outcome, expected)
+    }
+
+    /// One linkage session between anchor `index` and partner `partner`, reported as
+    /// the anchor's answer (named with its partner, so coverage says which pairing).
+    async fn ask_link(
+        &self,
+        index: usize,
+        partner: usize,
+        query: RelayedQuery,
+        expected: &Expected,
+        nodes_total: u32,
+    ) -> NodeResult {
+        let (anchor_client, partner_client) = (&self.clients[index], &self.clients[partner]);
+        let mut node = NodeRef::from(&anchor_client.config);
+        node.name = format!("{} (linked with {})", node.name, partner_client.config.id);
+        let (outcome, elapsed) = crate::link::run_session(
+            anchor_client,
+            partner_client,
+            query.into_inner(),
+            self.link_deadline,
+        )
+        .await;
+        tracing::debug!(
+            anchor = %anchor_client.config.id, partner = %partner_client.config.id,
+            elapsed_ms = elapsed.as_millis(), bytes = outcome.bytes, "linkage session finished"
+        );
+        let mut r = node_result(index, node, nodes_total, outcome.anchor, expected);
+        if let Some(why) = outcome.partner_failure
+            && r.progress.outcome != NodeOutcome::Answered
+        {
+            r.progress.message = why;
         }
-        result
+        r
     }
 
     /// Fan out, stream progress, combine, record, stream the result.
@@ -382,6 +413,7 @@ impl Inner {
             body,
             claim,
             targets,
+            partners,
             needs_flush,
         } = job;
         if needs_flush && let Err(e) = self.history.flush().await {
@@ -389,16 +421,37 @@ impl Inner {
             return;
         }
         let expected = Expected::from_query(&body);
-        let nodes_total = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let linked = body.linkage.is_some();
+        let sessions: Vec<(usize, usize)> = targets
+            .iter()
+            .flat_map(|&a| partners.iter().filter(move |&&p| p != a).map(move |&p| (a, p)))
+            .collect();
+        let calls = if linked { sessions.len() } else { targets.len() };
+        let nodes_total = u32::try_from(calls).unwrap_or(u32::MAX);
         tracing::info!(
             query_id = %body.query_id, requester = %body.requester_id,
-            dataset = %body.dataset, nodes = targets.len(), "fanning out query"
+            dataset = %body.dataset, nodes = targets.len(), sessions = sessions.len(),
+            "fanning out query"
         );
-        let mut pending: FuturesUnordered<_> = targets
-            .iter()
-            .map(|&i| self.ask_node(i, query.clone(), &expected, nodes_total))
-            .collect();
-        let mut results: Vec<NodeResult> = Vec::with_capacity(targets.len());
+        let mut pending: FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send + '_>>> =
+            if linked {
+                sessions
+                    .iter()
+                    .map(|&(a, p)| {
+                        Box::pin(self.ask_link(a, p, query.clone(), &expected, nodes_total))
+                            as std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send>>
+                    })
+                    .collect()
+            } else {
+                targets
+                    .iter()
+                    .map(|&i| {
+                        Box::pin(self.ask_node(i, query.clone(), &expected, nodes_total))
+                            as std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send>>
+                    })
+                    .collect()
+            };
+        let mut results: Vec<NodeResult> = Vec::with_capacity(calls);
         let mut progress_log = Vec::with_capacity(targets.len());
         while let Some(r) = pending.next().await {
             // A client that went away does not stop the run: the answer is recorded.
@@ -409,7 +462,11 @@ impl Inner {
         drop(pending);
         results.sort_by_key(|r| r.index);
 
-        let result = self.combined_result(&body, &targets, results);
+        let partner_ids: Vec<&str> = partners
+            .iter()
+            .map(|&p| self.clients[p].config.id.as_str())
+            .collect();
+        let result = self.combined_result(&body, calls, &partner_ids, results);
         tracing::info!(
             query_id = %body.query_id,
             answered = result.coverage.answered.len(),
@@ -438,10 +495,11 @@ impl Inner {
     fn combined_result(
         &self,
         body: &phm_proto::QueryBody,
-        targets: &[usize],
+        calls: usize,
+        partners: &[&str],
         results: Vec<NodeResult>,
     ) -> SystemResult {
-        let tally = self.tally(results, targets.len());
+        let tally = self.tally(results, calls);
         let expected = Expected::from_query(body);
         let combined = combine::combine(&expected, &tally.answers);
         let configured = self
@@ -449,8 +507,16 @@ impl Inner {
             .get(&body.dataset)
             .copied()
             .unwrap_or_default();
-        let (kind, kind_note) = reconcile_total_kind(configured, &tally.declared);
-        let mut note = total_note(kind, tally.answers.len(), targets.len());
+        let (mut kind, kind_note) = reconcile_total_kind(configured, &tally.declared);
+        // With more than one partner node each pairing is linked on its own, so a
+        // person linked at two partners counts once for each.
+        if body.linkage.is_some() && partners.len() > 1 {
+            kind = TotalKind::SumOfPartnerCounts;
+        }
+        let mut note = match &body.linkage {
+            Some(l) => linked_note(body, l, partners, tally.answers.len(), calls),
+            None => total_note(kind, tally.answers.len(), calls),
+        };
         for n in kind_note.iter().chain(&combined.notes) {
             note.push(' ');
             note.push_str(n);
@@ -559,6 +625,66 @@ struct Tally {
     declared: Vec<(String, Option<TotalKind>)>,
 }
 
+/// What one node's outcome came to, checked against the query.
+fn node_result(
+    index: usize,
+    node: NodeRef,
+    nodes_total: u32,
+    outcome: CallOutcome<phm_proto::result::Answer>,
+    expected: &Expected,
+) -> NodeResult {
+    let mut result = NodeResult {
+        index,
+        progress: NodeProgress {
+            node: node.clone(),
+            nodes_total,
+            outcome: NodeOutcome::Unreachable,
+            reason: None,
+            message: String::new(),
+            epsilon_spent: 0.0,
+        },
+        answer: None,
+        population: 0.0,
+        delta: 0.0,
+        total_kind: None,
+    };
+    let progress = &mut result.progress;
+    match answered(outcome) {
+        Ok(answer) => {
+            let (epsilon, delta, population, kind) = (
+                answer.release.epsilon_spent,
+                answer.release.delta_spent,
+                answer.population_noisy,
+                answer.total_kind,
+            );
+            match combine::validate(expected, node, answer) {
+                Ok(a) => {
+                    progress.outcome = NodeOutcome::Answered;
+                    progress.epsilon_spent = epsilon;
+                    progress.message = "answered".into();
+                    result.answer = Some(a);
+                    result.population = population;
+                    result.delta = delta;
+                    result.total_kind = kind;
+                }
+                Err(m) => {
+                    progress.outcome = NodeOutcome::Malformed;
+                    // Decoding checked it is a finite, non-negative number.
+                    progress.epsilon_spent = epsilon;
+                    progress.message = format!("excluded: malformed answer: {m}");
+                }
+            }
+        }
+        Err(f) => {
+            progress.outcome = f.outcome;
+            progress.reason = f.reason;
+            progress.epsilon_spent = f.epsilon_spent;
+            progress.message = f.message;
+        }
+    }
+    result
+}
+
 fn reused(query_id: &str) -> Denial {
     Denial::new(
         DenialReason::QueryIdReused,
@@ -631,9 +757,28 @@ impl Coordinator {
             ));
         }
         // Which datasets exist is public (ListNodes), so this may come first.
-        let targets: Vec<usize> = (0..self.inner.clients.len())
-            .filter(|&i| self.inner.clients[i].config.serves(&signed.body.dataset))
-            .collect();
+        let serving = |dataset: &str| -> Vec<usize> {
+            (0..self.inner.clients.len())
+                .filter(|&i| self.inner.clients[i].config.serves(dataset))
+                .collect()
+        };
+        let targets = serving(&signed.body.dataset);
+        let partners = match &signed.body.linkage {
+            None => Vec::new(),
+            Some(l) => {
+                let p = serving(&l.partner_dataset);
+                if p.is_empty() {
+                    return Err(Denial::new(
+                        DenialReason::InvalidQuery,
+                        format!(
+                            "no registered node serves dataset {:?}, the EXISTS dataset",
+                            l.partner_dataset
+                        ),
+                    ));
+                }
+                p
+            }
+        };
         if targets.is_empty() {
             return Err(Denial::new(
                 DenialReason::InvalidQuery,
@@ -673,6 +818,7 @@ impl Coordinator {
                     body,
                     claim,
                     targets,
+                    partners,
                     needs_flush,
                 };
                 tokio::spawn(inner.run(job, tx, guard));

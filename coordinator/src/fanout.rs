@@ -184,7 +184,7 @@ where
 }
 
 impl NodeClient {
-    fn client(&self) -> NodeServiceClient<Channel> {
+    pub(crate) fn client(&self) -> NodeServiceClient<Channel> {
         NodeServiceClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_NODE_MESSAGE_BYTES)
     }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod coordinator;
 pub mod fanout;
 pub mod history;
+pub mod link;
 pub mod model;
 pub mod server;
 pub mod wire;

@@ -113,6 +113,7 @@ pub fn engine_limits(
         scope: p.release.scope,
         charges: vec![],
         registered_population: None,
+        link: None,
     })
 }
 

@@ -88,6 +88,19 @@ struct MockNode {
 
 #[tonic::async_trait]
 impl NodeService for MockNode {
+    type LinkStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::LinkDown, Status>> + Send + 'static>,
+    >;
+
+    async fn link(
+        &self,
+        _: Request<tonic::Streaming<proto::LinkUp>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        Err(Status::unimplemented(
+            "this mock node takes part in no linkage session",
+        ))
+    }
+
     async fn describe(
         &self,
         _request: Request<proto::DescribeRequest>,

@@ -57,6 +57,7 @@ pub fn policy(f: &Fixture, dsu_purposes: &[&str]) -> PolicyFile {
         datasets: vec!["gp_patients".into()],
         budget,
         revoked: false,
+        linked_queries: false,
         organisation: "Test ICB".into(),
         role: "analyst".into(),
     };
@@ -92,6 +93,7 @@ pub fn policy(f: &Fixture, dsu_purposes: &[&str]) -> PolicyFile {
         columns: vec!["sex".into(), "imd_quintile".into()],
         expires: "2099-12-31".parse().expect("a TOML date"),
         budget: budget(2.0, Period::Quarter, 0.5),
+        linked_queries: false,
     }];
     p
 }
