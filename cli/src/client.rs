@@ -246,7 +246,7 @@ pub fn query_body(
         epsilon,
         issued_at_unix_ms: chrono::Utc::now().timestamp_millis(),
         nonce: nonce(),
-        linkage: None,
+        linkage: sql.linkage,
     }
 }
 

@@ -185,7 +185,7 @@ fn explain_query(a: &ExplainArgs<'_>) -> anyhow::Result<(String, bool)> {
         epsilon: a.epsilon,
         issued_at_unix_ms: a.now.timestamp_millis(),
         nonce: b"phm-policy-explain".to_vec(),
-        linkage: None,
+        linkage: q.linkage,
     };
     let mut out = vec![
         format!("policy:  {name} (version {})", short(policy.version())),
@@ -209,11 +209,24 @@ fn explain_query(a: &ExplainArgs<'_>) -> anyhow::Result<(String, bool)> {
             .map(ToString::to_string),
     );
     out.push(String::new());
-    let allowed = match decide(&policy, &body, a.now) {
+    // A linked question is decided for the side this policy holds (it holds the
+    // outer dataset: anchor; the EXISTS dataset: partner), with any listed partner.
+    let decision = match phm_policies::linked_side(&policy, &body) {
+        Some(side) => phm_policies::decide_linked(&policy, &body, side, a.now),
+        None => decide(&policy, &body, a.now),
+    };
+    let allowed = match decision {
         Decision::Allow(l) => {
             let ledgers: Vec<String> = l.charges.iter().map(|c| c.key()).collect();
+            let what = match &l.link {
+                Some(link) => format!(
+                    "this node may take the {} side of the linked query, on",
+                    link.role.as_str()
+                ),
+                None => "the query may run on".to_string(),
+            };
             out.push(format!(
-                "ALLOW: the query may run on {} with epsilon {}, charged to {}{}",
+                "ALLOW: {what} {} with epsilon {}, charged to {}{}",
                 l.dataset,
                 l.epsilon,
                 ledgers.join(" and "),

@@ -408,3 +408,206 @@ fn anchor_shape(c: &LinkCheck<'_>, notes: &mut Vec<Note>) {
         ));
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::{Decision, decide, decide_linked, explain};
+    use phm_proto::{CompareOp, GroupKey, Literal, Predicate};
+
+    const GP: &str = include_str!("../samples/gp_practice.toml");
+    const TRUST: &str = include_str!("../samples/acute_trust.toml");
+
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        "2026-12-02T10:00:00Z".parse().unwrap()
+    }
+
+    fn gp() -> Policy {
+        Policy::parse("gp.toml", GP).unwrap()
+    }
+
+    fn trust() -> Policy {
+        Policy::parse("trust.toml", TRUST).unwrap()
+    }
+
+    /// Diabetic patients by IMD quintile who had an emergency admission.
+    fn linked() -> QueryBody {
+        QueryBody {
+            federation_id: "ics".into(),
+            query_id: "q-linked".into(),
+            requester_id: "dsu".into(),
+            purpose: Purpose::Planning,
+            project_id: None,
+            dataset: "gp_patients".into(),
+            filter: Some(Predicate::Compare {
+                column: "diabetes".into(),
+                op: CompareOp::Eq,
+                value: Literal::Boolean(true),
+            }),
+            group_by: vec![GroupKey::Column("imd_quintile".into())],
+            aggregates: vec![Aggregate {
+                alias: "patients".into(),
+                kind: AggregateKind::Count,
+                column: None,
+            }],
+            epsilon: 1.0,
+            issued_at_unix_ms: 1,
+            nonce: vec![1; 16],
+            linkage: Some(Linkage {
+                partner_dataset: "acute_admissions".into(),
+                partner_filter: Some(Predicate::Compare {
+                    column: "method".into(),
+                    op: CompareOp::Eq,
+                    value: Literal::Text("emergency".into()),
+                }),
+                negated: false,
+                min_partner_rows: 1,
+            }),
+        }
+    }
+
+    fn anchor(partner: &str) -> LinkSide<'_> {
+        LinkSide::Anchor {
+            partner: Some(partner),
+        }
+    }
+
+    fn partner(anchor: &str) -> LinkSide<'_> {
+        LinkSide::Partner {
+            anchor: Some(anchor),
+        }
+    }
+
+    fn kinds(d: Decision) -> Vec<RefusalKind> {
+        match d {
+            Decision::Allow(_) => vec![],
+            Decision::Deny(r) => r.into_iter().map(|r| r.kind).collect(),
+        }
+    }
+
+    fn messages(d: Decision) -> String {
+        match d {
+            Decision::Allow(_) => "allowed".into(),
+            Decision::Deny(r) => r
+                .into_iter()
+                .map(|r| format!("{} [{}]", r.message, r.rule))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
+    #[test]
+    fn both_sides_allow_the_listed_pairing_with_their_own_limits() {
+        let q = linked();
+        let Decision::Allow(a) = decide_linked(&gp(), &q, anchor("RXF"), now()) else {
+            panic!("anchor: {}", messages(decide_linked(&gp(), &q, anchor("RXF"), now())));
+        };
+        let link = a.link.as_ref().unwrap();
+        assert_eq!(link.role, LinkRole::Anchor);
+        assert_eq!(link.link_key, "nhs_number");
+        assert_eq!(a.dataset, "gp_patients");
+        assert_eq!(a.group_by.len(), 1);
+        // The whole query's epsilon, and the policy's delta for the two clamped draws.
+        assert_eq!(a.spend.epsilon, 1.0);
+        assert!((link.delta_link + link.delta_size - 1e-9).abs() < 1e-21);
+        let Decision::Allow(p) = decide_linked(&trust(), &q, partner("A81001"), now()) else {
+            panic!(
+                "partner: {}",
+                messages(decide_linked(&trust(), &q, partner("A81001"), now()))
+            );
+        };
+        // The partner decides the EXISTS clause as its own query: its dataset, no keys.
+        assert_eq!(p.dataset, "acute_admissions");
+        assert!(p.group_by.is_empty());
+        assert_eq!(p.link.as_ref().unwrap().role, LinkRole::Partner);
+        assert_eq!(p.charges[0].ledger, "requester:dsu");
+    }
+
+    #[test]
+    fn a_linked_query_outside_a_session_and_a_session_without_linkage_are_refused() {
+        assert_eq!(
+            kinds(decide(&gp(), &linked(), now())),
+            vec![RefusalKind::LinkageNotPermitted]
+        );
+        let mut plain = linked();
+        plain.linkage = None;
+        assert_eq!(
+            kinds(decide_linked(&gp(), &plain, anchor("RXF"), now())),
+            vec![RefusalKind::LinkedQueryShape]
+        );
+    }
+
+    #[test]
+    fn each_linkage_rule_refuses_with_its_rule_named() {
+        let q = linked();
+        // A partner not listed.
+        let m = messages(decide_linked(&gp(), &q, anchor("RW9"), now()));
+        assert!(m.contains("RW9 is not listed") && m.contains("[linkage.partners]"), "{m}");
+        // Listed, but not in this role.
+        let m = messages(decide_linked(&gp(), &q, partner("RXF"), now()));
+        assert!(m.contains("not for this node to be the partner"), "{m}");
+        // A requester without linked_queries.
+        let text = GP.replacen("linked_queries = true", "", 1);
+        let p = Policy::parse("gp.toml", &text).unwrap();
+        let m = messages(decide_linked(&p, &q, anchor("RXF"), now()));
+        assert!(m.contains("requesters.dsu.linked_queries"), "{m}");
+        // A purpose the [linkage] block does not list.
+        let mut dc = q.clone();
+        dc.purpose = Purpose::DirectCare;
+        let m = messages(decide_linked(&gp(), &dc, anchor("RXF"), now()));
+        assert!(m.contains("[linkage.purposes]"), "{m}");
+        // No [linkage] block.
+        let text = GP.split("\n[linkage]").next().unwrap();
+        let p = Policy::parse("gp.toml", text).unwrap();
+        assert_eq!(
+            kinds(decide_linked(&p, &q, anchor("RXF"), now())),
+            vec![RefusalKind::LinkageNotPermitted]
+        );
+        // A dataset without a link key.
+        let text = GP.replacen("link_key = \"nhs_number\"", "", 1);
+        let e = Policy::parse("gp.toml", &text).unwrap_err().to_string();
+        assert!(e.contains("declares no link_key"), "{e}");
+        // The partner filter on a column the trust does not allow filtering on.
+        let mut f = q.clone();
+        if let Some(l) = &mut f.linkage {
+            l.partner_filter = Some(Predicate::Compare {
+                column: "admission_id".into(),
+                op: CompareOp::Eq,
+                value: Literal::Text("x".into()),
+            });
+        }
+        let k = kinds(decide_linked(&trust(), &f, partner("A81001"), now()));
+        assert_eq!(k, vec![RefusalKind::IdentifierColumn], "{k:?}");
+    }
+
+    #[test]
+    fn the_anchor_counts_people_over_declared_person_level_groups() {
+        let mut q = linked();
+        q.aggregates.push(Aggregate {
+            alias: "bmi".into(),
+            kind: AggregateKind::Mean,
+            column: Some("bmi".into()),
+        });
+        let k = kinds(decide_linked(&gp(), &q, anchor("RXF"), now()));
+        assert!(k.contains(&RefusalKind::LinkedQueryShape), "{k:?}");
+    }
+
+    #[test]
+    fn explain_covers_the_side_the_policy_holds() {
+        let lines = explain(&gp(), &linked(), now());
+        let text: Vec<String> = lines.iter().map(|l| format!("{} {}", l.rule, l.detail)).collect();
+        assert!(
+            text.iter().any(|l| l.contains("links as anchor of gp_patients")),
+            "{text:?}"
+        );
+        let lines = explain(&trust(), &linked(), now());
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.allowed && l.detail.contains("as partner with A81001")),
+            "{:?}",
+            lines
+        );
+    }
+}

@@ -1109,7 +1109,11 @@ fn every_refusal_kind_has_a_test() {
     }
     for k in RefusalKind::ALL {
         let covered =
-            REFUSAL_CASES.iter().any(|(_, _, kind)| *kind == k) || k == RefusalKind::OptOutMissing;
+            REFUSAL_CASES.iter().any(|(_, _, kind)| *kind == k)
+            || k == RefusalKind::OptOutMissing
+            // Both have their cases in `linking::tests`.
+            || k == RefusalKind::LinkageNotPermitted
+            || k == RefusalKind::LinkedQueryShape;
         assert!(covered, "{k:?} has no case");
     }
 }

@@ -787,10 +787,17 @@ pub(crate) fn expiry_date(d: &toml::value::Datetime) -> Option<chrono::NaiveDate
 mod peers_tests {
     use crate::Policy;
 
-    const SAMPLE: &str = include_str!("../samples/gp_practice.toml");
+    const FULL: &str = include_str!("../samples/gp_practice.toml");
+
+    /// The sample without its [peers] and [linkage] tables.
+    fn sample() -> &'static str {
+        FULL.split("\n# The federation's node registry").next().unwrap()
+    }
 
     #[test]
     fn a_pinned_registry_key_is_read_and_a_bad_one_is_refused_with_its_field() {
+        #[allow(non_snake_case)]
+        let SAMPLE = sample();
         let key = phm_proto::signing::public_key_to_base64(
             &ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
         );
@@ -808,5 +815,10 @@ mod peers_tests {
         assert!(e.contains("peers.registry_key"), "{e}");
         let unknown = format!("{SAMPLE}\n[peers]\nregistry = \"{key}\"\n");
         assert!(Policy::parse("p.toml", &unknown).is_err());
+        // Linkage needs the registry: partners are known only through it.
+        let linkage = FULL.split("\n[linkage]").nth(1).unwrap();
+        let unpinned = format!("{SAMPLE}\n[linkage]{linkage}");
+        let e = Policy::parse("p.toml", &unpinned).unwrap_err().to_string();
+        assert!(e.contains("registry_key"), "{e}");
     }
 }
