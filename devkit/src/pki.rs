@@ -351,6 +351,10 @@ pub fn dev(dir: &Path, plan: &CertPlan) -> Result<DevCerts, CertError> {
 pub struct DevPeers {
     /// `<dir>/<node>.identity`, mode 0600, by node id.
     pub identities: Vec<(String, PathBuf)>,
+    /// Each node's public identity line (`phm-node/v1 <id> ed25519:… x25519:…`, the
+    /// `.identity.pub` file's content), by node id: what a policy's
+    /// `[[linkage.partners]] node_key` pins.
+    pub publics: std::collections::BTreeMap<String, String>,
     /// The signed registry (`registry.toml`).
     pub registry: PathBuf,
     /// The base64 public key that signed it: what each policy's `[peers] registry_key`
@@ -390,6 +394,7 @@ pub fn dev_peers(
     let now = u64::try_from(phm_proto::query::now_unix_ms()).unwrap_or(0);
     let until = now.saturating_add(days.saturating_mul(86_400_000));
     let mut identities = Vec::new();
+    let mut publics = std::collections::BTreeMap::new();
     let mut entries = Vec::new();
     for name in nodes {
         let id = NodeId::new(name.clone()).map_err(|e| relay(name, e))?;
@@ -397,11 +402,13 @@ pub fn dev_peers(
         let path = dir.join(format!("{name}.identity"));
         write(&path, identity.to_file_text().as_str(), true)?;
         // The public line beside it, as `phm keys new --kind node` writes it.
+        let public = identity.public().to_string();
         write(
             &dir.join(format!("{name}.identity.pub")),
-            &format!("{}\n", identity.public()),
+            &format!("{public}\n"),
             false,
         )?;
+        publics.insert(name.clone(), public);
         entries.push(RegistryEntry {
             node: identity.public().clone(),
             valid_from_ms: now.saturating_sub(86_400_000),
@@ -415,6 +422,7 @@ pub fn dev_peers(
     write(&path, &registry.to_toml(), false)?;
     Ok(DevPeers {
         identities,
+        publics,
         registry: path,
         registry_key: phm_proto::signing::public_key_to_base64(&key.verifying_key()),
     })

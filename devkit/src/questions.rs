@@ -1,6 +1,11 @@
 //! The demo's reference questions: what the DSU and the researcher ask, in the SQL the
 //! analyst types. `phm synth` computes their exact answers into reference_answers.json
 //! and `phm demo` submits them and checks the noisy answers against those.
+//!
+//! [`LINKED`] holds the linked questions (linkage on NHS number between two partners'
+//! datasets). Their exact answers are in reference_answers.json too, but they are kept
+//! out of [`ALL`] until the demo asks them: the SQL form with `EXISTS` is not parsed yet
+//! and no node serves a linked query today.
 
 use phm_proto::Purpose;
 
@@ -115,3 +120,73 @@ pub const ALL: [Question; 7] = [
     RESEARCH_HBA1C_BY_IMD,
     FUEL_POVERTY_BY_TENURE,
 ];
+
+/// Emergency admissions in the year that make a frequent attender (the `HAVING COUNT(*)`
+/// threshold of [`LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS`]).
+pub const FREQUENT_ATTENDER_ADMISSIONS: u32 = 4;
+
+/// GP x acute: each practice (anchor) links its diabetic patients with the trusts'
+/// emergency admissions (partner) on the NHS number; `person` is each side's link key.
+pub const LINKED_GP_EMERGENCY_BY_IMD: Question = Question {
+    id: "linked_diabetes_emergency_by_imd",
+    title: "People with diabetes who had an emergency admission in the last 12 months, by IMD \
+            quintile (GP x acute, linked on NHS number)",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT imd_quintile, COUNT(*) AS patients FROM gp_patients g \
+          WHERE g.diabetes = TRUE AND EXISTS (SELECT 1 FROM acute_admissions a \
+          WHERE a.person = g.person AND a.method = 'emergency') GROUP BY imd_quintile",
+    epsilon: 1.0,
+    expect_refusal: false,
+};
+
+/// Social care x acute: the social-care node (anchor) links its clients with the trusts'
+/// emergency admissions (partner), counting clients with at least
+/// [`FREQUENT_ATTENDER_ADMISSIONS`] of them. A linkage set holds people, so a client with
+/// two packages counts once.
+pub const LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS: Question = Question {
+    id: "linked_social_care_frequent_attenders",
+    title: "Social-care clients with 4 or more emergency admissions in the last 12 months \
+            (social care x acute, linked on NHS number)",
+    requester: "dsu",
+    purpose: Purpose::Planning,
+    project: None,
+    sql: "SELECT COUNT(*) AS clients FROM social_care_packages s \
+          WHERE EXISTS (SELECT 1 FROM acute_admissions a \
+          WHERE a.person = s.person AND a.method = 'emergency' \
+          GROUP BY a.person HAVING COUNT(*) >= 4)",
+    epsilon: 1.0,
+    expect_refusal: false,
+};
+
+/// The linked questions, which `phm synth` answers exactly but the demo does not ask yet.
+pub const LINKED: [Question; 2] = [
+    LINKED_GP_EMERGENCY_BY_IMD,
+    LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frequent_attender_sql_uses_the_threshold_the_reference_uses() {
+        let having = format!("HAVING COUNT(*) >= {FREQUENT_ATTENDER_ADMISSIONS})");
+        assert!(LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS.sql.ends_with(&having));
+        assert!(
+            LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS
+                .title
+                .contains(&format!("{FREQUENT_ATTENDER_ADMISSIONS} or more"))
+        );
+    }
+
+    #[test]
+    fn ids_are_unique_across_all_questions() {
+        let mut ids: Vec<&str> = ALL.iter().chain(LINKED.iter()).map(|q| q.id).collect();
+        let n = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), n);
+    }
+}

@@ -6,6 +6,10 @@ use super::people::{COPD, CVD, DIABETES, HYPERTENSION, Person, SMI};
 use super::rng::{Rng, bern, normal, pick, poisson, range, unit};
 
 pub const METHODS: [&str; 2] = ["emergency", "elective"];
+/// Index of "emergency" in [`METHODS`].
+pub const EMERGENCY: u8 = 0;
+/// Index of "elective" in [`METHODS`].
+pub const ELECTIVE: u8 = 1;
 /// Diagnosis groups as the trusts' policies declare them.
 pub const DIAGNOSIS_GROUPS: [&str; 6] = [
     "circulatory",
@@ -95,12 +99,12 @@ pub fn admissions(rng: &mut Rng, people: &[Person]) -> Vec<Admission> {
         let n_elective = poisson(rng, elective);
         let total = (n_emergency + n_elective).min(MAX_ADMISSIONS);
         for k in 0..total {
-            let method = if k < n_emergency { 0u8 } else { 1u8 };
+            let method = if k < n_emergency { EMERGENCY } else { ELECTIVE };
             // 90% of residents use their Place's trust.
             let home = Ics::home_trust(p.place as usize) as u8;
             let trust = if bern(rng, 0.9) { home } else { 1 - home };
-            let diagnosis = diagnosis(rng, p, method == 0) as u8;
-            let length_of_stay = length_of_stay(rng, p, method == 0);
+            let diagnosis = diagnosis(rng, p, method == EMERGENCY) as u8;
+            let length_of_stay = length_of_stay(rng, p, method == EMERGENCY);
             seq[trust as usize] += 1;
             out.push(Admission {
                 person: i as u32,

@@ -1,18 +1,41 @@
 //! The paperwork of the synthetic ICS: each partner's IG policy (built from
 //! `phm_policies::model` structs), node.toml, and the coordinator's configuration.
+//!
+//! Every policy declares its dataset's NHS number as the link key and a `[linkage]`
+//! block naming the partners it may link with, from one table of pairings
+//! ([`LINK_PAIRINGS`]), so that whenever one node lists another as anchor the other
+//! lists it back as partner with the datasets swapped.
 
 use super::activity::{DIAGNOSIS_GROUPS, METHODS, PACKAGE_TYPES};
 use super::ics::{Org, OrgKind, PLACES};
 use super::people::{ETHNICITIES, SEXES, SMOKING};
 use crate::questions::RESEARCH_PROJECT;
 use phm_policies::model::{
-    Budget, Column, ColumnType, Dataset, Domain, Grouping, OptOut, Organisation, OrganisationKind,
-    Peers, Period, PolicyFile, Project, ReleaseRules, Requester, Rounding, Scope, Source,
-    SourceFormat, TotalKind,
+    Budget, Column, ColumnType, Dataset, Domain, Grouping, LinkPartner, LinkRole, Linkage, OptOut,
+    Organisation, OrganisationKind, Peers, Period, PolicyFile, Project, ReleaseRules, Requester,
+    Rounding, Scope, Source, SourceFormat, TotalKind,
 };
+use std::collections::BTreeMap;
 
 /// The column holding each person's National Data Opt-out flag, in every dataset.
 pub const OPT_OUT_COLUMN: &str = "ndopt_out";
+
+/// The column holding the NHS number, every dataset's link key.
+pub const LINK_KEY: &str = "nhs_number";
+
+/// Purposes linked questions may serve, at every node.
+pub const LINK_PURPOSES: [&str; 2] = ["planning", "research"];
+
+/// Who may link with whom: (anchor, partner). The anchor holds the outer dataset and its
+/// group labels; the partner holds the EXISTS dataset. Registrations anchor every
+/// pairing they are in (the GP list is the population denominator), and social care
+/// anchors the acute trusts (which of its clients were admitted).
+pub const LINK_PAIRINGS: [(OrgKind, OrgKind); 4] = [
+    (OrgKind::GpPractice, OrgKind::AcuteTrust),
+    (OrgKind::GpPractice, OrgKind::SocialCare),
+    (OrgKind::GpPractice, OrgKind::LocalAuthority),
+    (OrgKind::SocialCare, OrgKind::AcuteTrust),
+];
 
 /// The research project's approved columns.
 pub const PROJECT_COLUMNS: [&str; 7] = [
@@ -25,13 +48,16 @@ pub const PROJECT_COLUMNS: [&str; 7] = [
     "hba1c",
 ];
 
-/// Public keys of the two requesters, as policies list them.
+/// The public keys policies pin.
 #[derive(Debug, Clone)]
-pub struct RequesterKeys {
+pub struct PolicyKeys {
+    /// The two requesters' Ed25519 keys.
     pub dsu: String,
     pub researcher: String,
     /// The IG leads' key that signs the node registry (`[peers] registry_key`).
     pub registry: String,
+    /// Each node's public identity line by ODS code (`[[linkage.partners]] node_key`).
+    pub nodes: BTreeMap<String, String>,
 }
 
 fn col(name: &str, t: ColumnType) -> Column {
@@ -117,7 +143,7 @@ fn gp_dataset(pcns: &[String]) -> Dataset {
     let pcn_refs: Vec<&str> = pcns.iter().map(String::as_str).collect();
     let mut columns = vec![
         identifier("person_id", ColumnType::Text),
-        identifier("nhs_number", ColumnType::Text),
+        identifier(LINK_KEY, ColumnType::Text),
         identifier("date_of_birth", ColumnType::Date),
         identifier("postcode", ColumnType::Text),
         age(),
@@ -174,7 +200,7 @@ fn gp_dataset(pcns: &[String]) -> Dataset {
         max_rows_per_person: 1,
         total_kind: TotalKind::DistinctPeople,
         opt_out_not_applicable: false,
-        link_key: None,
+        link_key: Some(LINK_KEY.into()),
         columns,
     }
 }
@@ -187,9 +213,10 @@ fn acute_dataset() -> Dataset {
         max_rows_per_person: super::activity::MAX_ADMISSIONS,
         total_kind: TotalKind::SumOfPartnerCounts,
         opt_out_not_applicable: false,
-        link_key: None,
+        link_key: Some(LINK_KEY.into()),
         columns: vec![
             identifier("person_id", ColumnType::Text),
+            identifier(LINK_KEY, ColumnType::Text),
             identifier("admission_id", ColumnType::Text),
             Column {
                 filter: true,
@@ -220,9 +247,10 @@ fn social_care_dataset() -> Dataset {
         max_rows_per_person: 3,
         total_kind: TotalKind::SumOfPartnerCounts,
         opt_out_not_applicable: false,
-        link_key: None,
+        link_key: Some(LINK_KEY.into()),
         columns: vec![
             identifier("person_id", ColumnType::Text),
+            identifier(LINK_KEY, ColumnType::Text),
             category("package_type", &PACKAGE_TYPES),
             measure(
                 "weekly_hours",
@@ -252,9 +280,10 @@ fn la_dataset() -> Dataset {
         max_rows_per_person: 1,
         total_kind: TotalKind::SumOfPartnerCounts,
         opt_out_not_applicable: false,
-        link_key: None,
+        link_key: Some(LINK_KEY.into()),
         columns: vec![
             identifier("person_id", ColumnType::Text),
+            identifier(LINK_KEY, ColumnType::Text),
             Column {
                 filter: true,
                 ..col("lsoa", ColumnType::Text)
@@ -300,7 +329,8 @@ fn dsu(dataset: &str, key: &str) -> Requester {
             delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
         revoked: false,
-        linked_queries: false,
+        // The DSU asks the linked planning questions (GP x acute, social care x acute).
+        linked_queries: true,
     }
 }
 
@@ -319,6 +349,7 @@ fn researcher(key: &str) -> Requester {
             delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
         revoked: false,
+        // Linked research goes through the approved project, not the researcher alone.
         linked_queries: false,
     }
 }
@@ -343,12 +374,55 @@ fn research_project() -> Result<Project, String> {
             per_query_cap: 1.0,
             delta: phm_policies::model::DEFAULT_BUDGET_DELTA,
         },
-        linked_queries: false,
+        // The Data Access Committee approved linkage for this project.
+        linked_queries: true,
     })
 }
 
-/// The IG policy of one partner.
-pub fn policy(org: &Org, pcns: &[String], keys: &RequesterKeys) -> Result<PolicyFile, String> {
+/// The roles `me` may take with `other` under [`LINK_PAIRINGS`] (empty: no pairing).
+pub fn link_roles(me: OrgKind, other: OrgKind) -> Vec<LinkRole> {
+    let mut roles = Vec::new();
+    if LINK_PAIRINGS.contains(&(me, other)) {
+        roles.push(LinkRole::Anchor);
+    }
+    if LINK_PAIRINGS.contains(&(other, me)) {
+        roles.push(LinkRole::Partner);
+    }
+    roles
+}
+
+/// `org`'s `[linkage]` block: one `[[linkage.partners]]` entry per organisation of
+/// `federation` it is paired with, pinned to that node's identity where `node_keys`
+/// has it.
+fn linkage(org: &Org, federation: &[Org], node_keys: &BTreeMap<String, String>) -> Linkage {
+    let partners = federation
+        .iter()
+        .filter(|other| other.ods_code != org.ods_code)
+        .filter_map(|other| {
+            let roles = link_roles(org.kind, other.kind);
+            (!roles.is_empty()).then(|| LinkPartner {
+                ods_code: other.ods_code.clone(),
+                node_key: node_keys.get(&other.ods_code).cloned(),
+                our_datasets: vec![org.dataset.clone()],
+                their_datasets: vec![other.dataset.clone()],
+                roles,
+            })
+        })
+        .collect();
+    Linkage {
+        purposes: LINK_PURPOSES.iter().map(|s| s.to_string()).collect(),
+        max_set_size: phm_policies::model::DEFAULT_MAX_SET_SIZE,
+        partners,
+    }
+}
+
+/// The IG policy of one partner of `federation` (every organisation that runs a node).
+pub fn policy(
+    org: &Org,
+    pcns: &[String],
+    keys: &PolicyKeys,
+    federation: &[Org],
+) -> Result<PolicyFile, String> {
     // The language's defaults (small-number suppression at 7, rounding to 5, the
     // discrete Laplace, ...), written out in full in the policy file.
     let mut release = ReleaseRules::default();
@@ -397,7 +471,7 @@ pub fn policy(org: &Org, pcns: &[String], keys: &RequesterKeys) -> Result<Policy
         peers: Some(Peers {
             registry_key: keys.registry.clone(),
         }),
-        linkage: None,
+        linkage: Some(linkage(org, federation, &keys.nodes)),
     })
 }
 

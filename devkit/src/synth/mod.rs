@@ -1,11 +1,13 @@
 //! `phm synth`: a deterministic synthetic Integrated Care System (people, GP
-//! registrations, admissions, social care, council records) written as one folder per
-//! partner with Parquet data, IG policy and node config, plus keys, dev certificates,
-//! the coordinator's config and exact reference answers for the demo.
+//! registrations, admissions, social care, council records, and every partner's record
+//! of each person's NHS number) written as one folder per partner with Parquet data, IG
+//! policy and node config, plus keys, dev certificates, node identities, the
+//! coordinator's config and exact reference answers for the demo.
 
 pub mod activity;
 pub mod governance;
 pub mod ics;
+pub mod nhs;
 pub mod people;
 pub mod reference;
 pub mod rng;
@@ -51,6 +53,8 @@ pub enum SynthError {
     Exists(PathBuf),
     #[error("population must be at least {min} people (got {got})")]
     TooSmall { min: usize, got: usize },
+    #[error(transparent)]
+    TooLarge(#[from] people::TooManyPeople),
     #[error("--nodes-limit must be at least 1")]
     NoPractices,
     #[error("{path}: {source}")]
@@ -135,6 +139,8 @@ pub struct SynthSummary {
     pub manifest: Manifest,
     pub rows: BTreeMap<String, u64>,
     pub prevalence: Vec<PrevalenceLine>,
+    /// Missing and invalid NHS numbers per dataset, counted over the rows written.
+    pub nhs_numbers: Vec<nhs::NumberQuality>,
     pub elapsed: Duration,
     /// Generating people and activity in memory.
     pub generate_time: Duration,
@@ -248,8 +254,20 @@ fn bar(progress: bool, len: u64, msg: &'static str) -> ProgressBar {
 /// the demo's questions a few people.
 pub const MIN_POPULATION: usize = 1_000;
 
+/// Everything generated in memory before it is written: the people, what each non-GP
+/// partner holds about them, and every partner's record of their NHS numbers.
+#[derive(Debug, Clone)]
+pub struct Records {
+    pub people: Vec<people::Person>,
+    pub admissions: Vec<activity::Admission>,
+    pub packages: Vec<activity::Package>,
+    pub residents: Vec<activity::Resident>,
+    pub nhs: nhs::NhsRecords,
+}
+
 enum Job<'a> {
     Gp(&'a Org, std::ops::Range<usize>),
+    /// The trust's organisation and its index (0 or 1) in `Ics::trusts`.
     Acute(&'a Org, usize),
     SocialCare(&'a Org),
     La(&'a Org),
@@ -264,6 +282,13 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
             got: opts.population,
         });
     }
+    if opts.population > nhs::MAX_POPULATION {
+        return Err(people::TooManyPeople {
+            max: nhs::MAX_POPULATION,
+            got: opts.population,
+        }
+        .into());
+    }
     if opts.nodes_limit == Some(0) {
         return Err(SynthError::NoPractices);
     }
@@ -274,11 +299,20 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     let mut rng = rng::seeded(opts.seed);
     let ics = ics::build(&mut rng, opts.population);
     let pb = bar(opts.progress, opts.population as u64, "generating people");
-    let people = people::generate(&mut rng, &ics, &mut |n| pb.inc(n));
+    let people = people::generate(&mut rng, &ics, &mut |n| pb.inc(n))?;
     pb.set_message("activity");
     let admissions = activity::admissions(&mut rng, &people);
     let packages = activity::packages(&mut rng, &people);
     let residents = activity::residents(&mut rng, &people);
+    // Drawn last, so the draws above are the same whatever the records' rates.
+    let nhs = nhs::NhsRecords::generate(&mut rng, &people);
+    let records = Records {
+        people,
+        admissions,
+        packages,
+        residents,
+        nhs,
+    };
     pb.finish_and_clear();
     let generated_at = started.elapsed();
 
@@ -318,10 +352,11 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         &keys_dir.join("registry-signer.key"),
         365,
     )?;
-    let keys = governance::RequesterKeys {
+    let keys = governance::PolicyKeys {
         dsu: dsu.public_key_base64,
         researcher: researcher.public_key_base64,
         registry: peers.registry_key,
+        nodes: peers.publics,
     };
     let requesters: BTreeMap<String, String> = [
         ("dsu".to_string(), keys.dsu.clone()),
@@ -348,11 +383,12 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         let dir = out.join(&org.ods_code);
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(io(&data))?;
-        let policy =
-            governance::policy(org, &pcn_names, &keys).map_err(|message| SynthError::Policy {
+        let policy = governance::policy(org, &pcn_names, &keys, &orgs).map_err(|message| {
+            SynthError::Policy {
                 org: org.ods_code.clone(),
                 message,
-            })?;
+            }
+        })?;
         let text = governance::policy_toml(org, &policy).map_err(|message| SynthError::Policy {
             org: org.ods_code.clone(),
             message,
@@ -373,7 +409,13 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     for (i, org) in orgs.iter().enumerate() {
         jobs.push(match org.kind {
             OrgKind::GpPractice => Job::Gp(org, ranges[i].clone()),
-            OrgKind::AcuteTrust => Job::Acute(org, if org.ods_code == "RW1" { 0 } else { 1 }),
+            OrgKind::AcuteTrust => Job::Acute(
+                org,
+                ics.trusts
+                    .iter()
+                    .position(|t| t.ods_code == org.ods_code)
+                    .unwrap_or(0),
+            ),
             OrgKind::SocialCare => Job::SocialCare(org),
             OrgKind::LocalAuthority => Job::La(org),
         });
@@ -399,17 +441,7 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(job) = jobs.get(i) else { break };
-                    let r = run_job(
-                        job,
-                        out,
-                        &ics,
-                        opts.seed,
-                        as_of,
-                        &people,
-                        &admissions,
-                        &packages,
-                        &residents,
-                    );
+                    let r = run_job(job, out, &ics, opts.seed, as_of, &records);
                     if let Ok(mut v) = results.lock() {
                         v.push(r);
                     }
@@ -437,9 +469,8 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         opts.seed,
         opts.population,
         &as_of.to_string(),
-        &people,
+        &records,
         &gp_ranges,
-        &admissions,
     );
     let rpath = out.join(REFERENCE_FILE);
     let json = serde_json::to_string_pretty(&refs).map_err(|e| SynthError::Manifest {
@@ -473,64 +504,81 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     Ok(SynthSummary {
         manifest,
         rows,
-        prevalence: prevalence(&people),
+        prevalence: prevalence(&records.people),
+        nhs_numbers: number_quality(&records, &gp_ranges),
         elapsed: started.elapsed(),
         generate_time: generated_at,
         write_time: written_at.saturating_sub(generated_at),
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_job(
     job: &Job,
     out: &Path,
     ics: &ics::Ics,
     seed: u64,
     as_of: chrono::NaiveDate,
-    people: &[people::Person],
-    admissions: &[activity::Admission],
-    packages: &[activity::Package],
-    residents: &[activity::Resident],
+    records: &Records,
 ) -> Result<(String, u64), String> {
     let (org, n) = match job {
         Job::Gp(org, range) => {
             let path = out.join(&org.ods_code).join("data/gp_patients.parquet");
             (
                 org,
-                write::gp_patients(&path, ics, seed, as_of, people, range.clone())?,
+                write::gp_patients(&path, ics, seed, as_of, records, range.clone())?,
             )
         }
         Job::Acute(org, trust) => {
             let path = out
                 .join(&org.ods_code)
                 .join("data/acute_admissions.parquet");
-            let mine: Vec<&activity::Admission> = admissions
+            let mine: Vec<&activity::Admission> = records
+                .admissions
                 .iter()
                 .filter(|a| a.trust as usize == *trust)
                 .collect();
             (
                 org,
-                write::acute_admissions(&path, &org.ods_code, seed, as_of, people, &mine)?,
+                write::acute_admissions(&path, &org.ods_code, *trust, seed, as_of, records, &mine)?,
             )
         }
         Job::SocialCare(org) => {
             let path = out
                 .join(&org.ods_code)
                 .join("data/social_care_packages.parquet");
-            (
-                org,
-                write::social_care_packages(&path, seed, people, packages)?,
-            )
+            (org, write::social_care_packages(&path, seed, records)?)
         }
         Job::La(org) => {
             let path = out.join(&org.ods_code).join("data/la_residents.parquet");
-            (
-                org,
-                write::la_residents(&path, ics, seed, people, residents)?,
-            )
+            (org, write::la_residents(&path, ics, seed, records)?)
         }
     };
     Ok((org.ods_code.clone(), n))
+}
+
+/// Missing and invalid NHS numbers per dataset, over the rows as written (GP rows of the
+/// included practices only).
+pub fn number_quality(records: &Records, gp: &[std::ops::Range<usize>]) -> Vec<nhs::NumberQuality> {
+    use nhs::{Holder, NumberQuality};
+    let people = &records.people;
+    let written = |h: Holder, i: usize| records.nhs.written(h, i, people);
+    let mut gp_q = NumberQuality::new("gp_patients");
+    for i in gp.iter().flat_map(|r| r.clone()) {
+        gp_q.note(written(Holder::Gp, i).as_deref());
+    }
+    let mut acute = NumberQuality::new("acute_admissions");
+    for a in &records.admissions {
+        acute.note(written(Holder::Trust(a.trust as usize), a.person as usize).as_deref());
+    }
+    let mut social = NumberQuality::new("social_care_packages");
+    for k in &records.packages {
+        social.note(written(Holder::SocialCare, k.person as usize).as_deref());
+    }
+    let mut council = NumberQuality::new("la_residents");
+    for i in 0..people.len() {
+        council.note(written(Holder::Council, i).as_deref());
+    }
+    vec![gp_q, acute, social, council]
 }
 
 /// Observed prevalence against the targets, over each register's denominator.
@@ -593,6 +641,16 @@ pub fn describe(s: &SynthSummary, out: &Path) -> String {
             p.observed * 100.0,
             p.target * 100.0,
             p.denominator
+        ));
+    }
+    t.push_str("\nNHS numbers as written (linked questions link on these alone):\n");
+    for q in &s.nhs_numbers {
+        t.push_str(&format!(
+            "  {:<21} {:>5.2}% missing, {:>4.2}% not valid  ({} rows)\n",
+            q.dataset,
+            q.missing_rate() * 100.0,
+            q.invalid_rate() * 100.0,
+            q.records
         ));
     }
     t.push_str("\nPartners:\n");

@@ -55,6 +55,8 @@ pub struct Person {
     pub bmi: Option<f64>,
     pub hba1c: Option<f64>,
     pub systolic_bp: Option<f64>,
+    /// The NHS number issued to this person (ten digits, from the test range). What
+    /// each partner wrote down for it is in [`super::nhs::NhsRecords`].
     pub nhs_number: u64,
     /// Days before the reference date that the last birthday fell (0-364).
     pub birthday_offset: u16,
@@ -83,24 +85,6 @@ pub fn postcode(ics: &Ics, p: &Person) -> String {
         p.postcode_unit[1] as char,
         p.postcode_unit[2] as char
     )
-}
-
-/// NHS-number check digit (Modulus 11); `None` when the body has no valid number.
-pub fn nhs_check_digit(body: u64) -> Option<u64> {
-    let digits: Vec<u64> = format!("{body:09}")
-        .bytes()
-        .map(|b| (b - b'0') as u64)
-        .collect();
-    let sum: u64 = digits
-        .iter()
-        .enumerate()
-        .map(|(i, d)| d * (10 - i as u64))
-        .sum();
-    match 11 - (sum % 11) {
-        11 => Some(0),
-        10 => None,
-        c => Some(c),
-    }
 }
 
 /// Age-band weights of a practice whose list is tilted younger (tilt > 0) or older.
@@ -140,13 +124,34 @@ fn draw_ethnicity(rng: &mut Rng, place: usize, age: u8) -> u8 {
 
 const POSTCODE_LETTERS: &[u8] = b"ABDEFGHJLNPQRSTUWXYZ";
 
+/// More people than the NHS-number test range has numbers for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "population must be at most {max} people (got {got}): each needs an NHS number of its own from the test range 999 000 0000 – 999 999 9999"
+)]
+pub struct TooManyPeople {
+    pub max: usize,
+    pub got: usize,
+}
+
 /// Generate every registered person, practice by practice.
-pub fn generate(rng: &mut Rng, ics: &Ics, on_progress: &mut dyn FnMut(u64)) -> Vec<Person> {
+pub fn generate(
+    rng: &mut Rng,
+    ics: &Ics,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<Vec<Person>, TooManyPeople> {
     let total: usize = ics.practices.iter().map(|p| p.list_size).sum();
+    // Every valid test-range number, drawn without replacement by a partial
+    // Fisher–Yates shuffle: person k swaps a uniformly chosen one of the numbers not yet
+    // issued into slot k. Unique by construction, one draw per person.
+    let mut nhs_pool = super::nhs::test_range_numbers();
+    if total > nhs_pool.len().min(super::nhs::MAX_POPULATION) {
+        return Err(TooManyPeople {
+            max: super::nhs::MAX_POPULATION,
+            got: total,
+        });
+    }
     let mut people = Vec::with_capacity(total);
-    // One bit per possible 9-digit body 900000000-999999999 (12.5 MB), so uniqueness
-    // costs a bit test rather than a hash-set insert per person.
-    let mut nhs_seen = vec![0u64; 100_000_000 / 64 + 1];
     for (pi, practice) in ics.practices.iter().enumerate() {
         let weights = age_weights(practice.age_tilt);
         for _ in 0..practice.list_size {
@@ -184,18 +189,10 @@ pub fn generate(rng: &mut Rng, ics: &Ics, on_progress: &mut dyn FnMut(u64)) -> V
                 _ => 0.035,
             };
             let opted_out = bern(rng, opt_out_p);
-            let nhs_number = loop {
-                let offset = range(rng, 0, 100_000_000);
-                let (word, bit) = ((offset / 64) as usize, offset % 64);
-                if nhs_seen[word] & (1 << bit) != 0 {
-                    continue;
-                }
-                let body = 900_000_000 + offset;
-                if let Some(check) = nhs_check_digit(body) {
-                    nhs_seen[word] |= 1 << bit;
-                    break body * 10 + check;
-                }
-            };
+            let k = people.len();
+            let pick = range(rng, k as u64, nhs_pool.len() as u64) as usize;
+            nhs_pool.swap(k, pick);
+            let nhs_number = nhs_pool[k];
             let birthday_offset = range(rng, 0, 365) as u16;
             let postcode_unit = [
                 b'0' + range(rng, 1, 10) as u8,
@@ -227,7 +224,7 @@ pub fn generate(rng: &mut Rng, ics: &Ics, on_progress: &mut dyn FnMut(u64)) -> V
     assign_smoking(rng, &mut people);
     assign_conditions(rng, &mut people);
     assign_measurements(rng, &mut people);
-    people
+    Ok(people)
 }
 
 /// Scale relative risks so the expected share among eligible people equals `target`,
@@ -516,22 +513,5 @@ fn assign_measurements(rng: &mut Rng, people: &mut [Person]) {
                 p.systolic_bp = Some(clamp_round(v, 80.0, 220.0, 0));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nhs_check_digit_matches_published_examples() {
-        // 943 476 5919 is the NHS Digital worked example; 401 023 2137 is another valid number.
-        assert_eq!(nhs_check_digit(943_476_591), Some(9));
-        assert_eq!(nhs_check_digit(401_023_213), Some(7));
-        // A body whose remainder gives 10 has no valid number.
-        let invalid = (0..1_000u64)
-            .map(|i| 900_000_000 + i)
-            .find(|b| nhs_check_digit(*b).is_none());
-        assert!(invalid.is_some());
     }
 }

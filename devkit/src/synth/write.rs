@@ -1,10 +1,10 @@
 //! Parquet output of the synthetic datasets, one file per partner and dataset, with
 //! column names and types matching the generated policies.
 
-use super::activity::{
-    Admission, DIAGNOSIS_GROUPS, METHODS, PACKAGE_TYPES, Package, Resident, TENURES,
-};
+use super::Records;
+use super::activity::{Admission, DIAGNOSIS_GROUPS, METHODS, PACKAGE_TYPES, TENURES};
 use super::ics::{Ics, PLACES};
+use super::nhs::Holder;
 use super::people::{
     ASTHMA, COPD, CVD, DEPRESSION, DIABETES, ETHNICITIES, HYPERTENSION, OBESITY, Person, SEXES,
     SMI, SMOKING, person_id, postcode,
@@ -24,6 +24,8 @@ use std::sync::Arc;
 /// A column to write: name and values.
 enum Col {
     Text(&'static str, StringArray),
+    /// Text that may be missing (NULL).
+    OptText(&'static str, StringArray),
     Int(&'static str, Vec<i64>),
     Real(&'static str, Vec<Option<f64>>),
     Bool(&'static str, Vec<bool>),
@@ -40,6 +42,19 @@ fn texts<S: AsRef<str>>(values: impl Iterator<Item = S>) -> StringArray {
     b.finish()
 }
 
+/// The `nhs_number` column of `holder`'s rows, one per entry of `persons` (indices into
+/// `records.people`): what that partner recorded, NULL where it recorded nothing.
+fn nhs_numbers(records: &Records, holder: Holder, persons: impl Iterator<Item = usize>) -> Col {
+    let mut b = StringBuilder::new();
+    for i in persons {
+        match records.nhs.written(holder, i, &records.people) {
+            Some(text) => b.append_value(text),
+            None => b.append_null(),
+        }
+    }
+    Col::OptText("nhs_number", b.finish())
+}
+
 fn write_parquet(path: &Path, cols: Vec<Col>) -> Result<u64, String> {
     let mut fields = Vec::new();
     let mut arrays: Vec<ArrayRef> = Vec::new();
@@ -47,6 +62,10 @@ fn write_parquet(path: &Path, cols: Vec<Col>) -> Result<u64, String> {
         match c {
             Col::Text(n, v) => {
                 fields.push(Field::new(n, DataType::Utf8, false));
+                arrays.push(Arc::new(v));
+            }
+            Col::OptText(n, v) => {
+                fields.push(Field::new(n, DataType::Utf8, true));
                 arrays.push(Arc::new(v));
             }
             Col::Int(n, v) => {
@@ -126,18 +145,16 @@ pub fn gp_patients(
     ics: &Ics,
     seed: u64,
     as_of: NaiveDate,
-    people: &[Person],
+    records: &Records,
     range: std::ops::Range<usize>,
 ) -> Result<u64, String> {
+    let people = &records.people;
     let idx: Vec<usize> = range.collect();
     let ps: Vec<&Person> = idx.iter().map(|i| &people[*i]).collect();
     let (age, sex, imd, place, opt) = common(&ps);
     let cols = vec![
         Col::Text("person_id", texts(idx.iter().map(|i| person_id(seed, *i)))),
-        Col::Text(
-            "nhs_number",
-            texts(ps.iter().map(|p| format!("{:010}", p.nhs_number))),
-        ),
+        nhs_numbers(records, Holder::Gp, idx.iter().copied()),
         Col::Date(
             "date_of_birth",
             ps.iter().map(|p| date_of_birth(as_of, p)).collect(),
@@ -182,11 +199,13 @@ pub fn gp_patients(
 pub fn acute_admissions(
     path: &Path,
     trust_code: &str,
+    trust: usize,
     seed: u64,
     as_of: NaiveDate,
-    people: &[Person],
+    records: &Records,
     admissions: &[&Admission],
 ) -> Result<u64, String> {
+    let people = &records.people;
     let ps: Vec<&Person> = admissions
         .iter()
         .map(|a| &people[a.person as usize])
@@ -200,6 +219,11 @@ pub fn acute_admissions(
                     .iter()
                     .map(|a| person_id(seed, a.person as usize)),
             ),
+        ),
+        nhs_numbers(
+            records,
+            Holder::Trust(trust),
+            admissions.iter().map(|a| a.person as usize),
         ),
         Col::Text(
             "admission_id",
@@ -241,12 +265,8 @@ pub fn acute_admissions(
     write_parquet(path, cols)
 }
 
-pub fn social_care_packages(
-    path: &Path,
-    seed: u64,
-    people: &[Person],
-    packages: &[Package],
-) -> Result<u64, String> {
+pub fn social_care_packages(path: &Path, seed: u64, records: &Records) -> Result<u64, String> {
+    let (people, packages) = (&records.people, &records.packages);
     let ps: Vec<&Person> = packages
         .iter()
         .map(|k| &people[k.person as usize])
@@ -256,6 +276,11 @@ pub fn social_care_packages(
         Col::Text(
             "person_id",
             texts(packages.iter().map(|k| person_id(seed, k.person as usize))),
+        ),
+        nhs_numbers(
+            records,
+            Holder::SocialCare,
+            packages.iter().map(|k| k.person as usize),
         ),
         Col::Text(
             "package_type",
@@ -282,13 +307,8 @@ pub fn social_care_packages(
     write_parquet(path, cols)
 }
 
-pub fn la_residents(
-    path: &Path,
-    ics: &Ics,
-    seed: u64,
-    people: &[Person],
-    residents: &[Resident],
-) -> Result<u64, String> {
+pub fn la_residents(path: &Path, ics: &Ics, seed: u64, records: &Records) -> Result<u64, String> {
+    let (people, residents) = (&records.people, &records.residents);
     let ps: Vec<&Person> = people.iter().collect();
     let (age, sex, imd, place, opt) = common(&ps);
     let cols = vec![
@@ -296,6 +316,7 @@ pub fn la_residents(
             "person_id",
             texts((0..people.len()).map(|i| person_id(seed, i))),
         ),
+        nhs_numbers(records, Holder::Council, 0..people.len()),
         Col::Text(
             "lsoa",
             texts(ps.iter().map(|p| ics.lsoas[p.lsoa as usize].code.as_str())),
