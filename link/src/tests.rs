@@ -132,10 +132,18 @@ fn gen_case(rng: &mut ChaCha20Rng) -> Case {
 }
 
 /// The plaintext join: per group, distinct valid anchor numbers present at the partner
-/// (or absent, for NOT EXISTS).
-fn reference(case: &Case, negated: bool) -> Vec<i64> {
+/// (or absent, for NOT EXISTS) with at least `k` partner records.
+fn reference(case: &Case, negated: bool, k: u32) -> Vec<i64> {
     let valid = |s: &Option<String>| NhsNumber::parse_opt(s.as_deref()).ok();
-    let partner: BTreeSet<NhsNumber> = case.partner.iter().filter_map(valid).collect();
+    let mut rows: BTreeMap<NhsNumber, u32> = BTreeMap::new();
+    for n in case.partner.iter().filter_map(valid) {
+        *rows.entry(n).or_insert(0) += 1;
+    }
+    let partner: BTreeSet<NhsNumber> = rows
+        .into_iter()
+        .filter(|(_, c)| *c >= k.max(1))
+        .map(|(n, _)| n)
+        .collect();
     let mut people: BTreeMap<NhsNumber, usize> = BTreeMap::new();
     for (n, g) in &case.anchor {
         if let Some(n) = valid(n) {
@@ -152,12 +160,16 @@ fn reference(case: &Case, negated: bool) -> Vec<i64> {
 }
 
 fn cohorts(case: &Case) -> (AnchorCohort, PartnerCohort) {
+    cohorts_having(case, 1)
+}
+
+fn cohorts_having(case: &Case, k: u32) -> (AnchorCohort, PartnerCohort) {
     let a = AnchorCohort::new(
         case.groups,
         case.anchor.iter().map(|(n, g)| (n.as_deref(), *g)),
     )
     .unwrap();
-    let b = PartnerCohort::new(case.partner.iter().map(|n| n.as_deref()));
+    let b = PartnerCohort::with_min_rows(case.partner.iter().map(|n| n.as_deref()), k);
     (a, b)
 }
 
@@ -181,14 +193,31 @@ fn run_direct(
 #[test]
 fn noise_free_counts_equal_a_plaintext_join_over_hundreds_of_cases() {
     let mut rng = ChaCha20Rng::seed_from_u64(14);
-    for i in 0..300 {
-        let case = gen_case(&mut rng);
+    let mut having_hits = 0;
+    for i in 0..400 {
+        let mut case = gen_case(&mut rng);
         let negated = i % 3 == 0;
+        // HAVING COUNT(*) >= k: k of 1 (plain EXISTS), 2 or 3, with some partner people
+        // given extra records so every k has people either side of it.
+        let k = [1u32, 1, 2, 3][i % 4];
+        let extra: Vec<Option<String>> = case
+            .partner
+            .iter()
+            .filter(|_| rng.gen_bool(0.3))
+            .cloned()
+            .collect();
+        case.partner.extend(extra);
         let params = small_params(case.groups, negated);
-        let (a, b) = cohorts(&case);
+        let (a, b) = cohorts_having(&case, k);
         let (counts, ..) = run_direct(&params, &a, &b, &mut ZeroNoise, &mut ZeroNoise, &mut rng);
-        assert_eq!(counts.released, reference(&case, negated), "case {i}");
+        let expected = reference(&case, negated, k);
+        if k > 1 && expected != reference(&case, negated, 1) {
+            having_hits += 1;
+        }
+        assert_eq!(counts.released, expected, "case {i} (k = {k})");
     }
+    // HAVING really changed the answer in a good share of the cases that used it.
+    assert!(having_hits > 40, "{having_hits}");
 }
 
 #[test]
@@ -239,7 +268,7 @@ fn edge_cases_empty_sets_and_full_overlap() {
                 run_direct(&params, &a, &b, &mut ZeroNoise, &mut ZeroNoise, &mut rng);
             assert_eq!(
                 counts.released,
-                reference(case, negated),
+                reference(case, negated, 1),
                 "case {i} negated {negated}"
             );
         }
@@ -298,7 +327,7 @@ fn the_anchor_learns_per_group_exactly_c_plus_k_and_k_is_in_zero_to_two_mu() {
         let mut noise_b = SeededLaplace::new(seed);
         let mut noise_a = SeededLaplace::new(1000 + seed);
         let (counts, f, l, r) = run_direct(&params, &a, &b, &mut noise_a, &mut noise_b, &mut rng);
-        let truth = reference(&case, false);
+        let truth = reference(&case, false, 1);
         let mu = i64::from(params.link.mu());
         let z_link = &noise_b
             .log
@@ -465,7 +494,7 @@ fn the_whole_protocol_runs_over_sealed_frames_in_several_chunks() {
         let negated = i % 2 == 1;
         let params = small_params(case.groups, negated);
         let run = run_relayed(&fd, &case, &params, 1 + i % 7, &mut rng);
-        assert_eq!(run.counts.released, reference(&case, negated), "case {i}");
+        assert_eq!(run.counts.released, reference(&case, negated, 1), "case {i}");
         assert!(run.relay.frames.len() > 3, "chunking was exercised");
     }
 }
@@ -958,7 +987,7 @@ fn bench_100k_by_10k_five_groups() {
     let t = std::time::Instant::now();
     let run = run_relayed(&fd, &case, &params, MAX_CHUNK_ELEMENTS, &mut rng);
     let took = t.elapsed();
-    assert_eq!(run.counts.released, reference(&case, false));
+    assert_eq!(run.counts.released, reference(&case, false, 1));
     let bytes: usize = run.relay.frames.iter().map(SealedFrame::encoded_len).sum();
     println!(
         "bench 100k x 10k (5 groups, μ_link {}, μ_size {}): {:.2} s wall over sealed frames, {} frames, {:.1} MB relayed; anchor {} people, partner {}",
