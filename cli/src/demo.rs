@@ -271,7 +271,10 @@ fn check(reference: &ReferenceAnswers, results: &BTreeMap<&str, CombinedResult>)
         if !complete {
             continue;
         }
-        for row in &q.rows {
+        // A linked question is answered pair by pair (each practice with each trust),
+        // so its exact answer is the sum of the pairs' own answers.
+        let rows = q.linked.as_ref().map_or(&q.rows, |l| &l.pairwise_rows);
+        for row in rows {
             for (alias, truth) in &row.values {
                 let Some(cell) = find_cell(result, &row.key, alias) else {
                     continue;
@@ -340,9 +343,9 @@ async fn questions_and_report(
 ) -> anyhow::Result<Check> {
     let asker = Asker { dir, url };
     let mut results: BTreeMap<&str, CombinedResult> = BTreeMap::new();
-    for q in questions::ALL {
+    for q in questions::ALL.iter().chain(&questions::LINKED) {
         let r = asker
-            .ask(&q)
+            .ask(q)
             .await
             .with_context(|| format!("asking {:?}", q.title))?;
         results.insert(q.id, r);
@@ -459,6 +462,17 @@ async fn questions_and_report(
         phm::outln!("   Nothing was released and no budget was spent.");
     } else {
         phm::out!("{}", render::table(r, &[]));
+        footer(&[r], "DSU's");
+    }
+
+    phm::outln!(
+        "\n6. Linked across partners on NHS number, without pooling identifiers (DSU, planning)"
+    );
+    for q in &questions::LINKED {
+        let r = get(q.id)?;
+        let parsed = phm::sql::parse(q.sql).map_err(|e| anyhow!("{}", e.message))?;
+        phm::outln!("   {}", q.title);
+        phm::out!("{}", render::table(r, &parsed.aggregates));
         footer(&[r], "DSU's");
     }
 

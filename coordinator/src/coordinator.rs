@@ -138,6 +138,13 @@ fn linked_note(
             " Each partner node is linked separately: a person linked at two of them counts once for each (sum of partner counts).",
         );
     }
+    let anchors = sessions / partners.len().max(1);
+    note.push_str(&format!(
+        " Budget: each linkage session spends the query's epsilon at both of its nodes; each {} node took part in {} session{} and each partner node in up to {anchors}.",
+        body.dataset,
+        partners.len(),
+        if partners.len() == 1 { "" } else { "s" }
+    ));
     if answered < sessions {
         note.push_str(&format!(
             " Partial: only {answered} of the {sessions} linkage sessions completed; the figures cover those pairings only."

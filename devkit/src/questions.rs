@@ -123,7 +123,7 @@ pub const ALL: [Question; 7] = [
 
 /// Emergency admissions in the year that make a frequent attender (the `HAVING COUNT(*)`
 /// threshold of [`LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS`]).
-pub const FREQUENT_ATTENDER_ADMISSIONS: u32 = 4;
+pub const FREQUENT_ATTENDER_ADMISSIONS: u32 = 3;
 
 /// GP x acute: each practice (anchor) links its diabetic patients with the trusts'
 /// emergency admissions (partner) on the NHS number; `person` is each side's link key.
@@ -147,7 +147,7 @@ pub const LINKED_GP_EMERGENCY_BY_IMD: Question = Question {
 /// two packages counts once.
 pub const LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS: Question = Question {
     id: "linked_social_care_frequent_attenders",
-    title: "Social-care clients with 4 or more emergency admissions in the last 12 months \
+    title: "Social-care clients with 3 or more emergency admissions in the last 12 months \
             (social care x acute, linked on NHS number)",
     requester: "dsu",
     purpose: Purpose::Planning,
@@ -155,12 +155,12 @@ pub const LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS: Question = Question {
     sql: "SELECT COUNT(*) AS clients FROM social_care_packages s \
           WHERE EXISTS (SELECT 1 FROM acute_admissions a \
           WHERE a.person = s.person AND a.method = 'emergency' \
-          GROUP BY a.person HAVING COUNT(*) >= 4)",
+          GROUP BY a.person HAVING COUNT(*) >= 3)",
     epsilon: 1.0,
     expect_refusal: false,
 };
 
-/// The linked questions, which `phm synth` answers exactly but the demo does not ask yet.
+/// The linked questions the demo asks (and `phm synth` answers exactly).
 pub const LINKED: [Question; 2] = [
     LINKED_GP_EMERGENCY_BY_IMD,
     LINKED_SOCIAL_CARE_FREQUENT_ATTENDERS,

@@ -319,9 +319,12 @@ impl Service {
             frames_in: 0,
             frames_out: 0,
         };
+        // One session per (query, anchor, partner) at a time; sessions with different
+        // partners run side by side.
+        let slot = cache_id(body, &open.partner);
         let key = QueryKey {
             requester_id: &body.requester_id,
-            query_id: &body.query_id,
+            query_id: &slot,
         };
         let _in_flight = self.store.lock_query_id(&key).await;
         let outcome = tokio::time::timeout(
@@ -412,7 +415,7 @@ impl Service {
             .into());
         }
         if open.role == LinkRole::Anchor {
-            match self.lookup_release(body).await? {
+            match self.lookup_release(body, &cache_id(body, &open.partner)).await? {
                 CacheLookup::Hit(answer) => {
                     limits_or_denial(phm_policies::decide_linked(policy, body, side, now))?;
                     let answer = Self::served_from_cache(answer, record);
@@ -420,7 +423,7 @@ impl Service {
                     return Ok(());
                 }
                 CacheLookup::Retry(answer) => {
-                    self.check_fresh_and_unseen_in("query", policy, body, now)
+                    self.check_fresh_and_unseen_in(&nonce_scope(open), policy, body, now)
                         .await?;
                     limits_or_denial(phm_policies::decide_linked(policy, body, side, now))?;
                     let answer = Self::served_from_cache(answer, record);
@@ -439,12 +442,9 @@ impl Service {
                 }
                 CacheLookup::Miss => {}
             }
-            self.check_fresh_and_unseen_in("query", policy, body, now)
-                .await?;
-        } else {
-            self.check_fresh_and_unseen_in(&format!("link:{}", open.anchor), policy, body, now)
-                .await?;
         }
+        self.check_fresh_and_unseen_in(&nonce_scope(open), policy, body, now)
+            .await?;
         let limits = limits_or_denial(phm_policies::decide_linked(policy, body, side, now))?;
         let registry = self.registry(&peer, &limits, other)?;
         let (anchor, partner) = match (
@@ -634,7 +634,8 @@ impl Service {
             limits.scope = Scope::SystemTotalOnly;
         }
         let answer = self.answer_of(&loaded.policy, s.body, &limits, states, release);
-        self.cache_release(s.body, answer).await
+        let id = cache_id(s.body, s.partner.node_id.as_str());
+        self.cache_release(s.body, &id, answer).await
     }
 
     async fn run_partner(
@@ -703,6 +704,19 @@ impl Service {
             }
         }
     }
+}
+
+/// Where an anchor caches its release of `body` with `partner`: the query id and the
+/// partner's ODS code, separated by a NUL that no id can contain (so it is never
+/// another query's id). One linked query releases once per partner node.
+pub(super) fn cache_id(body: &QueryBody, partner: &str) -> String {
+    format!("{}\0link:{partner}", body.query_id)
+}
+
+/// The nonce namespace of a session: a node sees one signed linked query once per
+/// session (an anchor once per partner, a partner once per anchor).
+fn nonce_scope(open: &LinkOpen) -> String {
+    format!("link:{}:{}:{}", open.role.as_str(), open.anchor, open.partner)
 }
 
 fn registry_entry(registry: &VerifiedRegistry, ods: &str) -> Result<NodePublic, Denial> {

@@ -209,7 +209,7 @@ impl Service {
         now: DateTime<Utc>,
     ) -> Result<Answer, Stop> {
         let policy = &loaded.policy;
-        match self.lookup_release(body).await? {
+        match self.lookup_release(body, &body.query_id).await? {
             CacheLookup::Hit(answer) => {
                 // The very message answered before (a relay's retry): no new spend,
                 // but the policy in force now must still allow it.
@@ -240,7 +240,7 @@ impl Service {
         let states = self.spend(&limits, record).await?;
         let release = self.execute(loaded, body, &limits).await?;
         let answer = self.answer_of(policy, body, &limits, &states, release);
-        self.cache_release(body, answer).await
+        self.cache_release(body, &body.query_id, answer).await
     }
 
     pub(super) fn served_from_cache(mut answer: Answer, record: &mut AuditRecord) -> Answer {
@@ -251,15 +251,18 @@ impl Service {
         answer
     }
 
-    /// Run a release-cache operation on `body`'s (requester, query id) and digests,
-    /// off the async workers under the storage watchdog.
+    /// Run a release-cache operation on `body`'s requester, the cache id `id` and the
+    /// digests, off the async workers under the storage watchdog. The id is the query
+    /// id, or for an anchor's linkage session [`super::link::cache_id`], since one
+    /// linked query releases once per partner.
     async fn with_release_key<T: Send + 'static>(
         &self,
         body: &QueryBody,
+        id: String,
         op: impl FnOnce(&Store, &QueryKey<'_>, &str, &str) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<Result<T, StoreError>, Stop> {
         let store = self.store.clone();
-        let (requester, id) = (body.requester_id.clone(), body.query_id.clone());
+        let requester = body.requester_id.clone();
         let (digest, content) = (body.digest(), body.content_digest());
         self.io(move || {
             let key = QueryKey {
@@ -274,9 +277,10 @@ impl Service {
     pub(super) async fn lookup_release(
         &self,
         body: &QueryBody,
+        id: &str,
     ) -> Result<CacheLookup<Answer>, Stop> {
         match self
-            .with_release_key(body, |store, key, digest, content| {
+            .with_release_key(body, id.to_string(), |store, key, digest, content| {
                 store.cached_release(key, digest, content)
             })
             .await?
@@ -499,10 +503,11 @@ impl Service {
     pub(super) async fn cache_release(
         &self,
         body: &QueryBody,
+        id: &str,
         answer: Answer,
     ) -> Result<Answer, Stop> {
         match self
-            .with_release_key(body, move |store, key, digest, content| {
+            .with_release_key(body, id.to_string(), move |store, key, digest, content| {
                 store.store_release(key, digest, content, answer)
             })
             .await?
