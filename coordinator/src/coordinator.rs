@@ -560,11 +560,18 @@ impl Inner {
         });
         let mut registered = Some(0.0);
         let mut answered_population = Some(0.0);
+        // A linked query reports one result per (anchor, partner) session: each node's
+        // population counts once however many sessions it took part in.
+        let mut counted = std::collections::HashSet::new();
+        let mut answered_counted = std::collections::HashSet::new();
         for r in results {
             let client = &self.clients[r.index];
             let node = r.progress.node.clone();
+            let first = counted.insert(r.index);
             let pop = self.node_population(&client.config.id, r.population, &known);
-            registered = registered.zip(pop).map(|(a, b)| a + b);
+            if first {
+                registered = registered.zip(pop).map(|(a, b)| a + b);
+            }
             let refusal = |p: &NodeProgress| NodeRefusal {
                 node: node.clone(),
                 reason: p.reason,
@@ -573,9 +580,11 @@ impl Inner {
             let coverage = &mut tally.coverage;
             match r.progress.outcome {
                 NodeOutcome::Answered => {
-                    answered_population = answered_population
-                        .zip((r.population > 0.0).then_some(r.population))
-                        .map(|(a, b)| a + b);
+                    if answered_counted.insert(r.index) {
+                        answered_population = answered_population
+                            .zip((r.population > 0.0).then_some(r.population))
+                            .map(|(a, b)| a + b);
+                    }
                     coverage.answered.push(node.clone());
                 }
                 NodeOutcome::Refused => coverage.refused.push(refusal(&r.progress)),

@@ -285,6 +285,12 @@ impl Service {
         let loaded = self.current();
         let mut record = self.query_record(&loaded.policy, &open.signed, client, now);
         record.rpc = "link".into();
+        if open.role == LinkRole::Partner
+            && let Some(l) = &open.signed.body.linkage
+        {
+            // The partner's side reads its own dataset.
+            record.dataset = Some(l.partner_dataset.clone());
+        }
         record.reasons = vec![format!(
             "linkage session as {} (anchor {}, partner {})",
             open.role.as_str(),

@@ -7,6 +7,7 @@
 
 mod faults;
 mod federation;
+mod linkage;
 mod node_server;
 mod peers;
 mod pinning;
