@@ -431,33 +431,43 @@ impl Inner {
         let linked = body.linkage.is_some();
         let sessions: Vec<(usize, usize)> = targets
             .iter()
-            .flat_map(|&a| partners.iter().filter(move |&&p| p != a).map(move |&p| (a, p)))
+            .flat_map(|&a| {
+                partners
+                    .iter()
+                    .filter(move |&&p| p != a)
+                    .map(move |&p| (a, p))
+            })
             .collect();
-        let calls = if linked { sessions.len() } else { targets.len() };
+        let calls = if linked {
+            sessions.len()
+        } else {
+            targets.len()
+        };
         let nodes_total = u32::try_from(calls).unwrap_or(u32::MAX);
         tracing::info!(
             query_id = %body.query_id, requester = %body.requester_id,
             dataset = %body.dataset, nodes = targets.len(), sessions = sessions.len(),
             "fanning out query"
         );
-        let mut pending: FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send + '_>>> =
-            if linked {
-                sessions
-                    .iter()
-                    .map(|&(a, p)| {
-                        Box::pin(self.ask_link(a, p, query.clone(), &expected, nodes_total))
-                            as std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send>>
-                    })
-                    .collect()
-            } else {
-                targets
-                    .iter()
-                    .map(|&i| {
-                        Box::pin(self.ask_node(i, query.clone(), &expected, nodes_total))
-                            as std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send>>
-                    })
-                    .collect()
-            };
+        let mut pending: FuturesUnordered<
+            std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send + '_>>,
+        > = if linked {
+            sessions
+                .iter()
+                .map(|&(a, p)| {
+                    Box::pin(self.ask_link(a, p, query.clone(), &expected, nodes_total))
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send>>
+                })
+                .collect()
+        } else {
+            targets
+                .iter()
+                .map(|&i| {
+                    Box::pin(self.ask_node(i, query.clone(), &expected, nodes_total))
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = NodeResult> + Send>>
+                })
+                .collect()
+        };
         let mut results: Vec<NodeResult> = Vec::with_capacity(calls);
         let mut progress_log = Vec::with_capacity(targets.len());
         while let Some(r) = pending.next().await {

@@ -99,9 +99,7 @@ async fn first(end: &mut End) -> Result<First, CallOutcome<Answer>> {
         Ok(Some(proto::LinkDown {
             step: Some(Down::Result(r)),
         })) => Ok(First::Result(r)),
-        Ok(Some(_)) => Err(refused(
-            "the node sent data before saying it was ready",
-        )),
+        Ok(Some(_)) => Err(refused("the node sent data before saying it was ready")),
         Ok(None) => Err(refused("the node closed the link stream")),
         Err(status) => Err(classify(&status)),
     }
@@ -142,19 +140,18 @@ pub async fn run_session(
     deadline: Duration,
 ) -> (SessionOutcome, Duration) {
     let start = Instant::now();
-    let outcome = match tokio::time::timeout(deadline, relay(anchor, partner, query, deadline))
-        .await
-    {
-        Ok(o) => o,
-        Err(_) => SessionOutcome {
-            anchor: CallOutcome::TimedOut(format!(
-                "the linkage session did not finish within {} s",
-                deadline.as_secs()
-            )),
-            partner_failure: None,
-            bytes: 0,
-        },
-    };
+    let outcome =
+        match tokio::time::timeout(deadline, relay(anchor, partner, query, deadline)).await {
+            Ok(o) => o,
+            Err(_) => SessionOutcome {
+                anchor: CallOutcome::TimedOut(format!(
+                    "the linkage session did not finish within {} s",
+                    deadline.as_secs()
+                )),
+                partner_failure: None,
+                bytes: 0,
+            },
+        };
     (outcome, start.elapsed())
 }
 
@@ -214,7 +211,10 @@ async fn relay(
     let partner_terms = match first(&mut p).await {
         Ok(First::Ready(t)) => t,
         Ok(First::Result(_)) => {
-            let why = format!("partner {} sent a release; only anchors release", partner.config.id);
+            let why = format!(
+                "partner {} sent a release; only anchors release",
+                partner.config.id
+            );
             return fail(refused(why.clone()), Some(why));
         }
         Err(o) => {
@@ -225,7 +225,8 @@ async fn relay(
     let terms = |t: proto::LinkTerms| proto::LinkUp {
         step: Some(Up::PeerTerms(t)),
     };
-    if a.tx.send(terms(partner_terms)).await.is_err() || p.tx.send(terms(anchor_terms)).await.is_err()
+    if a.tx.send(terms(partner_terms)).await.is_err()
+        || p.tx.send(terms(anchor_terms)).await.is_err()
     {
         return fail(refused("a node closed its link stream"), None);
     }

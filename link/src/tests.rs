@@ -494,7 +494,11 @@ fn the_whole_protocol_runs_over_sealed_frames_in_several_chunks() {
         let negated = i % 2 == 1;
         let params = small_params(case.groups, negated);
         let run = run_relayed(&fd, &case, &params, 1 + i % 7, &mut rng);
-        assert_eq!(run.counts.released, reference(&case, negated, 1), "case {i}");
+        assert_eq!(
+            run.counts.released,
+            reference(&case, negated, 1),
+            "case {i}"
+        );
         assert!(run.relay.frames.len() > 3, "chunking was exercised");
     }
 }

@@ -86,7 +86,10 @@ pub fn terms_from_proto(t: proto::LinkTerms) -> Result<LinkTerms, String> {
         return Err("min_reportable_count must be a non-negative number".into());
     }
     if !(t.delta > 0.0 && t.delta < 1.0) {
-        return Err(format!("delta {} must lie strictly between 0 and 1", t.delta));
+        return Err(format!(
+            "delta {} must lie strictly between 0 and 1",
+            t.delta
+        ));
     }
     Ok(LinkTerms {
         min_reportable_count: t.min_reportable_count,
@@ -136,7 +139,9 @@ pub fn open_from_proto(up: Option<proto::LinkUp>) -> Result<LinkOpen, Denial> {
         NodeId::new(v).map_err(|e| bad(format!("field `{field}`: {e}")))?;
     }
     if o.anchor == o.partner {
-        return Err(bad("a node cannot link with itself: anchor and partner are the same"));
+        return Err(bad(
+            "a node cannot link with itself: anchor and partner are the same",
+        ));
     }
     Ok(LinkOpen {
         signed,
@@ -155,7 +160,7 @@ pub fn up_from_proto(up: proto::LinkUp) -> LinkIn {
             Err(e) => LinkIn::Malformed(format!("the other node's terms: {e}")),
         },
         Some(Up::Frame(f)) => match frame_from_proto(f) {
-            Ok(f) => LinkIn::Frame(f),
+            Ok(f) => LinkIn::Frame(Box::new(f)),
             Err(e) => LinkIn::Malformed(format!("a frame: {e}")),
         },
         Some(Up::Open(_)) => LinkIn::Malformed("a second `open` in one stream".into()),
@@ -163,7 +168,10 @@ pub fn up_from_proto(up: proto::LinkUp) -> LinkIn {
     }
 }
 
-pub fn down_to_proto(out: LinkOut, result: impl FnOnce(Answer) -> proto::AggregateResult) -> proto::LinkDown {
+pub fn down_to_proto(
+    out: LinkOut,
+    result: impl FnOnce(Answer) -> proto::AggregateResult,
+) -> proto::LinkDown {
     let step = match out {
         LinkOut::Ready(t) => Down::Ready(proto::LinkReady {
             terms: Some(terms_to_proto(&t)),

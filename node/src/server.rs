@@ -375,7 +375,10 @@ impl NodeService for NodeGrpc {
             Err(status) => {
                 let d = Denial::new(
                     DenialReason::InvalidQuery,
-                    format!("the Link stream's first message could not be read: {}", status.message()),
+                    format!(
+                        "the Link stream's first message could not be read: {}",
+                        status.message()
+                    ),
                 );
                 return Err(self.refuse_unparsed("link", "", "", &client, d).await);
             }
@@ -427,9 +430,7 @@ impl NodeService for NodeGrpc {
         });
         let service = self.service.clone();
         tokio::spawn(async move {
-            let result = service
-                .link(open, &client, Utc::now(), in_rx, out_tx)
-                .await;
+            let result = service.link(open, &client, Utc::now(), in_rx, out_tx).await;
             // Everything the session sent goes first; then its refusal, if any, ends
             // the stream.
             let _ = forward.await;

@@ -501,7 +501,10 @@ mod tests {
     fn both_sides_allow_the_listed_pairing_with_their_own_limits() {
         let q = linked();
         let Decision::Allow(a) = decide_linked(&gp(), &q, anchor("RXF"), now()) else {
-            panic!("anchor: {}", messages(decide_linked(&gp(), &q, anchor("RXF"), now())));
+            panic!(
+                "anchor: {}",
+                messages(decide_linked(&gp(), &q, anchor("RXF"), now()))
+            );
         };
         let link = a.link.as_ref().unwrap();
         assert_eq!(link.role, LinkRole::Anchor);
@@ -543,7 +546,10 @@ mod tests {
         let q = linked();
         // A partner not listed.
         let m = messages(decide_linked(&gp(), &q, anchor("RW9"), now()));
-        assert!(m.contains("RW9 is not listed") && m.contains("[linkage.partners]"), "{m}");
+        assert!(
+            m.contains("RW9 is not listed") && m.contains("[linkage.partners]"),
+            "{m}"
+        );
         // Listed, but not in this role.
         let m = messages(decide_linked(&gp(), &q, partner("RXF"), now()));
         assert!(m.contains("not for this node to be the partner"), "{m}");
@@ -596,9 +602,13 @@ mod tests {
     #[test]
     fn explain_covers_the_side_the_policy_holds() {
         let lines = explain(&gp(), &linked(), now());
-        let text: Vec<String> = lines.iter().map(|l| format!("{} {}", l.rule, l.detail)).collect();
+        let text: Vec<String> = lines
+            .iter()
+            .map(|l| format!("{} {}", l.rule, l.detail))
+            .collect();
         assert!(
-            text.iter().any(|l| l.contains("links as anchor of gp_patients")),
+            text.iter()
+                .any(|l| l.contains("links as anchor of gp_patients")),
             "{text:?}"
         );
         let lines = explain(&trust(), &linked(), now());

@@ -1108,8 +1108,7 @@ fn every_refusal_kind_has_a_test() {
         assert_eq!(k.position(), i, "{k:?} is out of place in RefusalKind::ALL");
     }
     for k in RefusalKind::ALL {
-        let covered =
-            REFUSAL_CASES.iter().any(|(_, _, kind)| *kind == k)
+        let covered = REFUSAL_CASES.iter().any(|(_, _, kind)| *kind == k)
             || k == RefusalKind::OptOutMissing
             // Both have their cases in `linking::tests`.
             || k == RefusalKind::LinkageNotPermitted

@@ -791,7 +791,9 @@ mod peers_tests {
 
     /// The sample without its [peers] and [linkage] tables.
     fn sample() -> &'static str {
-        FULL.split("\n# The federation's node registry").next().unwrap()
+        FULL.split("\n# The federation's node registry")
+            .next()
+            .unwrap()
     }
 
     #[test]

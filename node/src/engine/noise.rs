@@ -580,3 +580,53 @@ impl phm_link::LinkNoise for LinkLaplace {
         m.invoke(&vec![0i64; len]).map_err(err)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod link_noise_tests {
+    use super::LinkLaplace;
+    use phm_link::{ClampedLaplace, LinkNoise as _, NoisePurpose};
+
+    /// The stated 95% interval of a linked count (released ± h) covers the truth as often
+    /// as phm-link says, with OpenDP's own sampler: a linked count is the truth plus
+    /// `clamp(Z)` exactly (the protocol's exact path is tested in phm-link), so the
+    /// interval's coverage is the coverage of `clamp(Z)` drawn here. Tolerances are 5.5
+    /// binomial (or normal) standard deviations: failure probability below 1e-7.
+    #[test]
+    fn opendp_draws_give_the_stated_coverage_mean_and_variance() {
+        for epsilon in [0.9, 0.45] {
+            let c = ClampedLaplace::calibrate(epsilon, 5e-10).unwrap();
+            let acc = c.accuracy();
+            assert!(
+                (0.93..=0.97).contains(&acc.coverage_95),
+                "stated coverage {} at epsilon {epsilon}",
+                acc.coverage_95
+            );
+            let n = 20_000usize;
+            let mu = i64::from(c.mu());
+            let z = LinkLaplace.draw(NoisePurpose::Link, c.scale(), n).unwrap();
+            let clamped: Vec<f64> = z.iter().map(|&z| z.clamp(-mu, mu) as f64).collect();
+            let h = f64::from(acc.half_width_95);
+            let covered = clamped.iter().filter(|z| z.abs() <= h).count() as f64 / n as f64;
+            let p = acc.coverage_95;
+            let sd = (p * (1.0 - p) / n as f64).sqrt();
+            assert!(
+                (covered - p).abs() <= 5.5 * sd,
+                "epsilon {epsilon}: covered {covered}, stated {p}"
+            );
+            let mean = clamped.iter().sum::<f64>() / n as f64;
+            assert!(
+                mean.abs() <= 5.5 * (acc.variance / n as f64).sqrt(),
+                "epsilon {epsilon}: mean error {mean}"
+            );
+            let var = clamped.iter().map(|z| z * z).sum::<f64>() / n as f64;
+            // Var of the sample variance of a Laplace-like variable is about 5 sigma^4 / n.
+            let var_sd = (5.0 * acc.variance * acc.variance / n as f64).sqrt();
+            assert!(
+                (var - acc.variance).abs() <= 5.5 * var_sd,
+                "epsilon {epsilon}: variance {var}, stated {}",
+                acc.variance
+            );
+        }
+    }
+}

@@ -17,11 +17,9 @@ use crate::engine::{AnchorSide, LinkLaplace, LinkedRules, release_linked, strict
 use crate::peer::Peer;
 use crate::store::{CacheLookup, LedgerState, QueryKey, StoreError};
 use chrono::{DateTime, Utc};
-use phm_link::{
-    Anchor, Channel, Incoming, LinkParams, LinkSession, LinkedCounts, Partner, Role,
-};
+use phm_link::{Anchor, Channel, Incoming, LinkParams, LinkSession, LinkedCounts, Partner, Role};
 use phm_policies::model::{LinkRole, Rounding, Scope};
-use phm_policies::{LinkSide, Limits, Policy, partner_view};
+use phm_policies::{Limits, LinkSide, Policy, partner_view};
 use phm_proto::{Denial, DenialReason, QueryBody, SignedQuery};
 use phm_relay::{NodeId, NodePublic, SealedFrame, VerifiedRegistry};
 use sha2::{Digest, Sha256};
@@ -92,7 +90,7 @@ pub struct LinkOpen {
 #[derive(Debug)]
 pub enum LinkIn {
     PeerTerms(LinkTerms),
-    Frame(SealedFrame),
+    Frame(Box<SealedFrame>),
     /// A message that did not decode (the adapter says what was wrong).
     Malformed(String),
 }
@@ -102,7 +100,7 @@ pub enum LinkIn {
 pub enum LinkOut {
     /// Decided and spent: only now will data frames follow.
     Ready(LinkTerms),
-    Frame(SealedFrame),
+    Frame(Box<SealedFrame>),
     /// The anchor's release.
     Result(Box<Answer>),
     /// The partner has sent everything.
@@ -137,7 +135,9 @@ impl Wire {
         match self.rx.recv().await {
             Some(LinkIn::Malformed(why)) => Err(Denial::new(
                 DenialReason::InvalidQuery,
-                format!("the coordinator relayed a malformed message: {why}; the session is abandoned and no further data is sent"),
+                format!(
+                    "the coordinator relayed a malformed message: {why}; the session is abandoned and no further data is sent"
+                ),
             )),
             Some(m) => {
                 if matches!(m, LinkIn::Frame(_)) {
@@ -163,7 +163,7 @@ impl Wire {
 
     async fn frame(&mut self) -> Result<SealedFrame, Denial> {
         match self.recv().await? {
-            LinkIn::Frame(f) => Ok(f),
+            LinkIn::Frame(f) => Ok(*f),
             _ => Err(relay_refusal("expected a frame")),
         }
     }
@@ -172,7 +172,9 @@ impl Wire {
 fn relay_refusal(why: impl std::fmt::Display) -> Denial {
     Denial::new(
         DenialReason::InvalidQuery,
-        format!("linkage session refused: {why}; no further data is sent, and any budget already charged stays spent"),
+        format!(
+            "linkage session refused: {why}; no further data is sent, and any budget already charged stays spent"
+        ),
     )
 }
 
@@ -421,7 +423,10 @@ impl Service {
             .into());
         }
         if open.role == LinkRole::Anchor {
-            match self.lookup_release(body, &cache_id(body, &open.partner)).await? {
+            match self
+                .lookup_release(body, &cache_id(body, &open.partner))
+                .await?
+            {
                 CacheLookup::Hit(answer) => {
                     limits_or_denial(phm_policies::decide_linked(policy, body, side, now))?;
                     let answer = Self::served_from_cache(answer, record);
@@ -491,7 +496,15 @@ impl Service {
         match session.role() {
             Role::Anchor => {
                 let answer = self
-                    .run_anchor(loaded, &session, params, channel, &peer_terms, &states, wire)
+                    .run_anchor(
+                        loaded,
+                        &session,
+                        params,
+                        channel,
+                        &peer_terms,
+                        &states,
+                        wire,
+                    )
                     .await?;
                 wire.send(LinkOut::Result(Box::new(answer))).await?;
             }
@@ -520,7 +533,11 @@ impl Service {
             )
         })?;
         let entry = registry_entry(&registry, other)?;
-        if let Some(pin) = limits.link.as_ref().and_then(|l| l.peer_node_key.as_deref()) {
+        if let Some(pin) = limits
+            .link
+            .as_ref()
+            .and_then(|l| l.peer_node_key.as_deref())
+        {
             let pinned: NodePublic = pin.parse().map_err(|e| {
                 Denial::new(
                     DenialReason::PolicyDenied,
@@ -602,16 +619,15 @@ impl Service {
             keys,
         } = side;
         let p = params.clone();
-        let (state, l) = blocking(move || {
-            Anchor::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng)
-        })
-        .await?;
+        let (state, l) =
+            blocking(move || Anchor::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng))
+                .await?;
         let frames = channel
             .send_l(&s.peer.identity, &s.registry, &l)
             .map_err(link_failure)?;
         drop(l);
         for f in frames {
-            wire.send(LinkOut::Frame(f)).await?;
+            wire.send(LinkOut::Frame(Box::new(f))).await?;
         }
         let f = match self.next_message(s, &mut channel, wire).await? {
             Incoming::F(f) => f,
@@ -624,16 +640,15 @@ impl Service {
         };
         let counts: LinkedCounts = blocking(move || state.receive_r(r)).await?;
         let rules = LinkedRules {
-            min_reportable_count: s.own.min_reportable_count.max(peer_terms.min_reportable_count),
+            min_reportable_count: s
+                .own
+                .min_reportable_count
+                .max(peer_terms.min_reportable_count),
             rounding: stricter_rounding(s.own.rounding, peer_terms.rounding),
             epsilon: s.limits.epsilon,
             delta: s.limits.spend.delta,
         };
-        let alias = s
-            .body
-            .aggregates
-            .first()
-            .map_or("n", |a| a.alias.as_str());
+        let alias = s.body.aggregates.first().map_or("n", |a| a.alias.as_str());
         let release = release_linked(group_columns, keys, alias, &counts, rules);
         let mut limits = (*s.limits).clone();
         if peer_terms.scope == Scope::SystemTotalOnly {
@@ -667,16 +682,15 @@ impl Service {
                 )
             })?;
         let p = params.clone();
-        let (state, f) = blocking(move || {
-            Partner::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng)
-        })
-        .await?;
+        let (state, f) =
+            blocking(move || Partner::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng))
+                .await?;
         let frames = channel
             .send_f(&s.peer.identity, &s.registry, &f)
             .map_err(link_failure)?;
         drop(f);
         for f in frames {
-            wire.send(LinkOut::Frame(f)).await?;
+            wire.send(LinkOut::Frame(Box::new(f))).await?;
         }
         let l = match self.next_message(s, &mut channel, wire).await? {
             Incoming::L(l) => l,
@@ -687,7 +701,7 @@ impl Service {
             .send_r(&s.peer.identity, &s.registry, &r)
             .map_err(link_failure)?;
         for f in frames {
-            wire.send(LinkOut::Frame(f)).await?;
+            wire.send(LinkOut::Frame(Box::new(f))).await?;
         }
         Ok(())
     }
@@ -722,7 +736,12 @@ pub(super) fn cache_id(body: &QueryBody, partner: &str) -> String {
 /// The nonce namespace of a session: a node sees one signed linked query once per
 /// session (an anchor once per partner, a partner once per anchor).
 fn nonce_scope(open: &LinkOpen) -> String {
-    format!("link:{}:{}:{}", open.role.as_str(), open.anchor, open.partner)
+    format!(
+        "link:{}:{}:{}",
+        open.role.as_str(),
+        open.anchor,
+        open.partner
+    )
 }
 
 fn registry_entry(registry: &VerifiedRegistry, ods: &str) -> Result<NodePublic, Denial> {

@@ -67,7 +67,11 @@ fn link_partners(file: &phm_policies::PolicyFile, dataset: &str) -> Vec<String> 
         return Vec::new();
     };
     let mut out = Vec::new();
-    for p in l.partners.iter().filter(|p| p.our_datasets.iter().any(|d| d == dataset)) {
+    for p in l
+        .partners
+        .iter()
+        .filter(|p| p.our_datasets.iter().any(|d| d == dataset))
+    {
         for r in &p.roles {
             out.push(format!("{}:{}", r.as_str(), p.ods_code));
         }

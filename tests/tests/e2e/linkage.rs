@@ -55,7 +55,10 @@ fn phm_query_json(fed: &Federation, sql: &str) -> serde_json::Value {
         &cert_key,
         sql,
     ]);
-    assert!(code == 0 || code == 4, "phm query failed (exit {code}):\n{out}\n{err}");
+    assert!(
+        code == 0 || code == 4,
+        "phm query failed (exit {code}):\n{out}\n{err}"
+    );
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("phm query --format json: {e}\n{out}"))
 }
 
@@ -74,10 +77,17 @@ fn linked_questions_through_the_coordinator_match_the_pairwise_truth() {
             .find(|x| x.id == q.id)
             .and_then(|x| x.linked.as_ref())
             .unwrap_or_else(|| panic!("no linked reference for {}", q.id));
-        let anchors = if q.sql.contains("FROM gp_patients") { gps } else { 1 };
+        let anchors = if q.sql.contains("FROM gp_patients") {
+            gps
+        } else {
+            1
+        };
         let sessions = anchors * trusts;
         let answered = r["coverage"]["answered"].as_array().unwrap().len();
-        assert_eq!(answered, sessions, "every (anchor, trust) session answered: {r}");
+        assert_eq!(
+            answered, sessions,
+            "every (anchor, trust) session answered: {r}"
+        );
         let note = r["total_note"].as_str().unwrap();
         assert!(note.contains("Linked on NHS number"), "{note}");
         assert!(note.contains("not counted"), "{note}");
@@ -229,9 +239,11 @@ async fn open(
 }
 
 async fn first(end: &mut End) -> Result<Down, tonic::Status> {
-    end.rx.message().await?.and_then(|m| m.step).ok_or_else(|| {
-        tonic::Status::internal("the node closed the stream without a message")
-    })
+    end.rx
+        .message()
+        .await?
+        .and_then(|m| m.step)
+        .ok_or_else(|| tonic::Status::internal("the node closed the stream without a message"))
 }
 
 async fn send(end: &End, step: Up) {
@@ -284,7 +296,8 @@ async fn relay(nodes: &Nodes, query: &proto::AggregateQuery, meddle: Meddle<'_>)
     .unwrap();
     let ta = match first(&mut a).await.unwrap() {
         Down::Ready(r) => {
-            out.spent_at_ready.push(spent(nodes.anchor_ch.clone(), &nodes.dsu).await);
+            out.spent_at_ready
+                .push(spent(nodes.anchor_ch.clone(), &nodes.dsu).await);
             r.terms.unwrap()
         }
         Down::Result(r) => {
@@ -305,7 +318,8 @@ async fn relay(nodes: &Nodes, query: &proto::AggregateQuery, meddle: Meddle<'_>)
     .unwrap();
     let tp = match first(&mut p).await {
         Ok(Down::Ready(r)) => {
-            out.spent_at_ready.push(spent(nodes.partner_ch.clone(), &nodes.dsu).await);
+            out.spent_at_ready
+                .push(spent(nodes.partner_ch.clone(), &nodes.dsu).await);
             r.terms.unwrap()
         }
         Ok(other) => panic!("partner opened with {other:?}"),
@@ -366,7 +380,12 @@ fn honest() -> impl FnMut(bool, &proto::RelayFrame, &mut bool) -> Vec<proto::Rel
 fn candidate_numbers() -> Vec<String> {
     (999_000_000u32..=999_999_999)
         .filter_map(phm_link::with_check_digit)
-        .map(|n| n.digits().iter().map(|&d| char::from(d)).collect::<String>())
+        .map(|n| {
+            n.digits()
+                .iter()
+                .map(|&d| char::from(d))
+                .collect::<String>()
+        })
         .collect()
 }
 
@@ -430,7 +449,9 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
     rt().block_on(async {
         let relay_cert = Some(client::RELAY_CERT);
         let nodes = Nodes {
-            anchor_ch: client::channel(&endpoint(&gp), &certs, relay_cert).await.unwrap(),
+            anchor_ch: client::channel(&endpoint(&gp), &certs, relay_cert)
+                .await
+                .unwrap(),
             partner_ch: client::channel(&endpoint("RW1"), &certs, relay_cert)
                 .await
                 .unwrap(),
@@ -450,8 +471,16 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
         let clean = sign(linked_query(0.5), &dsu);
         let s = relay(&nodes, &clean, &mut honest()).await;
         assert_eq!(s.spent_at_ready.len(), 2);
-        assert!((s.spent_at_ready[0] - a0 - 0.5).abs() < 1e-9, "{:?}", s.spent_at_ready);
-        assert!((s.spent_at_ready[1] - p0 - 0.5).abs() < 1e-9, "{:?}", s.spent_at_ready);
+        assert!(
+            (s.spent_at_ready[0] - a0 - 0.5).abs() < 1e-9,
+            "{:?}",
+            s.spent_at_ready
+        );
+        assert!(
+            (s.spent_at_ready[1] - p0 - 0.5).abs() < 1e-9,
+            "{:?}",
+            s.spent_at_ready
+        );
         let result = s.anchor.unwrap().unwrap();
         assert_eq!(result.rows.len(), 5, "every IMD quintile is released");
         assert!(s.partner.unwrap().is_ok());
@@ -472,7 +501,13 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
         let testable = testable_values(&numbers);
         let mut bytes: Vec<u8> = Vec::new();
         for f in &s.frames {
-            for part in [&f.enc, &f.ciphertext, &f.signature, &f.session_id, &f.query_digest] {
+            for part in [
+                &f.enc,
+                &f.ciphertext,
+                &f.signature,
+                &f.session_id,
+                &f.query_digest,
+            ] {
                 bytes.extend_from_slice(part);
             }
             bytes.extend_from_slice(f.from.as_bytes());
@@ -484,7 +519,10 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
         }
         let ascii: HashSet<&[u8]> = numbers.iter().map(|n| n.as_bytes()).collect();
         for w in bytes.windows(10) {
-            assert!(!ascii.contains(w), "an NHS number in ASCII crossed the relay");
+            assert!(
+                !ascii.contains(w),
+                "an NHS number in ASCII crossed the relay"
+            );
         }
 
         // 2. The same signed query again: the anchor answers from its cache at once,
@@ -509,7 +547,9 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
         // nonce, same query id) is a second session, refused as such.
         let replayed = partner_again(clean.clone()).await;
         assert!(replayed.contains("already used"), "{replayed}");
-        let mut resigned = phm_proto::SignedQuery::try_from(clean.clone()).unwrap().body;
+        let mut resigned = phm_proto::SignedQuery::try_from(clean.clone())
+            .unwrap()
+            .body;
         resigned.nonce = (0..16).map(|_| rand::random::<u8>()).collect();
         resigned.issued_at_unix_ms += 1;
         let second = partner_again(sign(resigned, &dsu)).await;
@@ -624,9 +664,15 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
             let q = sign(linked_query(0.5), &dsu);
             let s = relay(&nodes, &q, attack.as_mut()).await;
             let (refused_by, status) = if at_anchor {
-                (gp.as_str(), s.anchor.expect("the anchor's outcome").expect_err(what))
+                (
+                    gp.as_str(),
+                    s.anchor.expect("the anchor's outcome").expect_err(what),
+                )
             } else {
-                ("RW1", s.partner.expect("the partner's outcome").expect_err(what))
+                (
+                    "RW1",
+                    s.partner.expect("the partner's outcome").expect_err(what),
+                )
             };
             let text = denial_text(&status);
             assert!(
@@ -643,7 +689,10 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
             // frame) and releases nothing; a partner sends no reply.
             if at_anchor {
                 assert!(
-                    s.frames.iter().filter(|f| !from_partner(f)).all(|f| f.round == 1),
+                    s.frames
+                        .iter()
+                        .filter(|f| !from_partner(f))
+                        .all(|f| f.round == 1),
                     "{what}: the anchor sent more than its set"
                 );
             }
@@ -651,7 +700,9 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
             let index = if at_anchor { 0 } else { 1 };
             let entry = phm_e2e::wait_for(what, std::time::Duration::from_secs(10), || {
                 let e = link_audit(&fed.ics, refused_by);
-                (e.len() > [before.0, before.1][index]).then(|| e.last().cloned()).flatten()
+                (e.len() > [before.0, before.1][index])
+                    .then(|| e.last().cloned())
+                    .flatten()
             });
             assert_eq!(entry["decision"], "refused", "{what}: {entry}");
             assert_eq!(entry["query_id"], q.query_id, "{what}: {entry}");
@@ -677,7 +728,10 @@ fn a_recording_relay_sees_nothing_testable_and_tampered_frames_are_refused() {
         for (what, text) in [("audit log", &audit), ("log", &log)] {
             for token in text.split(|c: char| !c.is_ascii_hexdigit()) {
                 if token.len() >= 64 {
-                    assert!(known.contains(token), "{id} {what}: unexplained value {token}");
+                    assert!(
+                        known.contains(token),
+                        "{id} {what}: unexplained value {token}"
+                    );
                 }
             }
             assert!(
