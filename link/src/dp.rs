@@ -59,7 +59,7 @@ pub struct EpsilonSplit {
 
 impl EpsilonSplit {
     /// Split `epsilon` with [`SIZE_EPSILON_SHARE`]. They add back to `epsilon` under basic
-    /// composition (see PROTOCOL.md, "Composition").
+    /// composition (see SECURITY.md, linkage proof sketch, "Composition").
     pub fn new(epsilon: f64) -> Result<EpsilonSplit, LinkError> {
         if !(epsilon.is_finite() && epsilon > 0.0) {
             return Err(LinkError::Params(format!(

@@ -1,7 +1,7 @@
 //! Protocol core of privacy-preserving linkage on NHS number: two-party DH-PSI
 //! cardinality over Ristretto255, with the partner's DP noise injected as dummy matches
 //! and both sides' set sizes padded, relayed by the coordinator as sealed frames it
-//! cannot read. The design is `linkage.md`'s; PROTOCOL.md has the proof sketch and
+//! cannot read. The design is `linkage.md`'s; SECURITY.md has the proof sketch and
 //! threat model.
 //!
 //! Pure, like `phm-policies` and `phm-relay`: no IO, no async, no gRPC, no SQL. The node

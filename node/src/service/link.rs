@@ -1,4 +1,4 @@
-//! This node's side of one linkage session (linkage.md, "Flow"; link/PROTOCOL.md), as its
+//! This node's side of one linkage session (linkage.md, "Flow"; SECURITY.md, the linkage proof sketch), as its
 //! steps: authenticate the signed query, serve the anchor's repeat from the release cache,
 //! check freshness and the nonce, decide under the `[linkage]` rules, claim the session
 //! (partner) and spend durably, and only then exchange sealed frames through the
@@ -28,7 +28,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// The release rules a node brings to a session, bound into the session id with the
-/// other node's (see [`LinkTerms::bind`]).
+/// other node's (see `LinkTerms::bind`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinkTerms {
     pub min_reportable_count: f64,
