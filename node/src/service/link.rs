@@ -1,4 +1,4 @@
-//! This node's side of one linkage session (linkage.md, "Flow"; SECURITY.md, the linkage proof sketch), as its
+//! This node's side of one linkage session (linkage.md "Flow"; SECURITY.md), as its
 //! steps: authenticate the signed query, serve the anchor's repeat from the release cache,
 //! check freshness and the nonce, decide under the `[linkage]` rules, claim the session
 //! (partner) and spend durably, and only then exchange sealed frames through the
