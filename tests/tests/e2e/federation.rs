@@ -190,16 +190,9 @@ fn dead_and_stalled_nodes_are_reported_and_never_delay_the_answer() {
         t.insert("node_deadline_ms".into(), 3000.into());
     });
     let mut fed = Federation::start_in(ics, None, true);
-    let gp: Vec<String> = fed
-        .nodes
-        .iter()
-        .filter(|n| {
-            std::fs::read_to_string(n.config.parent().unwrap().join("policy.toml"))
-                .map(|t| t.contains("\"gp_patients\""))
-                .unwrap_or(false)
-        })
-        .map(|n| n.id.clone())
-        .collect();
+    // Practices by the dataset they serve (other policies name gp_patients too, as a
+    // linkage partner's dataset).
+    let gp: Vec<String> = fed.ics.nodes_serving("gp_patients");
     assert!(gp.len() >= 3, "need three GP practices, got {gp:?}");
     let (dead, stalled) = (gp[0].clone(), gp[1].clone());
     fed.node(&dead).proc.kill9();

@@ -9,18 +9,11 @@ use std::time::Duration;
 
 /// First node whose policy exposes `gp_patients`.
 fn gp_node(fed: &Federation) -> &RunningNode {
+    // By the dataset served: other policies name gp_patients as a linkage partner's.
+    let gps = fed.ics.nodes_serving("gp_patients");
     fed.nodes
         .iter()
-        .find(|n| {
-            let dir = n
-                .config
-                .parent()
-                .map(|p| p.to_path_buf())
-                .unwrap_or_default();
-            std::fs::read_to_string(dir.join("policy.toml"))
-                .map(|t| t.contains("\"gp_patients\""))
-                .unwrap_or(false)
-        })
+        .find(|n| gps.contains(&n.id))
         .expect("a GP practice node")
 }
 

@@ -142,6 +142,7 @@ impl AnalystRig {
             // The analyst's node is in no node registry: it takes part in no linked or
             // secure query, so its policy pins no registry key.
             policy.remove("peers");
+            policy.remove("linkage");
             let ds = policy["datasets"].as_array_mut().unwrap()[0]
                 .as_table_mut()
                 .unwrap();
