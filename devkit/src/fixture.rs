@@ -55,6 +55,19 @@ pub fn gp_patients(
                 .ok_or_else(|| format!("the GP sample has no gp_patients column `{name}`"))
         })
         .collect::<Result<_, _>>()?;
+    // Without its NHS-number column the dataset cannot be linked (a policy naming a
+    // missing link key is refused).
+    if ds
+        .link_key
+        .as_ref()
+        .is_some_and(|k| !columns.contains(&k.as_str()))
+    {
+        ds.link_key = None;
+    }
+    // The fixture is one node on its own: no registry, no linkage partners (a node
+    // whose policy pins a registry key refuses to start without its identity files).
+    p.peers = None;
+    p.linkage = None;
     Ok(p)
 }
 
