@@ -9,6 +9,10 @@
 //! The protocol's secrets (`a`, `b`, the dummy scalars, `K`, `J`) live inside phm-link's
 //! type states for the duration of the rounds and are wiped when each round has used
 //! them; nothing here stores or prints them.
+//!
+//! Each step's wall time is logged at debug level ("linkage phase", for the linkage
+//! benchmark in BENCHMARKS.md): a duration and the step's name only, never a count, a
+//! size, a scalar or a point.
 
 use super::query::limits_or_denial;
 use super::{Answer, Loaded, Service, Stop, internal};
@@ -17,11 +21,9 @@ use crate::engine::{AnchorSide, LinkLaplace, LinkedRules, release_linked, strict
 use crate::peer::Peer;
 use crate::store::{CacheLookup, LedgerState, QueryKey, StoreError};
 use chrono::{DateTime, Utc};
-use phm_link::{
-    Anchor, Channel, Incoming, LinkParams, LinkSession, LinkedCounts, Partner, Role,
-};
+use phm_link::{Anchor, Channel, Incoming, LinkParams, LinkSession, LinkedCounts, Partner, Role};
 use phm_policies::model::{LinkRole, Rounding, Scope};
-use phm_policies::{LinkSide, Limits, Policy, partner_view};
+use phm_policies::{Limits, LinkSide, Policy, partner_view};
 use phm_proto::{Denial, DenialReason, QueryBody, SignedQuery};
 use phm_relay::{NodeId, NodePublic, SealedFrame, VerifiedRegistry};
 use sha2::{Digest, Sha256};
@@ -89,6 +91,9 @@ pub struct LinkOpen {
 }
 
 /// Coordinator → node, after the open.
+// Nearly every message is a frame (its bytes are on the heap already); boxing it would
+// allocate once per frame to shrink the one or two other messages of a session.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum LinkIn {
     PeerTerms(LinkTerms),
@@ -98,6 +103,7 @@ pub enum LinkIn {
 }
 
 /// Node → coordinator.
+#[allow(clippy::large_enum_variant)] // as for LinkIn: frames are nearly every message
 #[derive(Debug)]
 pub enum LinkOut {
     /// Decided and spent: only now will data frames follow.
@@ -137,7 +143,9 @@ impl Wire {
         match self.rx.recv().await {
             Some(LinkIn::Malformed(why)) => Err(Denial::new(
                 DenialReason::InvalidQuery,
-                format!("the coordinator relayed a malformed message: {why}; the session is abandoned and no further data is sent"),
+                format!(
+                    "the coordinator relayed a malformed message: {why}; the session is abandoned and no further data is sent"
+                ),
             )),
             Some(m) => {
                 if matches!(m, LinkIn::Frame(_)) {
@@ -169,10 +177,45 @@ impl Wire {
     }
 }
 
+/// Log the wall time of one step of a session since `since` (debug level): the step's
+/// name and a duration, nothing else.
+fn phase(step: &'static str, since: Instant) {
+    tracing::debug!(
+        phase = step,
+        ms = since.elapsed().as_secs_f64() * 1e3,
+        "linkage phase"
+    );
+}
+
+/// Where a node's time goes while it reassembles the other node's message: waiting for
+/// the relay, and opening and decoding frames (signature, unsealing, point checks).
+#[derive(Debug, Default)]
+struct FrameTimes {
+    waiting: std::time::Duration,
+    opening: std::time::Duration,
+}
+
+impl FrameTimes {
+    fn log(&self, waiting: &'static str, opening: &'static str) {
+        tracing::debug!(
+            phase = waiting,
+            ms = self.waiting.as_secs_f64() * 1e3,
+            "linkage phase"
+        );
+        tracing::debug!(
+            phase = opening,
+            ms = self.opening.as_secs_f64() * 1e3,
+            "linkage phase"
+        );
+    }
+}
+
 fn relay_refusal(why: impl std::fmt::Display) -> Denial {
     Denial::new(
         DenialReason::InvalidQuery,
-        format!("linkage session refused: {why}; no further data is sent, and any budget already charged stays spent"),
+        format!(
+            "linkage session refused: {why}; no further data is sent, and any budget already charged stays spent"
+        ),
     )
 }
 
@@ -415,7 +458,10 @@ impl Service {
             .into());
         }
         if open.role == LinkRole::Anchor {
-            match self.lookup_release(body, &cache_id(body, &open.partner)).await? {
+            match self
+                .lookup_release(body, &cache_id(body, &open.partner))
+                .await?
+            {
                 CacheLookup::Hit(answer) => {
                     limits_or_denial(phm_policies::decide_linked(policy, body, side, now))?;
                     let answer = Self::served_from_cache(answer, record);
@@ -485,7 +531,15 @@ impl Service {
         match session.role() {
             Role::Anchor => {
                 let answer = self
-                    .run_anchor(loaded, &session, params, channel, &peer_terms, &states, wire)
+                    .run_anchor(
+                        loaded,
+                        &session,
+                        params,
+                        channel,
+                        &peer_terms,
+                        &states,
+                        wire,
+                    )
                     .await?;
                 wire.send(LinkOut::Result(Box::new(answer))).await?;
             }
@@ -514,7 +568,11 @@ impl Service {
             )
         })?;
         let entry = registry_entry(&registry, other)?;
-        if let Some(pin) = limits.link.as_ref().and_then(|l| l.peer_node_key.as_deref()) {
+        if let Some(pin) = limits
+            .link
+            .as_ref()
+            .and_then(|l| l.peer_node_key.as_deref())
+        {
             let pinned: NodePublic = pin.parse().map_err(|e| {
                 Denial::new(
                     DenialReason::PolicyDenied,
@@ -580,6 +638,7 @@ impl Service {
         states: &[LedgerState],
         wire: &mut Wire,
     ) -> Result<Answer, Stop> {
+        let t = Instant::now();
         let side: AnchorSide = loaded
             .engine
             .anchor_cohort(s.body, &s.limits)
@@ -590,44 +649,57 @@ impl Service {
                     format!("{e}; the budget charged stays spent"),
                 )
             })?;
+        phase("anchor.cohort_scan", t);
         let AnchorSide {
             cohort,
             group_columns,
             keys,
         } = side;
         let p = params.clone();
-        let (state, l) = blocking(move || {
-            Anchor::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng)
-        })
-        .await?;
+        let t = Instant::now();
+        let (state, l) =
+            blocking(move || Anchor::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng))
+                .await?;
+        phase("anchor.blind_l", t);
+        let t = Instant::now();
         let frames = channel
             .send_l(&s.peer.identity, &s.registry, &l)
             .map_err(link_failure)?;
         drop(l);
+        phase("anchor.seal_l", t);
+        let t = Instant::now();
         for f in frames {
             wire.send(LinkOut::Frame(f)).await?;
         }
-        let f = match self.next_message(s, &mut channel, wire).await? {
+        phase("anchor.send_l", t);
+        let mut times = FrameTimes::default();
+        let f = match self.next_message(s, &mut channel, wire, &mut times).await? {
             Incoming::F(f) => f,
             _ => return Err(relay_refusal("expected the partner's blinded set first").into()),
         };
+        times.log("anchor.wait_f", "anchor.open_f");
+        let t = Instant::now();
         let state = blocking(move || state.receive_f(f)).await?;
-        let r = match self.next_message(s, &mut channel, wire).await? {
+        phase("anchor.blind_f", t);
+        let mut times = FrameTimes::default();
+        let r = match self.next_message(s, &mut channel, wire, &mut times).await? {
             Incoming::R(r) => r,
             _ => return Err(relay_refusal("expected the partner's reply").into()),
         };
+        times.log("anchor.wait_r", "anchor.open_r");
+        let t = Instant::now();
         let counts: LinkedCounts = blocking(move || state.receive_r(r)).await?;
+        phase("anchor.match_r", t);
         let rules = LinkedRules {
-            min_reportable_count: s.own.min_reportable_count.max(peer_terms.min_reportable_count),
+            min_reportable_count: s
+                .own
+                .min_reportable_count
+                .max(peer_terms.min_reportable_count),
             rounding: stricter_rounding(s.own.rounding, peer_terms.rounding),
             epsilon: s.limits.epsilon,
             delta: s.limits.spend.delta,
         };
-        let alias = s
-            .body
-            .aggregates
-            .first()
-            .map_or("n", |a| a.alias.as_str());
+        let alias = s.body.aggregates.first().map_or("n", |a| a.alias.as_str());
         let release = release_linked(group_columns, keys, alias, &counts, rules);
         let mut limits = (*s.limits).clone();
         if peer_terms.scope == Scope::SystemTotalOnly {
@@ -650,6 +722,7 @@ impl Service {
             return Err(internal("a partner session without linkage").into());
         };
         let view = partner_view(s.body, linkage);
+        let t = Instant::now();
         let cohort = loaded
             .engine
             .partner_cohort(&view, &s.limits)
@@ -660,29 +733,44 @@ impl Service {
                     format!("{e}; the budget charged stays spent"),
                 )
             })?;
+        phase("partner.cohort_scan", t);
         let p = params.clone();
-        let (state, f) = blocking(move || {
-            Partner::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng)
-        })
-        .await?;
+        let t = Instant::now();
+        let (state, f) =
+            blocking(move || Partner::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng))
+                .await?;
+        phase("partner.blind_f", t);
+        let t = Instant::now();
         let frames = channel
             .send_f(&s.peer.identity, &s.registry, &f)
             .map_err(link_failure)?;
         drop(f);
+        phase("partner.seal_f", t);
+        let t = Instant::now();
         for f in frames {
             wire.send(LinkOut::Frame(f)).await?;
         }
-        let l = match self.next_message(s, &mut channel, wire).await? {
+        phase("partner.send_f", t);
+        let mut times = FrameTimes::default();
+        let l = match self.next_message(s, &mut channel, wire, &mut times).await? {
             Incoming::L(l) => l,
             _ => return Err(relay_refusal("expected the anchor's set").into()),
         };
+        times.log("partner.wait_l", "partner.open_l");
+        let t = Instant::now();
         let r = blocking(move || state.receive_l(l, &mut rand::rngs::OsRng)).await?;
+        phase("partner.blind_r", t);
+        let t = Instant::now();
         let frames = channel
             .send_r(&s.peer.identity, &s.registry, &r)
             .map_err(link_failure)?;
+        drop(r);
+        phase("partner.seal_r", t);
+        let t = Instant::now();
         for f in frames {
             wire.send(LinkOut::Frame(f)).await?;
         }
+        phase("partner.send_r", t);
         Ok(())
     }
 
@@ -693,13 +781,21 @@ impl Service {
         s: &Session<'_>,
         channel: &mut Channel,
         wire: &mut Wire,
+        times: &mut FrameTimes,
     ) -> Result<Incoming, Denial> {
         loop {
+            let t = Instant::now();
             let frame = wire.frame().await?;
-            if let Some(m) = channel
+            let t = {
+                let now = Instant::now();
+                times.waiting += now - t;
+                now
+            };
+            let accepted = channel
                 .accept(&s.peer.identity, &s.registry, &frame)
-                .map_err(frame_refusal)?
-            {
+                .map_err(frame_refusal)?;
+            times.opening += t.elapsed();
+            if let Some(m) = accepted {
                 return Ok(m);
             }
         }
@@ -716,7 +812,12 @@ pub(super) fn cache_id(body: &QueryBody, partner: &str) -> String {
 /// The nonce namespace of a session: a node sees one signed linked query once per
 /// session (an anchor once per partner, a partner once per anchor).
 fn nonce_scope(open: &LinkOpen) -> String {
-    format!("link:{}:{}:{}", open.role.as_str(), open.anchor, open.partner)
+    format!(
+        "link:{}:{}:{}",
+        open.role.as_str(),
+        open.anchor,
+        open.partner
+    )
 }
 
 fn registry_entry(registry: &VerifiedRegistry, ods: &str) -> Result<NodePublic, Denial> {
