@@ -48,12 +48,14 @@ pub enum LaunchError {
     },
 }
 
-/// How to run one role: an executable and the arguments before `--config FILE`
-/// (`phm node` in the demo, `phm-node` in the tests).
+/// How to run one role: an executable, the arguments before `--config FILE` (`phm node`
+/// in the demo, `phm-node` in the tests) and environment variables to set for it on top
+/// of this process's own (e.g. `RUST_LOG` for a benchmark that reads debug timings).
 #[derive(Debug, Clone)]
 pub struct Program {
     pub exe: PathBuf,
     pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Program {
@@ -61,6 +63,7 @@ impl Program {
         Program {
             exe: exe.into(),
             args: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -69,7 +72,14 @@ impl Program {
         Program {
             exe: exe.into(),
             args: vec![sub.to_string()],
+            env: Vec::new(),
         }
+    }
+
+    /// The same program with `key=value` in its environment.
+    pub fn with_env(mut self, key: &str, value: &str) -> Program {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 }
 
@@ -98,6 +108,7 @@ impl Proc {
     ) -> Result<Proc, LaunchError> {
         let mut cmd = Command::new(&program.exe);
         cmd.args(&program.args).arg("--config").arg(config);
+        cmd.envs(program.env.iter().map(|(k, v)| (k, v)));
         Self::spawn_command(name, cmd, log)
     }
 

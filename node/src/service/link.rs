@@ -9,6 +9,10 @@
 //! The protocol's secrets (`a`, `b`, the dummy scalars, `K`, `J`) live inside phm-link's
 //! type states for the duration of the rounds and are wiped when each round has used
 //! them; nothing here stores or prints them.
+//!
+//! Each step's wall time is logged at debug level ("linkage phase", for the linkage
+//! benchmark in BENCHMARKS.md): a duration and the step's name only, never a count, a
+//! size, a scalar or a point.
 
 use super::query::limits_or_denial;
 use super::{Answer, Loaded, Service, Stop, internal};
@@ -166,6 +170,39 @@ impl Wire {
             LinkIn::Frame(f) => Ok(*f),
             _ => Err(relay_refusal("expected a frame")),
         }
+    }
+}
+
+/// Log the wall time of one step of a session since `since` (debug level): the step's
+/// name and a duration, nothing else.
+fn phase(step: &'static str, since: Instant) {
+    tracing::debug!(
+        phase = step,
+        ms = since.elapsed().as_secs_f64() * 1e3,
+        "linkage phase"
+    );
+}
+
+/// Where a node's time goes while it reassembles the other node's message: waiting for
+/// the relay, and opening and decoding frames (signature, unsealing, point checks).
+#[derive(Debug, Default)]
+struct FrameTimes {
+    waiting: std::time::Duration,
+    opening: std::time::Duration,
+}
+
+impl FrameTimes {
+    fn log(&self, waiting: &'static str, opening: &'static str) {
+        tracing::debug!(
+            phase = waiting,
+            ms = self.waiting.as_secs_f64() * 1e3,
+            "linkage phase"
+        );
+        tracing::debug!(
+            phase = opening,
+            ms = self.opening.as_secs_f64() * 1e3,
+            "linkage phase"
+        );
     }
 }
 
@@ -603,6 +640,7 @@ impl Service {
         states: &[LedgerState],
         wire: &mut Wire,
     ) -> Result<Answer, Stop> {
+        let t = Instant::now();
         let side: AnchorSide = loaded
             .engine
             .anchor_cohort(s.body, &s.limits)
@@ -613,32 +651,47 @@ impl Service {
                     format!("{e}; the budget charged stays spent"),
                 )
             })?;
+        phase("anchor.cohort_scan", t);
         let AnchorSide {
             cohort,
             group_columns,
             keys,
         } = side;
         let p = params.clone();
+        let t = Instant::now();
         let (state, l) =
             blocking(move || Anchor::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng))
                 .await?;
+        phase("anchor.blind_l", t);
+        let t = Instant::now();
         let frames = channel
             .send_l(&s.peer.identity, &s.registry, &l)
             .map_err(link_failure)?;
         drop(l);
+        phase("anchor.seal_l", t);
+        let t = Instant::now();
         for f in frames {
             wire.send(LinkOut::Frame(Box::new(f))).await?;
         }
-        let f = match self.next_message(s, &mut channel, wire).await? {
+        phase("anchor.send_l", t);
+        let mut times = FrameTimes::default();
+        let f = match self.next_message(s, &mut channel, wire, &mut times).await? {
             Incoming::F(f) => f,
             _ => return Err(relay_refusal("expected the partner's blinded set first").into()),
         };
+        times.log("anchor.wait_f", "anchor.open_f");
+        let t = Instant::now();
         let state = blocking(move || state.receive_f(f)).await?;
-        let r = match self.next_message(s, &mut channel, wire).await? {
+        phase("anchor.blind_f", t);
+        let mut times = FrameTimes::default();
+        let r = match self.next_message(s, &mut channel, wire, &mut times).await? {
             Incoming::R(r) => r,
             _ => return Err(relay_refusal("expected the partner's reply").into()),
         };
+        times.log("anchor.wait_r", "anchor.open_r");
+        let t = Instant::now();
         let counts: LinkedCounts = blocking(move || state.receive_r(r)).await?;
+        phase("anchor.match_r", t);
         let rules = LinkedRules {
             min_reportable_count: s
                 .own
@@ -671,6 +724,7 @@ impl Service {
             return Err(internal("a partner session without linkage").into());
         };
         let view = partner_view(s.body, linkage);
+        let t = Instant::now();
         let cohort = loaded
             .engine
             .partner_cohort(&view, &s.limits)
@@ -681,28 +735,44 @@ impl Service {
                     format!("{e}; the budget charged stays spent"),
                 )
             })?;
+        phase("partner.cohort_scan", t);
         let p = params.clone();
+        let t = Instant::now();
         let (state, f) =
             blocking(move || Partner::start(&p, &cohort, &mut LinkLaplace, &mut rand::rngs::OsRng))
                 .await?;
+        phase("partner.blind_f", t);
+        let t = Instant::now();
         let frames = channel
             .send_f(&s.peer.identity, &s.registry, &f)
             .map_err(link_failure)?;
         drop(f);
+        phase("partner.seal_f", t);
+        let t = Instant::now();
         for f in frames {
             wire.send(LinkOut::Frame(Box::new(f))).await?;
         }
-        let l = match self.next_message(s, &mut channel, wire).await? {
+        phase("partner.send_f", t);
+        let mut times = FrameTimes::default();
+        let l = match self.next_message(s, &mut channel, wire, &mut times).await? {
             Incoming::L(l) => l,
             _ => return Err(relay_refusal("expected the anchor's set").into()),
         };
+        times.log("partner.wait_l", "partner.open_l");
+        let t = Instant::now();
         let r = blocking(move || state.receive_l(l, &mut rand::rngs::OsRng)).await?;
+        phase("partner.blind_r", t);
+        let t = Instant::now();
         let frames = channel
             .send_r(&s.peer.identity, &s.registry, &r)
             .map_err(link_failure)?;
+        drop(r);
+        phase("partner.seal_r", t);
+        let t = Instant::now();
         for f in frames {
             wire.send(LinkOut::Frame(Box::new(f))).await?;
         }
+        phase("partner.send_r", t);
         Ok(())
     }
 
@@ -713,13 +783,21 @@ impl Service {
         s: &Session<'_>,
         channel: &mut Channel,
         wire: &mut Wire,
+        times: &mut FrameTimes,
     ) -> Result<Incoming, Denial> {
         loop {
+            let t = Instant::now();
             let frame = wire.frame().await?;
-            if let Some(m) = channel
+            let t = {
+                let now = Instant::now();
+                times.waiting += now - t;
+                now
+            };
+            let accepted = channel
                 .accept(&s.peer.identity, &s.registry, &frame)
-                .map_err(frame_refusal)?
-            {
+                .map_err(frame_refusal)?;
+            times.opening += t.elapsed();
+            if let Some(m) = accepted {
                 return Ok(m);
             }
         }
