@@ -147,6 +147,19 @@ pub fn classify<T>(status: &tonic::Status) -> CallOutcome<T> {
     }
 }
 
+/// A node's answer read from the wire: decoded with its checks, or malformed (with
+/// what it claims to have spent, when that is a number).
+pub(crate) fn decode_answer(wire: proto::AggregateResult) -> CallOutcome<Answer> {
+    let epsilon = wire.epsilon_spent;
+    match Answer::try_from(wire) {
+        Ok(a) => CallOutcome::Answered(a),
+        Err(e) => CallOutcome::Malformed {
+            reason: e.to_string(),
+            epsilon_spent: if epsilon.is_finite() { epsilon } else { 0.0 },
+        },
+    }
+}
+
 /// A failure this close to the deadline is read as the deadline passing.
 const DEADLINE_SLACK: Duration = Duration::from_millis(50);
 
@@ -203,16 +216,9 @@ impl NodeClient {
             },
             deadline,
         );
-        let out = call(deadline, client.query(req)).await.and_then(|wire| {
-            let epsilon = wire.epsilon_spent;
-            match Answer::try_from(wire) {
-                Ok(a) => CallOutcome::Answered(a),
-                Err(e) => CallOutcome::Malformed {
-                    reason: e.to_string(),
-                    epsilon_spent: if epsilon.is_finite() { epsilon } else { 0.0 },
-                },
-            }
-        });
+        let out = call(deadline, client.query(req))
+            .await
+            .and_then(decode_answer);
         (out, start.elapsed())
     }
 

@@ -7,7 +7,7 @@
 //! sealing, order, replay) is each node's to refuse, and a node that refuses ends the
 //! session with a Denial the coordinator reports.
 
-use crate::fanout::{CallOutcome, NodeClient, classify};
+use crate::fanout::{CallOutcome, NodeClient, classify, decode_answer};
 use phm_proto::proto;
 use phm_proto::proto::link_down::Step as Down;
 use phm_proto::proto::link_up::Step as Up;
@@ -44,17 +44,6 @@ struct End {
 
 fn refused(message: impl Into<String>) -> CallOutcome<Answer> {
     CallOutcome::Refused(Denial::new(DenialReason::Unavailable, message))
-}
-
-fn decode(wire: proto::AggregateResult) -> CallOutcome<Answer> {
-    let epsilon = wire.epsilon_spent;
-    match Answer::try_from(wire) {
-        Ok(a) => CallOutcome::Answered(a),
-        Err(e) => CallOutcome::Malformed {
-            reason: e.to_string(),
-            epsilon_spent: if epsilon.is_finite() { epsilon } else { 0.0 },
-        },
-    }
 }
 
 /// Open a Link stream to `client` with `open` as its first message.
@@ -182,7 +171,7 @@ async fn relay(
         Err(o) => return fail(o, None),
     };
     let anchor_terms = match first(&mut a).await {
-        Ok(First::Result(r)) => return fail(decode(r), None),
+        Ok(First::Result(r)) => return fail(decode_answer(r), None),
         Ok(First::Ready(t)) => t,
         Err(o) => return fail(o, None),
     };
@@ -268,7 +257,7 @@ async fn exchange(
                     }
                 }
                 Ok(Some(proto::LinkDown { step: Some(Down::Result(r)) })) => {
-                    return done(decode(r), None, bytes);
+                    return done(decode_answer(r), None, bytes);
                 }
                 Ok(Some(_)) => return done(refused("the anchor sent an unexpected message"), None, bytes),
                 Ok(None) => return done(refused("the anchor closed the link stream without a release"), None, bytes),

@@ -14,7 +14,7 @@
 //! benchmark in BENCHMARKS.md): a duration and the step's name only, never a count, a
 //! size, a scalar or a point.
 
-use super::query::limits_or_denial;
+use super::query::{limits_or_denial, query_id_reused};
 use super::{Answer, Loaded, Service, Stop, internal};
 use crate::audit::{AuditRecord, Outcome};
 use crate::engine::{AnchorSide, LinkLaplace, LinkedRules, release_linked, stricter_rounding};
@@ -133,6 +133,13 @@ impl Wire {
                 "the coordinator closed the linkage session; any budget already charged stays spent",
             )
         })
+    }
+
+    async fn send_frames(&mut self, frames: Vec<SealedFrame>) -> Result<(), Denial> {
+        for f in frames {
+            self.send(LinkOut::Frame(Box::new(f))).await?;
+        }
+        Ok(())
     }
 
     async fn recv(&mut self) -> Result<LinkIn, Denial> {
@@ -289,6 +296,13 @@ impl Session<'_> {
 /// injected, replayed, re-signed or reordered it.
 fn frame_refusal(e: phm_link::LinkError) -> Denial {
     relay_refusal(format!("a relayed frame was refused ({e})"))
+}
+
+fn cohort_failure(e: crate::engine::EngineError) -> Denial {
+    Denial::new(
+        DenialReason::Internal,
+        format!("{e}; the budget charged stays spent"),
+    )
 }
 
 fn link_failure(e: phm_link::LinkError) -> Denial {
@@ -479,14 +493,7 @@ impl Service {
                     return Ok(());
                 }
                 CacheLookup::Conflict { .. } => {
-                    return Err(Denial::new(
-                        DenialReason::QueryIdReused,
-                        format!(
-                            "you already used query id {:?} for a different question; give every new query a new id",
-                            body.query_id
-                        ),
-                    )
-                    .into());
+                    return Err(query_id_reused(&body.query_id).into());
                 }
                 CacheLookup::Miss => {}
             }
@@ -645,12 +652,7 @@ impl Service {
             .engine
             .anchor_cohort(s.body, &s.limits)
             .await
-            .map_err(|e| {
-                Denial::new(
-                    DenialReason::Internal,
-                    format!("{e}; the budget charged stays spent"),
-                )
-            })?;
+            .map_err(cohort_failure)?;
         phase("anchor.cohort_scan", t);
         let AnchorSide {
             cohort,
@@ -670,9 +672,7 @@ impl Service {
         drop(l);
         phase("anchor.seal_l", t);
         let t = Instant::now();
-        for f in frames {
-            wire.send(LinkOut::Frame(Box::new(f))).await?;
-        }
+        wire.send_frames(frames).await?;
         phase("anchor.send_l", t);
         let mut times = FrameTimes::default();
         let f = match self.next_message(s, &mut channel, wire, &mut times).await? {
@@ -729,12 +729,7 @@ impl Service {
             .engine
             .partner_cohort(&view, &s.limits)
             .await
-            .map_err(|e| {
-                Denial::new(
-                    DenialReason::Internal,
-                    format!("{e}; the budget charged stays spent"),
-                )
-            })?;
+            .map_err(cohort_failure)?;
         phase("partner.cohort_scan", t);
         let p = params.clone();
         let t = Instant::now();
@@ -749,9 +744,7 @@ impl Service {
         drop(f);
         phase("partner.seal_f", t);
         let t = Instant::now();
-        for f in frames {
-            wire.send(LinkOut::Frame(Box::new(f))).await?;
-        }
+        wire.send_frames(frames).await?;
         phase("partner.send_f", t);
         let mut times = FrameTimes::default();
         let l = match self.next_message(s, &mut channel, wire, &mut times).await? {
@@ -769,9 +762,7 @@ impl Service {
         drop(r);
         phase("partner.seal_r", t);
         let t = Instant::now();
-        for f in frames {
-            wire.send(LinkOut::Frame(Box::new(f))).await?;
-        }
+        wire.send_frames(frames).await?;
         phase("partner.send_r", t);
         Ok(())
     }

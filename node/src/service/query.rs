@@ -224,14 +224,7 @@ impl Service {
                 return Ok(Self::served_from_cache(answer, record));
             }
             CacheLookup::Conflict { .. } => {
-                return Err(Denial::new(
-                    DenialReason::QueryIdReused,
-                    format!(
-                        "you already used query id {:?} for a different question; give every new query a new id",
-                        body.query_id
-                    ),
-                )
-                .into());
+                return Err(query_id_reused(&body.query_id).into());
             }
             CacheLookup::Miss => {}
         }
@@ -341,6 +334,16 @@ impl Service {
     ) -> Result<Box<Limits>, Denial> {
         limits_or_denial(phm_policies::decide(policy, body, now))
     }
+}
+
+/// The release cache holds another question under this id.
+pub(super) fn query_id_reused(query_id: &str) -> Denial {
+    Denial::new(
+        DenialReason::QueryIdReused,
+        format!(
+            "you already used query id {query_id:?} for a different question; give every new query a new id"
+        ),
+    )
 }
 
 /// The limits of an allowed decision, or a denial listing every reason with its rule.
