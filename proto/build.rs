@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "phm/v1/query.proto",
         "phm/v1/link.proto",
+        "phm/v1/secagg.proto",
         "phm/v1/node.proto",
         "phm/v1/coordinator.proto",
     ];

@@ -247,6 +247,7 @@ pub fn query_body(
         issued_at_unix_ms: chrono::Utc::now().timestamp_millis(),
         nonce: nonce(),
         linkage: sql.linkage,
+        aggregation: Default::default(),
     }
 }
 

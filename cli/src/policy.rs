@@ -186,6 +186,7 @@ fn explain_query(a: &ExplainArgs<'_>) -> anyhow::Result<(String, bool)> {
         issued_at_unix_ms: a.now.timestamp_millis(),
         nonce: b"phm-policy-explain".to_vec(),
         linkage: q.linkage,
+        aggregation: Default::default(),
     };
     let mut out = vec![
         format!("policy:  {name} (version {})", short(policy.version())),

@@ -1433,6 +1433,44 @@ pub fn combine(expected: &Expected, answers: &[NodeAnswer]) -> Combined {
     }
 }
 
+/// The system total of a secure-aggregation session: one noisy total per cell, with
+/// the strictest member's suppression threshold and rounding. There is no partner
+/// figure to break down by (none exists, not even in the coordinator's memory), so
+/// there are no breakdowns and no complementary suppression to apply.
+pub fn combine_secure(
+    expected: &Expected,
+    total: &[NodeRow],
+    threshold: f64,
+    rounded: bool,
+    epsilon: f64,
+    contributors: u32,
+) -> Combined {
+    let mut iv = Intervals::default();
+    let rows = total
+        .iter()
+        .map(|r| {
+            let mut cells = combine_group(expected, &[r], threshold, rounded, &mut iv);
+            for c in &mut cells {
+                c.contributors = contributors;
+            }
+            Row {
+                key: r.key.clone(),
+                cells,
+                missing: 0,
+                note: String::new(),
+            }
+        })
+        .collect();
+    Combined {
+        rows,
+        breakdowns: Vec::new(),
+        min_reportable_count: threshold,
+        epsilon_spent_per_node: epsilon,
+        rounded,
+        notes: notes(expected),
+    }
+}
+
 /// The system total's rows, and per row the guard that the breakdowns publish through.
 struct SystemTotal {
     rows: Vec<Row>,

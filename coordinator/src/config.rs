@@ -28,6 +28,15 @@ that holds the file. Unknown fields are refused.
                                   and a partner node (1000..=3600000; default 600000)
   log_format = \"human\"            \"human\" or \"json\" (default human)
 
+  [secure_aggregation]            optional; without it secure queries are refused
+  registry = \"registry.toml\"      the IG-signed node registry relayed to each node
+  registry_key = \"…\"              base64 Ed25519 key that signed it (the IG leads')
+  min_survivors = 0.9             the noise must hold with this fraction of the
+                                  cohort surviving (0 < x <= 1; default 0.9); each
+                                  node may demand more
+  round_timeout_ms = 30000        a node silent this long in one round is dropped
+                                  (1000..=600000; default 30000)
+
   [tls]                           what analysts' clients connect to (mutual TLS)
   cert = \"certs/coordinator.pem\"  server certificate chain (PEM), from the
                                   infrastructure CA
@@ -168,6 +177,19 @@ pub struct Config {
     pub requesters: Vec<RequesterConfig>,
     /// How long a signed query or proof stays valid after it was issued.
     pub query_validity: Duration,
+    /// Secure aggregation, when configured.
+    pub secure: Option<SecureConfig>,
+}
+
+/// `[secure_aggregation]`: the registry relayed to nodes and the session's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecureConfig {
+    pub registry: PathBuf,
+    /// Base64 Ed25519 key that signs the registry.
+    pub registry_key: String,
+    /// `min_survivors` in thousandths (kept as an integer so the config stays `Eq`).
+    pub min_survivors_permille: u32,
+    pub round_timeout: Duration,
 }
 
 impl Config {
@@ -268,6 +290,39 @@ impl Config {
                 ),
             ));
         }
+        let secure = match &raw.secure_aggregation {
+            None => None,
+            Some(s) => {
+                if !(s.min_survivors.is_finite() && s.min_survivors > 0.0 && s.min_survivors <= 1.0)
+                {
+                    return Err(invalid(
+                        "secure_aggregation.min_survivors",
+                        format!("must be above 0 and at most 1, got {}", s.min_survivors),
+                    ));
+                }
+                if !(1_000..=600_000).contains(&s.round_timeout_ms) {
+                    return Err(invalid(
+                        "secure_aggregation.round_timeout_ms",
+                        format!(
+                            "must be between 1000 and 600000 milliseconds, got {}",
+                            s.round_timeout_ms
+                        ),
+                    ));
+                }
+                if phm_proto::signing::public_key_from_base64(&s.registry_key).is_err() {
+                    return Err(invalid(
+                        "secure_aggregation.registry_key",
+                        "is not a base64 Ed25519 public key".into(),
+                    ));
+                }
+                Some(SecureConfig {
+                    registry: resolve(&s.registry),
+                    registry_key: s.registry_key.clone(),
+                    min_survivors_permille: (s.min_survivors * 1000.0).ceil() as u32,
+                    round_timeout: Duration::from_millis(s.round_timeout_ms),
+                })
+            }
+        };
         // No optional mTLS: without client certificates anyone who can reach the port
         // could submit, replay or read results, and nothing would tie a caller to a
         // person the ICS issued a certificate to.
@@ -401,6 +456,7 @@ impl Config {
             datasets,
             requesters,
             query_validity: Duration::from_secs(raw.query_validity_seconds),
+            secure,
         })
     }
 
@@ -476,6 +532,27 @@ struct RawConfig {
     requesters: Vec<RawRequester>,
     #[serde(default = "default_validity")]
     query_validity_seconds: u64,
+    #[serde(default)]
+    secure_aggregation: Option<RawSecure>,
+}
+
+fn default_min_survivors() -> f64 {
+    0.9
+}
+
+fn default_round_timeout() -> u64 {
+    30_000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecure {
+    registry: PathBuf,
+    registry_key: String,
+    #[serde(default = "default_min_survivors")]
+    min_survivors: f64,
+    #[serde(default = "default_round_timeout")]
+    round_timeout_ms: u64,
 }
 
 fn default_validity() -> u64 {

@@ -49,10 +49,17 @@ struct Inner {
     total_kinds: HashMap<String, TotalKind>,
     /// Query ids being answered right now, with their digest and a "finished" signal.
     in_flight: Mutex<InFlight>,
+    /// Secure aggregation, when `[secure_aggregation]` is configured.
+    secure: Option<crate::secure::SecureSetup>,
 }
 
 impl Coordinator {
-    pub fn new(config: &Config, clients: Vec<NodeClient>, history: History) -> Coordinator {
+    pub fn new(
+        config: &Config,
+        clients: Vec<NodeClient>,
+        history: History,
+        secure: Option<crate::secure::SecureSetup>,
+    ) -> Coordinator {
         Coordinator {
             inner: Arc::new(Inner {
                 clients,
@@ -68,6 +75,7 @@ impl Coordinator {
                     .map(|(k, v)| (k.clone(), v.total_kind))
                     .collect(),
                 in_flight: Mutex::new(HashMap::new()),
+                secure,
             }),
         }
     }
@@ -427,6 +435,10 @@ impl Inner {
             let _ = tx.send(Err(internal(e))).await;
             return;
         }
+        if body.aggregation == phm_proto::Aggregation::SecureSum {
+            self.run_secure(query, body, claim, targets, tx).await;
+            return;
+        }
         let expected = Expected::from_query(&body);
         let linked = body.linkage.is_some();
         let sessions: Vec<(usize, usize)> = targets
@@ -500,6 +512,150 @@ impl Inner {
             query_id: &body.query_id,
         };
         // Durable before anyone sees it, so a retry gets exactly this answer.
+        if let Err(e) = self.history.finish(&key, &record).await {
+            let _ = tx.send(Err(internal(e))).await;
+            return;
+        }
+        let _ = tx.send(Ok(Event::Result(Box::new(result)))).await;
+    }
+
+    /// One secure-aggregation session over the nodes serving the dataset: progress for
+    /// each member, then the system total (no per-partner figure exists to show).
+    async fn run_secure(
+        &self,
+        query: RelayedQuery,
+        body: phm_proto::QueryBody,
+        claim: Record,
+        targets: Vec<usize>,
+        tx: EventSender,
+    ) {
+        let expected = Expected::from_query(&body);
+        let nodes_total = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let node_of = |i: usize| NodeRef::from(&self.clients[i].config);
+        let Some(setup) = &self.secure else {
+            let _ = tx.send(Err(crate::secure::not_configured())).await;
+            return;
+        };
+        tracing::info!(
+            query_id = %body.query_id, requester = %body.requester_id,
+            dataset = %body.dataset, nodes = targets.len(), "secure aggregation session"
+        );
+        let clients: Vec<(usize, &NodeClient)> =
+            targets.iter().map(|&i| (i, &self.clients[i])).collect();
+        let outcome = crate::secure::run_session(
+            &clients,
+            query.into_inner(),
+            &body,
+            setup,
+            self.link_deadline,
+        )
+        .await;
+        let mut coverage = Coverage::default();
+        let mut progress_log = Vec::new();
+        let known = self.history.populations().unwrap_or_default();
+        let (mut registered, mut answered_pop) = (Some(0.0), Some(0.0));
+        for m in &outcome.members {
+            let node = node_of(m.index);
+            let answered = m.outcome == NodeOutcome::Answered;
+            let p = NodeProgress {
+                node: node.clone(),
+                nodes_total,
+                outcome: m.outcome,
+                reason: m.reason,
+                message: if answered {
+                    "in the secure total".into()
+                } else {
+                    m.message.clone()
+                },
+                epsilon_spent: m.epsilon,
+            };
+            let _ = tx.send(Ok(Event::Progress(p.clone()))).await;
+            progress_log.push(p);
+            let pop = self.node_population(&node.id, m.population, &known);
+            registered = registered.zip(pop).map(|(a, b)| a + b);
+            let refusal = NodeRefusal {
+                node: node.clone(),
+                reason: m.reason,
+                message: m.message.clone(),
+            };
+            match m.outcome {
+                NodeOutcome::Answered => {
+                    answered_pop = answered_pop.zip(pop).map(|(a, b)| a + b);
+                    coverage.answered.push(node);
+                }
+                NodeOutcome::Refused => coverage.refused.push(refusal),
+                NodeOutcome::TimedOut => coverage.timed_out.push(node),
+                NodeOutcome::Malformed => coverage.malformed.push(refusal),
+                NodeOutcome::Unreachable => coverage.unreachable.push(node),
+            }
+        }
+        coverage.partial = coverage.answered.len() < targets.len();
+        coverage.population_registered = registered.unwrap_or(0.0);
+        coverage.population_answered = if coverage.answered.is_empty() {
+            0.0
+        } else {
+            answered_pop.unwrap_or(0.0)
+        };
+        let configured = self
+            .total_kinds
+            .get(&body.dataset)
+            .copied()
+            .unwrap_or_default();
+        let (rows, note, mrc, eps, delta) = match &outcome.total {
+            Ok(t) => {
+                let combined = combine::combine_secure(
+                    &expected,
+                    &t.rows,
+                    t.min_reportable_count,
+                    t.rounded,
+                    t.epsilon,
+                    t.survivors,
+                );
+                let mut note = crate::secure::secure_note(t, configured);
+                for n in &combined.notes {
+                    note.push(' ');
+                    note.push_str(n);
+                }
+                (
+                    combined.rows,
+                    note,
+                    t.min_reportable_count,
+                    t.epsilon,
+                    t.delta,
+                )
+            }
+            Err(why) => (
+                Vec::new(),
+                format!("Secure aggregation produced no total: {why}."),
+                0.0,
+                0.0,
+                0.0,
+            ),
+        };
+        let result = SystemResult {
+            query_id: body.query_id.clone(),
+            dataset: body.dataset.clone(),
+            group_columns: expected.group_columns.clone(),
+            aggregate_aliases: expected.aliases.clone(),
+            rows,
+            coverage,
+            total_kind: configured,
+            total_note: note,
+            epsilon_spent_per_node: eps,
+            breakdowns: Vec::new(),
+            completed_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+            min_reportable_count: mrc,
+            delta_spent_per_node: delta,
+        };
+        let record = Record {
+            progress: progress_log,
+            result: Some(result.clone()),
+            ..claim
+        };
+        let key = QueryKey {
+            requester_id: &body.requester_id,
+            query_id: &body.query_id,
+        };
         if let Err(e) = self.history.finish(&key, &record).await {
             let _ = tx.send(Err(internal(e))).await;
             return;

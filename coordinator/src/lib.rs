@@ -9,5 +9,6 @@ pub mod fanout;
 pub mod history;
 pub mod link;
 pub mod model;
+pub mod secure;
 pub mod server;
 pub mod wire;

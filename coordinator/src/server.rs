@@ -149,6 +149,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Secure(String),
 }
 
 pub use phm_proto::tls::install_crypto_provider;
@@ -180,7 +182,8 @@ pub async fn serve(
     })?;
     let history = History::open(&config.data_dir)?;
     let clients = build_clients(&config)?;
-    let coordinator = CoordinatorGrpc::new(Coordinator::new(&config, clients, history));
+    let secure = crate::secure::load_setup(&config).map_err(ServeError::Secure)?;
+    let coordinator = CoordinatorGrpc::new(Coordinator::new(&config, clients, history, secure));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

@@ -127,6 +127,7 @@ pub fn engine_limits(
         charges: vec![],
         registered_population: None,
         link: None,
+        secure: None,
     })
 }
 

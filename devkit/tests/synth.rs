@@ -219,6 +219,7 @@ fn every_policy_parses_and_decides_the_demo_questions_as_expected() {
                 issued_at_unix_ms: now.timestamp_millis(),
                 nonce: vec![7; 16],
                 linkage: None,
+                aggregation: Default::default(),
             };
             let decision = phm_policies::decide(&policy, &body, now);
             let allowed = matches!(decision, phm_policies::Decision::Allow(_));

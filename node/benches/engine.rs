@@ -95,6 +95,7 @@ fn query() -> QueryBody {
         issued_at_unix_ms: 0,
         nonce: vec![0; 16],
         linkage: None,
+        aggregation: Default::default(),
     }
 }
 

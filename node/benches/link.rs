@@ -435,6 +435,7 @@ fn question(dir: &Path, run: usize) -> Result<proto::AggregateQuery> {
             negated: false,
             min_partner_rows: 1,
         }),
+        aggregation: Default::default(),
     };
     Ok(proto::AggregateQuery::from(body.sign(&key)))
 }

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod peer;
 pub mod reload;
 pub mod run;
+pub mod secwire;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -57,7 +57,7 @@ pub fn frame_to_proto(f: &SealedFrame) -> proto::RelayFrame {
     }
 }
 
-fn rounding_from(s: &str) -> Result<Rounding, String> {
+pub(crate) fn rounding_from(s: &str) -> Result<Rounding, String> {
     match s {
         "none" => Ok(Rounding::None),
         "nearest5" => Ok(Rounding::Nearest5),
@@ -67,7 +67,7 @@ fn rounding_from(s: &str) -> Result<Rounding, String> {
     }
 }
 
-fn rounding_name(r: Rounding) -> &'static str {
+pub(crate) fn rounding_name(r: Rounding) -> &'static str {
     match r {
         Rounding::None => "none",
         Rounding::Nearest5 => "nearest5",

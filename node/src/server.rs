@@ -358,6 +358,98 @@ const LINK_BUFFER: usize = 8;
 
 #[tonic::async_trait]
 impl NodeService for NodeGrpc {
+    type SecureAggregateStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::SecAggDown, Status>> + Send + 'static>,
+    >;
+
+    async fn secure_aggregate(
+        &self,
+        request: Request<tonic::Streaming<proto::SecAggUp>>,
+    ) -> Result<Response<Self::SecureAggregateStream>, Status> {
+        self.refuse_unpinned("secure_aggregate", &request, |_| {
+            (String::new(), String::new())
+        })
+        .await?;
+        let client = peer_identity(&request);
+        let mut inbound = request.into_inner();
+        let first = match inbound.message().await {
+            Ok(m) => m,
+            Err(status) => {
+                let d = Denial::new(
+                    DenialReason::InvalidQuery,
+                    format!(
+                        "the SecureAggregate stream's first message could not be read: {}",
+                        status.message()
+                    ),
+                );
+                return Err(self
+                    .refuse_unparsed("secure_aggregate", "", "", &client, d)
+                    .await);
+            }
+        };
+        let claimed = first
+            .as_ref()
+            .and_then(|m| match &m.step {
+                Some(proto::sec_agg_up::Step::Open(o)) => o.query.as_ref(),
+                _ => None,
+            })
+            .map(|q| (bounded(&q.requester_id), bounded(&q.query_id)))
+            .unwrap_or_default();
+        let signed = match crate::secwire::open_from_proto(first) {
+            Ok(o) => o,
+            Err(d) => {
+                return Err(self
+                    .refuse_unparsed("secure_aggregate", &claimed.0, &claimed.1, &client, d)
+                    .await);
+            }
+        };
+        let (in_tx, in_rx) = tokio::sync::mpsc::channel(LINK_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(m)) => crate::secwire::up_from_proto(m),
+                    // The coordinator closed its side: the session sees the channel end.
+                    Ok(None) => break,
+                    Err(status) => crate::service::SecureIn::Malformed(format!(
+                        "the stream failed: {}",
+                        status.message()
+                    )),
+                };
+                let stop = matches!(next, crate::service::SecureIn::Malformed(_));
+                if in_tx.send(next).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(LINK_BUFFER);
+        let (down_tx, down_rx) = tokio::sync::mpsc::channel(LINK_BUFFER);
+        let forward_tx = down_tx.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(out) = out_rx.recv().await {
+                if forward_tx
+                    .send(Ok(crate::secwire::down_to_proto(out)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let service = self.service.clone();
+        tokio::spawn(async move {
+            let result = service
+                .secure_aggregate(signed, &client, Utc::now(), in_rx, out_tx)
+                .await;
+            let _ = forward.await;
+            if let Err(d) = result {
+                let _ = down_tx.send(Err(d.to_status())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(down_rx),
+        )))
+    }
+
     type LinkStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<proto::LinkDown, Status>> + Send + 'static>,
     >;

@@ -22,6 +22,7 @@ const LEDGER_TREE: &str = "ledger";
 const RELEASE_TREE: &str = "releases";
 const NONCE_TREE: &str = "nonces";
 const LINK_TREE: &str = "link_sessions";
+const SECAGG_TREE: &str = "secagg_sessions";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,6 +67,15 @@ pub enum StoreError {
     Replayed { requester: String },
     #[error("this node already joined a linkage session for query {query_id} with anchor {anchor}")]
     SecondSession { query_id: String, anchor: String },
+    #[error(
+        "this node already joined secure-aggregation session {prior_session} for query {query_id}"
+    )]
+    SecondSecureSession {
+        query_id: String,
+        prior_session: String,
+    },
+    #[error("the secure-aggregation record for query {query_id} is not the one expected")]
+    SecureRecordMismatch { query_id: String },
     #[error("cannot serialise {what}: {reason}")]
     Encode { what: &'static str, reason: String },
 }
@@ -188,6 +198,10 @@ pub struct Store {
     /// (requester, query id, anchor) of every linkage session this node joined as a
     /// partner: never forgotten, so a second session (fresh noise to average) is refused.
     link_sessions: sled::Tree,
+    /// (requester, query id) → the secure-aggregation session this node joined for it
+    /// and how far it went (`phm_secagg::Participation`): never forgotten, so a second
+    /// session for one query (a total to difference with the first) is refused.
+    secagg_sessions: sled::Tree,
     // sled transactions are optimistic and retried on conflict; serialising spends
     // in-process as well makes "never overspend" independent of that machinery (the
     // transaction still gives all-or-nothing across the ledgers on a crash).
@@ -335,6 +349,7 @@ impl Store {
             releases: tree(RELEASE_TREE)?,
             nonces: tree(NONCE_TREE)?,
             link_sessions: tree(LINK_TREE)?,
+            secagg_sessions: tree(SECAGG_TREE)?,
             db,
             path,
             spend_lock: Mutex::new(()),
@@ -636,6 +651,71 @@ impl Store {
         }
     }
 
+    /// The secure-aggregation record for (requester, query id), if this node ever joined a
+    /// session for it. An unreadable record reads as a session of all zeros at the
+    /// furthest stage: it still blocks a second session (fail closed).
+    pub fn secagg_participation(
+        &self,
+        key: &QueryKey<'_>,
+    ) -> Result<Option<phm_secagg::Participation>, StoreError> {
+        let v = self
+            .secagg_sessions
+            .get(key.key_bytes())
+            .map_err(db_err("reading a secure-aggregation record"))?;
+        Ok(v.map(|v| decode_participation(key.query_id, &v)))
+    }
+
+    /// Record, durably, that this node joined `p`'s session: only if it never joined one
+    /// for this query (compare-and-swap from nothing, then flush).
+    pub fn join_secagg(
+        &self,
+        key: &QueryKey<'_>,
+        p: &phm_secagg::Participation,
+    ) -> Result<(), StoreError> {
+        match self
+            .secagg_sessions
+            .compare_and_swap(
+                key.key_bytes(),
+                None as Option<&[u8]>,
+                Some(encode_participation(p)),
+            )
+            .map_err(db_err("recording a secure-aggregation session"))?
+        {
+            Ok(()) => self.flush(),
+            Err(e) => Err(StoreError::SecondSecureSession {
+                query_id: key.query_id.to_string(),
+                prior_session: e
+                    .current
+                    .map(|v| hex8(&decode_participation(key.query_id, &v).session_id))
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Move the record from `joined` to `spent` (compare-and-swap, then flush): the
+    /// caller has just charged the budget for this very session.
+    pub fn advance_secagg(
+        &self,
+        key: &QueryKey<'_>,
+        joined: &phm_secagg::Participation,
+        spent: &phm_secagg::Participation,
+    ) -> Result<(), StoreError> {
+        match self
+            .secagg_sessions
+            .compare_and_swap(
+                key.key_bytes(),
+                Some(encode_participation(joined)),
+                Some(encode_participation(spent)),
+            )
+            .map_err(db_err("recording a secure-aggregation spend"))?
+        {
+            Ok(()) => self.flush(),
+            Err(_) => Err(StoreError::SecureRecordMismatch {
+                query_id: key.query_id.to_string(),
+            }),
+        }
+    }
+
     /// Forget nonces of messages issued before `cutoff_unix_ms`. Safe once such
     /// messages are refused as stale anyway. Returns how many were removed.
     pub fn prune_nonces(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError> {
@@ -657,6 +737,36 @@ impl Store {
     /// Number of nonces currently remembered.
     pub fn nonce_count(&self) -> usize {
         self.nonces.len()
+    }
+}
+
+fn hex8(b: &[u8; 32]) -> String {
+    b.iter().take(8).map(|x| format!("{x:02x}")).collect()
+}
+
+/// Session id (32 bytes) then the stage (0 joined, 1 spent).
+fn encode_participation(p: &phm_secagg::Participation) -> Vec<u8> {
+    let mut v = p.session_id.to_vec();
+    v.push(match p.stage {
+        phm_secagg::Stage::Joined => 0,
+        phm_secagg::Stage::Spent => 1,
+    });
+    v
+}
+
+fn decode_participation(query_id: &str, v: &[u8]) -> phm_secagg::Participation {
+    let session_id = v
+        .get(..32)
+        .and_then(|s| <[u8; 32]>::try_from(s).ok())
+        .unwrap_or([0; 32]);
+    let stage = match v.get(32) {
+        Some(0) => phm_secagg::Stage::Joined,
+        _ => phm_secagg::Stage::Spent,
+    };
+    phm_secagg::Participation {
+        query_id: query_id.to_string(),
+        session_id,
+        stage,
     }
 }
 

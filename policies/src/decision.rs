@@ -56,11 +56,16 @@ pub enum RefusalKind {
     /// A linked question whose shape cannot be answered with DP on a set (aggregates
     /// other than COUNT(*), thresholded or not person-level group keys).
     LinkedQueryShape,
+    /// Secure aggregation against this node's `[secure_aggregation]` rules: a secure
+    /// query where the block is absent or the query's shape cannot be summed securely
+    /// (thresholded keys, a linked question), or a plain query where the block
+    /// requires secure aggregation.
+    SecureAggregation,
 }
 
 impl RefusalKind {
     /// Every kind, in declaration order: the one list tests iterate over.
-    pub const ALL: [RefusalKind; 27] = [
+    pub const ALL: [RefusalKind; 28] = [
         RefusalKind::UnknownRequester,
         RefusalKind::RequesterRevoked,
         RefusalKind::PurposeNotPermitted,
@@ -88,6 +93,7 @@ impl RefusalKind {
         RefusalKind::OptOutMissing,
         RefusalKind::LinkageNotPermitted,
         RefusalKind::LinkedQueryShape,
+        RefusalKind::SecureAggregation,
     ];
 
     /// Where this kind sits in [`RefusalKind::ALL`]. An exhaustive match, so a new kind
@@ -122,6 +128,7 @@ impl RefusalKind {
             RefusalKind::OptOutMissing => 24,
             RefusalKind::LinkageNotPermitted => 25,
             RefusalKind::LinkedQueryShape => 26,
+            RefusalKind::SecureAggregation => 27,
         }
     }
 }
@@ -217,6 +224,18 @@ pub struct Limits {
     pub registered_population: Option<u64>,
     /// Set for a linked question: this node's side of the session.
     pub link: Option<LinkLimits>,
+    /// Set for a secure (SECURE_SUM) query: this node's rules for joining the session.
+    pub secure: Option<SecureLimits>,
+}
+
+/// What a node joins a secure-aggregation session under (its `[secure_aggregation]`
+/// block). The noise is the discrete Gaussian whatever `release.mechanism` says: it is
+/// the one mechanism whose shares add up to a central release.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SecureLimits {
+    pub min_cohort: u32,
+    pub min_survivors: f64,
+    pub assumed_noiseless_peers: u32,
 }
 
 /// What a node runs a linkage session under (its own side only; the other node

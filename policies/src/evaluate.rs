@@ -6,13 +6,17 @@ use crate::Policy;
 use crate::accounting::{self, Spend};
 use crate::decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
-    Refusal, RefusalKind,
+    Refusal, RefusalKind, SecureLimits,
 };
 use crate::domain::{self, PlainGroup};
 use crate::linking::{self, LinkSide};
-use crate::model::{Budget, Column, ColumnType, Dataset, Grouping, Period, Project, Requester};
+use crate::model::{
+    Budget, Column, ColumnType, Dataset, Grouping, Mechanism, Period, Project, Requester,
+};
 use chrono::{DateTime, Datelike, Utc};
-use phm_proto::{AggregateKind, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody};
+use phm_proto::{
+    AggregateKind, Aggregation, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody,
+};
 use serde::Serialize;
 
 /// One step of a decision: which part of the query, which rule, and the outcome.
@@ -335,6 +339,7 @@ pub(crate) fn evaluate(
         }
         _ => None,
     };
+    let secure = check_aggregation(policy, signed, thresholded, &mut t);
     let spend = if signed.linkage.is_some() {
         // Two clamped discrete Laplace draws (dummy matches, set padding) at the
         // query's epsilon in all, each with half the policy's delta of truncation.
@@ -343,6 +348,18 @@ pub(crate) fn evaluate(
             delta: policy.file().release.delta,
             rho: 0.0,
         }
+    } else if secure.is_some() {
+        // The discrete Gaussian, whatever release.mechanism says: shares of it add up
+        // to a central release (secagg/PROTOCOL.md), and the Laplace's do not.
+        let r = &policy.file().release;
+        accounting::plan(
+            Mechanism::DiscreteGaussian,
+            q.epsilon,
+            q.aggregates.len(),
+            false,
+            r.delta,
+        )
+        .0
     } else {
         plan_spend(policy, q, thresholded, &mut t)
     };
@@ -352,6 +369,10 @@ pub(crate) fn evaluate(
         (Some(_), Some(d)) if t.refusals.is_empty() => {
             let mut limits = limits(policy, q, d, checks, spend, charges);
             limits.link = link;
+            if let Some(s) = secure {
+                limits.secure = Some(s);
+                limits.mechanism = Mechanism::DiscreteGaussian;
+            }
             Decision::Allow(Box::new(limits))
         }
         _ => Decision::Deny(t.refusals),
@@ -359,6 +380,80 @@ pub(crate) fn evaluate(
     Evaluation {
         decision,
         lines: t.lines,
+    }
+}
+
+/// Secure aggregation against the `[secure_aggregation]` block: a secure query needs the
+/// block, declared group keys (thresholding would release each node's own keys) and no
+/// EXISTS clause; a plain query is refused where the block requires secure mode.
+/// Returns this node's session rules for a secure query that passed.
+fn check_aggregation(
+    policy: &Policy,
+    q: &QueryBody,
+    thresholded: bool,
+    t: &mut Trace,
+) -> Option<SecureLimits> {
+    let block = policy.file().secure_aggregation.as_ref();
+    let rule = "secure_aggregation";
+    match (q.aggregation, block) {
+        (Aggregation::Plain, Some(b)) if b.require => {
+            t.refuse(
+                RefusalKind::SecureAggregation,
+                "aggregation",
+                "secure_aggregation.require",
+                "this partner answers only secure queries, so no figure of its own is released: ask again in secure mode (phm query --secure)",
+            );
+            None
+        }
+        (Aggregation::Plain, _) => None,
+        (Aggregation::SecureSum, None) => {
+            t.refuse(
+                RefusalKind::SecureAggregation,
+                "aggregation",
+                rule,
+                "this node's policy has no [secure_aggregation] block, so it takes part in no secure query",
+            );
+            None
+        }
+        (Aggregation::SecureSum, Some(b)) => {
+            let mut ok = true;
+            if thresholded {
+                ok = false;
+                t.refuse(
+                    RefusalKind::SecureAggregation,
+                    "aggregation",
+                    rule,
+                    "a secure query must group only by keys with a declared domain (categories or bins): thresholded keys would release this node's own key set",
+                );
+            }
+            if q.linkage.is_some() {
+                ok = false;
+                t.refuse(
+                    RefusalKind::SecureAggregation,
+                    "aggregation",
+                    rule,
+                    "a linked question cannot be summed securely; ask it without --secure",
+                );
+            }
+            if !ok {
+                return None;
+            }
+            t.allow(
+                "aggregation",
+                rule,
+                format!(
+                    "secure aggregation: joins cohorts of at least {} nodes whose noise holds with {}% surviving, assuming {} noiseless; discrete Gaussian share",
+                    b.min_cohort,
+                    b.min_survivors * 100.0,
+                    b.assumed_noiseless_peers
+                ),
+            );
+            Some(SecureLimits {
+                min_cohort: b.min_cohort,
+                min_survivors: b.min_survivors,
+                assumed_noiseless_peers: b.assumed_noiseless_peers,
+            })
+        }
     }
 }
 
@@ -510,6 +605,7 @@ fn limits(
         charges,
         registered_population: f.organisation.registered_population,
         link: None,
+        secure: None,
     }
 }
 

@@ -17,7 +17,7 @@ mod tests;
 pub use accounting::Spend;
 pub use decision::{
     AggregateLimits, ColumnLimits, Decision, GroupDomain, GroupLimits, LedgerCharge, Limits,
-    LinkLimits, Refusal, RefusalKind,
+    LinkLimits, Refusal, RefusalKind, SecureLimits,
 };
 pub use evaluate::{ExplainLine, period_label, period_span, periods_overlap};
 pub use linking::{LinkSide, partner_view};

@@ -464,6 +464,7 @@ mod tests {
                 negated: false,
                 min_partner_rows: 1,
             }),
+            aggregation: Default::default(),
         }
     }
 

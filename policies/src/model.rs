@@ -33,6 +33,43 @@ pub struct PolicyFile {
     /// coordinator). Absent: every linked query is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linkage: Option<Linkage>,
+    /// Secure aggregation (SECURE_SUM queries): this node adds a share of the noise
+    /// and the coordinator learns only the system total. Absent: every secure query is
+    /// refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureAggregation>,
+}
+
+fn default_min_cohort() -> u32 {
+    10
+}
+
+fn default_min_survivors() -> f64 {
+    0.9
+}
+
+/// When this node joins a secure-aggregation session (secagg/PROTOCOL.md). Each rule is
+/// checked by the node itself against what the coordinator announces, so a coordinator
+/// cannot talk it into a smaller cohort or a thinner noise share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregation {
+    /// Answer only secure queries: a plain query over this node's datasets is refused,
+    /// so no figure of this partner's own is ever released (what a
+    /// `system_total_only` partner usually wants). Default false.
+    #[serde(default)]
+    pub require: bool,
+    /// Smallest cohort this node joins (default 10). With two members each can subtract
+    /// its own input from the total; the cohort is what hides each partner's figure.
+    #[serde(default = "default_min_cohort")]
+    pub min_cohort: u32,
+    /// The session's noise must hold with only this fraction of the cohort surviving
+    /// (t_noise ≥ ⌈min_survivors · N⌉; default 0.9): the dropout tolerance.
+    #[serde(default = "default_min_survivors")]
+    pub min_survivors: f64,
+    /// Members assumed to collude with the coordinator and add no noise (default 0).
+    #[serde(default)]
+    pub assumed_noiseless_peers: u32,
 }
 
 /// Default `linkage.max_set_size`: the most real people this node puts in one set.

@@ -7,6 +7,7 @@
 
 use crate::model::{
     Dataset, Linkage, OptOut, Organisation, Peers, PolicyFile, Project, ReleaseRules, Requester,
+    SecureAggregation,
 };
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -171,6 +172,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
     let mut projects = Some(Vec::new());
     let mut peers: Option<Option<Peers>> = Some(None);
     let mut linkage: Option<Option<Linkage>> = Some(None);
+    let mut secure_aggregation: Option<Option<SecureAggregation>> = Some(None);
     for (k, v) in root.iter() {
         let key = k.get_ref().as_ref();
         match key {
@@ -183,6 +185,9 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
             "projects" => projects = p.list(v, key, |p, v, path| p.de::<Project>(v, path)),
             "peers" => peers = p.de::<Peers>(v, key).map(Some),
             "linkage" => linkage = p.de::<Linkage>(v, key).map(Some),
+            "secure_aggregation" => {
+                secure_aggregation = p.de::<SecureAggregation>(v, key).map(Some);
+            }
             other => p.errors.push(Located {
                 offset: k.span().start,
                 field: other.to_string(),
@@ -227,6 +232,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
         projects,
         peers,
         linkage,
+        secure_aggregation,
     ) {
         (
             Some(version),
@@ -238,6 +244,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
             Some(projects),
             Some(peers),
             Some(linkage),
+            Some(secure_aggregation),
         ) => Ok((
             PolicyFile {
                 version,
@@ -249,6 +256,7 @@ pub(crate) fn parse(text: &str) -> Result<(PolicyFile, Index), Vec<Located>> {
                 projects,
                 peers,
                 linkage,
+                secure_aggregation,
             },
             index,
         )),

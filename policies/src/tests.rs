@@ -723,6 +723,7 @@ fn query() -> QueryBody {
         issued_at_unix_ms: 1,
         nonce: vec![1; 16],
         linkage: None,
+        aggregation: Default::default(),
     }
 }
 

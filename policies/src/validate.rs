@@ -43,6 +43,7 @@ pub(crate) fn validate(f: &PolicyFile) -> Problems {
     projects(f, &mut p);
     peers(f, &mut p);
     linkage(f, &mut p);
+    secure_aggregation(f, &mut p);
     p
 }
 
@@ -77,6 +78,50 @@ fn link_key(d: &Dataset, path: &str, p: &mut Problems) {
             ),
         ),
         Some(_) => {}
+    }
+}
+
+fn secure_aggregation(f: &PolicyFile, p: &mut Problems) {
+    let Some(s) = &f.secure_aggregation else {
+        return;
+    };
+    let max = phm_proto::query::MAX_SECURE_COHORT;
+    if !(2..=max).contains(&s.min_cohort) {
+        push(
+            p,
+            "secure_aggregation.min_cohort",
+            format!(
+                "secure_aggregation: min_cohort {} must be between 2 and {max} (a session holds at most {max} nodes)",
+                s.min_cohort
+            ),
+        );
+    }
+    if !(s.min_survivors.is_finite() && s.min_survivors > 0.0 && s.min_survivors <= 1.0) {
+        push(
+            p,
+            "secure_aggregation.min_survivors",
+            format!(
+                "secure_aggregation: min_survivors {} must be above 0 and at most 1 (the fraction of the cohort the noise must hold with)",
+                s.min_survivors
+            ),
+        );
+    }
+    if s.assumed_noiseless_peers >= s.min_cohort {
+        push(
+            p,
+            "secure_aggregation.assumed_noiseless_peers",
+            format!(
+                "secure_aggregation: assumed_noiseless_peers {} must be below min_cohort {}",
+                s.assumed_noiseless_peers, s.min_cohort
+            ),
+        );
+    }
+    if f.peers.is_none() {
+        push(
+            p,
+            "secure_aggregation",
+            "secure_aggregation needs a [peers] registry_key: the other members are known only through the signed node registry",
+        );
     }
 }
 

@@ -71,6 +71,7 @@ fn query(sql_dataset: &str, purpose: phm_proto::Purpose) -> phm_proto::QueryBody
         issued_at_unix_ms: 1,
         nonce: vec![7; 16],
         linkage: None,
+        aggregation: Default::default(),
     }
 }
 

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 const QUERY_TAG: &[u8] = b"phm.v1.AggregateQuery\0";
 const PROOF_TAG: &[u8] = b"phm.v1.RequesterProof\0";
 const LINKAGE_TAG: &[u8] = b"phm.v1.Linkage\0";
+const AGGREGATION_TAG: &[u8] = b"phm.v1.Aggregation\0";
 
 #[derive(Default)]
 struct Encoder(Vec<u8>);
@@ -183,6 +184,7 @@ impl QueryBody {
             issued_at_unix_ms,
             nonce,
             linkage,
+            aggregation,
         } = self;
         let mut e = Encoder::default();
         e.0.extend_from_slice(QUERY_TAG);
@@ -221,6 +223,15 @@ impl QueryBody {
             }
             e.u8(u8::from(l.negated));
             e.u32(l.min_partner_rows as usize);
+        }
+        // Likewise appended only when not plain. Signed, so a coordinator cannot turn a
+        // secure question into a plain one (each node would then release its own figure).
+        match aggregation {
+            crate::query::Aggregation::Plain => {}
+            crate::query::Aggregation::SecureSum => {
+                e.0.extend_from_slice(AGGREGATION_TAG);
+                e.u8(1);
+            }
         }
         e.0
     }
@@ -320,6 +331,7 @@ mod tests {
             issued_at_unix_ms: 1_790_000_000_000,
             nonce: vec![7; 16],
             linkage: None,
+            aggregation: Default::default(),
         }
     }
 

@@ -23,6 +23,6 @@ pub mod proto {
 
 pub use denial::{Denial, DenialReason};
 pub use query::{
-    Aggregate, AggregateKind, CompareOp, GroupKey, Literal, Predicate, ProofOp, ProtocolError,
-    Purpose, QueryBody, QueryKey, RequesterProof, SignedQuery,
+    Aggregate, AggregateKind, Aggregation, CompareOp, GroupKey, Literal, Predicate, ProofOp,
+    ProtocolError, Purpose, QueryBody, QueryKey, RequesterProof, SignedQuery,
 };

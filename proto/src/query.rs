@@ -11,6 +11,8 @@ pub const MAX_PREDICATE_NODES: usize = 1_000;
 pub const MAX_GROUP_KEYS: usize = 8;
 pub const MAX_AGGREGATES: usize = 16;
 pub const MAX_ID_LEN: usize = 128;
+/// Most nodes in one secure-aggregation session (Shamir over GF(2^8) has 255 points).
+pub const MAX_SECURE_COHORT: u32 = 255;
 pub const MAX_TEXT_LITERAL_LEN: usize = 1_024;
 pub const MIN_NONCE_LEN: usize = 16;
 pub const MAX_NONCE_LEN: usize = 64;
@@ -331,6 +333,35 @@ pub struct QueryBody {
     /// Set for a linked question (see [`Linkage`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linkage: Option<Linkage>,
+    /// How the partners' answers are combined (plain unless the requester asked for
+    /// secure aggregation).
+    #[serde(default, skip_serializing_if = "Aggregation::is_plain")]
+    pub aggregation: Aggregation,
+}
+
+/// How the partners' answers are combined into the system figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Each node releases its own noisy figures; the coordinator adds them up.
+    #[default]
+    Plain,
+    /// One secure-aggregation session: the coordinator learns only the system total,
+    /// each node adding a share of the noise (`phm-secagg`).
+    SecureSum,
+}
+
+impl Aggregation {
+    pub fn is_plain(&self) -> bool {
+        *self == Aggregation::Plain
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Plain => "plain",
+            Aggregation::SecureSum => "secure_sum",
+        }
+    }
 }
 
 impl QueryBody {
@@ -846,8 +877,19 @@ impl TryFrom<proto::AggregateQuery> for SignedQuery {
             signature,
             federation_id,
             linkage,
+            aggregation,
         } = q;
         check_id("federation_id", &federation_id, true)?;
+        let aggregation = match proto::Aggregation::try_from(aggregation) {
+            Ok(proto::Aggregation::Plain) => Aggregation::Plain,
+            Ok(proto::Aggregation::SecureSum) => Aggregation::SecureSum,
+            Err(_) => {
+                return Err(invalid(
+                    "aggregation",
+                    format!("unknown aggregation {aggregation}"),
+                ));
+            }
+        };
         check_id("query_id", &query_id, true)?;
         check_id("requester_id", &requester_id, true)?;
         check_id("project_id", &project_id, false)?;
@@ -915,6 +957,7 @@ impl TryFrom<proto::AggregateQuery> for SignedQuery {
                 issued_at_unix_ms,
                 nonce,
                 linkage: linkage.map(linkage_from_proto).transpose()?,
+                aggregation,
             },
             signature,
         })
@@ -979,6 +1022,7 @@ impl From<SignedQuery> for proto::AggregateQuery {
             issued_at_unix_ms,
             nonce,
             linkage,
+            aggregation,
         } = body;
         proto::AggregateQuery {
             query_id,
@@ -995,6 +1039,10 @@ impl From<SignedQuery> for proto::AggregateQuery {
             signature,
             federation_id,
             linkage: linkage.map(Into::into),
+            aggregation: match aggregation {
+                Aggregation::Plain => proto::Aggregation::Plain,
+                Aggregation::SecureSum => proto::Aggregation::SecureSum,
+            } as i32,
         }
     }
 }

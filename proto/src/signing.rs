@@ -162,6 +162,7 @@ mod tests {
             issued_at_unix_ms: 1,
             nonce: vec![1; 16],
             linkage: None,
+            aggregation: Default::default(),
         }
     }
 

@@ -30,6 +30,8 @@ mod params;
 mod participation;
 mod prg;
 mod server;
+#[cfg(feature = "wire")]
+pub mod wire;
 
 #[cfg(test)]
 mod tests;

@@ -2151,6 +2151,7 @@ WHERE EXISTS (SELECT 1 FROM acute_admissions a WHERE a.person = s.person
                 issued_at_unix_ms: 1,
                 nonce: vec![0; 16],
                 linkage: parsed.linkage.clone(),
+                aggregation: Default::default(),
             };
             let rendered = body.to_sql();
             assert_eq!(ok(&rendered), parsed, "{sql}\n  rendered as\n{rendered}");

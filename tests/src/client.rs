@@ -146,6 +146,7 @@ pub fn body(
         issued_at_unix_ms: now_ms(),
         nonce: nonce(),
         linkage: None,
+        aggregation: Default::default(),
     }
 }
 

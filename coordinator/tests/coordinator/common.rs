@@ -101,6 +101,19 @@ impl NodeService for MockNode {
         ))
     }
 
+    type SecureAggregateStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::SecAggDown, Status>> + Send + 'static>,
+    >;
+
+    async fn secure_aggregate(
+        &self,
+        _: Request<tonic::Streaming<proto::SecAggUp>>,
+    ) -> Result<Response<Self::SecureAggregateStream>, Status> {
+        Err(Status::unimplemented(
+            "this mock node takes part in no secure-aggregation session",
+        ))
+    }
+
     async fn describe(
         &self,
         _request: Request<proto::DescribeRequest>,
@@ -384,6 +397,7 @@ pub fn signed_query(
         issued_at_unix_ms: chrono::Utc::now().timestamp_millis(),
         nonce: phm_proto::query::fresh_nonce(),
         linkage: None,
+        aggregation: Default::default(),
     };
     body.sign(key).into()
 }

@@ -13,7 +13,7 @@ use crate::questions::RESEARCH_PROJECT;
 use phm_policies::model::{
     Budget, Column, ColumnType, Dataset, Domain, Grouping, LinkPartner, LinkRole, Linkage, OptOut,
     Organisation, OrganisationKind, Peers, Period, PolicyFile, Project, ReleaseRules, Requester,
-    Rounding, Scope, Source, SourceFormat, TotalKind,
+    Rounding, Scope, SecureAggregation, Source, SourceFormat, TotalKind,
 };
 use std::collections::BTreeMap;
 
@@ -472,6 +472,14 @@ pub fn policy(
             registry_key: keys.registry.clone(),
         }),
         linkage: Some(linkage(org, federation, &keys.nodes)),
+        // GP practices take part in secure system totals. A synthetic ICS has as few as
+        // six practices, so the cohort floor is five rather than the language's ten.
+        secure_aggregation: (org.kind == OrgKind::GpPractice).then_some(SecureAggregation {
+            require: false,
+            min_cohort: 5,
+            min_survivors: 0.8,
+            assumed_noiseless_peers: 0,
+        }),
     })
 }
 
@@ -524,6 +532,7 @@ pub fn coordinator_toml(
     orgs: &[(Org, u16)],
     port: u16,
     requesters: &std::collections::BTreeMap<String, String>,
+    registry_key: &str,
 ) -> String {
     let mut s = format!(
         "# ICS coordinator of the synthetic ICS; written by `phm synth`.\n\
@@ -579,6 +588,15 @@ pub fn coordinator_toml(
         s.push_str(&format!(
             "endpoint = \"https://127.0.0.1:{node_port}\"\ntls_server_name = \"localhost\"\ndatasets = [{}]\n",
             quote(&org.dataset)
+        ));
+    }
+    if !registry_key.is_empty() {
+        // Secure queries: the registry the coordinator relays to every member (each
+        // verifies it under the key its own policy pins). Six practices cannot lose one
+        // at 0.9; 0.8 lets a session survive one dropout.
+        s.push_str(&format!(
+            "\n[secure_aggregation]\nregistry = \"../peer/registry.toml\"\nregistry_key = {}\nmin_survivors = 0.8\nround_timeout_ms = 30000\n",
+            quote(registry_key)
         ));
     }
     // The requester directory: Submit and GetResult verify requesters' signatures
@@ -642,7 +660,7 @@ mod config_tests {
         }
         let cdir = dir.path().join("coordinator");
         std::fs::create_dir_all(&cdir).unwrap();
-        let text = coordinator_toml(&[(trust(), 50052)], 50050, &Default::default());
+        let text = coordinator_toml(&[(trust(), 50052)], 50050, &Default::default(), "");
         let c = phm_coordinator::config::Config::from_toml(&text, &cdir.join("c.toml"), &cdir)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(c.federation_id, super::super::FEDERATION_ID);

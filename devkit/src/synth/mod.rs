@@ -117,6 +117,10 @@ pub struct Manifest {
     /// directory.
     #[serde(default)]
     pub requesters: BTreeMap<String, String>,
+    /// The IG leads' registry key (base64), which the coordinator's
+    /// `[secure_aggregation]` names beside the registry it relays.
+    #[serde(default)]
+    pub registry_key: String,
 }
 
 impl Manifest {
@@ -206,7 +210,12 @@ pub fn write_configs(
     let path = cdir.join("coordinator.toml");
     std::fs::write(
         &path,
-        governance::coordinator_toml(&pairs, coordinator_port, &manifest.requesters),
+        governance::coordinator_toml(
+            &pairs,
+            coordinator_port,
+            &manifest.requesters,
+            &manifest.registry_key,
+        ),
     )
     .map_err(io(&path))?;
     manifest.coordinator_port = coordinator_port;
@@ -498,6 +507,7 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         coordinator_port,
         ports: BTreeMap::new(),
         requesters,
+        registry_key: keys.registry.clone(),
     };
     write_configs(out, &mut manifest, coordinator_port, &node_ports)?;
 

@@ -14,6 +14,7 @@ mod load;
 mod noise;
 mod plan;
 mod post;
+mod secure;
 
 #[cfg(test)]
 mod tests;
@@ -29,6 +30,7 @@ pub use cohort::AnchorSide;
 pub use load::DataError;
 pub use noise::LinkLaplace;
 pub use post::{LinkedRules, release_linked, stricter_rounding};
+pub use secure::{Coordinate, Part, SecureInput, SecureLayout, noisy_share};
 
 /// The node's query engine: one DataFusion session with every dataset registered.
 pub struct Engine {
@@ -118,6 +120,20 @@ impl Engine {
         limits: &Limits,
     ) -> Result<Release, EngineError> {
         self.run(query, limits, false).await
+    }
+
+    /// This node's exact input to a secure-aggregation session (see `secure`): the
+    /// query's bounded figures for every declared cell, in units, with their layout.
+    /// Exact figures: the caller masks them and adds its noise share before anything
+    /// leaves the node.
+    pub async fn secure_input(
+        &self,
+        query: &phm_proto::QueryBody,
+        limits: &Limits,
+    ) -> Result<SecureInput, EngineError> {
+        let ds = self.dataset(limits)?;
+        let exact = plan::run_exact(&self.ctx, ds, query.filter.as_ref(), limits).await?;
+        secure::input(&exact, limits)
     }
 
     /// The anchor's people for a linked question the policy allowed: its filter and

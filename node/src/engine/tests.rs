@@ -250,6 +250,7 @@ fn query(filter: Option<Predicate>) -> QueryBody {
         issued_at_unix_ms: 0,
         nonce: vec![0; 16],
         linkage: None,
+        aggregation: Default::default(),
     }
 }
 

@@ -12,10 +12,12 @@
 mod link;
 mod query;
 mod record;
+mod secure;
 mod views;
 mod watchdog;
 
 pub use link::{LinkIn, LinkOpen, LinkOut, LinkTerms, SESSION_NONCE_LEN};
+pub use secure::{BeginWire, SECURE_NONCE_LEN, SecureIn, SecureOut, SecureTerms};
 pub use views::{BudgetView, DatasetView, Description, LedgerView};
 
 use crate::audit::{AuditLog, AuditRecord, Outcome};

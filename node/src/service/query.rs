@@ -387,12 +387,19 @@ impl Service {
         let store = self.store.clone();
         let charges = limits.charges.clone();
         let (spend, delta_conv) = (limits.spend, limits.delta);
-        let states = match self
+        let states = self
             .io(move || store.check_and_spend(&charges, spend, delta_conv))
             .await?
-        {
-            Ok(states) => states,
-            Err(StoreError::BudgetExhausted {
+            .map_err(|e| self.spend_failure(e))?;
+        self.note_spend(limits, &states, record);
+        Ok(states)
+    }
+
+    /// Why a charge failed, for the requester: an exhausted ledger with what is left,
+    /// or a storage failure (which also stops the node).
+    pub(super) fn spend_failure(&self, e: StoreError) -> Stop {
+        match e {
+            StoreError::BudgetExhausted {
                 ledger,
                 period_label,
                 measure,
@@ -400,7 +407,7 @@ impl Service {
                 remaining,
                 requested,
                 ..
-            }) => {
+            } => {
                 let fmt = |x: f64| {
                     if measure == "delta" {
                         format!("{x:e}")
@@ -408,7 +415,7 @@ impl Service {
                         eps(x)
                     }
                 };
-                return Err(Denial::new(
+                Denial::new(
                     DenialReason::BudgetExhausted,
                     format!(
                         "budget exhausted on {ledger} for {period_label}: {} of {} {measure} left, this query asks for {}",
@@ -422,10 +429,19 @@ impl Service {
                     fmt(remaining),
                     fmt(total)
                 )])
-                .into());
+                .into()
             }
-            Err(e) => return Err(self.store_denial(e, "cannot charge the budget").into()),
-        };
+            e => self.store_denial(e, "cannot charge the budget").into(),
+        }
+    }
+
+    /// The audit record's account of a charge that is on disk.
+    pub(super) fn note_spend(
+        &self,
+        limits: &Limits,
+        states: &[LedgerState],
+        record: &mut AuditRecord,
+    ) {
         record.epsilon_spent = limits.epsilon;
         record.delta_spent = release_delta(limits);
         record.ledger_spend = Some(limits.spend);
@@ -434,7 +450,6 @@ impl Service {
         record.charged.sort();
         record.charged.dedup();
         self.metrics.spent(limits.epsilon);
-        Ok(states)
     }
 
     /// Run the engine on the spent budget; its failures keep the spend (waste, never

@@ -183,6 +183,7 @@ pub fn count_by_imd(requester: &str, epsilon: f64) -> QueryBody {
         issued_at_unix_ms: now_ms(),
         nonce: nonce(),
         linkage: None,
+        aggregation: Default::default(),
     }
 }
 

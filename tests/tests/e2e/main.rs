@@ -12,6 +12,7 @@ mod node_server;
 mod peers;
 mod pinning;
 mod redteam;
+mod secure;
 mod tidy;
 mod trust;
 

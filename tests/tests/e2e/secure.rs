@@ -1,0 +1,280 @@
+//! Secure aggregation end to end: `phm query --secure` through the real coordinator and
+//! the synthetic ICS's GP practices (one session, the system total only, honest
+//! intervals around the synthetic truth, no partner figure anywhere in the result), then
+//! this test standing in for the coordinator at one practice: a second session for the
+//! same query id is refused, and so is a plain query on the secure stream (a downgrade
+//! the requester did not sign).
+
+use crate::rt;
+use phm_e2e::client::{self, body, count, sign};
+use phm_e2e::{Federation, phm};
+use phm_proto::proto;
+use phm_proto::proto::sec_agg_up::Step as Up;
+use phm_proto::{Aggregation, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody};
+use std::collections::BTreeMap;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const SQL: &str = "SELECT imd_quintile, COUNT(*) AS diabetics FROM gp_patients \
+                   WHERE diabetes = TRUE GROUP BY imd_quintile";
+
+fn query_json(fed: &Federation, extra: &[&str], sql: &str) -> serde_json::Value {
+    let certs = fed.ics.certs();
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    let (key, ca, cert, cert_key) = (
+        s(fed.ics.key("dsu")),
+        s(certs.join("ca.pem")),
+        s(certs.join("dsu-client.pem")),
+        s(certs.join("dsu-client.key")),
+    );
+    let url = fed.coordinator_url();
+    let mut args = vec![
+        "query",
+        "--coordinator",
+        &url,
+        "--federation",
+        phm_e2e::FEDERATION_ID,
+        "--key",
+        &key,
+        "--purpose",
+        "planning",
+        "--epsilon",
+        "1",
+        "--format",
+        "json",
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--cert-key",
+        &cert_key,
+    ];
+    args.extend_from_slice(extra);
+    args.push(sql);
+    let (code, out, err) = phm(&args);
+    assert!(
+        code == 0 || code == 4,
+        "phm query failed (exit {code}):\n{out}\n{err}"
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("phm query --format json: {e}\n{out}"))
+}
+
+/// Diabetics per IMD quintile in the synthetic truth (the reference's age bands added up).
+fn truth(fed: &Federation) -> BTreeMap<String, f64> {
+    let reference = phm_devkit::synth::load_reference(&fed.ics.root).unwrap();
+    let q = reference
+        .questions
+        .iter()
+        .find(|q| q.id == phm_devkit::questions::DIABETES_BY_IMD_AGE.id)
+        .unwrap();
+    let at = q
+        .group_columns
+        .iter()
+        .position(|c| c == "imd_quintile")
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for row in &q.rows {
+        *out.entry(row.key[at].clone()).or_insert(0.0) += row.values["diabetics"];
+    }
+    out
+}
+
+#[test]
+fn a_secure_query_gives_one_system_total_within_its_interval_and_no_partner_figure() {
+    let fed = Federation::start(20_000, 41, None);
+    let gps = fed.ics.nodes_serving("gp_patients");
+    assert!(gps.len() >= 5, "{gps:?}");
+    let truth = truth(&fed);
+    let r = query_json(&fed, &["--secure"], SQL);
+    let answered: Vec<&str> = r["coverage"]["answered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        answered.len(),
+        gps.len(),
+        "every practice is in the total: {r}"
+    );
+    assert_eq!(r["partial"], false, "{r}");
+    let note = r["total_note"].as_str().unwrap();
+    assert!(note.contains("Secure aggregation"), "{note}");
+    assert!(
+        note.contains("plain mode would give"),
+        "both predictions are shown: {note}"
+    );
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "one row per declared quintile: {r}");
+    for row in rows {
+        let q = row["group"]["imd_quintile"].as_str().unwrap().to_string();
+        let cell = &row["values"]["diabetics"];
+        assert_eq!(cell["suppressed"], false, "{row}");
+        let (est, se) = (
+            cell["estimate"].as_f64().unwrap(),
+            cell["noise_scale"].as_f64().unwrap(),
+        );
+        // One system figure, from every practice's share of the noise.
+        assert_eq!(cell["contributors"].as_u64().unwrap() as usize, gps.len());
+        assert!(
+            se > 1.0,
+            "the total carries the noise of a central release: {se}"
+        );
+        // The noise is a sum of discrete Gaussians of this sd: 6 sd is a failure
+        // probability of 2e-9; the policies round to 5.
+        let exact = truth[&q];
+        assert!(
+            (est - exact).abs() <= 6.0 * se + 5.0,
+            "quintile {q}: {est} vs exact {exact} (sd {se})"
+        );
+        let ci = cell["ci95"].as_array().unwrap();
+        let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+        assert!(
+            lo <= est && est <= hi && hi - lo >= 2.0 * 1.9 * se - 10.0,
+            "{cell}"
+        );
+    }
+    // No per-partner figure anywhere: the JSON holds the system rows and nothing keyed
+    // by a practice.
+    let text = r.to_string();
+    assert!(r.get("breakdowns").is_none(), "{r}");
+    for gp in &gps {
+        assert_eq!(
+            text.matches(gp.as_str()).count(),
+            1,
+            "{gp} appears only in coverage: {text}"
+        );
+    }
+
+    // The same question in plain mode, beside it: each practice's own noisy figure.
+    let plain = query_json(&fed, &[], SQL);
+    assert!(
+        !plain["total_note"]
+            .as_str()
+            .unwrap()
+            .contains("Secure aggregation")
+    );
+
+    // Every practice audited its part: allowed, with the session's parameters.
+    for gp in &gps {
+        let log = fed.ics.root.join(gp).join("state/audit.log");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let entry = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["rpc"] == "secure_aggregate")
+            .last()
+            .unwrap_or_else(|| panic!("{gp} audited no secure session"));
+        assert_eq!(entry["decision"], "allowed", "{entry}");
+        assert_eq!(entry["epsilon_spent"], 1.0, "{entry}");
+        let reasons = entry["reasons"].to_string();
+        assert!(reasons.contains("secure aggregation: N"), "{reasons}");
+    }
+}
+
+fn secure_body(epsilon: f64) -> QueryBody {
+    let mut q = body(
+        "dsu",
+        Purpose::Planning,
+        "gp_patients",
+        vec![GroupKey::Column("imd_quintile".into())],
+        vec![count("diabetics")],
+        Some(Predicate::Compare {
+            column: "diabetes".into(),
+            op: CompareOp::Eq,
+            value: Literal::Boolean(true),
+        }),
+        epsilon,
+    );
+    q.aggregation = Aggregation::SecureSum;
+    q
+}
+
+/// Open a SecureAggregate stream to a node as the coordinator and read its first reply.
+async fn first_reply(
+    ch: tonic::transport::Channel,
+    query: proto::AggregateQuery,
+) -> Result<proto::SecAggDown, tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(proto::SecAggUp {
+        step: Some(Up::Open(proto::SecAggOpen { query: Some(query) })),
+    })
+    .await
+    .unwrap();
+    let mut c = proto::node_service_client::NodeServiceClient::new(ch);
+    let mut stream = c
+        .secure_aggregate(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let reply = stream.message().await?;
+    drop(tx);
+    reply.ok_or_else(|| tonic::Status::internal("closed without a message"))
+}
+
+#[test]
+fn a_node_joins_one_secure_session_per_query_id_and_refuses_a_downgrade() {
+    let fed = Federation::start(20_000, 43, None);
+    let gp = fed.ics.nodes_serving("gp_patients")[0].clone();
+    let endpoint = fed
+        .nodes
+        .iter()
+        .find(|n| n.id == gp)
+        .map(|n| n.endpoint())
+        .unwrap();
+    let certs = fed.ics.certs();
+    let dsu = client::load_key(&fed.ics.key("dsu"));
+    let id = "e2e-secure-once";
+    let r = query_json(&fed, &["--secure", "--query-id", id], SQL);
+    assert_eq!(r["partial"], false, "{r}");
+    rt().block_on(async {
+        let ch = client::channel(&endpoint, &certs, Some(client::RELAY_CERT))
+            .await
+            .unwrap();
+        // The same question and id, freshly signed: the practice already took part in a
+        // session for it, so a second one (a second total to difference) is refused.
+        let mut again = secure_body(1.0);
+        again.query_id = id.into();
+        let status = first_reply(ch.clone(), sign(again, &dsu))
+            .await
+            .unwrap_err();
+        let text = client::denial_text(&status);
+        assert!(
+            text.contains("already joined secure-aggregation session"),
+            "{text}"
+        );
+        // A plain query on the secure stream: refused before anything is decided.
+        let mut plain = secure_body(1.0);
+        plain.aggregation = Aggregation::Plain;
+        let status = first_reply(ch.clone(), sign(plain, &dsu))
+            .await
+            .unwrap_err();
+        let text = client::denial_text(&status);
+        assert!(
+            text.contains("does not ask for secure aggregation"),
+            "{text}"
+        );
+        // A fresh secure query: the node states its terms, and has spent nothing yet
+        // (the spend is part of its commit, after the shares arrive).
+        let before = {
+            let b = client::node_budget(ch.clone(), "dsu", None, &dsu)
+                .await
+                .unwrap();
+            client::ledger(&b, "requester:dsu").unwrap().epsilon_spent
+        };
+        let reply = first_reply(ch.clone(), sign(secure_body(1.0), &dsu))
+            .await
+            .unwrap();
+        let Some(proto::sec_agg_down::Step::Terms(t)) = reply.step else {
+            panic!("expected terms, got {reply:?}");
+        };
+        assert_eq!(t.keys.len(), 5);
+        assert!(t.rho > 0.0 && t.delta2 > 0.0);
+        let after = {
+            let b = client::node_budget(ch.clone(), "dsu", None, &dsu)
+                .await
+                .unwrap();
+            client::ledger(&b, "requester:dsu").unwrap().epsilon_spent
+        };
+        assert_eq!(before, after, "nothing is spent before the commit step");
+    });
+}
