@@ -307,6 +307,14 @@ struct Asker<'a> {
 
 impl Asker<'_> {
     async fn ask(&self, q: &Question) -> anyhow::Result<CombinedResult> {
+        self.ask_as(q, phm_proto::Aggregation::Plain).await
+    }
+
+    async fn ask_as(
+        &self,
+        q: &Question,
+        aggregation: phm_proto::Aggregation,
+    ) -> anyhow::Result<CombinedResult> {
         let cert_name = format!("{}-client", q.requester);
         let connection = Connection {
             url: self.url.clone(),
@@ -317,7 +325,7 @@ impl Asker<'_> {
         };
         let key = phm::keys::load_private_key(&self.dir.join(format!("keys/{}.key", q.requester)))?;
         let parsed = phm::sql::parse(q.sql).map_err(|e| anyhow!("{}", e.render(q.sql)))?;
-        let body = client::query_body(
+        let mut body = client::query_body(
             parsed,
             phm::synth::FEDERATION_ID,
             q.requester,
@@ -326,11 +334,25 @@ impl Asker<'_> {
             q.epsilon,
             None,
         );
+        body.aggregation = aggregation;
         let channel = client::connect(&connection).await?;
         let submission = client::submit(channel, &self.url, body.sign(&key), &mut |_| {}).await?;
         Ok(submission.result)
     }
 }
+
+/// The demo's secure-versus-plain question (section 7).
+const SECURE_DEMO: Question = Question {
+    id: "secure_diabetes_by_imd",
+    title: "people on the diabetes register by IMD quintile",
+    requester: "dsu",
+    purpose: phm_proto::Purpose::Planning,
+    project: None,
+    sql: "SELECT imd_quintile, COUNT(*) AS diabetics FROM gp_patients \
+          WHERE diabetes = TRUE GROUP BY imd_quintile",
+    epsilon: 0.5,
+    expect_refusal: false,
+};
 
 fn banner(text: &str) {
     phm::outln!("\n{text}\n{}", "=".repeat(text.chars().count()));
@@ -475,6 +497,26 @@ async fn questions_and_report(
         phm::out!("{}", render::table(r, &parsed.aggregates));
         footer(&[r], "DSU's");
     }
+
+    phm::outln!(
+        "\n7. The same question in secure mode and in plain mode: {} (DSU, planning)",
+        SECURE_DEMO.title
+    );
+    let parsed = phm::sql::parse(SECURE_DEMO.sql).map_err(|e| anyhow!("{}", e.message))?;
+    let secure = asker
+        .ask_as(&SECURE_DEMO, phm_proto::Aggregation::SecureSum)
+        .await
+        .context("asking the secure question")?;
+    let plain = asker
+        .ask(&SECURE_DEMO)
+        .await
+        .context("asking the plain question")?;
+    phm::outln!("   Secure: one system total, each practice adding a share of the noise");
+    phm::out!("{}", render::table(&secure, &parsed.aggregates));
+    phm::outln!("   Total: {}", secure.total_note);
+    phm::outln!("   Plain: each practice releases its own noisy figure, summed by the coordinator");
+    phm::out!("{}", render::table(&plain, &parsed.aggregates));
+    footer(&[&secure, &plain], "DSU's");
 
     let reference = synth::load_reference(dir)?;
     let checked = check(&reference, &results);

@@ -241,21 +241,20 @@ fn digest(
     w: i64,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    let mut text = |s: &str| {
+    let text = |h: &mut Sha256, s: &str| {
         h.update((s.len() as u64).to_be_bytes());
         h.update(s.as_bytes());
     };
-    text("phm-secagg/v1 layout");
-    text(&limits.dataset);
+    text(&mut h, "phm-secagg/v1 layout");
+    text(&mut h, &limits.dataset);
     for g in group_columns {
-        text(g);
+        text(&mut h, g);
     }
     for key in keys {
         for label in key {
-            text(label);
+            text(&mut h, label);
         }
     }
-    let mut h = h;
     h.update((keys.len() as u64).to_be_bytes());
     h.update(w.to_be_bytes());
     for (c, a) in coordinates.iter().zip(0u64..) {
@@ -268,8 +267,7 @@ fn digest(
             .get(c.aggregate)
             .and_then(|a| a.column.as_ref())
             .map_or("", |c| c.name.as_str());
-        h.update((column.len() as u64).to_be_bytes());
-        h.update(column.as_bytes());
+        text(&mut h, column);
     }
     h.finalize().into()
 }

@@ -161,9 +161,9 @@ fn a_secure_query_gives_one_system_total_within_its_interval_and_no_partner_figu
         let text = std::fs::read_to_string(&log).unwrap();
         let entry = text
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["rpc"] == "secure_aggregate")
-            .last()
+            .find(|e| e["rpc"] == "secure_aggregate")
             .unwrap_or_else(|| panic!("{gp} audited no secure session"));
         assert_eq!(entry["decision"], "allowed", "{entry}");
         assert_eq!(entry["epsilon_spent"], 1.0, "{entry}");
