@@ -1102,6 +1102,16 @@ fn opt_out_missing_is_refused() {
 }
 
 #[test]
+fn secure_queries_need_the_block_and_require_refuses_plain() {
+    // No [secure_aggregation] block: a secure query is refused, a plain one is not.
+    let p = Policy::parse("b.toml", &BASE).unwrap();
+    let mut q = query();
+    q.aggregation = phm_proto::Aggregation::SecureSum;
+    assert_eq!(refusals_under(&p, &q), vec![RefusalKind::SecureAggregation]);
+    assert_eq!(refusals_under(&p, &query()), vec![]);
+}
+
+#[test]
 fn every_refusal_kind_has_a_test() {
     // `position` is an exhaustive match, so a new kind must take a place; ALL must
     // then hold it there.
@@ -1113,7 +1123,9 @@ fn every_refusal_kind_has_a_test() {
             || k == RefusalKind::OptOutMissing
             // Both have their cases in `linking::tests`.
             || k == RefusalKind::LinkageNotPermitted
-            || k == RefusalKind::LinkedQueryShape;
+            || k == RefusalKind::LinkedQueryShape
+            // `secure_queries_need_the_block_and_require_refuses_plain` below.
+            || k == RefusalKind::SecureAggregation;
         assert!(covered, "{k:?} has no case");
     }
 }
