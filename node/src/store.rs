@@ -740,7 +740,8 @@ impl Store {
     }
 }
 
-fn hex8(b: &[u8; 32]) -> String {
+/// The first eight bytes of a session id, hex: how messages name a session.
+pub(crate) fn hex8(b: &[u8; 32]) -> String {
     b.iter().take(8).map(|x| format!("{x:02x}")).collect()
 }
 

@@ -288,7 +288,7 @@ impl Service {
         };
         let prior = self.participation(&key).await?;
         if let Some(p) = &prior {
-            return Err(second_session(&body.query_id, p).into());
+            return Err(second_session(&body.query_id, &crate::store::hex8(&p.session_id)).into());
         }
         let input: SecureInput = engine
             .secure_input(body, &limits)
@@ -451,13 +451,9 @@ impl Service {
             .await?
         {
             Ok(()) => Ok(()),
-            Err(StoreError::SecondSecureSession { prior_session, .. }) => Err(Denial::new(
-                DenialReason::QueryIdReused,
-                format!(
-                    "this node already joined secure-aggregation session {prior_session} for query id {query_id:?}; a second session is refused (two totals could be differenced): ask again with a new query id"
-                ),
-            )
-            .into()),
+            Err(StoreError::SecondSecureSession { prior_session, .. }) => {
+                Err(second_session(query_id, &prior_session).into())
+            }
             Err(e) => Err(self
                 .store_denial(e, "cannot record the secure-aggregation session")
                 .into()),
@@ -507,17 +503,13 @@ impl Service {
     }
 }
 
-fn second_session(query_id: &str, p: &phm_secagg::Participation) -> Denial {
-    let sid: String = p
-        .session_id
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+/// The refusal of a second session for one query id; `prior` names the first session
+/// (its id's first eight bytes, hex).
+fn second_session(query_id: &str, prior: &str) -> Denial {
     Denial::new(
         DenialReason::QueryIdReused,
         format!(
-            "this node already joined secure-aggregation session {sid} for query id {query_id:?}; a second session is refused (two totals could be differenced): ask again with a new query id"
+            "this node already joined secure-aggregation session {prior} for query id {query_id:?}; a second session is refused (two totals could be differenced): ask again with a new query id"
         ),
     )
 }
