@@ -22,8 +22,10 @@ use phm_proto::{AggregateKind, Denial, DenialReason, QueryBody};
 use phm_relay::{NodeId, Registry, VerifyingKey};
 use phm_secagg::accountant::{self, Cohort, NoiseTarget};
 use phm_secagg::{Begin, Server, SessionParams, Total, wire};
+use prost::Message as _;
 use rand::RngCore as _;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -76,6 +78,28 @@ pub struct SecureTotal {
 pub struct SessionOutcome {
     pub members: Vec<Member>,
     pub total: Result<SecureTotal, String>,
+    /// Application payload exchanged with each node (by registry index), whatever its
+    /// outcome: what an operator sizes links by, and what BENCHMARKS.md reports.
+    pub traffic: BTreeMap<usize, Traffic>,
+}
+
+/// Protobuf-encoded bytes of the session's messages on one node's stream (gRPC framing
+/// and TLS records not included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Coordinator → node.
+    pub to_node: u64,
+    /// Node → coordinator.
+    pub from_node: u64,
+}
+
+type TrafficLog = Arc<Mutex<BTreeMap<usize, Traffic>>>;
+
+fn count(log: &TrafficLog, index: usize, f: impl FnOnce(&mut Traffic)) {
+    // A poisoned lock only loses a statistic; the session goes on.
+    if let Ok(mut map) = log.lock() {
+        f(map.entry(index).or_default());
+    }
 }
 
 struct End {
@@ -84,6 +108,19 @@ struct End {
     tx: mpsc::Sender<proto::SecAggUp>,
     rx: tonic::Streaming<proto::SecAggDown>,
     terms: Option<proto::SecAggTerms>,
+    traffic: TrafficLog,
+}
+
+impl End {
+    async fn send(&self, step: Up) -> bool {
+        let msg = proto::SecAggUp { step: Some(step) };
+        let len = msg.encoded_len() as u64;
+        let sent = self.tx.send(msg).await.is_ok();
+        if sent {
+            count(&self.traffic, self.index, |t| t.to_node += len);
+        }
+        sent
+    }
 }
 
 /// Messages buffered towards each node.
@@ -142,6 +179,7 @@ async fn open(
     index: usize,
     query: proto::AggregateQuery,
     deadline: Duration,
+    traffic: TrafficLog,
 ) -> Result<End, Member> {
     let id = NodeId::new(&client.config.id).map_err(|e| {
         dropped(
@@ -155,6 +193,7 @@ async fn open(
     let first = proto::SecAggUp {
         step: Some(Up::Open(proto::SecAggOpen { query: Some(query) })),
     };
+    let len = first.encoded_len() as u64;
     if tx.send(first).await.is_err() {
         return Err(dropped(
             index,
@@ -165,6 +204,7 @@ async fn open(
     }
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
     req.set_timeout(deadline);
+    count(&traffic, index, |t| t.to_node += len);
     match client.client().secure_aggregate(req).await {
         Ok(resp) => Ok(End {
             index,
@@ -172,6 +212,7 @@ async fn open(
             tx,
             rx: resp.into_inner(),
             terms: None,
+            traffic,
         }),
         Err(status) => Err(from_call::<()>(
             index,
@@ -189,17 +230,22 @@ async fn next(end: &mut End, timeout: Duration, round: &str) -> Result<Down, Mem
             NodeOutcome::TimedOut,
             None,
             format!(
-                "silent for {} s in {round}; dropped from the session",
-                timeout.as_secs()
+                "silent for {:.1} s in {round}; dropped from the session",
+                timeout.as_secs_f64()
             ),
         )),
-        Ok(Ok(Some(proto::SecAggDown { step: Some(s) }))) => Ok(s),
-        Ok(Ok(Some(_))) => Err(dropped(
-            end.index,
-            NodeOutcome::Malformed,
-            None,
-            format!("sent a message with no step in {round}"),
-        )),
+        Ok(Ok(Some(msg))) => {
+            let len = msg.encoded_len() as u64;
+            count(&end.traffic, end.index, |t| t.from_node += len);
+            msg.step.ok_or_else(|| {
+                dropped(
+                    end.index,
+                    NodeOutcome::Malformed,
+                    None,
+                    format!("sent a message with no step in {round}"),
+                )
+            })
+        }
         Ok(Ok(None)) => Err(dropped(
             end.index,
             NodeOutcome::Unreachable,
@@ -278,6 +324,41 @@ pub async fn run_session(
     setup: &SecureSetup,
     deadline: Duration,
 ) -> SessionOutcome {
+    let traffic = TrafficLog::default();
+    let (members, total) = rounds(clients, query, body, setup, deadline, &traffic).await;
+    let traffic = match traffic.lock() {
+        Ok(mut map) => std::mem::take(&mut *map),
+        Err(_) => BTreeMap::new(),
+    };
+    let mut per_node: Vec<u64> = traffic.values().map(|t| t.to_node + t.from_node).collect();
+    per_node.sort_unstable();
+    if let (Some(max), Some(median)) = (per_node.last(), per_node.get(per_node.len() / 2)) {
+        tracing::info!(
+            query_id = %body.query_id,
+            nodes = per_node.len(),
+            max_bytes_per_node = max,
+            median_bytes_per_node = median,
+            total_bytes = per_node.iter().sum::<u64>(),
+            "secure session traffic (protobuf payload, both directions)"
+        );
+    }
+    SessionOutcome {
+        members,
+        total,
+        traffic,
+    }
+}
+
+type Ended = (Vec<Member>, Result<SecureTotal, String>);
+
+async fn rounds(
+    clients: &[(usize, &NodeClient)],
+    query: proto::AggregateQuery,
+    body: &QueryBody,
+    setup: &SecureSetup,
+    deadline: Duration,
+    traffic: &TrafficLog,
+) -> Ended {
     let mut members: BTreeMap<usize, Member> = BTreeMap::new();
     let t = setup.round_timeout;
 
@@ -285,7 +366,7 @@ pub async fn run_session(
     let opened = join_all(
         clients
             .iter()
-            .map(|(i, c)| open(c, *i, query.clone(), deadline)),
+            .map(|(i, c)| open(c, *i, query.clone(), deadline, traffic.clone())),
     )
     .await;
     let mut ends: Vec<End> = Vec::new();
@@ -341,9 +422,8 @@ pub async fn run_session(
             );
         }
     }
-    let fail = |members: BTreeMap<usize, Member>, why: String| SessionOutcome {
-        members: members.into_values().collect(),
-        total: Err(why),
+    let fail = |members: BTreeMap<usize, Member>, why: String| -> Ended {
+        (members.into_values().collect(), Err(why))
     };
     let term_list: Vec<proto::SecAggTerms> =
         cohort.iter().filter_map(|e| e.terms.clone()).collect();
@@ -392,32 +472,21 @@ pub async fn run_session(
 
     // R0: the session; each node answers with its signed keys.
     let begin_msg = wire::begin_to_proto(&begin);
-    let replies = round(&mut alive, t, "R0 (keys)", |_| {
-        Some(Up::Begin(begin_msg.clone()))
-    })
+    exchange(
+        &mut alive,
+        &mut members,
+        t,
+        "R0 (keys)",
+        |_| Some(Up::Begin(begin_msg.clone())),
+        |id, d| match d {
+            Down::Keys(k) => {
+                let k = wire::keys_from_proto(&k).map_err(|e| e.to_string())?;
+                server.receive_keys(id, k).map_err(|e| e.to_string())
+            }
+            _ => Err(UNEXPECTED.into()),
+        },
+    )
     .await;
-    for (id, r) in replies {
-        match r {
-            Ok(Down::Keys(k)) => {
-                let accepted = wire::keys_from_proto(&k)
-                    .map_err(|e| e.to_string())
-                    .and_then(|k| server.receive_keys(&id, k).map_err(|e| e.to_string()));
-                if let Err(why) = accepted {
-                    reject(&mut alive, &mut members, &id, "R0 (keys)", why);
-                }
-            }
-            Ok(_) => reject(
-                &mut alive,
-                &mut members,
-                &id,
-                "R0 (keys)",
-                "an unexpected message",
-            ),
-            Err(m) => {
-                members.insert(m.index, m);
-            }
-        }
-    }
     let peer_keys = match server.close_keys() {
         Ok(p) => p,
         Err(e) => return abort(alive, members, format!("{e}; nothing was spent")),
@@ -426,32 +495,21 @@ pub async fn run_session(
 
     // R1: every node's encrypted shares for every other.
     let pk = wire::peer_keys_to_proto(&peer_keys);
-    let replies = round(&mut alive, t, "R1 (shares)", |_| {
-        Some(Up::PeerKeys(pk.clone()))
-    })
+    exchange(
+        &mut alive,
+        &mut members,
+        t,
+        "R1 (shares)",
+        |_| Some(Up::PeerKeys(pk.clone())),
+        |id, d| match d {
+            Down::Shares(s) => {
+                let s = wire::share_keys_from_proto(id, &s).map_err(|e| e.to_string())?;
+                server.receive_shares(id, s).map_err(|e| e.to_string())
+            }
+            _ => Err(UNEXPECTED.into()),
+        },
+    )
     .await;
-    for (id, r) in replies {
-        match r {
-            Ok(Down::Shares(s)) => {
-                let accepted = wire::share_keys_from_proto(&id, &s)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| server.receive_shares(&id, s).map_err(|e| e.to_string()));
-                if let Err(why) = accepted {
-                    reject(&mut alive, &mut members, &id, "R1 (shares)", why);
-                }
-            }
-            Ok(_) => reject(
-                &mut alive,
-                &mut members,
-                &id,
-                "R1 (shares)",
-                "an unexpected message",
-            ),
-            Err(m) => {
-                members.insert(m.index, m);
-            }
-        }
-    }
     let forwarded = match server.close_shares() {
         Ok(f) => f,
         Err(e) => return abort(alive, members, format!("{e}; nothing was spent")),
@@ -463,31 +521,25 @@ pub async fn run_session(
         .iter()
         .map(|(id, f)| (id.clone(), wire::forwarded_to_proto(f)))
         .collect();
-    let replies = round(&mut alive, t, "R2 (masked input)", |id| {
-        fwd.get(id).cloned().map(Up::Forwarded)
-    })
-    .await;
     let mut committed: Vec<NodeId> = Vec::new();
-    for (id, r) in replies {
-        match r {
-            Ok(Down::Masked(y)) => {
+    exchange(
+        &mut alive,
+        &mut members,
+        t,
+        "R2 (masked input)",
+        |id| fwd.get(id).cloned().map(Up::Forwarded),
+        |id, d| match d {
+            Down::Masked(y) => {
+                // A masked input means its sender has spent, accepted or not.
                 committed.push(id.clone());
-                if let Err(e) = server.receive_masked(&id, wire::masked_from_proto(&id, &y)) {
-                    reject(&mut alive, &mut members, &id, "R2 (masked input)", e);
-                }
+                server
+                    .receive_masked(id, wire::masked_from_proto(id, &y))
+                    .map_err(|e| e.to_string())
             }
-            Ok(_) => reject(
-                &mut alive,
-                &mut members,
-                &id,
-                "R2 (masked input)",
-                "an unexpected message",
-            ),
-            Err(m) => {
-                members.insert(m.index, m);
-            }
-        }
-    }
+            _ => Err(UNEXPECTED.into()),
+        },
+    )
+    .await;
     let spent_note = "; the nodes that sent a masked input have spent their budget";
     let survivors = match server.close_masked() {
         Ok(s) => s,
@@ -502,32 +554,21 @@ pub async fn run_session(
 
     // R3: every survivor signs the survivor set.
     let sv = wire::survivors_to_proto(&survivors);
-    let replies = round(&mut alive, t, "R3 (consistency)", |_| {
-        Some(Up::Survivors(sv.clone()))
-    })
+    exchange(
+        &mut alive,
+        &mut members,
+        t,
+        "R3 (consistency)",
+        |_| Some(Up::Survivors(sv.clone())),
+        |id, d| match d {
+            Down::Signature(s) => {
+                let s = wire::signature_from_proto(&s).map_err(|e| e.to_string())?;
+                server.receive_signature(id, s).map_err(|e| e.to_string())
+            }
+            _ => Err(UNEXPECTED.into()),
+        },
+    )
     .await;
-    for (id, r) in replies {
-        match r {
-            Ok(Down::Signature(s)) => {
-                let accepted = wire::signature_from_proto(&s)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| server.receive_signature(&id, s).map_err(|e| e.to_string()));
-                if let Err(why) = accepted {
-                    reject(&mut alive, &mut members, &id, "R3 (consistency)", why);
-                }
-            }
-            Ok(_) => reject(
-                &mut alive,
-                &mut members,
-                &id,
-                "R3 (consistency)",
-                "an unexpected message",
-            ),
-            Err(m) => {
-                members.insert(m.index, m);
-            }
-        }
-    }
     let unmask = match server.close_signatures() {
         Ok(u) => u,
         Err(e) => return abort(alive, members, format!("{e}{spent_note}")),
@@ -535,32 +576,21 @@ pub async fn run_session(
 
     // R4: the signers reveal the shares that strip the masks.
     let um = wire::unmask_request_to_proto(&unmask);
-    let replies = round(&mut alive, t, "R4 (unmasking)", |_| {
-        Some(Up::Unmask(um.clone()))
-    })
+    exchange(
+        &mut alive,
+        &mut members,
+        t,
+        "R4 (unmasking)",
+        |_| Some(Up::Unmask(um.clone())),
+        |id, d| match d {
+            Down::UnmaskShares(u) => {
+                let u = wire::unmask_shares_from_proto(id, &u).map_err(|e| e.to_string())?;
+                server.receive_unmask(id, u).map_err(|e| e.to_string())
+            }
+            _ => Err(UNEXPECTED.into()),
+        },
+    )
     .await;
-    for (id, r) in replies {
-        match r {
-            Ok(Down::UnmaskShares(u)) => {
-                let accepted = wire::unmask_shares_from_proto(&id, &u)
-                    .map_err(|e| e.to_string())
-                    .and_then(|u| server.receive_unmask(&id, u).map_err(|e| e.to_string()));
-                if let Err(why) = accepted {
-                    reject(&mut alive, &mut members, &id, "R4 (unmasking)", why);
-                }
-            }
-            Ok(_) => reject(
-                &mut alive,
-                &mut members,
-                &id,
-                "R4 (unmasking)",
-                "an unexpected message",
-            ),
-            Err(m) => {
-                members.insert(m.index, m);
-            }
-        }
-    }
     let total = match server.finish() {
         Ok(t) => t,
         Err(e) => return abort(alive, members, format!("{e}{spent_note}")),
@@ -612,9 +642,9 @@ pub async fn run_session(
         .iter()
         .map(|t| t.rho)
         .fold(f64::INFINITY, f64::min);
-    SessionOutcome {
-        members: members.into_values().collect(),
-        total: Ok(SecureTotal {
+    (
+        members.into_values().collect(),
+        Ok(SecureTotal {
             rows,
             min_reportable_count: info.min_reportable_count,
             rounded: info.rounded,
@@ -627,7 +657,7 @@ pub async fn run_session(
             epsilon: eps,
             delta,
         }),
-    }
+    )
 }
 
 /// What the cohort's terms add up to for the release.
@@ -681,12 +711,7 @@ async fn round(
                     )),
                 );
             };
-            if end
-                .tx
-                .send(proto::SecAggUp { step: Some(step) })
-                .await
-                .is_err()
-            {
+            if !end.send(step).await {
                 return (
                     id.clone(),
                     Err(dropped(
@@ -700,13 +725,57 @@ async fn round(
             (id.clone(), next(end, timeout, name).await)
         }
     });
+    let started = std::time::Instant::now();
     let replies = join_all(futures).await;
+    tracing::debug!(
+        round = name,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "secure round"
+    );
     for (id, r) in &replies {
         if r.is_err() {
             alive.remove(id);
         }
     }
     replies
+}
+
+const UNEXPECTED: &str = "an unexpected message";
+
+/// One round: [`round`]'s request and replies, then [`settle`]'s verdict on each.
+async fn exchange(
+    alive: &mut BTreeMap<NodeId, End>,
+    members: &mut BTreeMap<usize, Member>,
+    timeout: Duration,
+    name: &str,
+    request: impl Fn(&NodeId) -> Option<Up>,
+    accept: impl FnMut(&NodeId, Down) -> Result<(), String>,
+) {
+    let replies = round(alive, timeout, name, request).await;
+    settle(replies, alive, members, name, accept);
+}
+
+/// Hand each reply of a round to `accept`; a node whose reply is missing (it is already
+/// in `members`) or refused by `accept` leaves the session.
+fn settle(
+    replies: Vec<(NodeId, Result<Down, Member>)>,
+    alive: &mut BTreeMap<NodeId, End>,
+    members: &mut BTreeMap<usize, Member>,
+    round: &str,
+    mut accept: impl FnMut(&NodeId, Down) -> Result<(), String>,
+) {
+    for (id, r) in replies {
+        match r {
+            Ok(d) => {
+                if let Err(why) = accept(&id, d) {
+                    reject(alive, members, &id, round, why);
+                }
+            }
+            Err(m) => {
+                members.insert(m.index, m);
+            }
+        }
+    }
 }
 
 fn reject(
@@ -748,11 +817,7 @@ fn retain(
     }
 }
 
-fn abort(
-    alive: BTreeMap<NodeId, End>,
-    mut members: BTreeMap<usize, Member>,
-    why: String,
-) -> SessionOutcome {
+fn abort(alive: BTreeMap<NodeId, End>, mut members: BTreeMap<usize, Member>, why: String) -> Ended {
     for (_, end) in alive {
         members.entry(end.index).or_insert_with(|| {
             dropped(
@@ -763,10 +828,7 @@ fn abort(
             )
         });
     }
-    SessionOutcome {
-        members: members.into_values().collect(),
-        total: Err(why),
-    }
+    (members.into_values().collect(), Err(why))
 }
 
 /// The total as one row per cell, with each figure's noise: the sum of |U3| discrete

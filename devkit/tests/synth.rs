@@ -69,8 +69,9 @@ fn same_seed_gives_identical_data_and_reference_answers() {
         ha.get("reference_answers.json"),
         hc.get("reference_answers.json")
     );
-    // The manifest is the same too, except the requesters' public keys: keys are
-    // fresh randomness on purpose (never derived from the seed, which is shared).
+    // The manifest is the same too, except the requesters' and the registry's public
+    // keys: keys are fresh randomness on purpose (never derived from the seed, which is
+    // shared).
     let mut ma = synth::load_manifest(&a).unwrap();
     let mut mb = synth::load_manifest(&b).unwrap();
     assert_eq!(ma.requesters.len(), 2);
@@ -78,8 +79,14 @@ fn same_seed_gives_identical_data_and_reference_answers() {
         ma.requesters, mb.requesters,
         "keys are not derived from the seed"
     );
+    assert_ne!(
+        ma.registry_key, mb.registry_key,
+        "keys are not derived from the seed"
+    );
     ma.requesters.clear();
     mb.requesters.clear();
+    ma.registry_key.clear();
+    mb.registry_key.clear();
     assert_eq!(ma, mb);
 }
 

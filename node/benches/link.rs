@@ -35,8 +35,11 @@
 //! and Wales, below 400 million in Scotland and Northern Ireland). The files live in a
 //! temporary folder and are removed afterwards.
 
+mod common;
+
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
+use common::{channel_tls, clock_ticks, cpu_seconds, load_average, log_events, median, status_mib};
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, RecordBatchReader, StringBuilder,
     UInt32Array,
@@ -46,7 +49,7 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::Compression;
 use datafusion::parquet::file::properties::WriterProperties;
-use phm_devkit::launch::{Federation, Launch, Program, Programs, edit_toml};
+use phm_devkit::launch::{Federation, Launch, Programs, edit_toml};
 use phm_devkit::synth::{self, SynthOptions, ics::OrgKind};
 use phm_proto::proto;
 use phm_proto::query::Linkage;
@@ -83,60 +86,8 @@ struct Args {
     /// Sessions to time (each with freshly started processes); medians are reported.
     #[arg(long, default_value_t = 1)]
     runs: usize,
-    /// Working folder (replaced). Default: <tmp>/phm-link-bench.
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Keep the working folder (data, configs, logs) afterwards.
-    #[arg(long)]
-    keep: bool,
-    /// `phm-node` to run; default: the one cargo built for this bench.
-    #[arg(long, env = "PHM_NODE_BIN")]
-    node: Option<PathBuf>,
-    /// `phm-coordinator` to run; default: built by cargo with this bench's profile.
-    #[arg(long, env = "PHM_COORDINATOR_BIN")]
-    coordinator: Option<PathBuf>,
-    /// Passed by `cargo bench`; ignored.
-    #[arg(long, hide = true)]
-    bench: bool,
-}
-
-/// The `phm-coordinator` binary: built with the profile this bench was built with, in
-/// the same target folder.
-fn coordinator_binary(args: &Args) -> Result<PathBuf> {
-    if let Some(p) = &args.coordinator {
-        return Ok(p.clone());
-    }
-    let exe = std::env::current_exe().context("locate the bench binary")?;
-    // target/<profile>/deps/link-… → target/<profile>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected bench binary path {}", exe.display()))?;
-    let target_dir = profile_dir
-        .parent()
-        .ok_or_else(|| anyhow!("unexpected profile folder {}", profile_dir.display()))?;
-    let profile = profile_dir
-        .file_name()
-        .and_then(|s| s.to_str())
-        .unwrap_or("release");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "phm-coordinator", "--bins"])
-        .env("CARGO_TARGET_DIR", target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile != "debug" {
-        cmd.args(["--profile", profile]);
-    }
-    let status = cmd
-        .status()
-        .context("run cargo build for phm-coordinator")?;
-    ensure!(
-        status.success(),
-        "cargo build of phm-coordinator failed: {status}"
-    );
-    let bin = profile_dir.join(format!("phm-coordinator{}", std::env::consts::EXE_SUFFIX));
-    ensure!(bin.exists(), "{} missing after the build", bin.display());
-    Ok(bin)
+    #[command(flatten)]
+    processes: common::Processes,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -314,64 +265,6 @@ fn write_partner(path: &Path, trust: &str, people: &People) -> Result<()> {
 // Measurement
 
 /// Clock ticks per second of `/proc/<pid>/stat`.
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid`, every thread, in seconds.
-fn cpu_seconds(pid: u32, ticks: f64) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces), from field 3 (state) on.
-    let rest = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("unexpected /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<f64> {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| anyhow!("/proc/{pid}/stat has no field {}", i + 3))
-    };
-    // utime and stime are fields 14 and 15.
-    Ok((field(11)? + field(12)?) / ticks)
-}
-
-/// A `kB` line of `/proc/<pid>/status` (VmHWM, VmRSS), in MiB.
-fn status_mib(pid: u32, key: &str) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .ok_or_else(|| anyhow!("/proc/{pid}/status has no {key}"))
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// Every JSON log line of `path` whose message is `message`, as its fields.
-fn log_events(path: &Path, message: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| match v.get("fields") {
-            Some(serde_json::Value::Object(f)) => Some(f.clone()),
-            _ => None,
-        })
-        .filter(|f| f.get("message").and_then(|m| m.as_str()) == Some(message))
-        .collect()
-}
-
 /// One timed session.
 #[derive(Debug, Default)]
 struct Run {
@@ -392,18 +285,6 @@ struct Run {
 
 // ---------------------------------------------------------------------------------------
 // The question
-
-fn channel_tls(dir: &Path) -> Result<tonic::transport::ClientTlsConfig> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let read = |p: PathBuf| std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()));
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(dir.join("certs/ca.pem"))?))
-        .identity(Identity::from_pem(
-            read(dir.join("certs/dsu-client.pem"))?,
-            read(dir.join("certs/dsu-client.key"))?,
-        ))
-        .domain_name("localhost"))
-}
 
 fn question(dir: &Path, run: usize) -> Result<proto::AggregateQuery> {
     let pem = std::fs::read_to_string(dir.join("keys/dsu.key"))?;
@@ -501,10 +382,7 @@ struct Setup {
 }
 
 fn prepare(args: &Args, people: &People) -> Result<Setup> {
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("phm-link-bench"));
+    let dir = args.processes.dir("phm-link-bench");
     let summary = synth::run(&SynthOptions {
         out: dir.clone(),
         population: 5_000,
@@ -556,17 +434,11 @@ fn prepare(args: &Args, people: &People) -> Result<Setup> {
         t.insert("log_format".into(), "json".into());
         t.insert("link_deadline_ms".into(), LINK_DEADLINE_MS.into());
     })?;
-    let node = args
-        .node
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phm-node")));
-    let node = Program::new(node).with_env("RUST_LOG", RUST_LOG);
-    let coordinator = Program::new(coordinator_binary(args)?).with_env("RUST_LOG", RUST_LOG);
     Ok(Setup {
         dir,
         anchor,
         partner,
-        programs: Programs { node, coordinator },
+        programs: args.processes.programs(RUST_LOG)?,
     })
 }
 
@@ -659,15 +531,6 @@ async fn one_run(s: &Setup, run: usize) -> Result<Run> {
         }
     }
     Ok(r)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn mib(bytes: f64) -> f64 {
@@ -792,7 +655,7 @@ async fn main() -> Result<()> {
         })
         .collect();
     println!("\nmedian phases (s): {}", phases.join(", "));
-    if !args.keep {
+    if !args.processes.keep {
         let _ = std::fs::remove_dir_all(&setup.dir);
     }
     Ok(())

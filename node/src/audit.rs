@@ -30,7 +30,8 @@ pub enum Outcome {
 pub struct AuditRecord {
     /// RFC 3339 UTC time of the decision.
     pub time: String,
-    /// "query", "describe" or "budget".
+    /// "query", "describe", "budget", "link", "secure_aggregate" (a secure session up to
+    /// and including its spend) or "secure_aggregate_end" (the rest of that session).
     pub rpc: String,
     pub requester: String,
     pub purpose: Option<String>,

@@ -812,6 +812,58 @@ mod tests {
     }
 
     #[test]
+    fn a_node_joins_one_secure_session_per_query_id_for_ever() {
+        use phm_secagg::{Participation, Stage};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let k = key("dsu", "q1");
+        let first = Participation {
+            query_id: "q1".into(),
+            session_id: [1; 32],
+            stage: Stage::Joined,
+        };
+        store.join_secagg(&k, &first).unwrap();
+        let second = Participation {
+            session_id: [2; 32],
+            ..first.clone()
+        };
+        match store.join_secagg(&k, &second) {
+            Err(StoreError::SecondSecureSession { prior_session, .. }) => {
+                assert_eq!(prior_session, hex8(&[1; 32]));
+            }
+            other => panic!("a second session was not refused: {other:?}"),
+        }
+        // The record moves to "spent" only from this very session's "joined".
+        let spent = Participation {
+            stage: Stage::Spent,
+            ..first.clone()
+        };
+        let other_spent = Participation {
+            stage: Stage::Spent,
+            ..second.clone()
+        };
+        assert!(matches!(
+            store.advance_secagg(&k, &second, &other_spent),
+            Err(StoreError::SecureRecordMismatch { .. })
+        ));
+        store.advance_secagg(&k, &first, &spent).unwrap();
+        assert!(matches!(
+            store.advance_secagg(&k, &first, &spent),
+            Err(StoreError::SecureRecordMismatch { .. })
+        ));
+        // Durable: after a restart the record is there and still blocks a new session.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let back = store.secagg_participation(&k).unwrap().unwrap();
+        assert_eq!((back.session_id, back.stage), ([1; 32], Stage::Spent));
+        assert!(store.join_secagg(&k, &second).is_err());
+        // Another requester's query of the same id is a query of its own.
+        store
+            .join_secagg(&key("researcher", "q1"), &second)
+            .unwrap();
+    }
+
+    #[test]
     fn multi_ledger_spend_is_all_or_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

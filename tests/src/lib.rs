@@ -251,9 +251,25 @@ impl Federation {
     /// Start exactly the nodes whose organisation folders are `ids` (in that order),
     /// and a coordinator registering only them when `with_coordinator`.
     pub fn start_nodes(ics: Ics, ids: &[String], with_coordinator: bool) -> Federation {
+        Self::launch(ics, ids, with_coordinator, programs())
+    }
+
+    /// Every node and the coordinator, each process given `env` on top of this one's
+    /// (e.g. `RUST_LOG`, for a test that acts on a debug event in a node's log).
+    pub fn start_with_env(ics: Ics, env: &[(&str, &str)]) -> Federation {
+        let ids = phm_devkit::launch::organisations(&ics.root);
+        let mut p = programs();
+        for (k, v) in env {
+            p.node = p.node.with_env(k, v);
+            p.coordinator = p.coordinator.with_env(k, v);
+        }
+        Self::launch(ics, &ids, true, p)
+    }
+
+    fn launch(ics: Ics, ids: &[String], with_coordinator: bool, programs: Programs) -> Federation {
         let launch = Launch {
             root: ics.root.clone(),
-            programs: programs(),
+            programs,
             nodes: ids.to_vec(),
             with_coordinator,
             logs: ics.root.join("logs"),
@@ -273,6 +289,47 @@ impl Federation {
             .iter_mut()
             .find(|n| n.id == id)
             .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// `phm query --format json` through this federation's coordinator, signed with the
+    /// requester `key`'s key over the DSU's client certificate, with `extra` arguments
+    /// (purpose, ε, `--secure` …) before `sql`. Exit code 4 (every partner refused) is
+    /// an answer too: the JSON says who refused and why.
+    pub fn query_json(&self, key: &str, extra: &[&str], sql: &str) -> serde_json::Value {
+        let certs = self.ics.certs();
+        let s = |p: PathBuf| p.display().to_string();
+        let (key, ca, cert, cert_key) = (
+            s(self.ics.key(key)),
+            s(certs.join("ca.pem")),
+            s(certs.join("dsu-client.pem")),
+            s(certs.join("dsu-client.key")),
+        );
+        let url = self.coordinator_url();
+        let mut args = vec![
+            "query",
+            "--coordinator",
+            &url,
+            "--federation",
+            FEDERATION_ID,
+            "--key",
+            &key,
+            "--format",
+            "json",
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--cert-key",
+            &cert_key,
+        ];
+        args.extend_from_slice(extra);
+        args.push(sql);
+        let (code, out, err) = phm(&args);
+        assert!(
+            code == 0 || code == 4,
+            "phm query failed for {sql} (exit {code}):\n{out}\n{err}"
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("phm query --format json: {e}\n{out}"))
     }
 
     pub fn coordinator_url(&self) -> String {

@@ -18,7 +18,7 @@ use crate::store::{LedgerState, QueryKey, StoreError};
 use chrono::{DateTime, Utc};
 use phm_policies::Limits;
 use phm_policies::model::Rounding;
-use phm_proto::{Aggregation, Denial, DenialReason, SignedQuery};
+use phm_proto::{Aggregation, Denial, DenialReason, QueryBody, SignedQuery};
 use phm_relay::{NodeId, Registry};
 use phm_secagg::{
     AdvertiseKeys, Begin, ConsistencySig, ForwardedShares, MaskedInput, NodePolicy, PeerKeys,
@@ -366,6 +366,7 @@ impl Service {
             p.dim()
         ));
         wire.send(SecureOut::Keys(keys)).await?;
+        sent(body, "R0 (keys)");
 
         // R1.
         let peer_keys = expect!(wire, PeerKeys, "the members' keys");
@@ -373,6 +374,7 @@ impl Service {
             .share_keys(&peer_keys, &mut rand::rngs::OsRng)
             .map_err(protocol_refusal)?;
         wire.send(SecureOut::Shares(shares)).await?;
+        sent(body, "R1 (shares)");
 
         // R2: the shares addressed to this node; then the spend, durably, and only then
         // the masked input.
@@ -380,12 +382,14 @@ impl Service {
         let ready = state.receive_shares(&forwarded).map_err(protocol_refusal)?;
         let (committed, states) = self.commit(&limits, &key, ready, joined).await?;
         self.note_spend(&limits, &states, record);
+        self.audit_commit(record).await?;
         let noisy = noisy_share(&input.units, p.lattice, p.sigma_share)
             .map_err(|e| internal(format!("{e}; the budget charged stays spent")))?;
         drop(input);
         let (state, masked) = committed.mask(&noisy).map_err(protocol_refusal)?;
         drop(noisy);
         wire.send(SecureOut::Masked(masked)).await?;
+        sent(body, "R2 (masked input)");
 
         // R3.
         let survivors = expect!(wire, Survivors, "the survivor set");
@@ -393,6 +397,7 @@ impl Service {
             .consistency(&peer.identity, &survivors)
             .map_err(protocol_refusal)?;
         wire.send(SecureOut::Signature(signature)).await?;
+        sent(body, "R3 (consistency)");
 
         // R4.
         let request = expect!(wire, Unmask, "the unmasking request");
@@ -404,6 +409,26 @@ impl Service {
             shares.s_shares.len()
         ));
         wire.send(SecureOut::Unmask(shares)).await?;
+        Ok(())
+    }
+
+    /// The charge is on disk; its audit entry is written before the masked input
+    /// exists, so a node that dies from here on still has both (a spend is never without
+    /// its record). What follows (unmasking, or a failure) is a second entry,
+    /// `secure_aggregate_end`, that spends nothing.
+    async fn audit_commit(&self, record: &mut AuditRecord) -> Result<(), Stop> {
+        let mut entry = record.clone();
+        entry.decision = Outcome::Allowed;
+        entry
+            .reasons
+            .push("committed: the budget is charged; the masked input leaves next".into());
+        self.write_audit(entry).await?;
+        record.rpc = SESSION_END_RPC.into();
+        record.epsilon_spent = 0.0;
+        record.delta_spent = 0.0;
+        record.ledger_spend = Some(phm_policies::Spend::ZERO);
+        record.ledgers.clear();
+        record.charged.clear();
         Ok(())
     }
 
@@ -501,6 +526,15 @@ impl Service {
             Err(CommitError::Store(e)) => Err(self.spend_failure(e)),
         }
     }
+}
+
+/// The `rpc` of the audit entry for what happens after a secure session's commit.
+pub const SESSION_END_RPC: &str = "secure_aggregate_end";
+
+/// A round's message has left (debug: what a benchmark or an operator tracing a stuck
+/// session reads; it names no value).
+fn sent(body: &QueryBody, round: &'static str) {
+    tracing::debug!(query_id = %body.query_id, round, "secure round sent");
 }
 
 /// The refusal of a second session for one query id; `prior` names the first session

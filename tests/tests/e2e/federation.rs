@@ -3,7 +3,7 @@
 
 use crate::rt;
 use phm_e2e::client::{self, body, count, sign};
-use phm_e2e::{Federation, Ics, edit_toml, phm};
+use phm_e2e::{Federation, Ics, edit_toml};
 use phm_proto::proto::NodeOutcome;
 use phm_proto::{GroupKey, Purpose};
 use std::time::{Duration, Instant};
@@ -22,50 +22,7 @@ fn binomial_floor(n: usize, p: f64) -> usize {
     n
 }
 
-fn query_json(
-    fed: &Federation,
-    key: &str,
-    purpose: &str,
-    project: Option<&str>,
-    sql: &str,
-) -> serde_json::Value {
-    let certs = fed.ics.certs();
-    let key_path = fed.ics.key(key).display().to_string();
-    let ca = certs.join("ca.pem").display().to_string();
-    let cert = certs.join("dsu-client.pem").display().to_string();
-    let cert_key = certs.join("dsu-client.key").display().to_string();
-    let url = fed.coordinator_url();
-    let mut args = vec![
-        "query",
-        "--coordinator",
-        &url,
-        "--federation",
-        phm_e2e::FEDERATION_ID,
-        "--key",
-        &key_path,
-        "--purpose",
-        purpose,
-        "--format",
-        "json",
-        "--ca",
-        &ca,
-        "--cert",
-        &cert,
-        "--cert-key",
-        &cert_key,
-    ];
-    if let Some(p) = project {
-        args.extend(["--project", p]);
-    }
-    args.push(sql);
-    let (code, out, err) = phm(&args);
-    // 4 = every partner refused: the JSON still reports who refused and why.
-    assert!(
-        code == 0 || code == 4,
-        "phm query failed for {sql} (exit {code}):\n{out}\n{err}"
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("phm query --format json: {e}\n{out}"))
-}
+const PLANNING: &[&str] = &["--purpose", "planning"];
 
 #[test]
 fn system_answers_cover_the_truth_and_say_who_answered() {
@@ -88,7 +45,7 @@ fn system_answers_cover_the_truth_and_say_who_answered() {
             .and_then(|qs| qs.iter().find(|q| q["id"] == id))
             .unwrap_or_else(|| panic!("reference answer {id}"));
         let sql = q["sql"].as_str().unwrap();
-        let answer = query_json(&fed, "dsu", "planning", None, sql);
+        let answer = fed.query_json("dsu", PLANNING, sql);
         let answered = answer["coverage"]["answered"].as_array().unwrap();
         assert!(!answered.is_empty(), "{id}: someone must answer");
         assert!(
@@ -151,13 +108,7 @@ fn system_answers_cover_the_truth_and_say_who_answered() {
     );
 
     // A node's policy refuses the fuel-poverty question: reported with its reason.
-    let refused = query_json(
-        &fed,
-        "dsu",
-        "planning",
-        None,
-        "SELECT housing_tenure, COUNT(*) AS residents FROM la_residents WHERE fuel_poverty = TRUE GROUP BY housing_tenure",
-    );
+    let refused = fed.query_json("dsu", PLANNING, "SELECT housing_tenure, COUNT(*) AS residents FROM la_residents WHERE fuel_poverty = TRUE GROUP BY housing_tenure");
     let refusals = refused["coverage"]["refused"].as_array().unwrap();
     assert!(
         !refusals.is_empty(),
@@ -361,11 +312,9 @@ fn a_partner_whose_policy_reads_the_total_differently_is_flagged_and_the_total_i
         }
     });
     let fed = Federation::start_nodes(ics, &gps, true);
-    let answer = query_json(
-        &fed,
+    let answer = fed.query_json(
         "dsu",
-        "planning",
-        None,
+        PLANNING,
         "SELECT COUNT(*) AS people FROM gp_patients",
     );
     let note = answer["total_note"].as_str().unwrap_or_default();

@@ -23,44 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 /// clamped), and its standard deviation is about 1.5.
 const MU_AT_EPSILON_1: f64 = 24.0;
 
-fn phm_query_json(fed: &Federation, sql: &str) -> serde_json::Value {
-    let certs = fed.ics.certs();
-    let s = |p: std::path::PathBuf| p.display().to_string();
-    let (key, ca, cert, cert_key) = (
-        s(fed.ics.key("dsu")),
-        s(certs.join("ca.pem")),
-        s(certs.join("dsu-client.pem")),
-        s(certs.join("dsu-client.key")),
-    );
-    let url = fed.coordinator_url();
-    let (code, out, err) = phm(&[
-        "query",
-        "--coordinator",
-        &url,
-        "--federation",
-        phm_e2e::FEDERATION_ID,
-        "--key",
-        &key,
-        "--purpose",
-        "planning",
-        "--epsilon",
-        "1",
-        "--format",
-        "json",
-        "--ca",
-        &ca,
-        "--cert",
-        &cert,
-        "--cert-key",
-        &cert_key,
-        sql,
-    ]);
-    assert!(
-        code == 0 || code == 4,
-        "phm query failed (exit {code}):\n{out}\n{err}"
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("phm query --format json: {e}\n{out}"))
-}
+const PLANNING_1: &[&str] = &["--purpose", "planning", "--epsilon", "1"];
 
 #[test]
 fn linked_questions_through_the_coordinator_match_the_pairwise_truth() {
@@ -70,7 +33,7 @@ fn linked_questions_through_the_coordinator_match_the_pairwise_truth() {
     let trusts = fed.ics.nodes_serving("acute_admissions").len();
     assert_eq!(trusts, 2);
     for q in phm_devkit::questions::LINKED {
-        let r = phm_query_json(&fed, q.sql);
+        let r = fed.query_json("dsu", PLANNING_1, q.sql);
         let truth = reference
             .questions
             .iter()

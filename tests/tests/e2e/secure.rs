@@ -3,11 +3,14 @@
 //! intervals around the synthetic truth, no partner figure anywhere in the result), then
 //! this test standing in for the coordinator at one practice: a second session for the
 //! same query id is refused, and so is a plain query on the secure stream (a downgrade
-//! the requester did not sign).
+//! the requester did not sign); and practices killed mid-session (after R1, after R2):
+//! named in coverage, the total still released, the killed practice's spend in its
+//! ledger and audit log when it comes back, and no node ever holding a connection it
+//! opened itself.
 
 use crate::rt;
 use phm_e2e::client::{self, body, count, sign};
-use phm_e2e::{Federation, phm};
+use phm_e2e::{Federation, Restart};
 use phm_proto::proto;
 use phm_proto::proto::sec_agg_up::Step as Up;
 use phm_proto::{Aggregation, CompareOp, GroupKey, Literal, Predicate, Purpose, QueryBody};
@@ -15,49 +18,10 @@ use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+const PLANNING_1: &[&str] = &["--purpose", "planning", "--epsilon", "1"];
+
 const SQL: &str = "SELECT imd_quintile, COUNT(*) AS diabetics FROM gp_patients \
                    WHERE diabetes = TRUE GROUP BY imd_quintile";
-
-fn query_json(fed: &Federation, extra: &[&str], sql: &str) -> serde_json::Value {
-    let certs = fed.ics.certs();
-    let s = |p: std::path::PathBuf| p.display().to_string();
-    let (key, ca, cert, cert_key) = (
-        s(fed.ics.key("dsu")),
-        s(certs.join("ca.pem")),
-        s(certs.join("dsu-client.pem")),
-        s(certs.join("dsu-client.key")),
-    );
-    let url = fed.coordinator_url();
-    let mut args = vec![
-        "query",
-        "--coordinator",
-        &url,
-        "--federation",
-        phm_e2e::FEDERATION_ID,
-        "--key",
-        &key,
-        "--purpose",
-        "planning",
-        "--epsilon",
-        "1",
-        "--format",
-        "json",
-        "--ca",
-        &ca,
-        "--cert",
-        &cert,
-        "--cert-key",
-        &cert_key,
-    ];
-    args.extend_from_slice(extra);
-    args.push(sql);
-    let (code, out, err) = phm(&args);
-    assert!(
-        code == 0 || code == 4,
-        "phm query failed (exit {code}):\n{out}\n{err}"
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("phm query --format json: {e}\n{out}"))
-}
 
 /// Diabetics per IMD quintile in the synthetic truth (the reference's age bands added up).
 fn truth(fed: &Federation) -> BTreeMap<String, f64> {
@@ -85,7 +49,7 @@ fn a_secure_query_gives_one_system_total_within_its_interval_and_no_partner_figu
     let gps = fed.ics.nodes_serving("gp_patients");
     assert!(gps.len() >= 5, "{gps:?}");
     let truth = truth(&fed);
-    let r = query_json(&fed, &["--secure"], SQL);
+    let r = fed.query_json("dsu", &[PLANNING_1, &["--secure"]].concat(), SQL);
     let answered: Vec<&str> = r["coverage"]["answered"]
         .as_array()
         .unwrap()
@@ -147,7 +111,7 @@ fn a_secure_query_gives_one_system_total_within_its_interval_and_no_partner_figu
     }
 
     // The same question in plain mode, beside it: each practice's own noisy figure.
-    let plain = query_json(&fed, &[], SQL);
+    let plain = fed.query_json("dsu", PLANNING_1, SQL);
     assert!(
         !plain["total_note"]
             .as_str()
@@ -224,7 +188,11 @@ fn a_node_joins_one_secure_session_per_query_id_and_refuses_a_downgrade() {
     let certs = fed.ics.certs();
     let dsu = client::load_key(&fed.ics.key("dsu"));
     let id = "e2e-secure-once";
-    let r = query_json(&fed, &["--secure", "--query-id", id], SQL);
+    let r = fed.query_json(
+        "dsu",
+        &[PLANNING_1, &["--secure", "--query-id", id]].concat(),
+        SQL,
+    );
     assert_eq!(r["partial"], false, "{r}");
     rt().block_on(async {
         let ch = client::channel(&endpoint, &certs, Some(client::RELAY_CERT))
@@ -277,4 +245,190 @@ fn a_node_joins_one_secure_session_per_query_id_and_refuses_a_downgrade() {
         };
         assert_eq!(before, after, "nothing is spent before the commit step");
     });
+}
+
+/// Has `log` recorded that this node's message of `round` left for query `id`?
+fn round_sent(log: &std::path::Path, id: &str, round: &str) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|text| {
+        text.lines()
+            .any(|l| l.contains("secure round sent") && l.contains(id) && l.contains(round))
+    })
+}
+
+/// TCP sockets `pid` holds that are not on its own listening port: outbound
+/// connections (established or being opened). A node's only sockets should be its
+/// listener and the connections the coordinator opened to it.
+fn outbound_sockets(pid: u32, listen_port: u16) -> Vec<String> {
+    let inodes: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().to_string();
+                    l.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            if !inodes.contains(*inode) || *state == "0A" {
+                continue; // another process's socket, or a listener
+            }
+            let port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if port != Some(listen_port) {
+                out.push(format!("{table} {line}"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn practices_dropping_mid_session_are_named_the_total_survives_and_nodes_never_connect_to_each_other()
+ {
+    let ics = phm_e2e::Ics::synth(20_000, 47);
+    let mut fed =
+        Federation::start_with_env(ics, &[("RUST_LOG", "info,phm_node::service::secure=debug")]);
+    let gps = fed.ics.nodes_serving("gp_patients");
+    assert!(gps.len() >= 5, "{gps:?}");
+    let port = |fed: &Federation, id: &str| -> u16 {
+        let n = fed.nodes.iter().find(|n| n.id == id).unwrap();
+        n.addr.rsplit_once(':').unwrap().1.parse().unwrap()
+    };
+    let run = |fed: &mut Federation, id: &str, victim: &str, round: &str| -> serde_json::Value {
+        let fed_ref: &Federation = fed;
+        let log = fed_ref
+            .nodes
+            .iter()
+            .find(|n| n.id == victim)
+            .unwrap()
+            .proc
+            .log
+            .clone();
+        let watched: Vec<(u32, u16, String)> = fed_ref
+            .nodes
+            .iter()
+            .filter(|n| gps.contains(&n.id))
+            .map(|n| (n.proc.pid(), port(fed_ref, &n.id), n.id.clone()))
+            .collect();
+        std::thread::scope(|scope| {
+            let query = scope.spawn(|| {
+                fed_ref.query_json(
+                    "dsu",
+                    &[PLANNING_1, &["--secure", "--query-id", id]].concat(),
+                    SQL,
+                )
+            });
+            let mut killed = false;
+            while !query.is_finished() {
+                for (pid, port, node) in &watched {
+                    let out = outbound_sockets(*pid, *port);
+                    assert!(
+                        out.is_empty(),
+                        "{node} opened a connection of its own: {out:?}"
+                    );
+                }
+                if !killed && round_sent(&log, id, round) {
+                    fed_ref
+                        .nodes
+                        .iter()
+                        .find(|n| n.id == victim)
+                        .unwrap()
+                        .proc
+                        .signal("KILL");
+                    killed = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            assert!(killed, "{victim} never logged its {round} message");
+            query.join().unwrap()
+        })
+    };
+
+    // A practice killed once its R1 shares left: named in coverage, not in the total,
+    // and the others' total is still released.
+    let (a, b) = (gps[0].clone(), gps[1].clone());
+    let r = run(&mut fed, "e2e-secure-drop-r1", &a, "R1 (shares)");
+    let answered: Vec<String> = r["coverage"]["answered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(!answered.contains(&a), "{r}");
+    assert_eq!(answered.len(), gps.len() - 1, "{r}");
+    assert_eq!(r["partial"], true, "{r}");
+    assert!(
+        r.to_string().contains(&a),
+        "coverage names the practice that dropped: {r}"
+    );
+    for row in r["rows"].as_array().unwrap() {
+        assert_eq!(
+            row["values"]["diabetics"]["contributors"].as_u64().unwrap() as usize,
+            gps.len() - 1,
+            "{row}"
+        );
+    }
+    fed.node(&a)
+        .proc
+        .wait_exit(std::time::Duration::from_secs(5));
+    fed.node(&a).restart();
+
+    // A practice killed once its masked input left has spent: the spend is in its
+    // ledger and its audit log when it comes back, though its session ended without it.
+    let certs = fed.ics.certs();
+    let dsu = client::load_key(&fed.ics.key("dsu"));
+    let spent = |fed: &Federation| -> f64 {
+        let endpoint = fed.nodes.iter().find(|n| n.id == b).unwrap().endpoint();
+        rt().block_on(async {
+            let ch = client::channel(&endpoint, &certs, Some(client::RELAY_CERT))
+                .await
+                .unwrap();
+            let budget = client::node_budget(ch, "dsu", None, &dsu).await.unwrap();
+            client::ledger(&budget, "requester:dsu")
+                .unwrap()
+                .epsilon_spent
+        })
+    };
+    let before = spent(&fed);
+    let id = "e2e-secure-drop-r2";
+    let r = run(&mut fed, id, &b, "R2 (masked input)");
+    let answered = r["coverage"]["answered"].as_array().unwrap().len();
+    assert!(answered >= gps.len() - 1, "{r}");
+    for row in r["rows"].as_array().unwrap() {
+        assert_eq!(
+            row["values"]["diabetics"]["contributors"].as_u64().unwrap() as usize,
+            answered,
+            "{row}"
+        );
+    }
+    fed.node(&b)
+        .proc
+        .wait_exit(std::time::Duration::from_secs(5));
+    fed.node(&b).restart();
+    let after = spent(&fed);
+    assert!(
+        (after - before - 1.0).abs() < 1e-9,
+        "{b} spent {} in the session it was killed in, expected 1",
+        after - before
+    );
+    let log = fed.ics.root.join(&b).join("state/audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let entry = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["query_id"] == id && e["rpc"] == "secure_aggregate")
+        .unwrap_or_else(|| panic!("{b}'s audit log has no entry for the killed session"));
+    assert_eq!(entry["epsilon_spent"], 1.0, "{entry}");
 }
