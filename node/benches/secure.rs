@@ -160,10 +160,11 @@ struct Setup {
 fn prepare(args: &Args, n: usize) -> Result<Setup> {
     let dir = args.processes.dir("phm-secure-bench").join(format!("n{n}"));
     let t = Instant::now();
-    // About one practice per 9,000 registered people; generate a margin and keep n.
+    // About one practice per 9,000 registered people, and at most 900,000 people (the
+    // NHS test-number range): a synthetic ICS has at most about 100 practices.
     let summary = synth::run(&SynthOptions {
         out: dir.clone(),
-        population: n * 10_000,
+        population: (n * 9_000).min(900_000),
         seed: 20_261_202,
         nodes_limit: Some(n),
         base_port: None,
@@ -180,7 +181,7 @@ fn prepare(args: &Args, n: usize) -> Result<Setup> {
         .collect();
     ensure!(
         practices.len() == n,
-        "the synthetic ICS has {} practices, not {n}",
+        "the synthetic ICS has {} practices, not {n} (a synthetic ICS holds at most 900,000 people)",
         practices.len()
     );
     eprintln!(

