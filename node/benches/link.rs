@@ -39,7 +39,7 @@ mod common;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
-use common::{channel_tls, clock_ticks, cpu_seconds, load_average, log_events, median, status_mib};
+use common::{clock_ticks, cpu_seconds, load_average, log_events, median, status_mib};
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, RecordBatchReader, StringBuilder,
     UInt32Array,
@@ -322,29 +322,7 @@ fn question(dir: &Path, run: usize) -> Result<proto::AggregateQuery> {
 }
 
 async fn submit(url: &str, dir: &Path, run: usize) -> Result<proto::CombinedResult> {
-    use proto::submit_event::Event;
-    let channel = tonic::transport::Channel::from_shared(url.to_string())?
-        .tls_config(channel_tls(dir)?)?
-        .connect()
-        .await
-        .with_context(|| format!("connect to {url}"))?;
-    let mut c = proto::coordinator_service_client::CoordinatorServiceClient::new(channel);
-    let mut stream = c
-        .submit(proto::SubmitRequest {
-            query: Some(question(dir, run)?),
-        })
-        .await?
-        .into_inner();
-    let mut result = None;
-    let mut progress = Vec::new();
-    while let Some(ev) = stream.message().await? {
-        match ev.event {
-            Some(Event::Progress(p)) => progress.push(p),
-            Some(Event::Result(r)) => result = Some(r),
-            None => {}
-        }
-    }
-    let result = result.ok_or_else(|| anyhow!("no result; progress: {progress:?}"))?;
+    let (result, progress) = common::submit(url, dir, question(dir, run)?).await?;
     if result
         .coverage
         .as_ref()

@@ -26,7 +26,7 @@ mod common;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
-use common::{channel_tls, load_average, log_events, median};
+use common::{load_average, log_events, median, submit};
 use opendp::domains::AtomDomain;
 use opendp::measurements::{make_gaussian, make_laplace};
 use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
@@ -254,34 +254,6 @@ fn question(
         aggregation,
     };
     Ok(proto::AggregateQuery::from(body.sign(&key)))
-}
-
-async fn submit(
-    url: &str,
-    dir: &Path,
-    query: proto::AggregateQuery,
-) -> Result<(proto::CombinedResult, Vec<proto::NodeProgress>)> {
-    use proto::submit_event::Event;
-    let channel = tonic::transport::Channel::from_shared(url.to_string())?
-        .tls_config(channel_tls(dir)?)?
-        .connect()
-        .await
-        .with_context(|| format!("connect to {url}"))?;
-    let mut c = proto::coordinator_service_client::CoordinatorServiceClient::new(channel);
-    let mut stream = c
-        .submit(proto::SubmitRequest { query: Some(query) })
-        .await?
-        .into_inner();
-    let (mut result, mut progress) = (None, Vec::new());
-    while let Some(ev) = stream.message().await? {
-        match ev.event {
-            Some(Event::Progress(p)) => progress.push(p),
-            Some(Event::Result(r)) => result = Some(r),
-            None => {}
-        }
-    }
-    let result = result.ok_or_else(|| anyhow!("no result; progress: {progress:?}"))?;
-    Ok((result, progress))
 }
 
 /// Every released quintile within 6 sd (plus the policies' rounding) of the truth, in

@@ -174,3 +174,37 @@ pub fn median(mut v: Vec<f64>) -> f64 {
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
+
+/// Submit `query` to the coordinator at `url` as the DSU of the `phm synth` folder
+/// `dir`; the combined result and every progress event.
+pub async fn submit(
+    url: &str,
+    dir: &Path,
+    query: phm_proto::proto::AggregateQuery,
+) -> Result<(
+    phm_proto::proto::CombinedResult,
+    Vec<phm_proto::proto::NodeProgress>,
+)> {
+    use phm_proto::proto::submit_event::Event;
+    let channel = tonic::transport::Channel::from_shared(url.to_string())?
+        .tls_config(channel_tls(dir)?)?
+        .connect()
+        .await
+        .with_context(|| format!("connect to {url}"))?;
+    let mut c =
+        phm_proto::proto::coordinator_service_client::CoordinatorServiceClient::new(channel);
+    let mut stream = c
+        .submit(phm_proto::proto::SubmitRequest { query: Some(query) })
+        .await?
+        .into_inner();
+    let (mut result, mut progress) = (None, Vec::new());
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(Event::Progress(p)) => progress.push(p),
+            Some(Event::Result(r)) => result = Some(r),
+            None => {}
+        }
+    }
+    let result = result.ok_or_else(|| anyhow!("no result; progress: {progress:?}"))?;
+    Ok((result, progress))
+}
