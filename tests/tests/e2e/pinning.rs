@@ -201,7 +201,20 @@ impl AnalystRig {
             .find(|n| n.id == PROTECTED)
             .map(|n| n.endpoint())
             .unwrap();
+        // The published file names the registry relative to the ICS's folder.
+        let registry = fed
+            .ics
+            .coordinator_config()
+            .parent()
+            .map(|d| d.join("../peer/registry.toml"))
+            .unwrap();
         edit_toml(&config, |t| {
+            if let Some(sa) = t
+                .get_mut("secure_aggregation")
+                .and_then(|v| v.as_table_mut())
+            {
+                sa.insert("registry".into(), s(&registry).into());
+            }
             t.insert("listen".into(), addr.clone().into());
             t.insert("data_dir".into(), s(&cdir.join("state")).into());
             let tls = t["tls"].as_table_mut().unwrap();
