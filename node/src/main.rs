@@ -12,6 +12,9 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Test builds only (see the `failpoints` feature): FAILPOINTS names the steps to hold.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match phm_node::run::run_blocking(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

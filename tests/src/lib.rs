@@ -211,24 +211,58 @@ fn programs() -> Programs {
 /// What a test does to a node or the coordinator beyond the launcher's start and stop.
 pub trait Restart {
     /// Start the same process again (after a kill) on the same port.
-    fn restart(&mut self);
+    fn restart(&mut self) {
+        self.restart_with_env(&[]);
+    }
+
+    /// Stop the process (if running) and start it again on the same port with `env`
+    /// on top of this process's (e.g. FAILPOINTS, to hold a node at one step of a
+    /// secure session).
+    fn restart_with_env(&mut self, env: &[(&str, &str)]);
+}
+
+/// Kill `proc` if it is still running, then start `program` in its place.
+fn respawn(
+    proc: &mut Proc,
+    name: &str,
+    program: Program,
+    env: &[(&str, &str)],
+    config: &Path,
+    addr: &str,
+) {
+    // Only a child not yet reaped: a reaped one's pid may belong to another process.
+    if matches!(proc.child.try_wait(), Ok(None)) {
+        proc.kill9();
+    }
+    let program = env.iter().fold(program, |p, (k, v)| p.with_env(k, v));
+    let log = proc.log.with_extension("restart.log");
+    *proc = Proc::spawn(name, &program, config, log).unwrap_or_else(|e| panic!("{e}"));
+    wait_listening(addr, proc);
 }
 
 impl Restart for RunningNode {
-    fn restart(&mut self) {
-        let log = self.proc.log.with_extension("restart.log");
-        self.proc = Proc::spawn(&self.id, &programs().node, &self.config, log)
-            .unwrap_or_else(|e| panic!("{e}"));
-        wait_listening(&self.addr, &mut self.proc);
+    fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        respawn(
+            &mut self.proc,
+            &self.id,
+            programs().node,
+            env,
+            &self.config,
+            &self.addr,
+        );
     }
 }
 
 impl Restart for RunningCoordinator {
-    fn restart(&mut self) {
-        let log = self.proc.log.with_extension("restart.log");
-        self.proc = Proc::spawn("coordinator", &programs().coordinator, &self.config, log)
-            .unwrap_or_else(|e| panic!("{e}"));
-        wait_listening(&self.addr, &mut self.proc);
+    fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        respawn(
+            &mut self.proc,
+            "coordinator",
+            programs().coordinator,
+            env,
+            &self.config,
+            &self.addr,
+        );
     }
 }
 

@@ -379,6 +379,8 @@ impl Service {
         // R2: the shares addressed to this node; then the spend, durably, and only then
         // the masked input.
         let forwarded = expect!(wire, Forwarded, "the shares addressed to this node");
+        // The e2e tests hold a node here to kill it between its shares and its spend.
+        fail::fail_point!("secure-before-commit");
         let ready = state.receive_shares(&forwarded).map_err(protocol_refusal)?;
         let (committed, states) = self.commit(&limits, &key, ready, joined).await?;
         self.note_spend(&limits, &states, record);
@@ -390,6 +392,8 @@ impl Service {
         drop(noisy);
         wire.send(SecureOut::Masked(masked)).await?;
         sent(body, "R2 (masked input)");
+        // … and here, to kill it between its masked input and its consistency signature.
+        fail::fail_point!("secure-after-masked-input");
 
         // R3.
         let survivors = expect!(wire, Survivors, "the survivor set");
