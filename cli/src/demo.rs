@@ -556,6 +556,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
         population: a.population,
         seed: a.seed,
         nodes_limit: a.nodes,
+        practices: None,
         base_port: None,
         progress: true,
         force: true,

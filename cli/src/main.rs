@@ -72,6 +72,10 @@ struct SynthArgs {
     /// Keep only the first K GP practices (trusts, social care and the council stay).
     #[arg(long)]
     nodes_limit: Option<usize>,
+    /// Split the population over N practices (default: about one per 9,000 people; at
+    /// least 500 people each).
+    #[arg(long)]
+    practices: Option<usize>,
     /// Allocate free loopback ports from this one (coordinator first, then nodes).
     #[arg(long)]
     base_port: Option<u16>,
@@ -155,6 +159,7 @@ fn synth(a: SynthArgs) -> anyhow::Result<ExitCode> {
         population: a.population,
         seed: a.seed,
         nodes_limit: a.nodes_limit,
+        practices: a.practices,
         base_port: a.base_port,
         progress: !a.quiet,
         force: a.force,

@@ -22,6 +22,7 @@ fn options(out: PathBuf, population: usize, seed: u64) -> SynthOptions {
         population,
         seed,
         nodes_limit: None,
+        practices: None,
         base_port: None,
         progress: false,
         force: false,
@@ -110,6 +111,45 @@ fn refuses_to_overwrite_without_force() {
     assert_eq!(synth::load_manifest(&out2).unwrap().seed, 2);
 }
 
+#[test]
+fn practices_splits_the_population_over_that_many_practices_or_says_why_not() {
+    use synth::ics::OrgKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("many");
+    let mut o = options(out.clone(), 6_000, 3);
+    o.practices = Some(11);
+    let summary = synth::run(&o).unwrap();
+    let practices: Vec<_> = summary
+        .manifest
+        .organisations
+        .iter()
+        .filter(|o| o.kind == OrgKind::GpPractice)
+        .collect();
+    // The default for 6,000 people would be six.
+    assert_eq!(practices.len(), 11);
+    let distinct: BTreeSet<_> = practices.iter().map(|p| &p.ods_code).collect();
+    assert_eq!(distinct.len(), 11);
+    for p in &practices {
+        assert!(
+            out.join(&p.ods_code).join("node.toml").exists(),
+            "{}",
+            p.ods_code
+        );
+    }
+
+    let mut o = options(tmp.path().join("too-many"), 6_000, 3);
+    o.practices = Some(13);
+    let e = synth::run(&o).unwrap_err().to_string();
+    assert!(
+        e.contains("--practices 13") && e.contains("at most 12"),
+        "{e}"
+    );
+    assert!(
+        !tmp.path().join("too-many").exists(),
+        "nothing may be written: {e}"
+    );
+}
+
 fn read_gp(path: &Path) -> Vec<(i64, bool)> {
     let file = std::fs::File::open(path).unwrap();
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
@@ -186,6 +226,7 @@ fn every_policy_parses_and_decides_the_demo_questions_as_expected() {
     let out = tmp.path().join("ics");
     let summary = synth::run(&SynthOptions {
         nodes_limit: Some(3),
+        practices: None,
         ..options(out.clone(), 30_000, 3)
     })
     .unwrap();

@@ -366,6 +366,7 @@ fn prepare(args: &Args, people: &People) -> Result<Setup> {
         population: 5_000,
         seed: 20_261_202,
         nodes_limit: Some(1),
+        practices: None,
         base_port: None,
         progress: false,
         force: true,

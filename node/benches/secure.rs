@@ -160,13 +160,15 @@ struct Setup {
 fn prepare(args: &Args, n: usize) -> Result<Setup> {
     let dir = args.processes.dir("phm-secure-bench").join(format!("n{n}"));
     let t = Instant::now();
-    // About one practice per 9,000 registered people, and at most 900,000 people (the
-    // NHS test-number range): a synthetic ICS has at most about 100 practices.
+    // Exactly n practices of about 4,000 registered people each (a small practice; the
+    // NHS test-number range caps a synthetic ICS at 900,000 people, so 200 practices of
+    // the mean English list size would not fit).
     let summary = synth::run(&SynthOptions {
         out: dir.clone(),
-        population: (n * 9_000).min(900_000),
+        population: (n * 4_000).min(900_000),
         seed: 20_261_202,
         nodes_limit: Some(n),
+        practices: Some(n),
         base_port: None,
         progress: false,
         force: true,
@@ -181,7 +183,7 @@ fn prepare(args: &Args, n: usize) -> Result<Setup> {
         .collect();
     ensure!(
         practices.len() == n,
-        "the synthetic ICS has {} practices, not {n} (a synthetic ICS holds at most 900,000 people)",
+        "the synthetic ICS has {} practices, not {n}",
         practices.len()
     );
     eprintln!(

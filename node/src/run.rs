@@ -293,6 +293,12 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     server::install_crypto_provider();
     let config = NodeConfig::load(&args.config)?;
     phm_daemon::init_logging(args.log_format.unwrap_or(config.log_format));
+    // The e2e tests' build: FAILPOINTS can hold this process at named steps. Said at start
+    // so a test binary copied onto a real server is noticed in its first log line.
+    #[cfg(feature = "failpoints")]
+    tracing::warn!(
+        "this phm-node is a test build (feature `failpoints`): the FAILPOINTS variable can pause it mid-protocol; build production nodes with `cargo build --release -p phm-node`"
+    );
     let node = Node::start(config).await?;
     let cfg = node.config().clone();
     let metrics = match cfg.metrics_listen {

@@ -254,9 +254,9 @@ fn pick5(rng: &mut Rng, w: &[f64; 5]) -> usize {
     super::rng::pick(rng, w)
 }
 
-/// Build the ICS for a population of `n`.
-pub fn build(rng: &mut Rng, n: usize) -> Ics {
-    let k = practice_count(n);
+/// Build the ICS for a population of `n` registered with `k` GP practices
+/// ([`practice_count`] unless the caller chose).
+pub fn build(rng: &mut Rng, n: usize, k: usize) -> Ics {
     let sizes = list_sizes(rng, n, k);
 
     // Practices to Places in proportion to PLACE_WEIGHTS (largest remainder).

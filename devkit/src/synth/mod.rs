@@ -57,6 +57,15 @@ pub enum SynthError {
     TooLarge(#[from] people::TooManyPeople),
     #[error("--nodes-limit must be at least 1")]
     NoPractices,
+    #[error(
+        "--practices {practices} leaves fewer than {min} people per practice in a population of {population}; ask for at most {max} practices or a larger population"
+    )]
+    TooManyPractices {
+        practices: usize,
+        population: usize,
+        min: usize,
+        max: usize,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -90,6 +99,10 @@ pub struct SynthOptions {
     pub seed: u64,
     /// Keep only the first K GP practices (the other partners always stay).
     pub nodes_limit: Option<usize>,
+    /// Split the population over this many GP practices instead of about one per 9,000
+    /// people (at least [`MIN_LIST_SIZE`] people each): a many-partner federation, such
+    /// as the 200-practice secure-aggregation bench, within the NHS test-number range.
+    pub practices: Option<usize>,
     /// Allocate free loopback ports from here; otherwise 50050 (coordinator) and 50051…
     /// are written unchecked and `phm demo` picks its own at run time.
     pub base_port: Option<u16>,
@@ -263,6 +276,11 @@ fn bar(progress: bool, len: u64, msg: &'static str) -> ProgressBar {
 /// the demo's questions a few people.
 pub const MIN_POPULATION: usize = 1_000;
 
+/// The fewest people `--practices` may leave to one practice on average (the smallest
+/// English practices have a few hundred patients; below this the per-practice counts
+/// are mostly suppressed and say nothing).
+pub const MIN_LIST_SIZE: usize = 500;
+
 /// Everything generated in memory before it is written: the people, what each non-GP
 /// partner holds about them, and every partner's record of their NHS numbers.
 #[derive(Debug, Clone)]
@@ -298,15 +316,27 @@ pub fn run(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         }
         .into());
     }
-    if opts.nodes_limit == Some(0) {
+    if opts.nodes_limit == Some(0) || opts.practices == Some(0) {
         return Err(SynthError::NoPractices);
+    }
+    let max_practices = opts.population / MIN_LIST_SIZE;
+    if let Some(k) = opts.practices.filter(|&k| k > max_practices) {
+        return Err(SynthError::TooManyPractices {
+            practices: k,
+            population: opts.population,
+            min: MIN_LIST_SIZE,
+            max: max_practices,
+        });
     }
     prepare_dir(&opts.out, opts.force)?;
     let out = opts.out.as_path();
     let as_of = as_of();
 
     let mut rng = rng::seeded(opts.seed);
-    let ics = ics::build(&mut rng, opts.population);
+    let practices = opts
+        .practices
+        .unwrap_or_else(|| ics::practice_count(opts.population));
+    let ics = ics::build(&mut rng, opts.population, practices);
     let pb = bar(opts.progress, opts.population as u64, "generating people");
     let people = people::generate(&mut rng, &ics, &mut |n| pb.inc(n))?;
     pb.set_message("activity");

@@ -8,10 +8,20 @@ use crate::{ForwardedShares, PeerKeys, SurvivorSet, UnmaskRequest};
 
 const N: usize = 5;
 
-/// An honest session of N = 5 (t_noise = 4, t_sss = 4) up to the survivor set, for the
+/// An honest session of N = 5 nodes (t_noise = 4, t_sss = 4) up to the survivor set, for the
 /// attacks on R3 and R4: every node's state after R2, and the honest U3.
 fn to_r3(fed: &Fed, nonce: u8) -> (Vec<AwaitingSurvivors>, SurvivorSet, Begin) {
-    let begin = begin_msg(fed, params(N as u32, 4, 1), "q", nonce);
+    to_r3_without(fed, nonce, &[])
+}
+
+/// As [`to_r3`], but the nodes in `silent` send their keys and then nothing more: they are
+/// in U1 and outside U2, and only the others' states are returned (in node order).
+fn to_r3_without(
+    fed: &Fed,
+    nonce: u8,
+    silent: &[usize],
+) -> (Vec<AwaitingSurvivors>, SurvivorSet, Begin) {
+    let begin = begin_msg(fed, params(fed.ids.len() as u32, 4, 1), "q", nonce);
     let policy = policy(fed, &begin.params);
     let mut server = Server::new(&begin, &fed.registry_key.verifying_key(), NOW).unwrap();
     let (s0, keys, parts) = r0(fed, &begin, &policy);
@@ -21,13 +31,16 @@ fn to_r3(fed: &Fed, nonce: u8) -> (Vec<AwaitingSurvivors>, SurvivorSet, Begin) {
     let pk = server.close_keys().unwrap();
     let mut s1 = Vec::new();
     for (i, s) in s0.into_iter().enumerate() {
+        if silent.contains(&i) {
+            continue;
+        }
         let (s, msg) = s.share_keys(&pk, &mut rng(i as u64)).unwrap();
         server.receive_shares(fed.ids[i].node_id(), msg).unwrap();
-        s1.push(s);
+        s1.push((i, s));
     }
     let fwd = server.close_shares().unwrap();
     let mut s2 = Vec::new();
-    for (i, s) in s1.into_iter().enumerate() {
+    for (i, s) in s1 {
         let ready = s.receive_shares(&fwd[fed.ids[i].node_id()]).unwrap();
         let c = ready
             .commit(Some(&parts[i]), |_| Ok::<_, SecAggError>(()))
@@ -347,6 +360,26 @@ fn a_second_session_for_the_same_query_is_refused() {
         Err(SecAggError::AlreadyJoined { .. })
     ));
     assert!(admit_session(None, "other query", &[0; 32]).is_ok());
+}
+
+#[test]
+fn a_survivor_outside_u2_is_refused_before_any_signature() {
+    // Node 4 sent keys and then went quiet, so no survivor holds shares of its masks. A
+    // coordinator that names it a survivor anyway would have the others unmask a sum
+    // whose mask with node 4 nobody can remove, or learn which shares they hold.
+    let fed = fed(N + 1);
+    let (states, u3, _) = to_r3_without(&fed, 1, &[N]);
+    assert_eq!(u3.survivors, ids(&fed, &[0, 1, 2, 3, 4]));
+    let padded = SurvivorSet {
+        survivors: ids(&fed, &[0, 1, 2, 3, 4, 5]),
+    };
+    assert_eq!(states.len(), N);
+    for (i, s) in states.into_iter().enumerate() {
+        assert_eq!(
+            s.consistency(&fed.ids[i], &padded).err().unwrap(),
+            SecAggError::SurvivorNotInU2(fed.ids[N].node_id().clone())
+        );
+    }
 }
 
 #[test]
