@@ -22,80 +22,14 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use phm_devkit::fixture::{bench_policy, engine_limits, write_bench_data};
+use phm_devkit::fixture::{BENCH_SQL, bench_limits, bench_policy, bench_query, write_bench_data};
 use phm_node::engine::Engine;
-use phm_policies::model::ColumnType;
-use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits, Limits};
-use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, Purpose, QueryBody};
-
-const SQL: &str = "SELECT imd_quintile, sex, COUNT(*), SUM(bmi), AVG(bmi) FROM gp_patients \
-                   WHERE age >= 40 GROUP BY imd_quintile, sex";
+use phm_policies::Limits;
 
 fn limits() -> Limits {
-    let col = |name: &str, t, bounds| ColumnLimits {
-        name: name.into(),
-        column_type: t,
-        bounds,
-    };
-    let bmi = || Some(col("bmi", ColumnType::Real, Some((10.0, 60.0))));
-    match engine_limits(
-        "bench",
-        vec![
-            GroupLimits {
-                column: col("imd_quintile", ColumnType::Integer, None),
-                label: "imd_quintile".into(),
-                domain: GroupDomain::Categories((1..=5).map(|i| i.to_string()).collect()),
-            },
-            GroupLimits {
-                column: col("sex", ColumnType::Text, None),
-                label: "sex".into(),
-                domain: GroupDomain::Categories(vec!["F".into(), "M".into()]),
-            },
-        ],
-        vec![
-            AggregateLimits {
-                alias: "n".into(),
-                kind: AggregateKind::Count,
-                column: None,
-            },
-            AggregateLimits {
-                alias: "sum_bmi".into(),
-                kind: AggregateKind::Sum,
-                column: bmi(),
-            },
-            AggregateLimits {
-                alias: "mean_bmi".into(),
-                kind: AggregateKind::Mean,
-                column: bmi(),
-            },
-        ],
-        1.0,
-    ) {
+    match bench_limits(1) {
         Ok(l) => l,
         Err(e) => panic!("limits: {e}"),
-    }
-}
-
-fn query() -> QueryBody {
-    QueryBody {
-        federation_id: "ics-test".into(),
-        query_id: "bench".into(),
-        requester_id: "dsu".into(),
-        purpose: Purpose::DirectCare,
-        project_id: None,
-        dataset: "gp_patients".into(),
-        filter: Some(Predicate::Compare {
-            column: "age".into(),
-            op: CompareOp::Ge,
-            value: Literal::Integer(40),
-        }),
-        group_by: vec![],
-        aggregates: vec![],
-        epsilon: 1.0,
-        issued_at_unix_ms: 0,
-        nonce: vec![0; 16],
-        linkage: None,
-        aggregation: Default::default(),
     }
 }
 
@@ -114,7 +48,7 @@ fn bench_engine(c: &mut Criterion) {
         ("1M_bounding", 1_000_000, 100, 45.0),
         ("10M", 10_000_000, 0, 45.0),
     ];
-    let (q, l) = (query(), limits());
+    let (q, l) = (bench_query(), limits());
     for (name, rows, repeat_every, bmi_max) in cases {
         let file = format!("gp_{name}.parquet");
         let path = dir.path().join(&file);
@@ -163,7 +97,7 @@ fn bench_engine(c: &mut Criterion) {
             group.bench_function("datafusion_sql", |b| {
                 b.iter(|| {
                     rt.block_on(async {
-                        match ctx.sql(SQL).await {
+                        match ctx.sql(BENCH_SQL).await {
                             Ok(df) => match df.collect().await {
                                 Ok(batches) => batches,
                                 Err(e) => panic!("collect: {e}"),

@@ -29,6 +29,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext, lit};
 use phm_policies::model::{ColumnType, Dataset, Domain, Grouping, SourceFormat};
 use sha2::{Digest, Sha256};
 
+use super::bound::{OverLimit, PERSON_AT_LOAD};
 use super::clamp::{MAX_VALUES_PER_CELL, names_a_person};
 
 /// Where in a file a problem is: CSV problems give the file's line (the header is line
@@ -146,9 +147,10 @@ pub(crate) struct LoadedDataset {
     /// Every column the engine may read, with its policy type.
     pub columns: HashMap<String, ColumnType>,
     pub person_id: String,
-    /// Most rows any one person has in the whole file, measured at load. When it is within
-    /// a query's bound (and the file is unchanged), bounding cannot drop anything.
-    pub max_rows_per_person_observed: u64,
+    /// The people over the dataset's `max_rows_per_person`, listed at load: true of the
+    /// data load measured (`file_unchanged`). When there are none, bounding cannot drop
+    /// anything.
+    pub over_limit: OverLimit,
     /// Parquet is read from disk at each query: the file as it was when it was
     /// validated and measured, so a file replaced under a running node is noticed.
     /// `None` for data held in memory.
@@ -582,6 +584,12 @@ pub(crate) async fn load_dataset(
             dataset: dataset.clone(),
             reason: format!("counting rows per person: {e}"),
         })?;
+    let over_limit = over_limit(ctx, &table, &ds.person_id, ds.max_rows_per_person, max_rows)
+        .await
+        .map_err(|e| DataError::Register {
+            dataset: dataset.clone(),
+            reason: format!("listing the people over max_rows_per_person: {e}"),
+        })?;
     if let Some(f) = &fingerprint
         && !f.unchanged()
     {
@@ -593,7 +601,7 @@ pub(crate) async fn load_dataset(
         table,
         columns,
         person_id: ds.person_id.clone(),
-        max_rows_per_person_observed: max_rows,
+        over_limit,
         fingerprint,
         changed_noted: AtomicBool::new(false),
         #[cfg(test)]
@@ -645,6 +653,34 @@ async fn max_rows_per_person(
         }
     }
     Ok(out)
+}
+
+/// The ids of the people with more than `m` rows (none when the most anyone has,
+/// `max_rows`, is within m): what lets a query bound only those people's rows.
+pub(super) async fn over_limit(
+    ctx: &SessionContext,
+    table: &TableReference,
+    person_id: &str,
+    m: u32,
+    max_rows: u64,
+) -> datafusion::error::Result<OverLimit> {
+    if max_rows <= u64::from(m) {
+        return Ok(OverLimit {
+            m,
+            ids: vec![],
+            people: 0,
+        });
+    }
+    let ids = ctx
+        .table(table.clone())
+        .await?
+        .aggregate(vec![ident(person_id)], vec![count(lit(1)).alias("n")])?
+        .filter(ident("n").gt(lit(i64::from(m))))?
+        .select(vec![ident(person_id).alias(PERSON_AT_LOAD)])?
+        .collect()
+        .await?;
+    let people = ids.iter().map(RecordBatch::num_rows).sum();
+    Ok(OverLimit { m, ids, people })
 }
 
 /// Reads and checks a Parquet file; returns the (normalised) type of the person id

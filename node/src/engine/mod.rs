@@ -7,6 +7,7 @@
 //! clamping → grouping over the declared domain (or DP thresholding of observed keys) →
 //! OpenDP noise calibrated to the bounded sensitivity → rounding and suppression.
 
+mod bound;
 mod clamp;
 mod cohort;
 mod filter;
@@ -29,6 +30,9 @@ use phm_policies::model::ColumnType;
 pub use cohort::AnchorSide;
 pub use load::DataError;
 pub use noise::LinkLaplace;
+/// Bounding plans the benchmark compares (`Auto` is what a node runs).
+#[cfg(feature = "bench")]
+pub use plan::Bounding as BenchBounding;
 pub use post::{LinkedRules, release_linked, stricter_rounding};
 pub use secure::{Coordinate, Part, SecureInput, SecureLayout, noisy_share};
 
@@ -79,6 +83,8 @@ pub enum EngineError {
     /// sums exactly); nothing is released rather than a wrapped or rounded sum.
     #[error("a sum in this query cannot be computed exactly; nothing released")]
     SumOverflow,
+    #[error("the operating system's random generator failed ({0}); nothing released")]
+    Randomness(String),
 }
 
 impl Engine {
@@ -120,6 +126,27 @@ impl Engine {
         limits: &Limits,
     ) -> Result<Release, EngineError> {
         self.run(query, limits, false).await
+    }
+
+    /// [`Engine::execute_exact`] under a chosen bounding plan, for the bounding
+    /// benchmark (`--features bench`).
+    #[cfg(feature = "bench")]
+    pub async fn execute_exact_bounded(
+        &self,
+        query: &phm_proto::QueryBody,
+        limits: &Limits,
+        how: BenchBounding,
+    ) -> Result<Release, EngineError> {
+        let ds = self.dataset(limits)?;
+        let exact = plan::run_exact_with(&self.ctx, ds, query.filter.as_ref(), limits, how).await?;
+        Ok(post::release_exact(exact, limits))
+    }
+
+    /// How many people load found over the dataset's `max_rows_per_person`, for the
+    /// bounding benchmark's table.
+    #[cfg(feature = "bench")]
+    pub fn people_over_limit(&self, dataset: &str) -> Option<usize> {
+        self.datasets.get(dataset).map(|d| d.over_limit.people)
     }
 
     /// This node's exact input to a secure-aggregation session (see `secure`): the

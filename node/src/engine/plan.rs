@@ -13,16 +13,15 @@ use std::collections::{BTreeMap, HashMap};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, PrimitiveArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
-use datafusion::functions::math::expr_fn::random;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
-use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{Expr, ExprFunctionExt, cast, ident};
+use datafusion::logical_expr::{Expr, cast, ident};
 use datafusion::prelude::{SessionContext, lit};
 use phm_policies::model::ColumnType;
 use phm_policies::{AggregateLimits, GroupDomain, Limits};
 use phm_proto::{AggregateKind, Predicate};
 
 use super::EngineError;
+use super::bound::{self, Plan, RowKey};
 use super::clamp::{Lattice, MAX_VALUES_PER_CELL, bin_index, clamp_units, has_person};
 use super::filter::{self, Columns};
 use super::load::{LoadedDataset, label_at};
@@ -100,7 +99,6 @@ impl Exact {
     }
 }
 
-const RN: &str = "__phm_rn";
 const N: &str = "__phm_n";
 
 pub(super) fn g(i: usize) -> String {
@@ -380,15 +378,15 @@ fn declared_product(plans: &[KeyPlan]) -> Result<(Vec<usize>, usize), EngineErro
     Ok((strides, total))
 }
 
-/// Runs the aggregation in DataFusion. `bounding` adds per-person contribution bounding:
-/// rows whose person id is NULL, empty or blank are dropped first (they belong to no
-/// known person, and partitioning would merge them all into one "person"), then a
-/// uniformly random `m` of each person's rows are kept.
+/// Runs the aggregation in DataFusion. `bounding` adds per-person contribution bounding
+/// (`bound`): rows whose person id is NULL, empty or blank are dropped first (they
+/// belong to no known person, and partitioning would merge them all into one "person"),
+/// then at most `m` of each person's rows are kept, chosen by `key`.
 async fn aggregate(
     ctx: &SessionContext,
     ds: &LoadedDataset,
     spec: &Spec,
-    bounding: bool,
+    bounding: Option<(Plan<'_>, RowKey)>,
 ) -> Result<Vec<RecordBatch>, EngineError> {
     let mut df = ctx.table(ds.table.clone()).await?;
     // 1. National Data Opt-out: keep only rows whose flag is FALSE, so a missing flag
@@ -400,21 +398,26 @@ async fn aggregate(
     if let Some(f) = &spec.filter {
         df = df.filter(f.clone())?;
     }
-    // 3. Contribution bounding.
-    if bounding {
-        let rn = row_number()
-            .partition_by(vec![ident(&ds.person_id)])
-            .order_by(vec![random().sort(true, false)])
-            .build()?
-            .alias(RN);
+    // 3. Group keys and clamped values. Rows whose key is NULL form their own groups and
+    // are dropped when read back.
+    let mut select = spec.select.clone();
+    // 4. Contribution bounding, on the rows as the aggregation will see them: a row's
+    // rank is its keyed hash over exactly these columns and the person id.
+    if let Some((plan, key)) = bounding {
+        select.push(ident(&ds.person_id).alias(bound::PERSON));
         df = df
             .filter(has_person(ident(&ds.person_id)))?
-            .window(vec![rn])?
-            .filter(ident(RN).lt_eq(lit(u64::from(spec.m))))?;
+            .select(select)?;
+        let columns: Vec<String> = df
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        df = bound::keep(ctx, df, &columns, spec.m, key, plan)?;
+    } else {
+        df = df.select(select)?;
     }
-    // 4. Group keys and clamped values. Rows whose key is NULL form their own groups and
-    // are dropped when read back.
-    df = df.select(spec.select.clone())?;
     let mut aggs = vec![count(lit(1i64)).alias(N)];
     for j in 0..spec.values.len() {
         aggs.push(sum(ident(v(j))).alias(s(j)));
@@ -424,35 +427,76 @@ async fn aggregate(
     Ok(df.aggregate(groups, aggs)?.collect().await?)
 }
 
+/// Which bounding plan a query runs; `Auto` is what a node does, the others exist for
+/// the tests' and the benchmark's comparisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bounding {
+    Auto,
+    #[cfg(feature = "bench")]
+    Counted,
+    #[cfg(feature = "bench")]
+    Window,
+    #[cfg(feature = "bench")]
+    Random,
+}
+
 pub(crate) async fn run_exact(
     ctx: &SessionContext,
     ds: &LoadedDataset,
     filter: Option<&Predicate>,
     limits: &Limits,
 ) -> Result<Exact, EngineError> {
+    run_exact_with(ctx, ds, filter, limits, Bounding::Auto).await
+}
+
+pub(crate) async fn run_exact_with(
+    ctx: &SessionContext,
+    ds: &LoadedDataset,
+    filter: Option<&Predicate>,
+    limits: &Limits,
+    how: Bounding,
+) -> Result<Exact, EngineError> {
     let spec = Spec::new(ds, filter, limits)?;
-    // Contribution bounding may be skipped only when no person in the file has more than
-    // m rows (measured at load) and the file is the one measured. The file is checked
+    let key = RowKey::fresh().map_err(|e| EngineError::Randomness(e.to_string()))?;
+    // What load measured holds only for the file load measured. The file is checked
     // before the scan and again after it: DataFusion opens the file by path during the
-    // scan, so a replacement in between would otherwise be aggregated unbounded while
-    // the noise assumes m. If it changed, the query runs again with bounding, which is
-    // right whatever the file holds. (The bounding window costs ~20x the query at 1M
-    // rows, so it is worth skipping; see BENCHMARKS.md.)
-    let may_skip = ds.max_rows_per_person_observed <= u64::from(spec.m);
-    let batches = if may_skip && ds.file_unchanged() {
+    // scan, so a replacement in between would otherwise be aggregated with the rows of
+    // people load never saw over m passing unbounded, while the noise assumes m. If it
+    // changed, the query runs again with every person counted by the query itself,
+    // which is right whatever the file holds.
+    let known = Some(&ds.over_limit).filter(|o| o.m == spec.m);
+    let fallback = Plan::Counted;
+    let plan = match how {
+        Bounding::Auto => match known {
+            // Nobody has more than m rows: bounding could not drop a row.
+            Some(o) if o.people == 0 => None,
+            Some(o) => Some(Plan::Known(o)),
+            None => Some(fallback),
+        },
+        #[cfg(feature = "bench")]
+        Bounding::Counted => Some(Plan::Counted),
+        #[cfg(feature = "bench")]
+        Bounding::Window => Some(Plan::Window),
+        #[cfg(feature = "bench")]
+        Bounding::Random => Some(Plan::Random),
+    };
+    let relies_on_load = matches!(plan, None | Some(Plan::Known(_)));
+    let batches = if relies_on_load && ds.file_unchanged() {
         #[cfg(test)]
         if let Some(hook) = &ds.before_scan {
             (hook.0)();
         }
-        let unbounded = aggregate(ctx, ds, &spec, false).await;
+        let first = aggregate(ctx, ds, &spec, plan.map(|p| (p, key))).await;
         if ds.file_unchanged() {
-            unbounded?
+            first?
         } else {
-            // Whatever the unbounded scan returned (or why it failed) is discarded.
-            aggregate(ctx, ds, &spec, true).await?
+            // Whatever that scan returned (or why it failed) is discarded.
+            aggregate(ctx, ds, &spec, Some((fallback, key))).await?
         }
+    } else if relies_on_load {
+        aggregate(ctx, ds, &spec, Some((fallback, key))).await?
     } else {
-        aggregate(ctx, ds, &spec, true).await?
+        aggregate(ctx, ds, &spec, plan.map(|p| (p, key))).await?
     };
     read_back(spec, limits, &batches)
 }

@@ -1695,8 +1695,7 @@ async fn timing_1m() {
         )
         .await
         .unwrap();
-        let sql = "SELECT imd_quintile, sex, COUNT(*), SUM(bmi), AVG(bmi) FROM gp_patients \
-                   WHERE age >= 40 GROUP BY imd_quintile, sex";
+        let sql = phm_devkit::fixture::BENCH_SQL;
         let (mut dp, mut ex, mut plain) = (vec![], vec![], vec![]);
         // Interleaved, so load from other builds hits every variant alike.
         for _ in 0..runs {
