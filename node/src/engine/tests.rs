@@ -13,7 +13,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use phm_policies::model::{ColumnType, Mechanism, Rounding, SourceFormat};
 use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits, Limits, PolicyFile};
-use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, Purpose, QueryBody};
+use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, QueryBody};
 
 use super::load::Position;
 use super::*;
@@ -236,21 +236,11 @@ fn limits(group_by: Vec<GroupLimits>, aggregates: Vec<AggregateLimits>, epsilon:
 }
 
 fn query(filter: Option<Predicate>) -> QueryBody {
+    // The benchmark's query body with this test's filter.
     QueryBody {
-        federation_id: "ics-test".into(),
         query_id: "q".into(),
-        requester_id: "dsu".into(),
-        purpose: Purpose::DirectCare,
-        project_id: None,
-        dataset: "gp_patients".into(),
         filter,
-        group_by: vec![],
-        aggregates: vec![],
-        epsilon: 1.0,
-        issued_at_unix_ms: 0,
-        nonce: vec![0; 16],
-        linkage: None,
-        aggregation: Default::default(),
+        ..phm_devkit::fixture::bench_query()
     }
 }
 
