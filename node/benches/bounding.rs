@@ -14,9 +14,12 @@
 //! Run: `cargo bench -p phm-node --profile bench-fast --features bench --bench bounding`
 //! (options: `--rounds N`, `--cases 1M_1pct,adm_1M,adm_10M`).
 
+mod common;
+
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
+use common::median;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use phm_devkit::fixture::{
     BENCH_SQL, bench_limits, bench_policy, bench_query, write_admissions_data, write_bench_data,
@@ -59,11 +62,6 @@ const ARMS: [(&str, Option<BenchBounding>); 5] = [
     ("window", Some(BenchBounding::Window)),
     ("random", Some(BenchBounding::Random)),
 ];
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> Result<()> {
     let mut rounds = 7usize;

@@ -54,11 +54,10 @@ pub(crate) struct RowKey(u64, u64);
 impl RowKey {
     /// A key from the operating system's generator; fails only when that does.
     pub(crate) fn fresh() -> Result<RowKey, rand::Error> {
-        let mut b = [0u8; 16];
-        rand::rngs::OsRng.try_fill_bytes(&mut b)?;
-        let (k0, k1) = b.split_at(8);
-        let word = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
-        Ok(RowKey(word(k0), word(k1)))
+        let (mut k0, mut k1) = ([0u8; 8], [0u8; 8]);
+        rand::rngs::OsRng.try_fill_bytes(&mut k0)?;
+        rand::rngs::OsRng.try_fill_bytes(&mut k1)?;
+        Ok(RowKey(u64::from_le_bytes(k0), u64::from_le_bytes(k1)))
     }
 
     #[cfg(test)]
@@ -164,7 +163,10 @@ pub(super) fn keep(
         #[cfg(any(test, feature = "bench"))]
         Plan::Window => return window(df, columns, m, key),
         #[cfg(feature = "bench")]
-        Plan::Random => return random_window(df, columns, m),
+        Plan::Random => {
+            let order = datafusion::functions::math::expr_fn::random();
+            return window_by(df, columns, m, order);
+        }
         Plan::Known(o) => {
             if o.people == 0 {
                 return Ok(df);
@@ -188,25 +190,17 @@ pub(super) fn keep(
 /// The column name of [`OverLimit::ids`].
 pub(crate) const PERSON_AT_LOAD: &str = "__phm_over_limit";
 
+/// Keep each person's m rows of lowest keyed rank.
 fn window(df: DataFrame, columns: &[String], m: u32, key: RowKey) -> DfResult<DataFrame> {
-    let all: Vec<Expr> = columns.iter().map(ident).collect();
-    let rn = row_number()
-        .partition_by(vec![ident(PERSON)])
-        .order_by(vec![rank(key, all.clone()).sort(true, false)])
-        .build()?
-        .alias(RANK);
-    df.window(vec![rn])?
-        .filter(ident(RANK).lt_eq(lit(u64::from(m))))?
-        .select(all)
+    let order = rank(key, columns.iter().map(ident).collect());
+    window_by(df, columns, m, order)
 }
 
-#[cfg(feature = "bench")]
-fn random_window(df: DataFrame, columns: &[String], m: u32) -> DfResult<DataFrame> {
+/// Keep each person's first m rows in `order`, as `columns`.
+fn window_by(df: DataFrame, columns: &[String], m: u32, order: Expr) -> DfResult<DataFrame> {
     let rn = row_number()
         .partition_by(vec![ident(PERSON)])
-        .order_by(vec![
-            datafusion::functions::math::expr_fn::random().sort(true, false),
-        ])
+        .order_by(vec![order.sort(true, false)])
         .build()?
         .alias(RANK);
     df.window(vec![rn])?
@@ -248,7 +242,7 @@ mod tests {
         let ctx = SessionContext::new();
         ctx.register_batch("t", batch).unwrap();
         let table = TableReference::bare("t");
-        let known = over_limit(&ctx, &table, "p", m, u64::MAX).await.unwrap();
+        let known = over_limit(&ctx, &table, "p", m).await.unwrap();
         let plan = match how {
             "known" => Plan::Known(&known),
             "counted" => Plan::Counted,

@@ -21,7 +21,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Float64Type, Int64Type, Schema};
 use datafusion::catalog::MemTable;
 use datafusion::common::TableReference;
-use datafusion::functions_aggregate::expr_fn::{count, max};
+use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::logical_expr::ident;
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -578,13 +578,7 @@ pub(crate) async fn load_dataset(
             .entry(ds.person_id.clone())
             .or_insert(ColumnType::Text);
     }
-    let max_rows = max_rows_per_person(ctx, &table, &ds.person_id)
-        .await
-        .map_err(|e| DataError::Register {
-            dataset: dataset.clone(),
-            reason: format!("counting rows per person: {e}"),
-        })?;
-    let over_limit = over_limit(ctx, &table, &ds.person_id, ds.max_rows_per_person, max_rows)
+    let over_limit = over_limit(ctx, &table, &ds.person_id, ds.max_rows_per_person)
         .await
         .map_err(|e| DataError::Register {
             dataset: dataset.clone(),
@@ -632,45 +626,14 @@ fn table_schema(
     Schema::new(fields)
 }
 
-async fn max_rows_per_person(
-    ctx: &SessionContext,
-    table: &TableReference,
-    person_id: &str,
-) -> datafusion::error::Result<u64> {
-    let df = ctx
-        .table(table.clone())
-        .await?
-        .aggregate(vec![ident(person_id)], vec![count(lit(1)).alias("n")])?
-        .aggregate(vec![], vec![max(ident("n")).alias("m")])?;
-    let batches = df.collect().await?;
-    let mut out = 0u64;
-    for b in &batches {
-        let a = b.column(0);
-        if let Some(arr) = a.as_primitive_opt::<Int64Type>() {
-            for v in arr.iter().flatten() {
-                out = out.max(u64::try_from(v).unwrap_or(0));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The ids of the people with more than `m` rows (none when the most anyone has,
-/// `max_rows`, is within m): what lets a query bound only those people's rows.
+/// The ids of the people with more than `m` rows (one group-by over the person id):
+/// what lets a query bound only those people's rows, or skip bounding when there are none.
 pub(super) async fn over_limit(
     ctx: &SessionContext,
     table: &TableReference,
     person_id: &str,
     m: u32,
-    max_rows: u64,
 ) -> datafusion::error::Result<OverLimit> {
-    if max_rows <= u64::from(m) {
-        return Ok(OverLimit {
-            m,
-            ids: vec![],
-            people: 0,
-        });
-    }
     let ids = ctx
         .table(table.clone())
         .await?
