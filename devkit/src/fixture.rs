@@ -42,10 +42,7 @@ pub fn gp_patients(
         .iter_mut()
         .find(|d| d.name == "gp_patients")
         .ok_or("the GP sample has no gp_patients dataset")?;
-    ds.source = Source {
-        format,
-        path: path.to_string(),
-    };
+    ds.source = Source::file(format, path);
     ds.columns = columns
         .iter()
         .map(|name| {

@@ -72,6 +72,12 @@ pub struct AuditRecord {
     #[serde(default)]
     pub charged: Vec<String>,
     pub policy_version: String,
+    /// The text of each statement this decision sent to a warehouse, in order (its
+    /// parameters are the query's literals and the policy's values, which `sql` and the
+    /// policy already show). Absent for a file source, and in entries written before
+    /// warehouse sources existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statements: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -465,6 +471,7 @@ mod tests {
             ledgers: vec![],
             charged: vec!["requester:dsu/2026-11".into()],
             policy_version: "v".into(),
+            statements: vec![],
         }
     }
 

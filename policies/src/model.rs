@@ -284,6 +284,7 @@ fn default_opt_out_purposes() -> Vec<String> {
     vec!["planning".into(), "research".into()]
 }
 
+/// The two file formats a node reads with DataFusion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceFormat {
@@ -291,12 +292,89 @@ pub enum SourceFormat {
     Csv,
 }
 
+/// Where a dataset's rows are: a file the node reads, or a relation in a SQL warehouse
+/// the node queries in place (only aggregate rows come back). Written as a TOML table
+/// whose `format` says which.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "format", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    Parquet {
+        /// File path, relative to the policy file's folder unless absolute.
+        path: String,
+    },
+    Csv {
+        /// File path, relative to the policy file's folder unless absolute.
+        path: String,
+    },
+    /// A table or view in PostgreSQL.
+    Postgres(Warehouse),
+}
+
+impl Source {
+    /// A file source.
+    pub fn file(format: SourceFormat, path: impl Into<String>) -> Source {
+        let path = path.into();
+        match format {
+            SourceFormat::Parquet => Source::Parquet { path },
+            SourceFormat::Csv => Source::Csv { path },
+        }
+    }
+
+    /// The file format and path, for a file source.
+    pub fn file_path(&self) -> Option<(SourceFormat, &str)> {
+        match self {
+            Source::Parquet { path } => Some((SourceFormat::Parquet, path)),
+            Source::Csv { path } => Some((SourceFormat::Csv, path)),
+            Source::Postgres(_) => None,
+        }
+    }
+
+    /// The warehouse, for a warehouse source.
+    pub fn warehouse(&self) -> Option<&Warehouse> {
+        match self {
+            Source::Postgres(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The `format` value, for messages.
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Source::Parquet { .. } => "parquet",
+            Source::Csv { .. } => "csv",
+            Source::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// A relation in a SQL warehouse. The connection string (host, database, role,
+/// password) is never written in the policy: it comes from an environment variable or
+/// a secret file the node's operator provides, so the policy can be published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Source {
-    pub format: SourceFormat,
-    /// File path, relative to the policy file's folder unless absolute.
-    pub path: String,
+pub struct Warehouse {
+    /// The table or view, `name` or `schema.name`, each part a plain SQL identifier
+    /// (letters, digits, underscores; not starting with a digit).
+    pub relation: String,
+    /// Environment variable holding the connection string (libpq key/value or URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsn_env: Option<String>,
+    /// File holding the connection string, relative to the policy file's folder
+    /// unless absolute (a mounted secret, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsn_file: Option<String>,
+    /// PEM file of the certificate authorities the server's TLS certificate must chain
+    /// to, relative to the policy file's folder unless absolute. Required when the
+    /// connection string says `sslmode=require` (or stronger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Longest one statement may run before the server cancels it.
+    #[serde(default = "default_statement_timeout")]
+    pub statement_timeout_seconds: u32,
+}
+
+fn default_statement_timeout() -> u32 {
+    300
 }
 
 /// How the system total of this dataset across partners should be read.

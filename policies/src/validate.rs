@@ -3,7 +3,9 @@
 //! is located in the text by the caller.
 
 use crate::domain::{self, MAX_DOMAIN};
-use crate::model::{Budget, Column, ColumnType, Dataset, Grouping, Mechanism, PolicyFile};
+use crate::model::{
+    Budget, Column, ColumnType, Dataset, Grouping, Mechanism, PolicyFile, Source, Warehouse,
+};
 use phm_proto::Purpose;
 use std::collections::BTreeMap;
 
@@ -364,16 +366,114 @@ fn release(f: &PolicyFile, p: &mut Problems) {
     }
 }
 
+/// Longest statement timeout a warehouse source may set (a day).
+pub const MAX_STATEMENT_TIMEOUT_SECONDS: u32 = 86_400;
+
+/// A plain SQL identifier: ASCII letters, digits and underscores, not starting with a
+/// digit, at most 63 bytes (PostgreSQL's limit).
+fn is_sql_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 63
+}
+
+fn source(d: &Dataset, path: &str, ctx: &str, p: &mut Problems) {
+    match &d.source {
+        Source::Parquet { path: file } | Source::Csv { path: file } => {
+            if file.trim().is_empty() {
+                push(
+                    p,
+                    format!("{path}.source.path"),
+                    format!("{ctx}: source path is empty"),
+                );
+            }
+        }
+        Source::Postgres(w) => warehouse(d, w, path, ctx, p),
+    }
+}
+
+fn warehouse(d: &Dataset, w: &Warehouse, path: &str, ctx: &str, p: &mut Problems) {
+    let parts: Vec<&str> = w.relation.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|s| is_sql_identifier(s)) {
+        push(
+            p,
+            format!("{path}.source.relation"),
+            format!(
+                "{ctx}: relation {:?} must be `name` or `schema.name`, each a plain SQL identifier (letters, digits and _, not starting with a digit, at most 63 bytes)",
+                w.relation
+            ),
+        );
+    }
+    match (&w.dsn_env, &w.dsn_file) {
+        (Some(_), Some(_)) => push(
+            p,
+            format!("{path}.source"),
+            format!("{ctx}: give the connection string by dsn_env or by dsn_file, not both"),
+        ),
+        (None, None) => push(
+            p,
+            format!("{path}.source"),
+            format!(
+                "{ctx}: a postgres source needs dsn_env (an environment variable) or dsn_file (a secret file) holding the connection string; it is never written in the policy"
+            ),
+        ),
+        (Some(var), None) => {
+            let ok = !var.is_empty()
+                && !var.starts_with(|c: char| c.is_ascii_digit())
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                push(
+                    p,
+                    format!("{path}.source.dsn_env"),
+                    format!(
+                        "{ctx}: dsn_env {var:?} is not an environment variable name (letters, digits and _)"
+                    ),
+                );
+            }
+        }
+        (None, Some(file)) => {
+            if file.trim().is_empty() {
+                push(
+                    p,
+                    format!("{path}.source.dsn_file"),
+                    format!("{ctx}: dsn_file is empty"),
+                );
+            }
+        }
+    }
+    if w.ca_file.as_deref().is_some_and(|f| f.trim().is_empty()) {
+        push(
+            p,
+            format!("{path}.source.ca_file"),
+            format!("{ctx}: ca_file is empty"),
+        );
+    }
+    if !(1..=MAX_STATEMENT_TIMEOUT_SECONDS).contains(&w.statement_timeout_seconds) {
+        push(
+            p,
+            format!("{path}.source.statement_timeout_seconds"),
+            format!(
+                "{ctx}: statement_timeout_seconds {} must be between 1 and {MAX_STATEMENT_TIMEOUT_SECONDS}",
+                w.statement_timeout_seconds
+            ),
+        );
+    }
+    if d.link_key.is_some() {
+        push(
+            p,
+            format!("{path}.link_key"),
+            format!(
+                "{ctx}: a postgres dataset cannot be linked: linkage reads every NHS number of the cohort into the node, which a warehouse source exists to avoid; link on a file source"
+            ),
+        );
+    }
+}
+
 fn dataset(f: &PolicyFile, d: &Dataset, path: &str, p: &mut Problems) {
     let ctx = format!("dataset {:?}", d.name);
     check_name(p, &format!("{path}.name"), "dataset", &d.name);
-    if d.source.path.trim().is_empty() {
-        push(
-            p,
-            format!("{path}.source.path"),
-            format!("{ctx}: source path is empty"),
-        );
-    }
+    source(d, path, &ctx, p);
     if d.max_rows_per_person == 0 || d.max_rows_per_person > MAX_ROWS_PER_PERSON {
         push(
             p,

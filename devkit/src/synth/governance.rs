@@ -133,10 +133,7 @@ fn opt_out_col() -> Column {
 }
 
 fn source(dataset: &str) -> Source {
-    Source {
-        format: SourceFormat::Parquet,
-        path: format!("data/{dataset}.parquet"),
-    }
+    Source::file(SourceFormat::Parquet, format!("data/{dataset}.parquet"))
 }
 
 fn gp_dataset(pcns: &[String]) -> Dataset {

@@ -48,7 +48,8 @@ pub(crate) const MAX_VALUES_PER_CELL: i64 = 1 << 33;
 pub(crate) struct Lattice {
     /// The lattice spacing, a power of two, so scaling by it is exact.
     pub step: f64,
-    inv_step: f64,
+    /// 1 / step, also a power of two.
+    pub inv_step: f64,
     /// The clamping interval in steps: the declared bounds rounded inwards.
     pub lo_units: i64,
     pub hi_units: i64,

@@ -22,7 +22,7 @@ pub(crate) struct Columns<'a> {
 }
 
 impl Columns<'_> {
-    fn ty(&self, column: &str) -> Result<ColumnType, EngineError> {
+    pub(crate) fn ty(&self, column: &str) -> Result<ColumnType, EngineError> {
         self.types
             .get(column)
             .copied()
@@ -51,10 +51,7 @@ fn operand(
     values: &[&Literal],
 ) -> Result<(Expr, Vec<Expr>), EngineError> {
     let ty = cols.ty(column)?;
-    let as_real = ty == ColumnType::Integer
-        && values
-            .iter()
-            .any(|v| matches!(v, Literal::Real(r) if r.fract() != 0.0));
+    let as_real = compares_as_real(ty, values);
     let (column_expr, ty) = if as_real {
         (cast(ident(column), DataType::Float64), ColumnType::Real)
     } else {
@@ -69,6 +66,25 @@ fn operand(
 
 /// Converts a literal to the column's type, or says why it cannot be.
 pub(crate) fn literal(column: &str, ty: ColumnType, v: &Literal) -> Result<Expr, EngineError> {
+    literal_value(column, ty, v).map(lit)
+}
+
+/// True when an integer column compared with `values` is compared as real: some value
+/// is a real with a fractional part, so `age < 40.5` means what it says.
+pub(crate) fn compares_as_real(ty: ColumnType, values: &[&Literal]) -> bool {
+    ty == ColumnType::Integer
+        && values
+            .iter()
+            .any(|v| matches!(v, Literal::Real(r) if r.fract() != 0.0))
+}
+
+/// A literal as a typed value of the column's type (what every backend binds), or why
+/// it cannot be one.
+pub(crate) fn literal_value(
+    column: &str,
+    ty: ColumnType,
+    v: &Literal,
+) -> Result<ScalarValue, EngineError> {
     let bad = || EngineError::BadLiteral {
         column: column.to_string(),
         value: v.to_string(),
@@ -103,7 +119,7 @@ pub(crate) fn literal(column: &str, ty: ColumnType, v: &Literal) -> Result<Expr,
         }
         _ => return Err(bad()),
     };
-    Ok(lit(scalar))
+    Ok(scalar)
 }
 
 /// The filter as a DataFusion predicate; rows where it is not TRUE (false or NULL) are

@@ -26,7 +26,7 @@ use datafusion::logical_expr::ident;
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::prelude::{ParquetReadOptions, SessionContext, lit};
-use phm_policies::model::{ColumnType, Dataset, Domain, Grouping, SourceFormat};
+use phm_policies::model::{ColumnType, Dataset, Domain, Grouping, Source, SourceFormat, Warehouse};
 use sha2::{Digest, Sha256};
 
 use super::bound::{OverLimit, PERSON_AT_LOAD};
@@ -121,6 +121,25 @@ pub enum DataError {
         rows: u64,
         max: i64,
     },
+    #[error("dataset `{dataset}`: postgres relation {relation}: {reason}")]
+    Warehouse {
+        dataset: String,
+        relation: String,
+        reason: String,
+    },
+    #[error(
+        "dataset `{dataset}`: postgres relation {relation}, column `{column}`: {count} row(s) where the value {reason}{}",
+        .example.as_ref().map(|e| format!(" (the smallest is \"{e}\")")).unwrap_or_default()
+    )]
+    WarehouseValues {
+        dataset: String,
+        relation: String,
+        column: String,
+        count: i64,
+        reason: &'static str,
+        /// The smallest offending value, as text (none for a missing person id).
+        example: Option<String>,
+    },
     #[error("dataset `{dataset}`: the policy's declaration is unusable: {reason}")]
     Declaration { dataset: String, reason: String },
     #[error("dataset `{dataset}`: the query engine refused it: {reason}")]
@@ -155,6 +174,8 @@ pub(crate) struct LoadedDataset {
     /// validated and measured, so a file replaced under a running node is noticed.
     /// `None` for data held in memory.
     pub fingerprint: Option<FileFingerprint>,
+    /// Set when the rows live in a warehouse: every query runs there.
+    pub warehouse: Option<super::warehouse::Source>,
     /// Set once a change to the file has been logged, so it is logged once.
     changed_noted: AtomicBool,
     #[cfg(test)]
@@ -257,13 +278,13 @@ impl FileFingerprint {
 
 /// What to check in one column while scanning.
 #[derive(Debug, Clone)]
-struct ColumnCheck {
-    name: String,
-    ty: ColumnType,
+pub(crate) struct ColumnCheck {
+    pub name: String,
+    pub ty: ColumnType,
     /// Declared category labels the values must be among.
-    categories: Option<HashSet<String>>,
+    pub categories: Option<HashSet<String>>,
     /// Bounds a declared numeric group key must lie within.
-    bounds: Option<(f64, f64)>,
+    pub bounds: Option<(f64, f64)>,
 }
 
 pub(crate) fn arrow_type(t: ColumnType) -> DataType {
@@ -411,21 +432,12 @@ impl MissingIds {
     }
 }
 
-pub(crate) async fn load_dataset(
-    ctx: &SessionContext,
+/// What load checks in each column: every declared column, and the opt-out flag
+/// wherever it applies (declared or not); and whether the person id is declared.
+pub(crate) fn column_checks(
     ds: &Dataset,
     opt_out_column: Option<&str>,
-    base_dir: &Path,
-) -> Result<LoadedDataset, DataError> {
-    let path = {
-        let p = Path::new(&ds.source.path);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base_dir.join(p)
-        }
-    };
-    let file = path.display().to_string();
+) -> Result<(Vec<ColumnCheck>, bool), DataError> {
     let decl = |reason: String| DataError::Declaration {
         dataset: ds.name.clone(),
         reason,
@@ -433,7 +445,6 @@ pub(crate) async fn load_dataset(
     if ds.max_rows_per_person == 0 {
         return Err(decl("max_rows_per_person must be at least 1".into()));
     }
-
     let mut checks: Vec<ColumnCheck> = Vec::new();
     for c in &ds.columns {
         let categories = match &c.domain {
@@ -487,6 +498,68 @@ pub(crate) async fn load_dataset(
         )));
     }
     let person_declared = checks.iter().any(|c| c.name == ds.person_id);
+    Ok((checks, person_declared))
+}
+
+/// A dataset in a warehouse: checked there with aggregate statements; no rows are
+/// read into the node.
+async fn load_warehouse(
+    ds: &Dataset,
+    w: &Warehouse,
+    checks: Vec<ColumnCheck>,
+    base_dir: &Path,
+) -> Result<LoadedDataset, DataError> {
+    let (source, person_type) = super::warehouse::load(ds, w, &checks, base_dir).await?;
+    let mut columns: HashMap<String, ColumnType> =
+        checks.iter().map(|c| (c.name.clone(), c.ty)).collect();
+    columns.insert(ds.person_id.clone(), person_type);
+    Ok(LoadedDataset {
+        table: TableReference::bare(ds.name.clone()),
+        columns,
+        person_id: ds.person_id.clone(),
+        // Never consulted: a warehouse query always bounds.
+        over_limit: OverLimit {
+            m: ds.max_rows_per_person,
+            ids: Vec::new(),
+            people: usize::MAX,
+        },
+        fingerprint: None,
+        warehouse: Some(source),
+        changed_noted: AtomicBool::new(false),
+        #[cfg(test)]
+        before_scan: None,
+    })
+}
+
+pub(crate) async fn load_dataset(
+    ctx: &SessionContext,
+    ds: &Dataset,
+    opt_out_column: Option<&str>,
+    base_dir: &Path,
+) -> Result<LoadedDataset, DataError> {
+    let (checks, person_declared) = column_checks(ds, opt_out_column)?;
+    let (format, path) = match &ds.source {
+        Source::Postgres(w) => return load_warehouse(ds, w, checks, base_dir).await,
+        source => match source.file_path() {
+            Some(f) => f,
+            None => {
+                return Err(DataError::Declaration {
+                    dataset: ds.name.clone(),
+                    reason: format!("a {} source cannot be read here", source.format_name()),
+                });
+            }
+        },
+    };
+    let path = {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
+    let file = path.display().to_string();
+
 
     let dataset = ds.name.clone();
     let table = TableReference::bare(ds.name.clone());
@@ -495,7 +568,7 @@ pub(crate) async fn load_dataset(
         file: file.clone(),
         reason,
     };
-    let (fingerprint, person_type) = match ds.source.format {
+    let (fingerprint, person_type) = match format {
         SourceFormat::Parquet => {
             // Taken before validation and checked again after the last measurement, so
             // what was validated and measured is the file this fingerprint describes.
@@ -597,6 +670,7 @@ pub(crate) async fn load_dataset(
         person_id: ds.person_id.clone(),
         over_limit,
         fingerprint,
+        warehouse: None,
         changed_noted: AtomicBool::new(false),
         #[cfg(test)]
         before_scan: None,

@@ -16,6 +16,7 @@ mod noise;
 mod plan;
 mod post;
 mod secure;
+mod warehouse;
 
 #[cfg(test)]
 mod tests;
@@ -34,7 +35,9 @@ pub use noise::LinkLaplace;
 #[cfg(feature = "bench")]
 pub use plan::Bounding as BenchBounding;
 pub use post::{LinkedRules, release_linked, stricter_rounding};
+pub use plan::Statements;
 pub use secure::{Coordinate, Part, SecureInput, SecureLayout, noisy_share};
+pub use warehouse::WarehouseError;
 
 /// The node's query engine: one DataFusion session with every dataset registered.
 pub struct Engine {
@@ -85,6 +88,12 @@ pub enum EngineError {
     SumOverflow,
     #[error("the operating system's random generator failed ({0}); nothing released")]
     Randomness(String),
+    #[error("{0}")]
+    Warehouse(#[from] WarehouseError),
+    #[error(
+        "dataset `{0}` is read from a warehouse, which linked questions do not use: linkage needs each person's NHS number in the node"
+    )]
+    NotLinkable(String),
 }
 
 impl Engine {
@@ -113,7 +122,19 @@ impl Engine {
         query: &phm_proto::QueryBody,
         limits: &Limits,
     ) -> Result<Release, EngineError> {
-        self.run(query, limits, true).await
+        self.run(query, limits, true, &mut Statements::new()).await
+    }
+
+    /// [`Engine::execute`], recording in `sent` the text of each statement sent to a
+    /// warehouse (for the audit log; nothing for a file source), whether or not the
+    /// query then succeeds.
+    pub async fn execute_recorded(
+        &self,
+        query: &phm_proto::QueryBody,
+        limits: &Limits,
+        sent: &mut Statements,
+    ) -> Result<Release, EngineError> {
+        self.run(query, limits, true, sent).await
     }
 
     /// The same pipeline without noise or suppression, for tests and benchmarks only:
@@ -125,7 +146,7 @@ impl Engine {
         query: &phm_proto::QueryBody,
         limits: &Limits,
     ) -> Result<Release, EngineError> {
-        self.run(query, limits, false).await
+        self.run(query, limits, false, &mut Statements::new()).await
     }
 
     /// [`Engine::execute_exact`] under a chosen bounding plan, for the bounding
@@ -138,7 +159,10 @@ impl Engine {
         how: BenchBounding,
     ) -> Result<Release, EngineError> {
         let ds = self.dataset(limits)?;
-        let exact = plan::run_exact_with(&self.ctx, ds, query.filter.as_ref(), limits, how).await?;
+        let mut sent = Statements::new();
+        let exact =
+            plan::run_exact_with(&self.ctx, ds, query.filter.as_ref(), limits, how, &mut sent)
+                .await?;
         Ok(post::release_exact(exact, limits))
     }
 
@@ -157,9 +181,10 @@ impl Engine {
         &self,
         query: &phm_proto::QueryBody,
         limits: &Limits,
+        sent: &mut Statements,
     ) -> Result<SecureInput, EngineError> {
         let ds = self.dataset(limits)?;
-        let exact = plan::run_exact(&self.ctx, ds, query.filter.as_ref(), limits).await?;
+        let exact = plan::run_exact(&self.ctx, ds, query.filter.as_ref(), limits, sent).await?;
         secure::input(&exact, limits)
     }
 
@@ -170,7 +195,7 @@ impl Engine {
         query: &phm_proto::QueryBody,
         limits: &Limits,
     ) -> Result<AnchorSide, EngineError> {
-        let ds = self.dataset(limits)?;
+        let ds = self.linkable(limits)?;
         cohort::anchor(&self.ctx, ds, query.filter.as_ref(), limits).await
     }
 
@@ -181,8 +206,17 @@ impl Engine {
         view: &phm_proto::QueryBody,
         limits: &Limits,
     ) -> Result<phm_link::PartnerCohort, EngineError> {
-        let ds = self.dataset(limits)?;
+        let ds = self.linkable(limits)?;
         cohort::partner(&self.ctx, ds, view.filter.as_ref(), limits).await
+    }
+
+    /// A dataset whose people can be linked: one the node holds (a file source).
+    fn linkable(&self, limits: &Limits) -> Result<&load::LoadedDataset, EngineError> {
+        let ds = self.dataset(limits)?;
+        if ds.warehouse.is_some() {
+            return Err(EngineError::NotLinkable(limits.dataset.clone()));
+        }
+        Ok(ds)
     }
 
     fn dataset(&self, limits: &Limits) -> Result<&load::LoadedDataset, EngineError> {
@@ -196,12 +230,13 @@ impl Engine {
         query: &phm_proto::QueryBody,
         limits: &Limits,
         private: bool,
+        sent: &mut Statements,
     ) -> Result<Release, EngineError> {
         let ds = self
             .datasets
             .get(&limits.dataset)
             .ok_or_else(|| EngineError::UnknownDataset(limits.dataset.clone()))?;
-        let exact = plan::run_exact(&self.ctx, ds, query.filter.as_ref(), limits).await?;
+        let exact = plan::run_exact(&self.ctx, ds, query.filter.as_ref(), limits, sent).await?;
         if private {
             noise::release_private(exact, limits)
         } else {

@@ -25,10 +25,11 @@ use super::bound::{self, Plan, RowKey};
 use super::clamp::{Lattice, MAX_VALUES_PER_CELL, bin_index, clamp_units, has_person};
 use super::filter::{self, Columns};
 use super::load::{LoadedDataset, label_at};
+use super::warehouse::template;
 
 /// Most cells one release may hold, whatever the policy says: a guard against a
 /// cartesian product that would exhaust memory.
-const MAX_CELLS: usize = 1_000_000;
+pub(super) const MAX_CELLS: usize = 1_000_000;
 
 /// One clamped numeric column that SUM or MEAN aggregates read.
 #[derive(Debug, Clone)]
@@ -99,7 +100,7 @@ impl Exact {
     }
 }
 
-const N: &str = "__phm_n";
+pub(super) const N: &str = "__phm_n";
 
 pub(super) fn g(i: usize) -> String {
     format!("__phm_g{i}")
@@ -107,10 +108,10 @@ pub(super) fn g(i: usize) -> String {
 fn v(j: usize) -> String {
     format!("__phm_v{j}")
 }
-fn s(j: usize) -> String {
+pub(super) fn s(j: usize) -> String {
     format!("__phm_s{j}")
 }
-fn c(j: usize) -> String {
+pub(super) fn c(j: usize) -> String {
     format!("__phm_c{j}")
 }
 
@@ -221,6 +222,18 @@ impl Spec {
             thresholded,
             declared,
         })
+    }
+}
+
+impl Spec {
+    /// The clamped value columns, in the order their sums are read back.
+    pub(super) fn value_columns(&self) -> &[ValueColumn] {
+        &self.values
+    }
+
+    /// Cells of the declared key product (`None` when some key is thresholded).
+    pub(super) fn declared_cells(&self) -> Option<usize> {
+        self.declared.as_ref().map(|(_, total)| *total)
     }
 }
 
@@ -440,13 +453,17 @@ pub enum Bounding {
     Random,
 }
 
+/// The statements a query sent to a warehouse, in order, for the audit log.
+pub type Statements = Vec<String>;
+
 pub(crate) async fn run_exact(
     ctx: &SessionContext,
     ds: &LoadedDataset,
     filter: Option<&Predicate>,
     limits: &Limits,
+    sent: &mut Statements,
 ) -> Result<Exact, EngineError> {
-    run_exact_with(ctx, ds, filter, limits, Bounding::Auto).await
+    run_exact_with(ctx, ds, filter, limits, Bounding::Auto, sent).await
 }
 
 pub(crate) async fn run_exact_with(
@@ -455,8 +472,17 @@ pub(crate) async fn run_exact_with(
     filter: Option<&Predicate>,
     limits: &Limits,
     how: Bounding,
+    sent: &mut Statements,
 ) -> Result<Exact, EngineError> {
     let spec = Spec::new(ds, filter, limits)?;
+    if let Some(source) = &ds.warehouse {
+        // The whole plan runs inside the warehouse as one statement; bounding always
+        // runs there (a live table has no fingerprint to say load's count still holds).
+        let statement = template::render(&source.relation(ds), &spec, filter, limits)?;
+        sent.push(statement.sql.clone());
+        let batches = source.aggregate(&statement).await?;
+        return read_back(spec, limits, &batches);
+    }
     let key = RowKey::fresh().map_err(|e| EngineError::Randomness(e.to_string()))?;
     // What load measured holds only for the file load measured. The file is checked
     // before the scan and again after it: DataFusion opens the file by path during the

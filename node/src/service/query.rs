@@ -231,7 +231,7 @@ impl Service {
         self.check_fresh_and_unseen(policy, body, now).await?;
         let limits = self.decide(policy, body, now)?;
         let states = self.spend(&limits, record).await?;
-        let release = self.execute(loaded, body, &limits).await?;
+        let release = self.execute(loaded, body, &limits, record).await?;
         let answer = self.answer_of(policy, body, &limits, &states, release);
         self.cache_release(body, &body.query_id, answer).await
     }
@@ -459,14 +459,21 @@ impl Service {
         loaded: &Loaded,
         body: &QueryBody,
         limits: &Limits,
+        record: &mut AuditRecord,
     ) -> Result<Release, Denial> {
         let epsilon = limits.epsilon;
-        let release = loaded.engine.execute(body, limits).await.map_err(|e| {
-            let reason = match e {
+        let release = loaded
+            .engine
+            .execute_recorded(body, limits, &mut record.statements)
+            .await;
+        let release = release.map_err(|e| {
+            let reason = match &e {
                 EngineError::UnknownDataset(_)
                 | EngineError::UnknownColumn { .. }
                 | EngineError::BadLiteral { .. }
+                | EngineError::NotLinkable(_)
                 | EngineError::TooManyGroups => DenialReason::InvalidQuery,
+                EngineError::Warehouse(w) if w.is_unavailable() => DenialReason::Unavailable,
                 _ => DenialReason::Internal,
             };
             Denial::new(

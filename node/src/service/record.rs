@@ -38,6 +38,7 @@ pub(super) fn refused_record(
         ledgers: vec![],
         charged: vec![],
         policy_version,
+        statements: vec![],
     }
 }
 

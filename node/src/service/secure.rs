@@ -290,9 +290,10 @@ impl Service {
         if let Some(p) = &prior {
             return Err(second_session(&body.query_id, &crate::store::hex8(&p.session_id)).into());
         }
-        let input: SecureInput = engine
-            .secure_input(body, &limits)
-            .await
+        let input = engine
+            .secure_input(body, &limits, &mut record.statements)
+            .await;
+        let input: SecureInput = input
             .map_err(|e| session_refusal(format!("this node cannot compute its input: {e}")))?;
         let terms = SecureTerms {
             layout_digest: input.layout.digest,
