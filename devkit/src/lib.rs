@@ -8,11 +8,13 @@
 //! - [`fixture`]: the one policy fixture of the node's tests and benchmark (the GP
 //!   practice sample, narrowed to a test's columns) and the benchmark's data.
 //! - [`pki`]: one development PKI (an infrastructure CA, a people CA, leaves by role).
+//! - [`postgres`]: a real PostgreSQL server for the warehouse tests and demo.
 //! - [`launch`]: one local-federation launcher (nodes and a coordinator as processes on
 //!   loopback ports chosen at run time).
 
 pub mod fixture;
 pub mod launch;
 pub mod pki;
+pub mod postgres;
 pub mod questions;
 pub mod synth;

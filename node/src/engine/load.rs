@@ -560,7 +560,6 @@ pub(crate) async fn load_dataset(
     };
     let file = path.display().to_string();
 
-
     let dataset = ds.name.clone();
     let table = TableReference::bare(ds.name.clone());
     let read_err = |reason: String| DataError::Read {

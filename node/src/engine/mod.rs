@@ -34,8 +34,8 @@ pub use noise::LinkLaplace;
 /// Bounding plans the benchmark compares (`Auto` is what a node runs).
 #[cfg(feature = "bench")]
 pub use plan::Bounding as BenchBounding;
-pub use post::{LinkedRules, release_linked, stricter_rounding};
 pub use plan::Statements;
+pub use post::{LinkedRules, release_linked, stricter_rounding};
 pub use secure::{Coordinate, Part, SecureInput, SecureLayout, noisy_share};
 pub use warehouse::WarehouseError;
 

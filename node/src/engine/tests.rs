@@ -18,6 +18,8 @@ use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, QueryBody};
 use super::load::Position;
 use super::*;
 
+mod warehouse;
+
 const N_PEOPLE: usize = 200;
 
 /// A `Person::id` written as NULL (Parquet) or an empty cell (CSV).

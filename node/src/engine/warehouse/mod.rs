@@ -132,7 +132,7 @@ impl Source {
 
     /// Runs `sql` in a fresh read-only transaction under the statement timeout and
     /// returns its rows, or `TooManyRows` as soon as there are more than `max_rows`.
-    async fn rows(
+    pub(crate) async fn rows(
         &self,
         sql: &str,
         params: &[Param],
@@ -220,8 +220,19 @@ fn connect_reason(e: &tokio_postgres::Error) -> String {
 /// A statement's failure as the node reports it.
 fn describe(e: tokio_postgres::Error, timeout_seconds: u32) -> WarehouseError {
     if let Some(db) = e.as_db_error() {
-        if db.code() == &tokio_postgres::error::SqlState::QUERY_CANCELED {
+        use tokio_postgres::error::SqlState;
+        if db.code() == &SqlState::QUERY_CANCELED {
             return WarehouseError::Timeout(timeout_seconds);
+        }
+        // The server ended the session (an administrator, a shutdown, a crash).
+        if [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ]
+        .contains(db.code())
+        {
+            return WarehouseError::Lost;
         }
         return WarehouseError::Refused {
             code: db.code().code().to_string(),
@@ -259,7 +270,10 @@ impl ToSql for Param {
 }
 
 /// One output column of `rows` as values of `T`.
-fn column<'a, T: FromSql<'a>>(rows: &'a [Row], idx: usize) -> Result<Vec<Option<T>>, WarehouseError> {
+fn column<'a, T: FromSql<'a>>(
+    rows: &'a [Row],
+    idx: usize,
+) -> Result<Vec<Option<T>>, WarehouseError> {
     rows.iter()
         .map(|r| {
             r.try_get::<_, Option<T>>(idx)
@@ -359,10 +373,7 @@ fn resolve(base_dir: &Path, file: &str) -> std::path::PathBuf {
 
 /// The client configuration: the connection string with the node's own timeouts and,
 /// when the policy names a `ca_file`, TLS verified against it.
-fn config_for(
-    w: &Warehouse,
-    base_dir: &Path,
-) -> Result<(Config, Option<tls::MakeRustls>), String> {
+fn config_for(w: &Warehouse, base_dir: &Path) -> Result<(Config, Option<tls::MakeRustls>), String> {
     let dsn = connection_string(w, base_dir)?;
     // The parser's message could quote the string (and its password): not repeated.
     let mut config = Config::from_str(&dsn).map_err(|_| {
@@ -438,7 +449,10 @@ pub(crate) async fn load(
         timeout_seconds: w.statement_timeout_seconds,
         person_type: ColumnType::Text,
     };
-    let types = source.column_types().await.map_err(|e| fail(e.to_string()))?;
+    let types = source
+        .column_types()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     let Some(types) = types else {
         return Err(fail(
             "no such table or view, or the node's role may not see it (it needs SELECT on this relation only)".into(),
@@ -556,12 +570,11 @@ impl Source {
                 let mut labels: Vec<&String> = labels.iter().collect();
                 labels.sort();
                 for l in labels {
-                    let p = Param::of_label(&c.name, c.ty, l).map_err(|e| {
-                        DataError::Declaration {
+                    let p =
+                        Param::of_label(&c.name, c.ty, l).map_err(|e| DataError::Declaration {
                             dataset: ds.name.clone(),
                             reason: e.to_string(),
-                        }
-                    })?;
+                        })?;
                     placeholders.push(params.bind(&Postgres, p));
                 }
                 conditions.push((
@@ -653,7 +666,11 @@ impl Source {
 
     /// Logs how many people have more rows than `max_rows_per_person`: bounding drops
     /// their extra rows at every query (it always runs on a warehouse source).
-    async fn note_people_over(&self, ds: &Dataset, rel: &Relation<'_>) -> Result<(), WarehouseError> {
+    async fn note_people_over(
+        &self,
+        ds: &Dataset,
+        rel: &Relation<'_>,
+    ) -> Result<(), WarehouseError> {
         let sql = format!(
             "SELECT count(*) FROM (SELECT 1 FROM {} WHERE {} GROUP BY {} HAVING count(*) > $1::int8) AS phm_over",
             self.quoted,

@@ -59,7 +59,8 @@ pub(crate) struct Postgres;
 
 /// Unicode's White_Space characters, which `str::trim` (so `names_a_person`) strips, as
 /// a regular-expression class.
-const WHITE_SPACE: &str = r"[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+const WHITE_SPACE: &str =
+    r"[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
 
 impl Dialect for Postgres {
     fn quote(&self, ident: &str) -> String {
@@ -147,7 +148,9 @@ impl Param {
             ScalarValue::Utf8(Some(s)) => Param::Text(s),
             ScalarValue::Boolean(Some(b)) => Param::Bool(b),
             ScalarValue::Date32(Some(d)) => Param::Date(date_of_days(d).ok_or_else(|| {
-                EngineError::InvalidLimits(format!("a date compared with `{column}` is out of range"))
+                EngineError::InvalidLimits(format!(
+                    "a date compared with `{column}` is out of range"
+                ))
             })?),
             other => {
                 return Err(EngineError::InvalidLimits(format!(
@@ -158,7 +161,11 @@ impl Param {
     }
 
     /// A declared label (a category of the domain) as a value of the column's type.
-    pub(crate) fn of_label(column: &str, ty: ColumnType, label: &str) -> Result<Param, EngineError> {
+    pub(crate) fn of_label(
+        column: &str,
+        ty: ColumnType,
+        label: &str,
+    ) -> Result<Param, EngineError> {
         filter::literal_value(column, ty, &Literal::Text(label.to_string()))
             .and_then(|v| Param::of_scalar(column, v))
     }
@@ -238,7 +245,11 @@ impl Relation<'_> {
     /// NaN as NULL (NaN is missing everywhere).
     pub(crate) fn read(&self, name: &str, ty: ColumnType) -> String {
         let d = self.dialect;
-        let cast = format!("CAST({} AS {})", self.q(name), d.type_name(ParamType::of(ty)));
+        let cast = format!(
+            "CAST({} AS {})",
+            self.q(name),
+            d.type_name(ParamType::of(ty))
+        );
         match ty {
             ColumnType::Real => format!("NULLIF({cast}, CAST('NaN' AS float8))"),
             _ => cast,
