@@ -195,6 +195,66 @@ fn base_policy_is_valid_and_versioned_by_content() {
 /// (mutation from, mutation to, expected message fragment, expected field path)
 const VALIDATION_CASES: &[(&str, &str, &str, &str)] = &[
     (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp; drop table x\", dsn_env = \"PHM_DSN\" }",
+        "must be `name` or `schema.name`",
+        "datasets[0].source.relation",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"a.b.c\", dsn_env = \"PHM_DSN\" }",
+        "must be `name` or `schema.name`",
+        "datasets[0].source.relation",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp\" }",
+        "needs dsn_env",
+        "datasets[0].source",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"A\", dsn_file = \"f\" }",
+        "not both",
+        "datasets[0].source",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"1-X\" }",
+        "is not an environment variable name",
+        "datasets[0].source.dsn_env",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"A\", statement_timeout_seconds = 0 }",
+        "must be between 1 and 86400",
+        "datasets[0].source.statement_timeout_seconds",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"A\", ca_file = \" \" }",
+        "ca_file is empty",
+        "datasets[0].source.ca_file",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"A\" }",
+        "a postgres dataset cannot be linked",
+        "datasets[0].link_key",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"A\", password = \"p\" }",
+        "unknown field `password`",
+        "datasets[0].source",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"oracle\", relation = \"gp\" }",
+        "unknown variant `oracle`",
+        "datasets[0].source.format",
+    ),
+    (
         "version = 1",
         "version = 2",
         "version 2 is not supported",
@@ -563,6 +623,24 @@ const VALIDATION_CASES: &[(&str, &str, &str, &str)] = &[
         "requesters[3].id",
     ),
 ];
+
+#[test]
+fn a_postgres_source_parses_with_its_defaults() {
+    let text = mutate(
+        "source = { format = \"csv\", path = \"registry.csv\" }",
+        "source = { format = \"postgres\", relation = \"omop.phm_gp\", dsn_file = \"secrets/dsn\" }",
+    );
+    let p = match Policy::parse("pg.toml", &text) {
+        Ok(p) => p,
+        Err(e) => panic!("a postgres source must be valid:\n{e}"),
+    };
+    let ds = &p.file().datasets[1];
+    let w = ds.source.warehouse().expect("a warehouse source");
+    assert_eq!(w.relation, "omop.phm_gp");
+    assert_eq!(w.dsn_file.as_deref(), Some("secrets/dsn"));
+    assert_eq!(w.statement_timeout_seconds, 300);
+    assert!(ds.source.file_path().is_none());
+}
 
 #[test]
 fn every_validation_error_is_reported_with_its_field() {
