@@ -37,6 +37,12 @@ pub struct DemoArgs {
     /// Seconds to wait for every node and the coordinator to report healthy.
     #[arg(long, default_value_t = 180)]
     pub startup_timeout: u64,
+    /// Serve every partner's data from PostgreSQL instead of Parquet: each partner gets
+    /// a database with its datasets as views and a role that may only SELECT them.
+    /// Uses the server PHM_TEST_PG_DSN names, or starts one (Debian's postgresql
+    /// package) on a loopback port, stopped when the demo ends.
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 /// Certificates for health checks. Nodes trust only the infrastructure CA for clients,
@@ -563,6 +569,27 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
     };
     let summary = tokio::task::spawn_blocking(move || synth::run(&opts)).await??;
     let manifest = summary.manifest;
+    // Held until the demo ends: dropping it stops a server the demo started.
+    let _warehouse = if a.postgres {
+        let server = tokio::task::spawn_blocking(phm_devkit::postgres::Server::start)
+            .await?
+            .map_err(|e| anyhow!("--postgres needs PostgreSQL: {e}"))?;
+        phm::outln!(
+            "Loading every partner's data into PostgreSQL (COPY; one database and one read-only role per partner) …"
+        );
+        for o in &manifest.organisations {
+            phm_devkit::synth::warehouse::move_partner(
+                &server,
+                &dir.join(&o.ods_code),
+                &o.ods_code,
+            )
+            .await
+            .map_err(|e| anyhow!("moving {} into PostgreSQL: {e}", o.ods_code))?;
+        }
+        Some(server)
+    } else {
+        None
+    };
     let synth_time = started.elapsed();
     let exe = std::env::current_exe().context("cannot find the running phm binary")?;
     let logs = dir.join("logs");

@@ -238,12 +238,6 @@ const VALIDATION_CASES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
-        "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"A\" }",
-        "a postgres dataset cannot be linked",
-        "datasets[0].link_key",
-    ),
-    (
-        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
         "source = { format = \"postgres\", relation = \"gp\", dsn_env = \"A\", password = \"p\" }",
         "unknown field `password`",
         "datasets[0].source",

@@ -389,11 +389,11 @@ fn source(d: &Dataset, path: &str, ctx: &str, p: &mut Problems) {
                 );
             }
         }
-        Source::Postgres(w) => warehouse(d, w, path, ctx, p),
+        Source::Postgres(w) => warehouse(w, path, ctx, p),
     }
 }
 
-fn warehouse(d: &Dataset, w: &Warehouse, path: &str, ctx: &str, p: &mut Problems) {
+fn warehouse(w: &Warehouse, path: &str, ctx: &str, p: &mut Problems) {
     let parts: Vec<&str> = w.relation.split('.').collect();
     if parts.len() > 2 || !parts.iter().all(|s| is_sql_identifier(s)) {
         push(
@@ -456,15 +456,6 @@ fn warehouse(d: &Dataset, w: &Warehouse, path: &str, ctx: &str, p: &mut Problems
             format!(
                 "{ctx}: statement_timeout_seconds {} must be between 1 and {MAX_STATEMENT_TIMEOUT_SECONDS}",
                 w.statement_timeout_seconds
-            ),
-        );
-    }
-    if d.link_key.is_some() {
-        push(
-            p,
-            format!("{path}.link_key"),
-            format!(
-                "{ctx}: a postgres dataset cannot be linked: linkage reads every NHS number of the cohort into the node, which a warehouse source exists to avoid; link on a file source"
             ),
         );
     }

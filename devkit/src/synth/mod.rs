@@ -11,6 +11,7 @@ pub mod nhs;
 pub mod people;
 pub mod reference;
 pub mod rng;
+pub mod warehouse;
 mod write;
 
 use ics::{Org, OrgKind};

@@ -21,7 +21,8 @@ use phm_proto::Predicate;
 
 use super::EngineError;
 use super::load::LoadedDataset;
-use super::plan::{Spec, declared_keys, g};
+use super::plan::{Spec, Statements, declared_keys, g};
+use super::warehouse::template;
 
 /// Alias of the link key column in the cohort scan.
 const LINK: &str = "__phm_link";
@@ -52,12 +53,33 @@ fn link_key(limits: &Limits) -> Result<&str, EngineError> {
 }
 
 /// Opt-out exclusion, the filter, then `select`: the rows a plain query would count.
+/// For a warehouse source the same scan is one statement (`template::render_cohort`),
+/// whose text is added to `sent`.
+#[allow(clippy::too_many_arguments)]
 async fn scan(
     ctx: &SessionContext,
     ds: &LoadedDataset,
     spec: &Spec,
     select: Vec<Expr>,
+    filter: Option<&Predicate>,
+    limits: &Limits,
+    with_keys: bool,
+    sent: &mut Statements,
 ) -> Result<Vec<RecordBatch>, EngineError> {
+    if let Some(source) = &ds.warehouse {
+        let key = link_key(limits)?;
+        let statement = template::render_cohort(
+            &source.relation(ds),
+            spec,
+            filter,
+            limits,
+            key,
+            LINK,
+            with_keys,
+        )?;
+        sent.push(statement.sql.clone());
+        return source.cohort(&statement, LINK).await;
+    }
     let mut df = ctx.table(ds.table.clone()).await?;
     if let Some(flag) = &spec.opt_out {
         df = df.filter(ident(flag).is_false())?;
@@ -98,6 +120,7 @@ pub(crate) async fn anchor(
     ds: &LoadedDataset,
     filter: Option<&Predicate>,
     limits: &Limits,
+    sent: &mut Statements,
 ) -> Result<AnchorSide, EngineError> {
     let key = link_key(limits)?;
     let spec = Spec::new(ds, filter, limits)?;
@@ -113,7 +136,7 @@ pub(crate) async fn anchor(
     }
     let mut select: Vec<Expr> = spec.select[..spec.plans.len()].to_vec();
     select.push(link_column(ds, limits, key)?);
-    let batches = scan(ctx, ds, &spec, select).await?;
+    let batches = scan(ctx, ds, &spec, select, filter, limits, true, sent).await?;
     // Per batch: the link key and each group key column (checked before any row is read).
     let columns = batches
         .iter()
@@ -154,11 +177,13 @@ pub(crate) async fn partner(
     ds: &LoadedDataset,
     filter: Option<&Predicate>,
     limits: &Limits,
+    sent: &mut Statements,
 ) -> Result<PartnerCohort, EngineError> {
     let key = link_key(limits)?;
     let k = limits.link.as_ref().map_or(1, |l| l.min_partner_rows);
     let spec = Spec::new(ds, filter, limits)?;
-    let batches = scan(ctx, ds, &spec, vec![link_column(ds, limits, key)?]).await?;
+    let select = vec![link_column(ds, limits, key)?];
+    let batches = scan(ctx, ds, &spec, select, filter, limits, false, sent).await?;
     let links = batches
         .iter()
         .map(link_values)

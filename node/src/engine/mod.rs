@@ -90,10 +90,6 @@ pub enum EngineError {
     Randomness(String),
     #[error("{0}")]
     Warehouse(#[from] WarehouseError),
-    #[error(
-        "dataset `{0}` is read from a warehouse, which linked questions do not use: linkage needs each person's NHS number in the node"
-    )]
-    NotLinkable(String),
 }
 
 impl Engine {
@@ -194,9 +190,10 @@ impl Engine {
         &self,
         query: &phm_proto::QueryBody,
         limits: &Limits,
+        sent: &mut Statements,
     ) -> Result<AnchorSide, EngineError> {
-        let ds = self.linkable(limits)?;
-        cohort::anchor(&self.ctx, ds, query.filter.as_ref(), limits).await
+        let ds = self.dataset(limits)?;
+        cohort::anchor(&self.ctx, ds, query.filter.as_ref(), limits, sent).await
     }
 
     /// The partner's people for a linked question: `view` is the partner's side of it
@@ -205,18 +202,10 @@ impl Engine {
         &self,
         view: &phm_proto::QueryBody,
         limits: &Limits,
+        sent: &mut Statements,
     ) -> Result<phm_link::PartnerCohort, EngineError> {
-        let ds = self.linkable(limits)?;
-        cohort::partner(&self.ctx, ds, view.filter.as_ref(), limits).await
-    }
-
-    /// A dataset whose people can be linked: one the node holds (a file source).
-    fn linkable(&self, limits: &Limits) -> Result<&load::LoadedDataset, EngineError> {
         let ds = self.dataset(limits)?;
-        if ds.warehouse.is_some() {
-            return Err(EngineError::NotLinkable(limits.dataset.clone()));
-        }
-        Ok(ds)
+        cohort::partner(&self.ctx, ds, view.filter.as_ref(), limits, sent).await
     }
 
     fn dataset(&self, limits: &Limits) -> Result<&load::LoadedDataset, EngineError> {

@@ -17,7 +17,9 @@
 use super::query::{limits_or_denial, query_id_reused};
 use super::{Answer, Loaded, Service, Stop, internal};
 use crate::audit::{AuditRecord, Outcome};
-use crate::engine::{AnchorSide, LinkLaplace, LinkedRules, release_linked, stricter_rounding};
+use crate::engine::{
+    AnchorSide, LinkLaplace, LinkedRules, Statements, release_linked, stricter_rounding,
+};
 use crate::peer::Peer;
 use crate::store::{CacheLookup, LedgerState, QueryKey, StoreError};
 use chrono::{DateTime, Utc};
@@ -548,13 +550,21 @@ impl Service {
                         &peer_terms,
                         &states,
                         wire,
+                        &mut record.statements,
                     )
                     .await?;
                 wire.send(LinkOut::Result(Box::new(answer))).await?;
             }
             Role::Partner => {
-                self.run_partner(loaded, &session, params, channel, wire)
-                    .await?;
+                self.run_partner(
+                    loaded,
+                    &session,
+                    params,
+                    channel,
+                    wire,
+                    &mut record.statements,
+                )
+                .await?;
                 wire.send(LinkOut::Finished).await?;
             }
         }
@@ -646,11 +656,12 @@ impl Service {
         peer_terms: &LinkTerms,
         states: &[LedgerState],
         wire: &mut Wire,
+        sent: &mut Statements,
     ) -> Result<Answer, Stop> {
         let t = Instant::now();
         let side: AnchorSide = loaded
             .engine
-            .anchor_cohort(s.body, &s.limits)
+            .anchor_cohort(s.body, &s.limits, sent)
             .await
             .map_err(cohort_failure)?;
         phase("anchor.cohort_scan", t);
@@ -719,6 +730,7 @@ impl Service {
         params: LinkParams,
         mut channel: Channel,
         wire: &mut Wire,
+        sent: &mut Statements,
     ) -> Result<(), Stop> {
         let Some(linkage) = &s.body.linkage else {
             return Err(internal("a partner session without linkage").into());
@@ -727,7 +739,7 @@ impl Service {
         let t = Instant::now();
         let cohort = loaded
             .engine
-            .partner_cohort(&view, &s.limits)
+            .partner_cohort(&view, &s.limits, sent)
             .await
             .map_err(cohort_failure)?;
         phase("partner.cohort_scan", t);

@@ -471,7 +471,6 @@ impl Service {
                 EngineError::UnknownDataset(_)
                 | EngineError::UnknownColumn { .. }
                 | EngineError::BadLiteral { .. }
-                | EngineError::NotLinkable(_)
                 | EngineError::TooManyGroups => DenialReason::InvalidQuery,
                 EngineError::Warehouse(w) if w.is_unavailable() => DenialReason::Unavailable,
                 _ => DenialReason::Internal,

@@ -130,6 +130,25 @@ impl Source {
         Ok(vec![to_batch(statement, &rows)?])
     }
 
+    /// Runs a cohort statement (`template::render_cohort`) and returns its rows as one
+    /// batch: the key columns `g(i)` and the link key, as text, named `link`.
+    pub(crate) async fn cohort(
+        &self,
+        statement: &Statement,
+        link: &str,
+    ) -> Result<Vec<RecordBatch>, super::EngineError> {
+        let rows = self
+            .rows(&statement.sql, &statement.params, statement.max_rows)
+            .await?;
+        let (mut fields, mut arrays) = key_arrays(statement, &rows)?;
+        let idx = statement.keys.len();
+        fields.push(Field::new(link, DataType::Utf8, true));
+        arrays.push(Arc::new(StringArray::from(column::<String>(&rows, idx)?)));
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .map_err(|e| WarehouseError::Decode(e.to_string()))?;
+        Ok(vec![batch])
+    }
+
     /// Runs `sql` in a fresh read-only transaction under the statement timeout and
     /// returns its rows, or `TooManyRows` as soon as there are more than `max_rows`.
     pub(crate) async fn rows(
@@ -285,6 +304,28 @@ fn column<'a, T: FromSql<'a>>(
 /// The statement's rows as one batch named as the DataFusion aggregation names its
 /// output: keys `g(i)`, rows `N`, and per value column its sum `s(j)` and count `c(j)`.
 fn to_batch(statement: &Statement, rows: &[Row]) -> Result<RecordBatch, WarehouseError> {
+    let (mut fields, mut arrays) = key_arrays(statement, rows)?;
+    let mut int = |name: String, idx: usize| -> Result<(), WarehouseError> {
+        fields.push(Field::new(name, DataType::Int64, true));
+        arrays.push(Arc::new(Int64Array::from(column::<i64>(rows, idx)?)));
+        Ok(())
+    };
+    let base = statement.keys.len();
+    int(plan::N.to_string(), base)?;
+    for j in 0..statement.values {
+        int(plan::s(j), base + 1 + 2 * j)?;
+        int(plan::c(j), base + 2 + 2 * j)?;
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+        .map_err(|e| WarehouseError::Decode(e.to_string()))
+}
+
+/// The key columns `g(i)` of a statement's rows, each of its policy type (a bin index
+/// as Int64), as the DataFusion plan's key columns are.
+fn key_arrays(
+    statement: &Statement,
+    rows: &[Row],
+) -> Result<(Vec<Field>, Vec<ArrayRef>), WarehouseError> {
     let mut fields = Vec::new();
     let mut arrays: Vec<ArrayRef> = Vec::new();
     for (i, key) in statement.keys.iter().enumerate() {
@@ -318,19 +359,7 @@ fn to_batch(statement: &Statement, rows: &[Row]) -> Result<RecordBatch, Warehous
         fields.push(Field::new(plan::g(i), array.data_type().clone(), true));
         arrays.push(array);
     }
-    let mut int = |name: String, idx: usize| -> Result<(), WarehouseError> {
-        fields.push(Field::new(name, DataType::Int64, true));
-        arrays.push(Arc::new(Int64Array::from(column::<i64>(rows, idx)?)));
-        Ok(())
-    };
-    let base = statement.keys.len();
-    int(plan::N.to_string(), base)?;
-    for j in 0..statement.values {
-        int(plan::s(j), base + 1 + 2 * j)?;
-        int(plan::c(j), base + 2 + 2 * j)?;
-    }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-        .map_err(|e| WarehouseError::Decode(e.to_string()))
+    Ok((fields, arrays))
 }
 
 /// Whether a PostgreSQL column type (`format_type` of its base type) holds the policy's

@@ -443,17 +443,8 @@ pub(crate) fn render(
                 keys.push(KeyType::Column(ty));
             }
             GroupDomain::Bins { edges } => {
-                let x = rel.read(name, ColumnType::Real);
-                let mut case = format!("CASE WHEN {x} IS NULL THEN NULL");
-                // Bin k is [edges[k], edges[k+1]); below the first edge is bin 0 and at
-                // or above the last is the last bin, so only the inner edges decide.
-                let inner_edges = edges.get(1..edges.len().saturating_sub(1)).unwrap_or(&[]);
-                for (k, e) in inner_edges.iter().enumerate() {
-                    let e = params.bind(d, Param::Real(*e));
-                    let _ = write!(case, " WHEN {x} < {e} THEN {k}");
-                }
-                let _ = write!(case, " ELSE {} END", inner_edges.len());
-                middle_select.push(format!("CAST({case} AS int8) AS {alias}"));
+                let case = bin_case(rel, name, edges, &mut params);
+                middle_select.push(format!("{case} AS {alias}"));
                 outer_where.push(format!("{alias} IS NOT NULL"));
                 keys.push(KeyType::Bin);
             }
@@ -512,6 +503,85 @@ pub(crate) fn render(
         max_rows,
         observed,
     })
+}
+
+/// Most rows a cohort statement may return (one per row of the filtered relation): the
+/// people of a linked question are held in the node, as they are for a file source.
+pub(crate) const MAX_COHORT_ROWS: usize = 50_000_000;
+
+/// The statement that reads a linked question's people (`cohort`): opt-out and the
+/// filter as in [`render`], then each row's group keys (as `render` computes them,
+/// before the domain restriction, which `cohort` applies as read-back does) and its
+/// link key as text, aliased `link`. No bounding: a cohort is a set of people.
+pub(crate) fn render_cohort(
+    rel: &Relation<'_>,
+    spec: &Spec,
+    filter: Option<&Predicate>,
+    limits: &Limits,
+    link_key: &str,
+    link: &str,
+    with_keys: bool,
+) -> Result<Statement, EngineError> {
+    let d = rel.dialect;
+    let cols = rel.columns();
+    let mut params = Params::default();
+    let mut wheres: Vec<String> = Vec::new();
+    if let Some(flag) = &spec.opt_out {
+        wheres.push(format!("({} IS FALSE)", rel.q(flag)));
+    }
+    if let Some(p) = filter {
+        wheres.push(rel.predicate(p, &mut params)?);
+    }
+    let mut select = Vec::new();
+    let mut keys = Vec::new();
+    if with_keys {
+        for (i, gl) in limits.group_by.iter().enumerate() {
+            let name = &gl.column.name;
+            let ty = cols.ty(name)?;
+            let (expr, key) = match &gl.domain {
+                GroupDomain::Bins { edges } => {
+                    (bin_case(rel, name, edges, &mut params), KeyType::Bin)
+                }
+                _ => (rel.read(name, ty), KeyType::Column(ty)),
+            };
+            select.push(format!("{expr} AS {}", key_alias(i)));
+            keys.push(key);
+        }
+    }
+    let _ = cols.ty(link_key)?;
+    select.push(format!(
+        "CAST({} AS text) AS {}",
+        rel.q(link_key),
+        d.quote(link)
+    ));
+    let mut sql = format!("SELECT {} FROM {}", select.join(", "), rel.relation);
+    if !wheres.is_empty() {
+        let _ = write!(sql, " WHERE {}", wheres.join(" AND "));
+    }
+    Ok(Statement {
+        sql,
+        params: params.into_values(),
+        keys,
+        values: 0,
+        max_rows: MAX_COHORT_ROWS,
+        observed: false,
+    })
+}
+
+/// The bin index of column `name` among `edges` (see [`render`]).
+fn bin_case(rel: &Relation<'_>, name: &str, edges: &[f64], params: &mut Params) -> String {
+    let d = rel.dialect;
+    let x = rel.read(name, ColumnType::Real);
+    let mut case = format!("CASE WHEN {x} IS NULL THEN NULL");
+    // Bin k is [edges[k], edges[k+1]); below the first edge is bin 0 and at or above the
+    // last is the last bin, so only the inner edges decide.
+    let inner_edges = edges.get(1..edges.len().saturating_sub(1)).unwrap_or(&[]);
+    for (k, e) in inner_edges.iter().enumerate() {
+        let e = params.bind(d, Param::Real(*e));
+        let _ = write!(case, " WHEN {x} < {e} THEN {k}");
+    }
+    let _ = write!(case, " ELSE {} END", inner_edges.len());
+    format!("CAST({case} AS int8)")
 }
 
 fn value_alias(j: usize) -> String {
