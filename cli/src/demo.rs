@@ -581,7 +581,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
             phm_devkit::synth::warehouse::move_partner(
                 &server,
                 &dir.join(&o.ods_code),
-                &o.ods_code,
+                &format!("phm_demo_{}", o.ods_code.to_ascii_lowercase()),
             )
             .await
             .map_err(|e| anyhow!("moving {} into PostgreSQL: {e}", o.ods_code))?;

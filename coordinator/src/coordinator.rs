@@ -353,7 +353,13 @@ impl Inner {
             Claim::Existing(rec) if rec.content_digest != claim.content_digest => {
                 return Err(reused(key.query_id));
             }
-            Claim::Existing(rec) if rec.result.is_some() => return Ok(Plan::Replay(rec)),
+            Claim::Existing(rec)
+                if rec.result.as_ref().is_some_and(|r| !r.coverage.retryable()) =>
+            {
+                return Ok(Plan::Replay(rec));
+            }
+            // Answered in part (a partner down, timed out or failing inside): asked
+            // again, the partners that answered serve their cached releases.
             // Claimed by a run that never finished (the coordinator stopped): run it
             // again; nodes answer a known question from their release cache.
             Claim::Existing(_) => false,

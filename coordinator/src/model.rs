@@ -81,6 +81,24 @@ pub struct Coverage {
     pub partial: bool,
 }
 
+impl Coverage {
+    /// True when asking again may complete the answer: some partner could not be
+    /// reached, ran out of time, or failed inside (a warehouse that was down, say)
+    /// rather than refusing by its policy. A resubmit then asks every partner again:
+    /// those that answered serve their cached release (no new spend), and one that
+    /// was charged but released nothing answers under that charge.
+    pub fn retryable(&self) -> bool {
+        !self.unreachable.is_empty()
+            || !self.timed_out.is_empty()
+            || self.refused.iter().any(|r| {
+                matches!(
+                    r.reason,
+                    Some(DenialReason::Internal | DenialReason::Unavailable)
+                )
+            })
+    }
+}
+
 /// The system-level answer to one query, as recorded and returned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SystemResult {

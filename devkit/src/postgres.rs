@@ -198,6 +198,11 @@ impl Server {
         }
     }
 
+    /// The superuser connection string, without a database (what [`DSN_ENV`] holds).
+    pub fn admin_dsn(&self) -> &str {
+        &self.admin
+    }
+
     /// The superuser connection string to database `db`.
     pub fn dsn(&self, db: &str) -> String {
         format!("{} dbname={db}", self.admin)

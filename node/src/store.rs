@@ -154,6 +154,12 @@ pub enum CacheLookup<T> {
     Conflict {
         cached_digest: String,
     },
+    /// This question was charged before but its release failed (a warehouse that was
+    /// down, say): it is answered now under that charge, with no new spend.
+    /// `same_message` when it is the very signed message charged (a relay's retry).
+    Charged {
+        same_message: bool,
+    },
 }
 
 /// A release cache entry: the answer in its wire form, as the coordinator's history
@@ -171,17 +177,34 @@ struct CachedEntry {
 }
 
 fn decode_entry(bytes: &[u8], query_id: &str) -> Result<(CachedEntry, Answer), StoreError> {
+    match decode_entry_or_charge(bytes, query_id)? {
+        (entry, Some(answer)) => Ok((entry, answer)),
+        (_, None) => Err(StoreError::Corrupt {
+            what: "cached release",
+            key: query_id.to_string(),
+            reason: "the entry holds no answer".into(),
+        }),
+    }
+}
+
+/// A cache entry, and its answer unless it records a charge whose release failed.
+fn decode_entry_or_charge(
+    bytes: &[u8],
+    query_id: &str,
+) -> Result<(CachedEntry, Option<Answer>), StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         what: "cached release",
         key: query_id.to_string(),
         reason,
     };
     let mut entry = CachedEntry::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
-    let wire = entry
-        .answer
-        .take()
-        .ok_or_else(|| corrupt("the entry holds no answer".into()))?;
-    let answer = Answer::try_from(wire).map_err(|e| corrupt(e.to_string()))?;
+    let answer = match entry.answer.take() {
+        Some(wire) => Some(Answer::try_from(wire).map_err(|e| corrupt(e.to_string()))?),
+        None if entry.content_digest.is_empty() => {
+            return Err(corrupt("the entry holds no answer".into()));
+        }
+        None => None,
+    };
     Ok((entry, answer))
 }
 
@@ -560,7 +583,18 @@ impl Store {
         else {
             return Ok(CacheLookup::Miss);
         };
-        let (entry, answer) = decode_entry(&bytes, id.query_id)?;
+        let (entry, answer) = decode_entry_or_charge(&bytes, id.query_id)?;
+        let Some(answer) = answer else {
+            return Ok(if entry.content_digest == content_digest {
+                CacheLookup::Charged {
+                    same_message: entry.digest == digest,
+                }
+            } else {
+                CacheLookup::Conflict {
+                    cached_digest: entry.digest,
+                }
+            });
+        };
         if entry.digest == digest {
             Ok(CacheLookup::Hit(answer))
         } else if !entry.content_digest.is_empty() && entry.content_digest == content_digest {
@@ -598,6 +632,43 @@ impl Store {
             .map_err(db_err("writing the release cache"))?;
         self.flush()?;
         Ok(stored)
+    }
+
+    /// Record that (requester, query id) was charged for this question but nothing was
+    /// released (its execution failed), then fsync: a retry of the same question is
+    /// answered under that charge instead of a second one. `store_release` replaces
+    /// the record with the answer.
+    pub fn store_charge(
+        &self,
+        id: &QueryKey<'_>,
+        digest: &str,
+        content_digest: &str,
+    ) -> Result<(), StoreError> {
+        let bytes = CachedEntry {
+            digest: digest.to_string(),
+            content_digest: content_digest.to_string(),
+            answer: None,
+        }
+        .encode_to_vec();
+        self.releases
+            .insert(id.key_bytes(), bytes)
+            .map_err(db_err("writing the release cache"))?;
+        self.flush()
+    }
+
+    /// The state of each ledger in `charges` as it stands, without spending.
+    pub fn ledger_states(
+        &self,
+        charges: &[LedgerCharge],
+        delta_conv: f64,
+    ) -> Result<Vec<LedgerState>, StoreError> {
+        charges
+            .iter()
+            .map(|c| {
+                let held = self.held(&c.ledger, &c.period_label)?;
+                Ok(LedgerState::of(c, c.total, held, delta_conv))
+            })
+            .collect()
     }
 
     /// Record that `requester` used `nonce` (in `scope`, e.g. "query" or "describe")

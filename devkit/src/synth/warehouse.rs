@@ -37,10 +37,10 @@ fn quote(ident: &str) -> String {
 }
 
 /// Moves every dataset of partner folder `org_dir` (its `policy.toml` and `data/`) into
-/// database `phm_<ods>` on `server`, and rewrites the policy to read the views.
-/// Returns the database's name.
-pub async fn move_partner(server: &Server, org_dir: &Path, ods: &str) -> Result<String, String> {
-    let db = format!("phm_{}", ods.to_ascii_lowercase());
+/// database `db` on `server` (replaced if it exists), with a role `<db>_reader` that may
+/// SELECT the datasets' views and nothing else, and rewrites the policy to read them.
+pub async fn move_partner(server: &Server, org_dir: &Path, db: &str) -> Result<(), String> {
+    let db = db.to_string();
     // A demo folder replaced by a new run: its old database goes too.
     server.psql(
         "postgres",
@@ -140,5 +140,5 @@ pub async fn move_partner(server: &Server, org_dir: &Path, ods: &str) -> Result<
     let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
     std::fs::write(&policy_path, text)
         .map_err(|e| format!("cannot write {}: {e}", policy_path.display()))?;
-    Ok(db)
+    Ok(())
 }

@@ -497,6 +497,11 @@ impl Service {
                 CacheLookup::Conflict { .. } => {
                     return Err(query_id_reused(&body.query_id).into());
                 }
+                // Linkage sessions never record a bare charge (a failed session is
+                // not retried under its charge: its partner's spend is its own).
+                CacheLookup::Charged { .. } => {
+                    return Err(query_id_reused(&body.query_id).into());
+                }
                 CacheLookup::Miss => {}
             }
         }

@@ -226,14 +226,69 @@ impl Service {
             CacheLookup::Conflict { .. } => {
                 return Err(query_id_reused(&body.query_id).into());
             }
+            CacheLookup::Charged { same_message } => {
+                // Charged before, released nothing: answered now under that charge.
+                if !same_message {
+                    self.check_fresh_and_unseen(policy, body, now).await?;
+                }
+                let limits = self.decide(policy, body, now)?;
+                let states = self.ledger_states(&limits).await?;
+                record.reasons = vec![
+                    "retry of a query charged earlier whose release failed: answered under that charge, no new spend".into(),
+                ];
+                record.ledgers = states.iter().map(ledger_note).collect();
+                let release = self.execute(loaded, body, &limits, record).await?;
+                let answer = self.answer_of(policy, body, &limits, &states, release);
+                return self.cache_release(body, &body.query_id, answer).await;
+            }
             CacheLookup::Miss => {}
         }
         self.check_fresh_and_unseen(policy, body, now).await?;
         let limits = self.decide(policy, body, now)?;
         let states = self.spend(&limits, record).await?;
-        let release = self.execute(loaded, body, &limits, record).await?;
+        let release = match self.execute(loaded, body, &limits, record).await {
+            Ok(release) => release,
+            Err(denial) => {
+                // The charge is durable and nothing was released: record that, so a
+                // retry of this question is answered under this charge, not a second.
+                self.note_charge(body).await?;
+                record.reasons.push(
+                    "charged, nothing released: a retry of this query id is answered under this charge".into(),
+                );
+                return Err(denial.into());
+            }
+        };
         let answer = self.answer_of(policy, body, &limits, &states, release);
         self.cache_release(body, &body.query_id, answer).await
+    }
+
+    /// Records that `body` was charged and released nothing (see `Store::store_charge`).
+    async fn note_charge(&self, body: &QueryBody) -> Result<(), Stop> {
+        match self
+            .with_release_key(
+                body,
+                body.query_id.clone(),
+                |store, key, digest, content| store.store_charge(key, digest, content),
+            )
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.store_denial(e, "cannot record the charge").into()),
+        }
+    }
+
+    /// The charged ledgers as they stand, spending nothing.
+    async fn ledger_states(&self, limits: &Limits) -> Result<Vec<LedgerState>, Stop> {
+        let store = self.store.clone();
+        let charges = limits.charges.clone();
+        let delta_conv = limits.delta;
+        match self
+            .io(move || store.ledger_states(&charges, delta_conv))
+            .await?
+        {
+            Ok(states) => Ok(states),
+            Err(e) => Err(self.store_denial(e, "cannot read the ledger").into()),
+        }
     }
 
     pub(super) fn served_from_cache(mut answer: Answer, record: &mut AuditRecord) -> Answer {
@@ -477,7 +532,9 @@ impl Service {
             };
             Denial::new(
                 reason,
-                format!("{e}; the {epsilon} epsilon charged for this query stays spent"),
+                format!(
+                    "{e}; the {epsilon} epsilon charged for this query stays spent, and asking again with the same query id (phm query --query-id) is answered under that charge"
+                ),
             )
         })?;
         if release.epsilon_spent.is_nan()

@@ -82,6 +82,7 @@ fn record(qid: &str) -> AuditRecord {
         ledgers: vec![],
         charged: charges().iter().map(|c| c.key()).collect(),
         policy_version: "v".into(),
+        statements: vec![],
     }
 }
 

@@ -15,6 +15,7 @@ mod redteam;
 mod secure;
 mod tidy;
 mod trust;
+mod warehouse;
 
 /// A current-thread runtime for the async gRPC clients; the harness itself is blocking.
 pub fn rt() -> tokio::runtime::Runtime {

@@ -1,0 +1,167 @@
+//! Partners whose data live in PostgreSQL (`format = "postgres"`), end to end against a
+//! real server: `phm demo --postgres` answers every question from the warehouses, with
+//! each statement in the audit log; a warehouse failure after the charge is a clear
+//! refusal, and asking again under the same query id is answered under that charge.
+
+use std::process::Command;
+
+use phm_devkit::postgres::{DSN_ENV, Server};
+use phm_e2e::{Federation, Ics, audit_verify, bins};
+
+use crate::rt;
+
+/// Every line of a node's audit log, parsed.
+fn audit_entries(state: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_demo_answers_every_question_from_postgres() {
+    let Some(server) = Server::for_test("the_demo_answers_every_question_from_postgres") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = Command::new(&bins().phm)
+        .args([
+            "demo",
+            "--postgres",
+            "--population",
+            "4000",
+            "--nodes",
+            "2",
+            "--dir",
+        ])
+        .arg(&dir)
+        .env(DSN_ENV, server.admin_dsn())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "phm demo --postgres failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("Loading every partner's data into PostgreSQL"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Check against the exact answers"),
+        "{stdout}"
+    );
+    let orgs = phm_devkit::launch::organisations(&dir);
+    assert!(orgs.len() >= 5, "{orgs:?}");
+    let mut answers = 0;
+    for org in &orgs {
+        let policy = std::fs::read_to_string(dir.join(org).join("policy.toml")).unwrap();
+        assert!(
+            policy.contains("format = \"postgres\""),
+            "{org} is not on postgres"
+        );
+        let state = dir.join(org).join("state");
+        let (code, verify) = audit_verify(&state);
+        assert_eq!(code, 0, "{org}: {verify}");
+        // Every answered query's statement is in the log, and no literal or file path.
+        let answered: Vec<_> = audit_entries(&state)
+            .into_iter()
+            .filter(|e| e["decision"] == "allowed" && e["cached"] == false)
+            .collect();
+        answers += answered.len();
+        for e in &answered {
+            let statements = e["statements"].as_array().map(Vec::len).unwrap_or(0);
+            assert!(
+                statements >= 1,
+                "{org}: an answer without its statement: {e}"
+            );
+        }
+    }
+    assert!(answers >= 20, "only {answers} answers in the audit logs");
+    // The node's role may read its views and nothing more.
+    let db = format!("phm_demo_{}", orgs[0].to_ascii_lowercase());
+    let reader = server.dsn_as(&db, &format!("{db}_reader"));
+    let write = Command::new("psql")
+        .args(["-X", "-q", "-At", "-d", &reader, "-c"])
+        .arg("INSERT INTO gp_patients_rows (person_id) VALUES ('x')")
+        .output()
+        .unwrap();
+    let refused = String::from_utf8_lossy(&write.stderr);
+    assert!(!write.status.success());
+    assert!(refused.contains("permission denied"), "{refused}");
+}
+
+#[test]
+fn a_failed_warehouse_statement_is_charged_once_and_retried_under_that_charge() {
+    let Some(server) = Server::for_test("a_failed_warehouse_statement_is_charged_once") else {
+        return;
+    };
+    let ics = Ics::synth(3000, 11);
+    let id = ics.nodes_serving("gp_patients")[0].clone();
+    let db = server.fresh_database("phm_e2e").unwrap();
+    rt().block_on(phm_devkit::synth::warehouse::move_partner(
+        &server,
+        &ics.root.join(&id),
+        &db,
+    ))
+    .unwrap();
+    let fed = Federation::start_nodes(ics, std::slice::from_ref(&id), true);
+    let ask = || {
+        fed.query_json(
+            "dsu",
+            &[
+                "--purpose",
+                "planning",
+                "--epsilon",
+                "0.5",
+                "--query-id",
+                "wh-retry-1",
+            ],
+            "SELECT sex, COUNT(*) AS people FROM gp_patients GROUP BY sex",
+        )
+    };
+    // The view goes away under the running node.
+    server
+        .psql(&db, "ALTER VIEW gp_patients RENAME TO gp_patients_away")
+        .unwrap();
+    let refused = ask().to_string();
+    assert!(refused.contains("does not exist"), "{refused}");
+    assert!(refused.contains("stays spent"), "{refused}");
+    server
+        .psql(&db, "ALTER VIEW gp_patients_away RENAME TO gp_patients")
+        .unwrap();
+    let answered = ask();
+    let rows = answered.to_string();
+    assert!(rows.contains("\"F\"") && rows.contains("\"M\""), "{rows}");
+    // One charge for the two attempts, both audited, the statement in each.
+    let state = ics_state(&fed, &id);
+    let entries: Vec<_> = audit_entries(&state)
+        .into_iter()
+        .filter(|e| e["query_id"] == "wh-retry-1")
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let spent: f64 = entries
+        .iter()
+        .map(|e| e["epsilon_spent"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (spent - 0.5).abs() < 1e-12,
+        "charged {spent} for one question"
+    );
+    assert_eq!(entries[0]["decision"], "refused");
+    assert_eq!(entries[1]["decision"], "allowed");
+    for e in &entries {
+        assert!(
+            e["statements"].as_array().is_some_and(|s| s.len() == 1),
+            "{e}"
+        );
+    }
+    let (code, verify) = audit_verify(&state);
+    assert_eq!(code, 0, "{verify}");
+}
+
+fn ics_state(fed: &Federation, id: &str) -> std::path::PathBuf {
+    fed.ics.root.join(id).join("state")
+}
