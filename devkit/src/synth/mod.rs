@@ -8,6 +8,7 @@ pub mod activity;
 pub mod governance;
 pub mod ics;
 pub mod nhs;
+pub mod omop;
 pub mod people;
 pub mod reference;
 pub mod rng;

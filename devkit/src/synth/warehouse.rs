@@ -32,7 +32,57 @@ fn sql_type(t: &DataType) -> Result<&'static str, String> {
     })
 }
 
-fn quote(ident: &str) -> String {
+/// Creates table `table` in `db` with the columns of the Parquet file `parquet` and
+/// loads its rows with COPY (through a CSV written in `scratch`, removed after).
+pub(crate) async fn copy_parquet(
+    server: &Server,
+    db: &str,
+    ctx: &SessionContext,
+    parquet: &Path,
+    table: &str,
+    scratch: &Path,
+) -> Result<(), String> {
+    let parquet_str = parquet.to_string_lossy().into_owned();
+    let df = ctx
+        .read_parquet(
+            &parquet_str,
+            ParquetReadOptions::default().file_extension(""),
+        )
+        .await
+        .map_err(|e| format!("{}: {e}", parquet.display()))?;
+    let columns = df
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| Ok(format!("{} {}", quote(f.name()), sql_type(f.data_type())?)))
+        .collect::<Result<Vec<_>, String>>()?;
+    server.psql(
+        db,
+        &format!("CREATE TABLE {} ({})", quote(table), columns.join(", ")),
+    )?;
+    let csv = scratch.join(format!("{table}.copy.csv"));
+    let csv_str = csv.to_string_lossy().into_owned();
+    df.write_csv(
+        &csv_str,
+        DataFrameWriteOptions::new().with_single_file_output(true),
+        None,
+    )
+    .await
+    .map_err(|e| format!("{}: {e}", csv.display()))?;
+    let data = std::fs::read(&csv).map_err(|e| format!("{}: {e}", csv.display()))?;
+    let _ = std::fs::remove_file(&csv);
+    server.psql_stdin(
+        db,
+        &format!(
+            "COPY {} FROM STDIN WITH (FORMAT csv, HEADER true)",
+            quote(table)
+        ),
+        &data,
+    )?;
+    Ok(())
+}
+
+pub(crate) fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
@@ -79,45 +129,8 @@ pub async fn move_partner(server: &Server, org_dir: &Path, db: &str) -> Result<(
             .and_then(|s| s.get("path"))
             .and_then(|p| p.as_str())
             .ok_or_else(|| format!("{}: dataset {name} has no file", policy_path.display()))?;
-        let parquet = org_dir.join(file);
-        let parquet_str = parquet.to_string_lossy().into_owned();
-        let df = ctx
-            .read_parquet(
-                &parquet_str,
-                ParquetReadOptions::default().file_extension(""),
-            )
-            .await
-            .map_err(|e| format!("{}: {e}", parquet.display()))?;
-        let columns = df
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| Ok(format!("{} {}", quote(f.name()), sql_type(f.data_type())?)))
-            .collect::<Result<Vec<_>, String>>()?;
         let table = format!("{name}_rows");
-        server.psql(
-            &db,
-            &format!("CREATE TABLE {} ({})", quote(&table), columns.join(", ")),
-        )?;
-        let csv = org_dir.join(format!("{name}.copy.csv"));
-        let csv_str = csv.to_string_lossy().into_owned();
-        df.write_csv(
-            &csv_str,
-            DataFrameWriteOptions::new().with_single_file_output(true),
-            None,
-        )
-        .await
-        .map_err(|e| format!("{}: {e}", csv.display()))?;
-        let data = std::fs::read(&csv).map_err(|e| format!("{}: {e}", csv.display()))?;
-        server.psql_stdin(
-            &db,
-            &format!(
-                "COPY {} FROM STDIN WITH (FORMAT csv, HEADER true)",
-                quote(&table)
-            ),
-            &data,
-        )?;
-        let _ = std::fs::remove_file(&csv);
+        copy_parquet(server, &db, &ctx, &org_dir.join(file), &table, org_dir).await?;
         // The view is what the DBA owns and the node reads: here it is the table as is.
         server.psql(
             &db,

@@ -57,10 +57,9 @@ pub(crate) trait Dialect: Send + Sync {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Postgres;
 
-/// Unicode's White_Space characters, which `str::trim` (so `names_a_person`) strips, as
-/// a regular-expression class.
-const WHITE_SPACE: &str =
-    r"[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+/// Unicode's White_Space characters, which `str::trim` (so `names_a_person`) strips,
+/// as the escapes of a PostgreSQL `U&''` string.
+const WHITE_SPACE: &str = "\\0009\\000A\\000B\\000C\\000D\\0020\\0085\\00A0\\1680\\2000\\2001\\2002\\2003\\2004\\2005\\2006\\2007\\2008\\2009\\200A\\2028\\2029\\202F\\205F\\3000";
 
 impl Dialect for Postgres {
     fn quote(&self, ident: &str) -> String {
@@ -91,9 +90,9 @@ impl Dialect for Postgres {
     }
 
     fn blank(&self, expr: &str) -> String {
-        // A standard string: the class's \u escapes are read by the regular-expression
-        // engine (standard_conforming_strings is on by default since PostgreSQL 9.1).
-        format!("({expr} ~ '^{WHITE_SPACE}*$')")
+        // btrim with a character set: one pass in C per row, cheaper than the
+        // equivalent regular expression (BENCHMARKS.md, "Warehouse sources").
+        format!("(btrim({expr}, U&'{WHITE_SPACE}') = '')")
     }
 }
 
