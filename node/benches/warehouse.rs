@@ -45,7 +45,7 @@ fn arg(name: &str, default: usize) -> Result<usize> {
             .get(i + 1)
             .ok_or_else(|| anyhow!("{name} needs a value"))?
             .parse()
-            .with_context(|| format!("{name}")),
+            .with_context(|| format!("{name} must be a whole number")),
         None => Ok(default),
     }
 }
