@@ -68,9 +68,14 @@ impl Pg {
     }
 }
 
-fn parquet_of(dir: &Path, ps: &[Person]) -> PolicyFile {
-    write_parquet(&dir.join("gp.parquet"), &batch(ps));
-    policy("parquet", "gp.parquet", 1)
+/// The engine over `ps` as the Parquet fixture, in its own temporary folder.
+async fn parquet_engine_of(ps: &[Person]) -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    write_parquet(&dir.path().join("gp.parquet"), &batch(ps));
+    let engine = Engine::load(&policy("parquet", "gp.parquet", 1), dir.path())
+        .await
+        .unwrap();
+    (dir, engine)
 }
 
 fn not(p: Predicate) -> Predicate {
@@ -191,10 +196,7 @@ async fn postgres_answers_equal_parquet_answers_exactly() {
     let Some(pg) = Pg::new("postgres_answers_equal_parquet_answers_exactly", &ps) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let file = Engine::load(&parquet_of(dir.path(), &ps), dir.path())
-        .await
-        .unwrap();
+    let (_dir, file) = parquet_engine_of(&ps).await;
     let warehouse = pg.engine("gp", 1).await.unwrap();
     let qs = queries();
     assert!(qs.len() >= 20);
@@ -221,10 +223,7 @@ async fn postgres_bounds_each_person_to_m_rows() {
     let Some(pg) = Pg::new("postgres_bounds_each_person_to_m_rows", &tripled) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let file = Engine::load(&parquet_of(dir.path(), &ps), dir.path())
-        .await
-        .unwrap();
+    let (_dir, file) = parquet_engine_of(&ps).await;
     let warehouse = pg.engine("gp", 1).await.unwrap();
     let mut l = limits(
         vec![by_imd()],

@@ -386,6 +386,29 @@ impl Relation<'_> {
     }
 }
 
+/// The rows a query reads: the opt-out flag `IS FALSE` (so a missing flag counts as
+/// opted out), rows that name a person when `named` (what bounding partitions on), and
+/// the requester's filter.
+fn row_conditions(
+    rel: &Relation<'_>,
+    spec: &Spec,
+    filter: Option<&Predicate>,
+    named: bool,
+    params: &mut Params,
+) -> Result<Vec<String>, EngineError> {
+    let mut wheres = Vec::new();
+    if let Some(flag) = &spec.opt_out {
+        wheres.push(format!("({} IS FALSE)", rel.q(flag)));
+    }
+    if named {
+        wheres.push(rel.has_person());
+    }
+    if let Some(p) = filter {
+        wheres.push(rel.predicate(p, params)?);
+    }
+    Ok(wheres)
+}
+
 /// Renders the statement for one query. `spec` is the plan `plan::Spec` checked (the
 /// same checks, so a query the DataFusion path refuses is refused here too).
 pub(crate) fn render(
@@ -399,14 +422,7 @@ pub(crate) fn render(
     let mut params = Params::default();
 
     // Layer 1: the rows the query may read.
-    let mut wheres: Vec<String> = Vec::new();
-    if let Some(flag) = &spec.opt_out {
-        wheres.push(format!("({} IS FALSE)", rel.q(flag)));
-    }
-    wheres.push(rel.has_person());
-    if let Some(p) = filter {
-        wheres.push(rel.predicate(p, &mut params)?);
-    }
+    let wheres = row_conditions(rel, spec, filter, true, &mut params)?;
     let mut carried: BTreeSet<&str> = BTreeSet::new();
     for g in &limits.group_by {
         carried.insert(&g.column.name);
@@ -528,13 +544,9 @@ pub(crate) fn render_cohort(
     let d = rel.dialect;
     let cols = rel.columns();
     let mut params = Params::default();
-    let mut wheres: Vec<String> = Vec::new();
-    if let Some(flag) = &spec.opt_out {
-        wheres.push(format!("({} IS FALSE)", rel.q(flag)));
-    }
-    if let Some(p) = filter {
-        wheres.push(rel.predicate(p, &mut params)?);
-    }
+    // No person rule: a cohort is the people whose link key is valid, which phm-link
+    // decides, as for a file.
+    let wheres = row_conditions(rel, spec, filter, false, &mut params)?;
     let mut select = Vec::new();
     let mut keys = Vec::new();
     if with_keys {
