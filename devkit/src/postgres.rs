@@ -102,12 +102,50 @@ impl Server {
     }
 
     fn start_own(bin: PathBuf) -> Result<Server, String> {
+        Server::start_own_with(bin, None)
+    }
+
+    /// A server of our own (whatever `PHM_TEST_PG_DSN` says) that accepts TCP
+    /// connections over TLS only, with this certificate and key (PEM): for the tests
+    /// of the node's verified TLS to its warehouse.
+    pub fn start_tls(cert_pem: &Path, key_pem: &Path) -> Result<Server, String> {
+        let bin =
+            bin_dir().ok_or("PostgreSQL's server is not installed (apt-get install postgresql)")?;
+        Server::start_own_with(bin, Some((cert_pem, key_pem)))
+    }
+
+    fn start_own_with(bin: PathBuf, tls: Option<(&Path, &Path)>) -> Result<Server, String> {
         let dir = tempfile::Builder::new()
             .prefix("phm-pg-")
             .tempdir()
             .map_err(|e| format!("no temporary folder: {e}"))?;
         let data = dir.path().join("data");
         std::fs::create_dir(&data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+        let mut tls_settings: Vec<String> = Vec::new();
+        if let Some((cert, key)) = tls {
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, dir.path().join(to))
+                    .map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(
+                    dir.path().join("server.key"),
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .map_err(|e| format!("cannot protect the server key: {e}"))?;
+            }
+            let at = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+            tls_settings = vec![
+                "-c".into(),
+                "ssl=on".into(),
+                "-c".into(),
+                format!("ssl_cert_file={}", at("server.crt")),
+                "-c".into(),
+                format!("ssl_key_file={}", at("server.key")),
+            ];
+        }
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -138,6 +176,12 @@ impl Server {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        if tls.is_some() {
+            // TCP only over TLS: a connection that is not encrypted is rejected.
+            let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+            std::fs::write(data.join("pg_hba.conf"), hba)
+                .map_err(|e| format!("cannot write pg_hba.conf: {e}"))?;
+        }
         let port = free_port()?;
         let child = as_server_user(&bin.join("postgres"))
             .arg("-D")
@@ -158,6 +202,7 @@ impl Server {
                 "-c",
                 "max_connections=200",
             ])
+            .args(&tls_settings)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -727,3 +727,90 @@ async fn omop_view_answers_equal_parquet_answers_exactly() {
     assert!(n >= 20);
     assert_eq!(nonempty, n, "every query finds admissions");
 }
+
+/// TLS to the warehouse: a server that accepts TCP over TLS only, with a certificate
+/// from a CA made for the test. The node verifies it against `ca_file` (and the host
+/// name); a certificate from another CA, and `sslmode=require` without a `ca_file`, are
+/// refused before any statement is sent.
+#[tokio::test]
+async fn tls_to_the_warehouse_is_verified_against_the_policys_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let plan = phm_devkit::pki::CertPlan {
+        servers: vec!["warehouse".into()],
+        ..Default::default()
+    };
+    let issued = phm_devkit::pki::dev(certs.path(), &plan).unwrap();
+    let leaf = &issued.leaves[0];
+    let server = match Server::start_tls(&leaf.pem, &leaf.key) {
+        Ok(s) => s,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("{e}"),
+        Err(e) => {
+            eprintln!("tls_to_the_warehouse_is_verified_against_the_policys_ca: skipped: {e}");
+            return;
+        }
+    };
+    let db = server.fresh_database("phm_tls").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    server.psql(&db, TABLE_DDL).unwrap();
+    let data = csv_of(dir.path(), &people());
+    server
+        .psql_stdin(
+            &db,
+            "COPY gp FROM STDIN WITH (FORMAT csv, HEADER true)",
+            &data,
+        )
+        .unwrap();
+    let pg = Pg {
+        server,
+        db: db.clone(),
+        dir,
+    };
+    std::fs::copy(&issued.ca_pem, pg.dir.path().join("ca.pem")).unwrap();
+    let with_ca = |ca: Option<&str>| {
+        let mut p = pg.policy("gp", 1);
+        if let Source::Postgres(w) = &mut p.datasets[0].source {
+            w.ca_file = ca.map(str::to_string);
+        }
+        p
+    };
+    // Verified TLS: loads and answers (the server rejects any unencrypted connection).
+    std::fs::write(
+        pg.dir.path().join("dsn"),
+        format!("{} sslmode=require", pg.server.dsn(&db)),
+    )
+    .unwrap();
+    let engine = Engine::load(&with_ca(Some("ca.pem")), pg.dir.path())
+        .await
+        .unwrap();
+    let l = limits(vec![by_sex()], vec![count_agg()], 1.0);
+    let r = engine.execute_exact(&query(None), &l).await.unwrap();
+    assert_eq!(total_count(&r), N_PEOPLE as f64);
+    // Without TLS the server refuses the connection.
+    std::fs::write(pg.dir.path().join("dsn"), pg.server.dsn(&db)).unwrap();
+    let err = Engine::load(&with_ca(None), pg.dir.path())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    // sslmode=require needs the CA to verify against.
+    std::fs::write(
+        pg.dir.path().join("dsn"),
+        format!("{} sslmode=require", pg.server.dsn(&db)),
+    )
+    .unwrap();
+    let err = Engine::load(&with_ca(None), pg.dir.path())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ca_file"), "{err}");
+    // A certificate from a CA the policy does not name.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = phm_devkit::pki::dev(other.path(), &plan).unwrap().ca_pem;
+    std::fs::copy(&other_ca, pg.dir.path().join("other-ca.pem")).unwrap();
+    let err = Engine::load(&with_ca(Some("other-ca.pem")), pg.dir.path())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}
