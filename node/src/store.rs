@@ -156,9 +156,11 @@ pub enum CacheLookup<T> {
     },
     /// This question was charged before but its release failed (a warehouse that was
     /// down, say): it is answered now under that charge, with no new spend.
-    /// `same_message` when it is the very signed message charged (a relay's retry).
+    /// `same_message` when it is the very signed message charged (a relay's retry);
+    /// `policy_version` is the policy the charge was decided under.
     Charged {
         same_message: bool,
+        policy_version: String,
     },
 }
 
@@ -174,6 +176,11 @@ struct CachedEntry {
     content_digest: String,
     #[prost(message, optional, tag = "3")]
     answer: Option<phm_proto::proto::AggregateResult>,
+    /// For a charge whose release failed (no `answer`): the policy version the charge
+    /// was decided under. A retry is answered under the charge only while that policy
+    /// is in force, since another policy may plan a different spend.
+    #[prost(string, tag = "4")]
+    charged_policy_version: String,
 }
 
 fn decode_entry(bytes: &[u8], query_id: &str) -> Result<(CachedEntry, Answer), StoreError> {
@@ -588,6 +595,7 @@ impl Store {
             return Ok(if entry.content_digest == content_digest {
                 CacheLookup::Charged {
                     same_message: entry.digest == digest,
+                    policy_version: entry.charged_policy_version,
                 }
             } else {
                 CacheLookup::Conflict {
@@ -621,6 +629,7 @@ impl Store {
             digest: digest.to_string(),
             content_digest: content_digest.to_string(),
             answer: Some(answer.into()),
+            charged_policy_version: String::new(),
         }
         .encode_to_vec();
         let (_, stored) = decode_entry(&bytes, id.query_id).map_err(|e| StoreError::Encode {
@@ -643,11 +652,13 @@ impl Store {
         id: &QueryKey<'_>,
         digest: &str,
         content_digest: &str,
+        policy_version: &str,
     ) -> Result<(), StoreError> {
         let bytes = CachedEntry {
             digest: digest.to_string(),
             content_digest: content_digest.to_string(),
             answer: None,
+            charged_policy_version: policy_version.to_string(),
         }
         .encode_to_vec();
         self.releases
@@ -1250,6 +1261,43 @@ mod tests {
                 .cached_release(&key("other", "q1"), "d9", "c9")
                 .unwrap(),
             CacheLookup::Miss
+        );
+    }
+
+    #[test]
+    fn a_charge_without_a_release_is_found_by_its_question_until_the_release_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let q = key("dsu", "q1");
+        store.store_charge(&q, "d1", "c1", "policy-v1").unwrap();
+        let charged = |same_message| CacheLookup::Charged {
+            same_message,
+            policy_version: "policy-v1".into(),
+        };
+        assert_eq!(store.cached_release(&q, "d1", "c1").unwrap(), charged(true));
+        // The same question re-signed, and another question under the same id.
+        assert_eq!(
+            store.cached_release(&q, "d2", "c1").unwrap(),
+            charged(false)
+        );
+        assert_eq!(
+            store.cached_release(&q, "d3", "c3").unwrap(),
+            CacheLookup::Conflict {
+                cached_digest: "d1".into()
+            }
+        );
+        // Survives a restart.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.cached_release(&q, "d2", "c1").unwrap(),
+            charged(false)
+        );
+        // The release replaces the record.
+        store.store_release(&q, "d2", "c1", answer(2.0)).unwrap();
+        assert_eq!(
+            store.cached_release(&q, "d2", "c1").unwrap(),
+            CacheLookup::Hit(answer(2.0))
         );
     }
 

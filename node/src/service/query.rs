@@ -226,8 +226,23 @@ impl Service {
             CacheLookup::Conflict { .. } => {
                 return Err(query_id_reused(&body.query_id).into());
             }
-            CacheLookup::Charged { same_message } => {
-                // Charged before, released nothing: answered now under that charge.
+            CacheLookup::Charged {
+                same_message,
+                policy_version,
+            } => {
+                // Charged before, released nothing: answered now under that charge,
+                // while the policy it was decided under is in force (another policy
+                // may plan a different spend).
+                if policy_version != policy.version() {
+                    return Err(Denial::new(
+                        DenialReason::QueryIdReused,
+                        format!(
+                            "query id {:?} was charged under an earlier policy and released nothing; the policy has changed since, so ask again with a new query id",
+                            body.query_id
+                        ),
+                    )
+                    .into());
+                }
                 if !same_message {
                     self.check_fresh_and_unseen(policy, body, now).await?;
                 }
@@ -251,7 +266,7 @@ impl Service {
             Err(denial) => {
                 // The charge is durable and nothing was released: record that, so a
                 // retry of this question is answered under this charge, not a second.
-                self.note_charge(body).await?;
+                self.note_charge(body, policy.version()).await?;
                 record.reasons.push(
                     "charged, nothing released: a retry of this query id is answered under this charge".into(),
                 );
@@ -263,12 +278,15 @@ impl Service {
     }
 
     /// Records that `body` was charged and released nothing (see `Store::store_charge`).
-    async fn note_charge(&self, body: &QueryBody) -> Result<(), Stop> {
+    async fn note_charge(&self, body: &QueryBody, policy_version: &str) -> Result<(), Stop> {
+        let version = policy_version.to_string();
         match self
             .with_release_key(
                 body,
                 body.query_id.clone(),
-                |store, key, digest, content| store.store_charge(key, digest, content),
+                move |store, key, digest, content| {
+                    store.store_charge(key, digest, content, &version)
+                },
             )
             .await?
         {

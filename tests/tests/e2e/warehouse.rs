@@ -165,3 +165,73 @@ fn a_failed_warehouse_statement_is_charged_once_and_retried_under_that_charge() 
 fn ics_state(fed: &Federation, id: &str) -> std::path::PathBuf {
     fed.ics.root.join(id).join("state")
 }
+
+#[test]
+fn a_charge_is_not_reused_under_a_changed_policy() {
+    let Some(server) = Server::for_test("a_charge_is_not_reused_under_a_changed_policy") else {
+        return;
+    };
+    let ics = Ics::synth(3000, 12);
+    let id = ics.nodes_serving("gp_patients")[0].clone();
+    let db = server.fresh_database("phm_e2e").unwrap();
+    rt().block_on(phm_devkit::synth::warehouse::move_partner(
+        &server,
+        &ics.root.join(&id),
+        &db,
+    ))
+    .unwrap();
+    let mut fed = Federation::start_nodes(ics, std::slice::from_ref(&id), true);
+    let ask = |fed: &Federation, query_id: &str| {
+        fed.query_json(
+            "dsu",
+            &[
+                "--purpose",
+                "planning",
+                "--epsilon",
+                "0.5",
+                "--query-id",
+                query_id,
+            ],
+            "SELECT COUNT(*) AS people FROM gp_patients",
+        )
+        .to_string()
+    };
+    server
+        .psql(&db, "ALTER VIEW gp_patients RENAME TO gp_patients_away")
+        .unwrap();
+    let refused = ask(&fed, "wh-policy-1");
+    assert!(refused.contains("does not exist"), "{refused}");
+    // The IG lead changes the policy while the query is charged and unreleased.
+    let policy = fed.ics.policy_path(&id);
+    phm_e2e::edit_toml(&policy, |t| {
+        if let Some(r) = t.get_mut("release").and_then(toml::Value::as_table_mut) {
+            r.insert("min_reportable_count".into(), 11.into());
+        }
+    });
+    fed.node(&id).proc.signal("HUP");
+    let changed = phm_e2e::wait_for(
+        "the node to refuse the old charge under its new policy",
+        std::time::Duration::from_secs(60),
+        || {
+            let r = ask(&fed, "wh-policy-1");
+            r.contains("policy has changed").then_some(r)
+        },
+    );
+    assert!(changed.contains("QUERY_ID_REUSED"), "{changed}");
+    server
+        .psql(&db, "ALTER VIEW gp_patients_away RENAME TO gp_patients")
+        .unwrap();
+    let answered = ask(&fed, "wh-policy-2");
+    assert!(answered.contains(&format!("\"answered\":[\"{id}\"]")), "{answered}");
+    let state = fed.ics.root.join(&id).join("state");
+    let spent: f64 = audit_entries(&state)
+        .iter()
+        .map(|e| e["epsilon_spent"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(
+        (spent - 1.0).abs() < 1e-12,
+        "spent {spent}: one charge per query id"
+    );
+    let (code, verify) = audit_verify(&state);
+    assert_eq!(code, 0, "{verify}");
+}
