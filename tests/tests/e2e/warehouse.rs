@@ -222,7 +222,10 @@ fn a_charge_is_not_reused_under_a_changed_policy() {
         .psql(&db, "ALTER VIEW gp_patients_away RENAME TO gp_patients")
         .unwrap();
     let answered = ask(&fed, "wh-policy-2");
-    assert!(answered.contains(&format!("\"answered\":[\"{id}\"]")), "{answered}");
+    assert!(
+        answered.contains(&format!("\"answered\":[\"{id}\"]")),
+        "{answered}"
+    );
     let state = fed.ics.root.join(&id).join("state");
     let spent: f64 = audit_entries(&state)
         .iter()
