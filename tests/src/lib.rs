@@ -288,6 +288,16 @@ impl Federation {
         Self::launch(ics, ids, with_coordinator, programs())
     }
 
+    /// Exactly the nodes `ids` and a coordinator, each node given `env` on top of this
+    /// process's (e.g. the variable a policy's `dsn_env` names).
+    pub fn start_nodes_with_env(ics: Ics, ids: &[String], env: &[(&str, &str)]) -> Federation {
+        let mut p = programs();
+        for (k, v) in env {
+            p.node = p.node.with_env(k, v);
+        }
+        Self::launch(ics, ids, true, p)
+    }
+
     /// Every node and the coordinator, each process given `env` on top of this one's
     /// (e.g. `RUST_LOG`, for a test that acts on a debug event in a node's log).
     pub fn start_with_env(ics: Ics, env: &[(&str, &str)]) -> Federation {

@@ -166,6 +166,7 @@ fn ics_state(fed: &Federation, id: &str) -> std::path::PathBuf {
     fed.ics.root.join(id).join("state")
 }
 
+/// Also the connection string from an environment variable (`dsn_env`).
 #[test]
 fn a_charge_is_not_reused_under_a_changed_policy() {
     let Some(server) = Server::for_test("a_charge_is_not_reused_under_a_changed_policy") else {
@@ -180,7 +181,27 @@ fn a_charge_is_not_reused_under_a_changed_policy() {
         &db,
     ))
     .unwrap();
-    let mut fed = Federation::start_nodes(ics, std::slice::from_ref(&id), true);
+    // The connection string from the environment this time (`dsn_env`), not a file.
+    let dsn = std::fs::read_to_string(ics.root.join(&id).join("warehouse.dsn")).unwrap();
+    std::fs::remove_file(ics.root.join(&id).join("warehouse.dsn")).unwrap();
+    phm_e2e::edit_toml(&ics.policy_path(&id), |t| {
+        for ds in t
+            .get_mut("datasets")
+            .and_then(toml::Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(src) = ds.get_mut("source").and_then(toml::Value::as_table_mut) {
+                src.remove("dsn_file");
+                src.insert("dsn_env".into(), "PHM_E2E_WAREHOUSE_DSN".into());
+            }
+        }
+    });
+    let mut fed = Federation::start_nodes_with_env(
+        ics,
+        std::slice::from_ref(&id),
+        &[("PHM_E2E_WAREHOUSE_DSN", dsn.trim())],
+    );
     let ask = |fed: &Federation, query_id: &str| {
         fed.query_json(
             "dsu",
@@ -201,6 +222,9 @@ fn a_charge_is_not_reused_under_a_changed_policy() {
         .unwrap();
     let refused = ask(&fed, "wh-policy-1");
     assert!(refused.contains("does not exist"), "{refused}");
+    server
+        .psql(&db, "ALTER VIEW gp_patients_away RENAME TO gp_patients")
+        .unwrap();
     // The IG lead changes the policy while the query is charged and unreleased.
     let policy = fed.ics.policy_path(&id);
     phm_e2e::edit_toml(&policy, |t| {
@@ -209,18 +233,20 @@ fn a_charge_is_not_reused_under_a_changed_policy() {
         }
     });
     fed.node(&id).proc.signal("HUP");
-    let changed = phm_e2e::wait_for(
-        "the node to refuse the old charge under its new policy",
+    let node = fed.node(&id);
+    phm_e2e::wait_for(
+        "the node to reload its policy",
         std::time::Duration::from_secs(60),
         || {
-            let r = ask(&fed, "wh-policy-1");
-            r.contains("policy has changed").then_some(r)
+            node.proc
+                .log_text()
+                .contains("the new policy is in force")
+                .then_some(())
         },
     );
+    let changed = ask(&fed, "wh-policy-1");
+    assert!(changed.contains("policy has changed"), "{changed}");
     assert!(changed.contains("QUERY_ID_REUSED"), "{changed}");
-    server
-        .psql(&db, "ALTER VIEW gp_patients_away RENAME TO gp_patients")
-        .unwrap();
     let answered = ask(&fed, "wh-policy-2");
     assert!(
         answered.contains(&format!("\"answered\":[\"{id}\"]")),
