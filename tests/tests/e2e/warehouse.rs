@@ -10,6 +10,21 @@ use phm_e2e::{Federation, Ics, audit_verify, bins};
 
 use crate::rt;
 
+/// A small synthetic ICS whose first GP practice serves its data from a fresh database
+/// on `server`: the ICS, the practice's folder name and the database.
+fn practice_on_postgres(server: &Server, seed: u64) -> (Ics, String, String) {
+    let ics = Ics::synth(3000, seed);
+    let id = ics.nodes_serving("gp_patients")[0].clone();
+    let db = server.fresh_database("phm_e2e").unwrap();
+    rt().block_on(phm_devkit::synth::warehouse::move_partner(
+        server,
+        &ics.root.join(&id),
+        &db,
+    ))
+    .unwrap();
+    (ics, id, db)
+}
+
 /// Every line of a node's audit log, parsed.
 fn audit_entries(state: &std::path::Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(state.join("audit.log")).unwrap();
@@ -98,15 +113,7 @@ fn a_failed_warehouse_statement_is_charged_once_and_retried_under_that_charge() 
     let Some(server) = Server::for_test("a_failed_warehouse_statement_is_charged_once") else {
         return;
     };
-    let ics = Ics::synth(3000, 11);
-    let id = ics.nodes_serving("gp_patients")[0].clone();
-    let db = server.fresh_database("phm_e2e").unwrap();
-    rt().block_on(phm_devkit::synth::warehouse::move_partner(
-        &server,
-        &ics.root.join(&id),
-        &db,
-    ))
-    .unwrap();
+    let (ics, id, db) = practice_on_postgres(&server, 11);
     let fed = Federation::start_nodes(ics, std::slice::from_ref(&id), true);
     let ask = || {
         fed.query_json(
@@ -172,15 +179,7 @@ fn a_charge_is_not_reused_under_a_changed_policy() {
     let Some(server) = Server::for_test("a_charge_is_not_reused_under_a_changed_policy") else {
         return;
     };
-    let ics = Ics::synth(3000, 12);
-    let id = ics.nodes_serving("gp_patients")[0].clone();
-    let db = server.fresh_database("phm_e2e").unwrap();
-    rt().block_on(phm_devkit::synth::warehouse::move_partner(
-        &server,
-        &ics.root.join(&id),
-        &db,
-    ))
-    .unwrap();
+    let (ics, id, db) = practice_on_postgres(&server, 12);
     // The connection string from the environment this time (`dsn_env`), not a file.
     let dsn = std::fs::read_to_string(ics.root.join(&id).join("warehouse.dsn")).unwrap();
     std::fs::remove_file(ics.root.join(&id).join("warehouse.dsn")).unwrap();

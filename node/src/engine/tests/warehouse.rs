@@ -31,7 +31,11 @@ struct Pg {
 
 impl Pg {
     fn new(test: &str, ps: &[Person]) -> Option<Pg> {
-        let server = Server::for_test(test)?;
+        Some(Pg::on(Server::for_test(test)?, ps))
+    }
+
+    /// A fresh database on `server` holding `ps` in table `gp`, and its DSN file.
+    fn on(server: Server, ps: &[Person]) -> Pg {
         let db = server.fresh_database("phm_engine").unwrap();
         let dir = tempfile::tempdir().unwrap();
         server.psql(&db, TABLE_DDL).unwrap();
@@ -44,7 +48,7 @@ impl Pg {
             )
             .unwrap();
         std::fs::write(dir.path().join("dsn"), server.dsn(&db)).unwrap();
-        Some(Pg { server, db, dir })
+        Pg { server, db, dir }
     }
 
     fn sql(&self, sql: &str) -> String {
@@ -601,20 +605,9 @@ async fn omop_view_answers_equal_parquet_answers_exactly() {
         label: name.into(),
         domain: GroupDomain::Categories(labels.iter().map(|s| s.to_string()).collect()),
     };
-    let method = || text("method", &["emergency", "elective"]);
-    let diagnosis = || {
-        text(
-            "diagnosis_group",
-            &[
-                "circulatory",
-                "respiratory",
-                "diabetes",
-                "mental_health",
-                "injury",
-                "other",
-            ],
-        )
-    };
+    use phm_devkit::synth::activity::{DIAGNOSIS_GROUPS, METHODS};
+    let method = || text("method", &METHODS);
+    let diagnosis = || text("diagnosis_group", &DIAGNOSIS_GROUPS);
     let sex = || text("sex", &["F", "M", "U"]);
     let imd = || GroupLimits {
         column: col("imd_quintile", ColumnType::Integer, None),
@@ -749,22 +742,8 @@ async fn tls_to_the_warehouse_is_verified_against_the_policys_ca() {
             return;
         }
     };
-    let db = server.fresh_database("phm_tls").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    server.psql(&db, TABLE_DDL).unwrap();
-    let data = csv_of(dir.path(), &people());
-    server
-        .psql_stdin(
-            &db,
-            "COPY gp FROM STDIN WITH (FORMAT csv, HEADER true)",
-            &data,
-        )
-        .unwrap();
-    let pg = Pg {
-        server,
-        db: db.clone(),
-        dir,
-    };
+    let pg = Pg::on(server, &people());
+    let db = pg.db.clone();
     std::fs::copy(&issued.ca_pem, pg.dir.path().join("ca.pem")).unwrap();
     let with_ca = |ca: Option<&str>| {
         let mut p = pg.policy("gp", 1);
