@@ -336,15 +336,6 @@ impl Source {
             _ => None,
         }
     }
-
-    /// The `format` value, for messages.
-    pub fn format_name(&self) -> &'static str {
-        match self {
-            Source::Parquet { .. } => "parquet",
-            Source::Csv { .. } => "csv",
-            Source::Postgres(_) => "postgres",
-        }
-    }
 }
 
 /// A relation in a SQL warehouse. The connection string (host, database, role,

@@ -432,6 +432,17 @@ impl MissingIds {
     }
 }
 
+/// A path from the policy: relative to the policy file's folder `base_dir` unless
+/// absolute.
+pub(crate) fn resolve(base_dir: &Path, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    }
+}
+
 /// What load checks in each column: every declared column, and the opt-out flag
 /// wherever it applies (declared or not); and whether the person id is declared.
 pub(crate) fn column_checks(
@@ -509,10 +520,10 @@ async fn load_warehouse(
     checks: Vec<ColumnCheck>,
     base_dir: &Path,
 ) -> Result<LoadedDataset, DataError> {
-    let (source, person_type) = super::warehouse::load(ds, w, &checks, base_dir).await?;
+    let source = super::warehouse::load(ds, w, &checks, base_dir).await?;
     let mut columns: HashMap<String, ColumnType> =
         checks.iter().map(|c| (c.name.clone(), c.ty)).collect();
-    columns.insert(ds.person_id.clone(), person_type);
+    columns.insert(ds.person_id.clone(), source.person_type());
     Ok(LoadedDataset {
         table: TableReference::bare(ds.name.clone()),
         columns,
@@ -540,24 +551,10 @@ pub(crate) async fn load_dataset(
     let (checks, person_declared) = column_checks(ds, opt_out_column)?;
     let (format, path) = match &ds.source {
         Source::Postgres(w) => return load_warehouse(ds, w, checks, base_dir).await,
-        source => match source.file_path() {
-            Some(f) => f,
-            None => {
-                return Err(DataError::Declaration {
-                    dataset: ds.name.clone(),
-                    reason: format!("a {} source cannot be read here", source.format_name()),
-                });
-            }
-        },
+        Source::Parquet { path } => (SourceFormat::Parquet, path),
+        Source::Csv { path } => (SourceFormat::Csv, path),
     };
-    let path = {
-        let p = Path::new(path);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base_dir.join(p)
-        }
-    };
+    let path = resolve(base_dir, path);
     let file = path.display().to_string();
 
     let dataset = ds.name.clone();
@@ -1107,7 +1104,17 @@ fn parse_text_column(
 
 /// Days since 1970-01-01 of a strict `YYYY-MM-DD` date.
 pub(crate) fn parse_date(s: &str) -> Option<i32> {
-    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    days_of_date(chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?)
+}
+
+/// A date as days since 1970-01-01 (Arrow's Date32), if in range.
+pub(crate) fn days_of_date(d: chrono::NaiveDate) -> Option<i32> {
     let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
     i32::try_from(d.signed_duration_since(epoch).num_days()).ok()
+}
+
+/// Days since 1970-01-01 (Arrow's Date32) as a date, if in range.
+pub(crate) fn date_of_days(days: i32) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?
+        .checked_add_signed(chrono::Duration::days(days.into()))
 }

@@ -25,6 +25,19 @@ fn practice_on_postgres(server: &Server, seed: u64) -> (Ics, String, String) {
     (ics, id, db)
 }
 
+/// `sql` asked as the DSU for planning at ε 0.5 under `query_id`.
+fn ask_planning(fed: &Federation, query_id: &str, sql: &str) -> serde_json::Value {
+    let args = [
+        "--purpose",
+        "planning",
+        "--epsilon",
+        "0.5",
+        "--query-id",
+        query_id,
+    ];
+    fed.query_json("dsu", &args, sql)
+}
+
 /// Every line of a node's audit log, parsed.
 fn audit_entries(state: &std::path::Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(state.join("audit.log")).unwrap();
@@ -116,16 +129,9 @@ fn a_failed_warehouse_statement_is_charged_once_and_retried_under_that_charge() 
     let (ics, id, db) = practice_on_postgres(&server, 11);
     let fed = Federation::start_nodes(ics, std::slice::from_ref(&id), true);
     let ask = || {
-        fed.query_json(
-            "dsu",
-            &[
-                "--purpose",
-                "planning",
-                "--epsilon",
-                "0.5",
-                "--query-id",
-                "wh-retry-1",
-            ],
+        ask_planning(
+            &fed,
+            "wh-retry-1",
             "SELECT sex, COUNT(*) AS people FROM gp_patients GROUP BY sex",
         )
     };
@@ -202,19 +208,7 @@ fn a_charge_is_not_reused_under_a_changed_policy() {
         &[("PHM_E2E_WAREHOUSE_DSN", dsn.trim())],
     );
     let ask = |fed: &Federation, query_id: &str| {
-        fed.query_json(
-            "dsu",
-            &[
-                "--purpose",
-                "planning",
-                "--epsilon",
-                "0.5",
-                "--query-id",
-                query_id,
-            ],
-            "SELECT COUNT(*) AS people FROM gp_patients",
-        )
-        .to_string()
+        ask_planning(fed, query_id, "SELECT COUNT(*) AS people FROM gp_patients").to_string()
     };
     server
         .psql(&db, "ALTER VIEW gp_patients RENAME TO gp_patients_away")

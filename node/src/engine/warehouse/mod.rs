@@ -28,8 +28,8 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Config, NoTls, Row};
 
 use super::clamp::MAX_VALUES_PER_CELL;
-use super::load::{ColumnCheck, DataError, LoadedDataset};
-use super::plan::{self, MAX_CELLS};
+use super::load::{ColumnCheck, DataError, LoadedDataset, days_of_date, resolve};
+use super::plan;
 use template::{Dialect, KeyType, Param, Postgres, Relation, Statement};
 
 /// Why a statement sent to the warehouse gave no usable answer. No message carries the
@@ -122,11 +122,10 @@ impl Source {
             Err(WarehouseError::TooManyRows(_)) if statement.observed => {
                 return Err(super::EngineError::TooManyGroups);
             }
+            // `plan::read_back` refuses more than MAX_CELLS observed keys, as it does
+            // for a file.
             r => r?,
         };
-        if statement.observed && rows.len() > MAX_CELLS {
-            return Err(super::EngineError::TooManyGroups);
-        }
         Ok(vec![to_batch(statement, &rows)?])
     }
 
@@ -358,14 +357,15 @@ fn key_arrays(
                 Arc::new(BooleanArray::from(column::<bool>(rows, i)?))
             }
             KeyType::Column(ColumnType::Date) => {
-                let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
-                    .ok_or_else(|| WarehouseError::Decode("no epoch".into()))?;
                 let days = column::<chrono::NaiveDate>(rows, i)?
                     .into_iter()
                     .map(|d| {
-                        d.map(|d| i32::try_from((d - epoch).num_days()))
-                            .transpose()
-                            .map_err(|_| WarehouseError::Decode("a date is out of range".into()))
+                        d.map(|d| {
+                            days_of_date(d).ok_or_else(|| {
+                                WarehouseError::Decode("a date is out of range".into())
+                            })
+                        })
+                        .transpose()
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 Arc::new(Date32Array::from(days))
@@ -404,15 +404,6 @@ fn connection_string(w: &Warehouse, base_dir: &Path) -> Result<String, String> {
     std::fs::read_to_string(&path)
         .map(|s| s.trim().to_string())
         .map_err(|e| format!("cannot read dsn_file {}: {e}", path.display()))
-}
-
-fn resolve(base_dir: &Path, file: &str) -> std::path::PathBuf {
-    let p = Path::new(file);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base_dir.join(p)
-    }
 }
 
 /// The client configuration: the connection string with the node's own timeouts and,
@@ -472,7 +463,7 @@ pub(crate) async fn load(
     w: &Warehouse,
     checks: &[ColumnCheck],
     base_dir: &Path,
-) -> Result<(Source, ColumnType), DataError> {
+) -> Result<Source, DataError> {
     let fail = |reason: String| DataError::Warehouse {
         dataset: ds.name.clone(),
         relation: w.relation.clone(),
@@ -542,43 +533,39 @@ pub(crate) async fn load(
         });
     };
     source.check_values(ds, checks).await?;
-    let person_type = source.person_type;
-    Ok((source, person_type))
+    Ok(source)
 }
 
 impl Source {
+    /// The person id's type as the warehouse holds it (integer or text).
+    pub(crate) fn person_type(&self) -> ColumnType {
+        self.person_type
+    }
+
     /// Each column's type (`format_type` of its base type, so a domain over `text`
     /// reads as text), or `None` when the relation does not exist or is not visible.
     async fn column_types(&self) -> Result<Option<HashMap<String, String>>, WarehouseError> {
-        let sql = "SELECT a.attname::text, format_type(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END, NULL) \
-                   FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
-                   WHERE a.attrelid = to_regclass($1::text) AND a.attnum > 0 AND NOT a.attisdropped";
-        let exists = self
-            .rows(
-                "SELECT to_regclass($1::text) IS NOT NULL",
-                &[Param::Text(self.quoted.clone())],
-                1,
-            )
-            .await?;
-        let present = exists
-            .first()
-            .and_then(|r| r.try_get::<_, bool>(0).ok())
-            .unwrap_or(false);
-        if !present {
-            return Ok(None);
-        }
+        // One statement: a row saying whether the relation exists, with each of its
+        // columns (none when it does not).
+        let sql = "SELECT r.oid IS NOT NULL, a.attname::text, \
+                   format_type(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END, NULL) \
+                   FROM (SELECT to_regclass($1::text) AS oid) AS r \
+                   LEFT JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                   LEFT JOIN pg_type t ON t.oid = a.atttypid";
         let rows = self
             .rows(sql, &[Param::Text(self.quoted.clone())], 10_000)
             .await?;
+        let decode = |e: tokio_postgres::Error| WarehouseError::Decode(e.to_string());
         let mut out = HashMap::new();
         for r in rows {
-            let name: String = r
-                .try_get(0)
-                .map_err(|e| WarehouseError::Decode(e.to_string()))?;
-            let ty: String = r
-                .try_get(1)
-                .map_err(|e| WarehouseError::Decode(e.to_string()))?;
-            out.insert(name, ty);
+            if !r.try_get::<_, bool>(0).map_err(decode)? {
+                return Ok(None);
+            }
+            let name: Option<String> = r.try_get(1).map_err(decode)?;
+            let ty: Option<String> = r.try_get(2).map_err(decode)?;
+            if let (Some(name), Some(ty)) = (name, ty) {
+                out.insert(name, ty);
+            }
         }
         Ok(Some(out))
     }

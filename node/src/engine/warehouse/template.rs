@@ -27,12 +27,13 @@ use std::fmt::Write as _;
 use chrono::NaiveDate;
 use datafusion::scalar::ScalarValue;
 use phm_policies::model::ColumnType;
-use phm_policies::{GroupDomain, Limits};
+use phm_policies::{GroupDomain, GroupLimits, Limits};
 use phm_proto::{CompareOp, Literal, Predicate};
 
 use super::super::EngineError;
 use super::super::clamp::Lattice;
 use super::super::filter::{self, Columns, compares_as_real};
+use super::super::load::date_of_days;
 use super::super::plan::{self, Spec};
 
 /// What differs between SQL dialects. PostgreSQL is the only one today; Spark SQL is the
@@ -170,11 +171,6 @@ impl Param {
     }
 }
 
-/// Days since 1970-01-01 as a date.
-pub(crate) fn date_of_days(days: i32) -> Option<NaiveDate> {
-    NaiveDate::from_ymd_opt(1970, 1, 1)?.checked_add_signed(chrono::Duration::days(days.into()))
-}
-
 /// The parameters of a statement being rendered, numbered as they are bound.
 #[derive(Debug, Default)]
 pub(crate) struct Params {
@@ -227,12 +223,6 @@ pub(crate) struct Relation<'a> {
     pub columns: &'a std::collections::HashMap<String, ColumnType>,
     pub person_id: &'a str,
     pub person_type: ColumnType,
-}
-
-/// Alias of output key `i`, value `j`, and so on: the plan's own names, so the rows read
-/// back as the DataFusion aggregation's do.
-pub(crate) fn key_alias(i: usize) -> String {
-    plan::g(i)
 }
 
 impl Relation<'_> {
@@ -418,7 +408,6 @@ pub(crate) fn render(
     limits: &Limits,
 ) -> Result<Statement, EngineError> {
     let d = rel.dialect;
-    let cols = rel.columns();
     let mut params = Params::default();
 
     // Layer 1: the rows the query may read.
@@ -448,31 +437,22 @@ pub(crate) fn render(
     let mut outer_where: Vec<String> = Vec::new();
     let mut keys = Vec::with_capacity(limits.group_by.len());
     for (i, gl) in limits.group_by.iter().enumerate() {
-        let name = &gl.column.name;
-        let ty = cols.ty(name)?;
-        let alias = key_alias(i);
-        match &gl.domain {
-            GroupDomain::Categories(labels) => {
-                middle_select.push(format!("{} AS {alias}", rel.read(name, ty)));
+        let alias = plan::g(i);
+        let (expr, key) = key_expr(rel, gl, &mut params)?;
+        middle_select.push(format!("{expr} AS {alias}"));
+        // Rows outside the declared domain (and NULL keys) belong to no cell.
+        outer_where.push(match (&gl.domain, key) {
+            (GroupDomain::Categories(labels), KeyType::Column(ty)) => {
+                let name = &gl.column.name;
                 let placeholders = labels
                     .iter()
                     .map(|l| Param::of_label(name, ty, l).map(|p| params.bind(d, p)))
                     .collect::<Result<Vec<_>, _>>()?;
-                outer_where.push(format!("{alias} IN ({})", placeholders.join(", ")));
-                keys.push(KeyType::Column(ty));
+                format!("{alias} IN ({})", placeholders.join(", "))
             }
-            GroupDomain::Bins { edges } => {
-                let case = bin_case(rel, name, edges, &mut params);
-                middle_select.push(format!("{case} AS {alias}"));
-                outer_where.push(format!("{alias} IS NOT NULL"));
-                keys.push(KeyType::Bin);
-            }
-            GroupDomain::Thresholded => {
-                middle_select.push(format!("{} AS {alias}", rel.read(name, ty)));
-                outer_where.push(format!("{alias} IS NOT NULL"));
-                keys.push(KeyType::Column(ty));
-            }
-        }
+            _ => format!("{alias} IS NOT NULL"),
+        });
+        keys.push(key);
     }
     for (j, vc) in spec.value_columns().iter().enumerate() {
         middle_select.push(format!(
@@ -491,7 +471,7 @@ pub(crate) fn render(
     );
 
     // Layer 3: the cells.
-    let mut outer_select: Vec<String> = (0..keys.len()).map(key_alias).collect();
+    let mut outer_select: Vec<String> = (0..keys.len()).map(plan::g).collect();
     outer_select.push(format!("count(*) AS {}", plan::N));
     for j in 0..spec.value_columns().len() {
         let v = value_alias(j);
@@ -506,7 +486,7 @@ pub(crate) fn render(
         let _ = write!(sql, " WHERE {}", outer_where.join(" AND "));
     }
     if !keys.is_empty() {
-        let groups: Vec<String> = (0..keys.len()).map(key_alias).collect();
+        let groups: Vec<String> = (0..keys.len()).map(plan::g).collect();
         let _ = write!(sql, " GROUP BY {}", groups.join(", "));
     }
     let observed = spec.thresholded;
@@ -551,15 +531,8 @@ pub(crate) fn render_cohort(
     let mut keys = Vec::new();
     if with_keys {
         for (i, gl) in limits.group_by.iter().enumerate() {
-            let name = &gl.column.name;
-            let ty = cols.ty(name)?;
-            let (expr, key) = match &gl.domain {
-                GroupDomain::Bins { edges } => {
-                    (bin_case(rel, name, edges, &mut params), KeyType::Bin)
-                }
-                _ => (rel.read(name, ty), KeyType::Column(ty)),
-            };
-            select.push(format!("{expr} AS {}", key_alias(i)));
+            let (expr, key) = key_expr(rel, gl, &mut params)?;
+            select.push(format!("{expr} AS {}", plan::g(i)));
             keys.push(key);
         }
     }
@@ -580,6 +553,23 @@ pub(crate) fn render_cohort(
         values: 0,
         max_rows: MAX_COHORT_ROWS,
         observed: false,
+    })
+}
+
+/// Group key `gl` as a statement computes it, before any domain restriction: the column
+/// (declared categories, thresholded keys) or its bin index.
+fn key_expr(
+    rel: &Relation<'_>,
+    gl: &GroupLimits,
+    params: &mut Params,
+) -> Result<(String, KeyType), EngineError> {
+    let name = &gl.column.name;
+    let ty = rel.columns().ty(name)?;
+    Ok(match &gl.domain {
+        GroupDomain::Bins { edges } => (bin_case(rel, name, edges, params), KeyType::Bin),
+        GroupDomain::Categories(_) | GroupDomain::Thresholded => {
+            (rel.read(name, ty), KeyType::Column(ty))
+        }
     })
 }
 
