@@ -308,6 +308,8 @@ pub enum Source {
     },
     /// A table or view in PostgreSQL.
     Postgres(Warehouse),
+    /// A FHIR Bulk Data export (NDJSON), flattened by declared views.
+    FhirNdjson(FhirExport),
 }
 
 impl Source {
@@ -325,7 +327,7 @@ impl Source {
         match self {
             Source::Parquet { path } => Some((SourceFormat::Parquet, path)),
             Source::Csv { path } => Some((SourceFormat::Csv, path)),
-            Source::Postgres(_) => None,
+            Source::Postgres(_) | Source::FhirNdjson(_) => None,
         }
     }
 
@@ -336,6 +338,29 @@ impl Source {
             _ => None,
         }
     }
+}
+
+/// A FHIR Bulk Data export the node reads into memory at load: the NDJSON files of
+/// Patient, Condition, Observation, Encounter (or any) resources, each flattened into a
+/// table by a view in a subset of SQL-on-FHIR v2's ViewDefinition, then shaped into the
+/// dataset's rows by an optional SQL query over those tables (joins, code mappings,
+/// ages). Every resource a view drops is counted by reason in the load report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FhirExport {
+    /// The export's manifest (`$export`'s completion JSON); its `output` entries name the
+    /// NDJSON files. Give `manifest` or `files`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// NDJSON files, or folders whose `*.ndjson` files are all read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// ViewDefinition JSON files, one table each (named by the view's `name`).
+    pub views: Vec<String>,
+    /// A SQL file whose one SELECT over the views' tables gives the dataset's rows.
+    /// Without it there must be one view, and its table is the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// A relation in a SQL warehouse. The connection string (host, database, role,

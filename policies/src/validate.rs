@@ -4,7 +4,8 @@
 
 use crate::domain::{self, MAX_DOMAIN};
 use crate::model::{
-    Budget, Column, ColumnType, Dataset, Grouping, Mechanism, PolicyFile, Source, Warehouse,
+    Budget, Column, ColumnType, Dataset, FhirExport, Grouping, Mechanism, PolicyFile, Source,
+    Warehouse,
 };
 use phm_proto::Purpose;
 use std::collections::BTreeMap;
@@ -390,6 +391,72 @@ fn source(d: &Dataset, path: &str, ctx: &str, p: &mut Problems) {
             }
         }
         Source::Postgres(w) => warehouse(w, path, ctx, p),
+        Source::FhirNdjson(f) => fhir(f, path, ctx, p),
+    }
+}
+
+fn fhir(f: &FhirExport, path: &str, ctx: &str, p: &mut Problems) {
+    match (&f.manifest, f.files.is_empty()) {
+        (Some(_), false) => push(
+            p,
+            format!("{path}.source"),
+            format!("{ctx}: give the export by manifest or by files, not both"),
+        ),
+        (None, true) => push(
+            p,
+            format!("{path}.source"),
+            format!(
+                "{ctx}: a fhir_ndjson source needs manifest (the export's manifest JSON) or files (NDJSON files or folders)"
+            ),
+        ),
+        _ => {}
+    }
+    let empty = |s: &String| s.trim().is_empty();
+    if f.manifest.as_ref().is_some_and(empty) {
+        push(
+            p,
+            format!("{path}.source.manifest"),
+            format!("{ctx}: manifest is empty"),
+        );
+    }
+    if let Some(i) = f.files.iter().position(empty) {
+        push(
+            p,
+            format!("{path}.source.files[{i}]"),
+            format!("{ctx}: file path is empty"),
+        );
+    }
+    if f.views.is_empty() {
+        push(
+            p,
+            format!("{path}.source.views"),
+            format!(
+                "{ctx}: a fhir_ndjson source needs at least one view (a ViewDefinition JSON file)"
+            ),
+        );
+    }
+    if let Some(i) = f.views.iter().position(empty) {
+        push(
+            p,
+            format!("{path}.source.views[{i}]"),
+            format!("{ctx}: view path is empty"),
+        );
+    }
+    match &f.query {
+        Some(q) if q.trim().is_empty() => push(
+            p,
+            format!("{path}.source.query"),
+            format!("{ctx}: query is empty"),
+        ),
+        None if f.views.len() > 1 => push(
+            p,
+            format!("{path}.source.query"),
+            format!(
+                "{ctx}: {} views need a query (a SQL file joining their tables into the dataset's rows)",
+                f.views.len()
+            ),
+        ),
+        _ => {}
     }
 }
 

@@ -26,7 +26,9 @@ use datafusion::logical_expr::ident;
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::prelude::{ParquetReadOptions, SessionContext, lit};
-use phm_policies::model::{ColumnType, Dataset, Domain, Grouping, Source, SourceFormat, Warehouse};
+use phm_policies::model::{
+    ColumnType, Dataset, Domain, FhirExport, Grouping, Source, SourceFormat, Warehouse,
+};
 use sha2::{Digest, Sha256};
 
 use super::bound::{OverLimit, PERSON_AT_LOAD};
@@ -140,6 +142,11 @@ pub enum DataError {
         /// The smallest offending value, as text (none for a missing person id).
         example: Option<String>,
     },
+    #[error("dataset `{dataset}`: FHIR export: {error}")]
+    Fhir {
+        dataset: String,
+        error: super::fhir::FhirError,
+    },
     #[error("dataset `{dataset}`: the policy's declaration is unusable: {reason}")]
     Declaration { dataset: String, reason: String },
     #[error("dataset `{dataset}`: the query engine refused it: {reason}")]
@@ -176,6 +183,8 @@ pub(crate) struct LoadedDataset {
     pub fingerprint: Option<FileFingerprint>,
     /// Set when the rows live in a warehouse: every query runs there.
     pub warehouse: Option<super::warehouse::Source>,
+    /// Set for a FHIR export: what was read, kept and dropped.
+    pub fhir_report: Option<super::fhir::LoadReport>,
     /// Set once a change to the file has been logged, so it is logged once.
     changed_noted: AtomicBool,
     #[cfg(test)]
@@ -536,6 +545,7 @@ async fn load_warehouse(
         },
         fingerprint: None,
         warehouse: Some(source),
+        fhir_report: None,
         changed_noted: AtomicBool::new(false),
         #[cfg(test)]
         before_scan: None,
@@ -551,6 +561,13 @@ pub(crate) async fn load_dataset(
     let (checks, person_declared) = column_checks(ds, opt_out_column)?;
     let (format, path) = match &ds.source {
         Source::Postgres(w) => return load_warehouse(ds, w, checks, base_dir).await,
+        Source::FhirNdjson(f) => {
+            let (batches, person_type, report) =
+                load_fhir(ds, f, &checks, person_declared, base_dir).await?;
+            let mut loaded = register_memory(ctx, ds, &checks, batches, person_type, None).await?;
+            loaded.fhir_report = Some(report);
+            return Ok(loaded);
+        }
         Source::Parquet { path } => (SourceFormat::Parquet, path),
         Source::Csv { path } => (SourceFormat::Csv, path),
     };
@@ -619,26 +636,169 @@ pub(crate) async fn load_dataset(
             } else {
                 Some(DataType::Utf8)
             };
-            let schema = Arc::new(table_schema(
-                &checks,
-                &ds.person_id,
-                person_type.as_ref(),
-                false,
-            ));
-            let mem =
-                MemTable::try_new(schema, vec![batches]).map_err(|e| DataError::Register {
-                    dataset: dataset.clone(),
-                    reason: e.to_string(),
-                })?;
-            ctx.register_table(table.clone(), Arc::new(mem))
-                .map_err(|e| DataError::Register {
-                    dataset: dataset.clone(),
-                    reason: e.to_string(),
-                })?;
-            (None, person_type)
+            return register_memory(ctx, ds, &checks, batches, person_type, None).await;
         }
     };
+    finish_load(ctx, ds, &checks, person_type, fingerprint).await
+}
 
+/// A FHIR export: flattened and shaped by `fhir`, then each column the policy names is
+/// found in the query's result, converted to its declared type and checked as a CSV
+/// file's would be (positions are rows of the query's result). The load report goes to
+/// the node's log, a line per view.
+async fn load_fhir(
+    ds: &Dataset,
+    export: &FhirExport,
+    checks: &[ColumnCheck],
+    person_declared: bool,
+    base_dir: &Path,
+) -> Result<(Vec<RecordBatch>, Option<DataType>, super::fhir::LoadReport), DataError> {
+    let (rows, file, report) =
+        super::fhir::read(export, base_dir)
+            .await
+            .map_err(|error| DataError::Fhir {
+                dataset: ds.name.clone(),
+                error,
+            })?;
+    for line in report.lines() {
+        tracing::info!(dataset = %ds.name, "FHIR export: {line}");
+    }
+    if report.export_errors > 0 {
+        tracing::warn!(
+            dataset = %ds.name,
+            errors = report.export_errors,
+            "the export's manifest lists error files (OperationOutcome): the server could not export some resources, so figures may undercount; ask the source system's team"
+        );
+    }
+    let mut wanted: Vec<(String, ColumnType)> =
+        checks.iter().map(|c| (c.name.clone(), c.ty)).collect();
+    let person_type = if person_declared {
+        None
+    } else {
+        let t = rows.first().and_then(|b| {
+            b.schema()
+                .field_with_name(&ds.person_id)
+                .ok()
+                .map(|f| f.data_type().clone())
+        });
+        let ty = match t {
+            Some(t) if t.is_integer() => ColumnType::Integer,
+            _ => ColumnType::Text,
+        };
+        wanted.push((ds.person_id.clone(), ty));
+        Some(arrow_type(ty))
+    };
+    let out_schema = Arc::new(Schema::new(
+        wanted
+            .iter()
+            .map(|(n, t)| Field::new(n, arrow_type(*t), true))
+            .collect::<Vec<_>>(),
+    ));
+    let mut out = Vec::with_capacity(rows.len());
+    let mut offset: u64 = 0;
+    let mut missing = MissingIds::default();
+    let read_err = |reason: String| DataError::Read {
+        dataset: ds.name.clone(),
+        file: file.clone(),
+        reason,
+    };
+    for batch in &rows {
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(wanted.len());
+        for (name, ty) in &wanted {
+            let Some(array) = batch.column_by_name(name) else {
+                return Err(DataError::MissingColumn {
+                    dataset: ds.name.clone(),
+                    file: file.clone(),
+                    column: name.clone(),
+                });
+            };
+            if !compatible(array.data_type(), *ty) {
+                return Err(DataError::WrongType {
+                    dataset: ds.name.clone(),
+                    file: file.clone(),
+                    column: name.clone(),
+                    expected: ty.as_str(),
+                    found: array.data_type().to_string(),
+                });
+            }
+            let typed = cast(array, &arrow_type(*ty)).map_err(|e| read_err(e.to_string()))?;
+            let bad = |i: usize, reason: String| DataError::BadValue {
+                dataset: ds.name.clone(),
+                file: file.clone(),
+                column: name.clone(),
+                at: Position::Row(offset + i as u64 + 1),
+                reason,
+            };
+            if let Some(c) = checks.iter().find(|c| &c.name == name) {
+                check_values(&typed, c).map_err(|(i, r)| bad(i, r))?;
+            }
+            if name == &ds.person_id {
+                missing.scan(typed.as_ref(), offset).map_err(&read_err)?;
+            }
+            arrays.push(typed);
+        }
+        out.push(
+            RecordBatch::try_new(out_schema.clone(), arrays)
+                .map_err(|e| read_err(e.to_string()))?,
+        );
+        offset += batch.num_rows() as u64;
+    }
+    if offset > MAX_VALUES_PER_CELL as u64 {
+        return Err(DataError::TooManyRows {
+            dataset: ds.name.clone(),
+            file,
+            rows: offset,
+            max: MAX_VALUES_PER_CELL,
+        });
+    }
+    if missing.count > 0 {
+        return Err(DataError::MissingPersonId {
+            dataset: ds.name.clone(),
+            file,
+            column: ds.person_id.clone(),
+            count: missing.count,
+            first: missing.first.iter().map(|r| Position::Row(r + 1)).collect(),
+        });
+    }
+    Ok((out, person_type, report))
+}
+
+/// Registers rows held in memory (CSV, FHIR) and measures them.
+async fn register_memory(
+    ctx: &SessionContext,
+    ds: &Dataset,
+    checks: &[ColumnCheck],
+    batches: Vec<RecordBatch>,
+    person_type: Option<DataType>,
+    fingerprint: Option<FileFingerprint>,
+) -> Result<LoadedDataset, DataError> {
+    let register = |e: datafusion::error::DataFusionError| DataError::Register {
+        dataset: ds.name.clone(),
+        reason: e.to_string(),
+    };
+    let schema = Arc::new(table_schema(
+        checks,
+        &ds.person_id,
+        person_type.as_ref(),
+        false,
+    ));
+    let mem = MemTable::try_new(schema, vec![batches]).map_err(register)?;
+    ctx.register_table(TableReference::bare(ds.name.clone()), Arc::new(mem))
+        .map_err(register)?;
+    finish_load(ctx, ds, checks, person_type, fingerprint).await
+}
+
+/// The part of a load after the rows are registered: the columns the engine may read,
+/// the people over `max_rows_per_person`, and a last look at a file's fingerprint.
+async fn finish_load(
+    ctx: &SessionContext,
+    ds: &Dataset,
+    checks: &[ColumnCheck],
+    person_type: Option<DataType>,
+    fingerprint: Option<FileFingerprint>,
+) -> Result<LoadedDataset, DataError> {
+    let dataset = ds.name.clone();
+    let table = TableReference::bare(ds.name.clone());
     let mut columns: HashMap<String, ColumnType> =
         checks.iter().map(|c| (c.name.clone(), c.ty)).collect();
     if person_type.is_some() {
@@ -656,9 +816,12 @@ pub(crate) async fn load_dataset(
     if let Some(f) = &fingerprint
         && !f.unchanged()
     {
-        return Err(read_err(
-            "the file changed while it was being loaded; load again once it is complete".into(),
-        ));
+        return Err(DataError::Read {
+            dataset,
+            file: f.path.display().to_string(),
+            reason: "the file changed while it was being loaded; load again once it is complete"
+                .into(),
+        });
     }
     Ok(LoadedDataset {
         table,
@@ -667,6 +830,7 @@ pub(crate) async fn load_dataset(
         over_limit,
         fingerprint,
         warehouse: None,
+        fhir_report: None,
         changed_noted: AtomicBool::new(false),
         #[cfg(test)]
         before_scan: None,

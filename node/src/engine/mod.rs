@@ -10,6 +10,7 @@
 mod bound;
 mod clamp;
 mod cohort;
+pub mod fhir;
 mod filter;
 mod load;
 mod noise;

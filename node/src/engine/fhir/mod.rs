@@ -1,0 +1,658 @@
+//! FHIR Bulk Data sources: a node reads a `$export` (its manifest, or NDJSON files),
+//! flattens each resource type it needs through a declared view (`view`: a subset of
+//! SQL-on-FHIR v2's ViewDefinition, evaluated on each resource's JSON by `path`), and
+//! shapes the views' tables into the dataset's rows with the IG lead's SQL (joins,
+//! code mappings, ages), run once by DataFusion at load. The rows are then checked and
+//! held in memory exactly as a CSV file's are (`load`).
+//!
+//! What fails the load, and what drops a resource: a file that cannot be read, a line
+//! that is not JSON or not a resource, a resource of another type than its manifest
+//! entry says, and a view outside the subset are errors (a damaged export or a view
+//! that would mean something else must not give figures). A resource whose content does
+//! not fit its view (no matching coding, a bad reference, a partial date, a missing key,
+//! several values, a value of the wrong kind) is dropped and counted by reason in the
+//! load report, with the file and line of the first one, never a value.
+
+mod path;
+mod view;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder, RecordBatch,
+    StringBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::MemTable;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::SessionContext;
+use phm_policies::model::FhirExport;
+use serde_json::Value;
+
+pub use view::DropReason;
+use view::{Cell, Kind, View};
+
+use super::load::resolve;
+
+/// Rows per Arrow batch built from a view.
+const BATCH_ROWS: usize = 65_536;
+
+/// Why an export could not be read. Each message names the file and where in it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FhirError {
+    #[error("view {file}: element `{element}` {reason}")]
+    View {
+        file: String,
+        element: String,
+        reason: String,
+    },
+    #[error("{file}: {reason}")]
+    Read { file: String, reason: String },
+    #[error("manifest {file}: {reason}")]
+    Manifest { file: String, reason: String },
+    #[error("{file}, line {line}: {reason}")]
+    Line {
+        file: String,
+        line: u64,
+        reason: String,
+    },
+    #[error("query {file}: {reason}")]
+    Query { file: String, reason: String },
+}
+
+/// Where a dropped resource is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: u64,
+}
+
+/// The resources one view dropped for one reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drops {
+    pub count: u64,
+    /// The element (column name, `where[i]`, `select[i].forEach`) of the first drop.
+    pub element: String,
+    pub first: Location,
+}
+
+/// What one view did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ViewReport {
+    pub name: String,
+    pub resource: String,
+    /// Resources of the view's type read.
+    pub read: u64,
+    /// Resources that gave rows.
+    pub kept: u64,
+    /// Rows in the view's table.
+    pub rows: u64,
+    pub dropped: BTreeMap<DropReason, Drops>,
+}
+
+/// The load report of one export.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoadReport {
+    pub files: Vec<PathBuf>,
+    /// Resources read, by type (every line of every file).
+    pub resources: BTreeMap<String, u64>,
+    pub views: Vec<ViewReport>,
+    /// The manifest's `error` entries (OperationOutcome files the server wrote).
+    pub export_errors: usize,
+    /// Rows of the dataset the query gave.
+    pub dataset_rows: u64,
+}
+
+impl LoadReport {
+    /// Resources dropped by every view together.
+    pub fn dropped(&self) -> u64 {
+        self.views
+            .iter()
+            .flat_map(|v| v.dropped.values())
+            .map(|d| d.count)
+            .sum()
+    }
+
+    /// One line per view, for the node's log.
+    pub fn lines(&self) -> Vec<String> {
+        self.views
+            .iter()
+            .map(|v| {
+                let drops: Vec<String> = v
+                    .dropped
+                    .iter()
+                    .map(|(r, d)| {
+                        format!(
+                            "{} {} (`{}`, first at {}:{})",
+                            d.count,
+                            r.describe(),
+                            d.element,
+                            d.first.file.display(),
+                            d.first.line
+                        )
+                    })
+                    .collect();
+                format!(
+                    "view `{}` ({}): {} read, {} kept as {} rows, {} dropped{}",
+                    v.name,
+                    v.resource,
+                    v.read,
+                    v.kept,
+                    v.rows,
+                    v.read - v.kept,
+                    if drops.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", drops.join(", "))
+                    }
+                )
+            })
+            .collect()
+    }
+}
+
+/// A view's table as it is built.
+struct Table {
+    schema: SchemaRef,
+    builders: Vec<Builder>,
+    len: usize,
+    batches: Vec<RecordBatch>,
+}
+
+enum Builder {
+    Text(StringBuilder),
+    Integer(Int64Builder),
+    Decimal(Float64Builder),
+    Boolean(BooleanBuilder),
+    Date(Date32Builder),
+}
+
+impl Builder {
+    fn new(kind: Kind) -> Builder {
+        match kind {
+            Kind::Text => Builder::Text(StringBuilder::new()),
+            Kind::Integer => Builder::Integer(Int64Builder::new()),
+            Kind::Decimal => Builder::Decimal(Float64Builder::new()),
+            Kind::Boolean => Builder::Boolean(BooleanBuilder::new()),
+            Kind::Date => Builder::Date(Date32Builder::new()),
+        }
+    }
+
+    fn push(&mut self, cell: Cell) {
+        match (self, cell) {
+            (Builder::Text(b), Cell::Text(s)) => b.append_value(s),
+            (Builder::Integer(b), Cell::Integer(v)) => b.append_value(v),
+            (Builder::Decimal(b), Cell::Decimal(v)) => b.append_value(v),
+            (Builder::Boolean(b), Cell::Boolean(v)) => b.append_value(v),
+            (Builder::Date(b), Cell::Date(v)) => b.append_value(v),
+            // `view::typed` gives each column only its own kind, or NULL.
+            (Builder::Text(b), _) => b.append_null(),
+            (Builder::Integer(b), _) => b.append_null(),
+            (Builder::Decimal(b), _) => b.append_null(),
+            (Builder::Boolean(b), _) => b.append_null(),
+            (Builder::Date(b), _) => b.append_null(),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Builder::Text(b) => Arc::new(b.finish()),
+            Builder::Integer(b) => Arc::new(b.finish()),
+            Builder::Decimal(b) => Arc::new(b.finish()),
+            Builder::Boolean(b) => Arc::new(b.finish()),
+            Builder::Date(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+fn arrow(kind: Kind) -> DataType {
+    match kind {
+        Kind::Text => DataType::Utf8,
+        Kind::Integer => DataType::Int64,
+        Kind::Decimal => DataType::Float64,
+        Kind::Boolean => DataType::Boolean,
+        Kind::Date => DataType::Date32,
+    }
+}
+
+impl Table {
+    fn new(v: &View) -> Table {
+        let fields: Vec<Field> = v
+            .columns()
+            .map(|(n, k)| Field::new(n, arrow(k), true))
+            .collect();
+        Table {
+            schema: Arc::new(Schema::new(fields)),
+            builders: v.columns().map(|(_, k)| Builder::new(k)).collect(),
+            len: 0,
+            batches: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: Vec<Cell>) -> Result<(), String> {
+        for (b, c) in self.builders.iter_mut().zip(row) {
+            b.push(c);
+        }
+        self.len += 1;
+        if self.len == BATCH_ROWS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let arrays = self.builders.iter_mut().map(Builder::finish).collect();
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| e.to_string())?;
+        self.batches.push(batch);
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// One NDJSON file to read, with the resource type its manifest entry gives.
+#[derive(Debug, Clone)]
+struct Input {
+    path: PathBuf,
+    declared: Option<String>,
+}
+
+/// The export's files: from the manifest, or the policy's `files` (folders expanded to
+/// their `*.ndjson` files, in name order). Returns also the manifest's error count.
+fn inputs(export: &FhirExport, base_dir: &Path) -> Result<(Vec<Input>, usize), FhirError> {
+    if let Some(m) = &export.manifest {
+        return manifest(&resolve(base_dir, m));
+    }
+    let mut out = Vec::new();
+    for f in &export.files {
+        let p = resolve(base_dir, f);
+        let read = |reason: String| FhirError::Read {
+            file: p.display().to_string(),
+            reason,
+        };
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&p)
+                .map_err(|e| read(e.to_string()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|q| q.extension().is_some_and(|x| x == "ndjson") && q.is_file())
+                .collect();
+            if found.is_empty() {
+                return Err(read("the folder holds no .ndjson file".into()));
+            }
+            found.sort();
+            out.extend(found.into_iter().map(|path| Input {
+                path,
+                declared: None,
+            }));
+        } else if p.is_file() {
+            out.push(Input {
+                path: p,
+                declared: None,
+            });
+        } else {
+            return Err(read("no such file or folder".into()));
+        }
+    }
+    Ok((out, 0))
+}
+
+/// A Bulk Data manifest's `output` files. A `url` may be a relative path (from the
+/// manifest's folder), a `file:` URL, or the server's `http(s)` URL of a file
+/// downloaded beside the manifest under the URL's last segment.
+fn manifest(path: &Path) -> Result<(Vec<Input>, usize), FhirError> {
+    let file = path.display().to_string();
+    let bad = |reason: String| FhirError::Manifest {
+        file: file.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let output = json
+        .get("output")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("has no `output` list".into()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for (i, o) in output.iter().enumerate() {
+        let field = |k: &str| {
+            o.get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("output[{i}] has no `{k}` string")))
+        };
+        let (ty, url) = (field("type")?, field("url")?);
+        let local = if let Some(p) = url.strip_prefix("file://") {
+            PathBuf::from(p)
+        } else if url.starts_with("https://") || url.starts_with("http://") {
+            let last = url
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .filter(|s| !s.is_empty() && !s.contains(['?', '#']))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "output[{i}]: url {url:?} does not end in a file name"
+                    ))
+                })?;
+            dir.join(last)
+        } else {
+            resolve(dir, url)
+        };
+        if !local.is_file() {
+            return Err(bad(format!(
+                "output[{i}] ({ty}): {} is not there; download the export's files beside the manifest",
+                local.display()
+            )));
+        }
+        out.push(Input {
+            path: local,
+            declared: Some(ty.to_string()),
+        });
+    }
+    let errors = json
+        .get("error")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    Ok((out, errors))
+}
+
+/// What one file gave each view.
+struct FileOutput {
+    tables: Vec<Table>,
+    reports: Vec<ViewReport>,
+    resources: BTreeMap<String, u64>,
+}
+
+fn read_file(input: &Input, views: &[View]) -> Result<FileOutput, FhirError> {
+    let file = input.path.display().to_string();
+    let f = std::fs::File::open(&input.path).map_err(|e| FhirError::Read {
+        file: file.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut reader = BufReader::with_capacity(1 << 20, f);
+    let mut out = FileOutput {
+        tables: views.iter().map(Table::new).collect(),
+        reports: views
+            .iter()
+            .map(|v| ViewReport {
+                name: v.name.clone(),
+                resource: v.resource.clone(),
+                ..ViewReport::default()
+            })
+            .collect(),
+        resources: BTreeMap::new(),
+    };
+    let mut line = String::new();
+    let mut n: u64 = 0;
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line).map_err(|e| FhirError::Line {
+            file: file.clone(),
+            line: n + 1,
+            reason: e.to_string(),
+        })?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |reason: String| FhirError::Line {
+            file: file.clone(),
+            line: n,
+            reason,
+        };
+        let resource: Value =
+            serde_json::from_str(&line).map_err(|e| at(format!("not JSON: {e}")))?;
+        let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
+            return Err(at("not a FHIR resource (no resourceType)".into()));
+        };
+        if let Some(d) = &input.declared
+            && d != ty
+        {
+            return Err(at(format!(
+                "a {ty} resource in a file the manifest lists as {d}"
+            )));
+        }
+        match out.resources.get_mut(ty) {
+            Some(c) => *c += 1,
+            None => {
+                out.resources.insert(ty.to_string(), 1);
+            }
+        }
+        for (i, v) in views.iter().enumerate() {
+            if v.resource != ty {
+                continue;
+            }
+            let report = &mut out.reports[i];
+            report.read += 1;
+            match v.rows(&resource) {
+                Ok(rows) => {
+                    report.kept += 1;
+                    report.rows += rows.len() as u64;
+                    for row in rows {
+                        out.tables[i].push(row).map_err(&at)?;
+                    }
+                }
+                Err(d) => {
+                    report
+                        .dropped
+                        .entry(d.reason)
+                        .and_modify(|x| x.count += 1)
+                        .or_insert_with(|| Drops {
+                            count: 1,
+                            element: d.element,
+                            first: Location {
+                                file: input.path.clone(),
+                                line: n,
+                            },
+                        });
+                }
+            }
+        }
+    }
+    for t in &mut out.tables {
+        t.flush().map_err(|reason| FhirError::Read {
+            file: file.clone(),
+            reason,
+        })?;
+    }
+    Ok(out)
+}
+
+/// Reads the files on up to `available_parallelism` threads (a file each at a time),
+/// then joins their outputs in file order, so the tables and the report do not depend
+/// on the number of threads.
+fn read_all(inputs: &[Input], views: &[View]) -> Result<Vec<FileOutput>, FhirError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(inputs.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<FileOutput, FhirError>>> =
+        (0..inputs.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Result<FileOutput, FhirError>)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(input) = inputs.get(i) else { break };
+                        let r = read_file(input, views);
+                        let failed = r.is_err();
+                        mine.push((i, r));
+                        if failed {
+                            // Stop handing out files: the load fails anyway.
+                            next.store(inputs.len(), Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        results[i] = Some(r);
+    }
+    let mut out = Vec::with_capacity(inputs.len());
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Some(r) => out.push(r?),
+            None => {
+                // A file was left unread only because an earlier one failed, or a
+                // worker panicked: either way the load cannot be complete.
+                return Err(FhirError::Read {
+                    file: inputs[i].path.display().to_string(),
+                    reason: "not read (the reader stopped)".into(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the export and gives the dataset's rows (as the query's result) and the load
+/// report. `what` names the file the rows come from, for later errors.
+pub(crate) async fn read(
+    export: &FhirExport,
+    base_dir: &Path,
+) -> Result<(Vec<RecordBatch>, String, LoadReport), FhirError> {
+    let mut views = Vec::with_capacity(export.views.len());
+    for v in &export.views {
+        let p = resolve(base_dir, v);
+        let file = p.display().to_string();
+        let text = std::fs::read_to_string(&p).map_err(|e| FhirError::Read {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| FhirError::View {
+            file: file.clone(),
+            element: "(the view)".into(),
+            reason: format!("is not JSON: {e}"),
+        })?;
+        let view = View::parse(&json).map_err(|e| FhirError::View {
+            file: file.clone(),
+            element: e.element,
+            reason: e.reason,
+        })?;
+        if views.iter().any(|w: &View| w.name == view.name) {
+            return Err(FhirError::View {
+                file,
+                element: "name".into(),
+                reason: format!("{:?} is already the name of another view", view.name),
+            });
+        }
+        views.push(view);
+    }
+    let (inputs, export_errors) = inputs(export, base_dir)?;
+    let query = match &export.query {
+        Some(q) => {
+            let p = resolve(base_dir, q);
+            let sql = std::fs::read_to_string(&p).map_err(|e| FhirError::Read {
+                file: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            Some((p.display().to_string(), sql))
+        }
+        None => None,
+    };
+    let views = Arc::new(views);
+    let (views2, inputs2) = (views.clone(), inputs.clone());
+    let outputs = tokio::task::spawn_blocking(move || read_all(&inputs2, &views2))
+        .await
+        .map_err(|e| FhirError::Read {
+            file: "(the export)".into(),
+            reason: format!("the reading task failed: {e}"),
+        })??;
+
+    let mut report = LoadReport {
+        files: inputs.iter().map(|i| i.path.clone()).collect(),
+        export_errors,
+        views: views
+            .iter()
+            .map(|v| ViewReport {
+                name: v.name.clone(),
+                resource: v.resource.clone(),
+                ..ViewReport::default()
+            })
+            .collect(),
+        ..LoadReport::default()
+    };
+    let mut tables: Vec<Vec<RecordBatch>> = vec![Vec::new(); views.len()];
+    for out in outputs {
+        for (ty, c) in out.resources {
+            *report.resources.entry(ty).or_default() += c;
+        }
+        for (i, (t, r)) in out.tables.into_iter().zip(out.reports).enumerate() {
+            tables[i].extend(t.batches);
+            let total = &mut report.views[i];
+            total.read += r.read;
+            total.kept += r.kept;
+            total.rows += r.rows;
+            for (reason, d) in r.dropped {
+                total
+                    .dropped
+                    .entry(reason)
+                    .and_modify(|x| x.count += d.count)
+                    .or_insert(d);
+            }
+        }
+    }
+
+    let ctx = SessionContext::new();
+    for (v, batches) in views.iter().zip(tables) {
+        let schema = Table::new(v).schema;
+        let mem = MemTable::try_new(schema, vec![batches]).map_err(|e| FhirError::Read {
+            file: v.name.clone(),
+            reason: e.to_string(),
+        })?;
+        ctx.register_table(v.name.as_str(), Arc::new(mem))
+            .map_err(|e| FhirError::Read {
+                file: v.name.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let (file, sql) = match query {
+        Some(q) => q,
+        None => {
+            // Validation allows no query only with one view.
+            let v = &views[0];
+            (
+                resolve(base_dir, &export.views[0]).display().to_string(),
+                format!("SELECT * FROM \"{}\"", v.name),
+            )
+        }
+    };
+    let q_err = |reason: String| FhirError::Query {
+        file: file.clone(),
+        reason,
+    };
+    // The IG lead's query may read the views' tables and nothing else: no DDL, no
+    // DML, no SET or other statements, so a query file cannot change the session.
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let df = ctx
+        .sql_with_options(&sql, options)
+        .await
+        .map_err(|e| q_err(e.to_string()))?;
+    let batches = df.collect().await.map_err(|e| q_err(e.to_string()))?;
+    report.dataset_rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+    Ok((batches, file, report))
+}
+
+#[cfg(test)]
+mod tests;
