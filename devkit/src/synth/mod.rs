@@ -5,6 +5,7 @@
 //! coordinator's config and exact reference answers for the demo.
 
 pub mod activity;
+pub mod fhir;
 pub mod governance;
 pub mod ics;
 pub mod nhs;

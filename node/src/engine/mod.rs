@@ -209,6 +209,11 @@ impl Engine {
         cohort::partner(&self.ctx, ds, view.filter.as_ref(), limits, sent).await
     }
 
+    /// What loading a FHIR export read, kept and dropped (none for other sources).
+    pub fn load_report(&self, dataset: &str) -> Option<&fhir::LoadReport> {
+        self.datasets.get(dataset)?.fhir_report.as_ref()
+    }
+
     fn dataset(&self, limits: &Limits) -> Result<&load::LoadedDataset, EngineError> {
         self.datasets
             .get(&limits.dataset)

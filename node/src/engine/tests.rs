@@ -18,6 +18,7 @@ use phm_proto::{AggregateKind, CompareOp, Literal, Predicate, QueryBody};
 use super::load::Position;
 use super::*;
 
+mod fhir;
 mod warehouse;
 
 const N_PEOPLE: usize = 200;

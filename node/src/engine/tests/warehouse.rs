@@ -73,7 +73,7 @@ impl Pg {
 }
 
 /// The engine over `ps` as the Parquet fixture, in its own temporary folder.
-async fn parquet_engine_of(ps: &[Person]) -> (tempfile::TempDir, Engine) {
+pub(super) async fn parquet_engine_of(ps: &[Person]) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
     write_parquet(&dir.path().join("gp.parquet"), &batch(ps));
     let engine = Engine::load(&policy("parquet", "gp.parquet", 1), dir.path())
@@ -112,7 +112,7 @@ fn is_null(column: &str, negated: bool) -> Predicate {
 
 /// The generated queries: every filter kind (and nesting), declared, binned and
 /// thresholded keys, counts, sums and means, opt-out and NULLs.
-fn queries() -> Vec<(Option<Predicate>, Limits)> {
+pub(super) fn queries() -> Vec<(Option<Predicate>, Limits)> {
     use CompareOp::*;
     let all = || {
         vec![
@@ -555,6 +555,28 @@ async fn omop_view_answers_equal_parquet_answers_exactly() {
     let Some(server) = Server::for_test("omop_view_answers_equal_parquet_answers_exactly") else {
         return;
     };
+    let (_tmp, trust, file_policy) = acute_trust().await;
+    let db = server.fresh_database("phm_omop").unwrap();
+    let dsn = phm_devkit::synth::omop::load_trust(&server, &db, &trust)
+        .await
+        .unwrap();
+    std::fs::write(trust.join("omop.dsn"), dsn).unwrap();
+    let mut omop_policy = file_policy.clone();
+    omop_policy.datasets[0].source = Source::Postgres(Warehouse {
+        relation: phm_devkit::synth::omop::RELATION.into(),
+        dsn_env: None,
+        dsn_file: Some("omop.dsn".into()),
+        ca_file: None,
+        statement_timeout_seconds: 60,
+    });
+    let file = Engine::load(&file_policy, &trust).await.unwrap();
+    let omop = Engine::load(&omop_policy, &trust).await.unwrap();
+    assert_same_admissions(&file, &omop).await;
+}
+
+/// One synthetic acute trust (seed 16, 4,000 people): its folder, and its policy cut to
+/// the `acute_admissions` dataset without the NHS number.
+pub(super) async fn acute_trust() -> (tempfile::TempDir, std::path::PathBuf, PolicyFile) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ics");
     let opts = phm_devkit::synth::SynthOptions {
@@ -576,11 +598,6 @@ async fn omop_view_answers_equal_parquet_answers_exactly() {
         .map(|e| e.unwrap().path())
         .find(|p| p.join("data/acute_admissions.parquet").exists())
         .expect("a trust");
-    let db = server.fresh_database("phm_omop").unwrap();
-    let dsn = phm_devkit::synth::omop::load_trust(&server, &db, &trust)
-        .await
-        .unwrap();
-    std::fs::write(trust.join("omop.dsn"), dsn).unwrap();
     let text = std::fs::read_to_string(trust.join("policy.toml")).unwrap();
     let mut file_policy: PolicyFile = toml::from_str(&text).unwrap();
     file_policy
@@ -589,17 +606,13 @@ async fn omop_view_answers_equal_parquet_answers_exactly() {
     let ds = &mut file_policy.datasets[0];
     ds.link_key = None;
     ds.columns.retain(|c| c.name != "nhs_number");
-    let mut omop_policy = file_policy.clone();
-    omop_policy.datasets[0].source = Source::Postgres(Warehouse {
-        relation: phm_devkit::synth::omop::RELATION.into(),
-        dsn_env: None,
-        dsn_file: Some("omop.dsn".into()),
-        ca_file: None,
-        statement_timeout_seconds: 60,
-    });
-    let file = Engine::load(&file_policy, &trust).await.unwrap();
-    let omop = Engine::load(&omop_policy, &trust).await.unwrap();
+    (tmp, trust, file_policy)
+}
 
+/// Asks both engines (over the same admissions) 20 generated queries, noise-free: every
+/// filter kind over every column kind, declared, binned and thresholded keys, counts,
+/// sums and means, with and without the opt-out; the answers must be equal.
+pub(super) async fn assert_same_admissions(a_engine: &Engine, b_engine: &Engine) {
     let text = |name: &str, labels: &[&str]| GroupLimits {
         column: col(name, ColumnType::Text, None),
         label: name.into(),
@@ -710,8 +723,8 @@ async fn omop_view_answers_equal_parquet_answers_exactly() {
                 dataset: "acute_admissions".into(),
                 ..query(f.clone())
             };
-            let a = file.execute_exact(&q, &l).await.unwrap();
-            let b = omop.execute_exact(&q, &l).await.unwrap();
+            let a = a_engine.execute_exact(&q, &l).await.unwrap();
+            let b = b_engine.execute_exact(&q, &l).await.unwrap();
             assert_eq!(a, b, "query {i} differs: {f:?} by {:?}", l.group_by);
             n += 1;
             nonempty += usize::from(a.rows.iter().any(|r| r.cells[0].noisy_value > 0.0));
