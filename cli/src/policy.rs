@@ -259,6 +259,16 @@ fn explain_query(a: &ExplainArgs<'_>) -> anyhow::Result<(String, bool)> {
 mod tests {
     use super::*;
 
+    /// Every sample policy in `policies/samples`.
+    const SAMPLES: [&str; 6] = [
+        "gp_practice.toml",
+        "acute_trust.toml",
+        "social_care.toml",
+        "local_authority.toml",
+        "omop_trust.toml",
+        "fhir_trust.toml",
+    ];
+
     fn sample(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../policies/samples")
@@ -289,13 +299,10 @@ mod tests {
 
     #[test]
     fn check_accepts_the_samples_with_their_versions() {
-        let files: Vec<PathBuf> = ["gp_practice.toml", "acute_trust.toml"]
-            .into_iter()
-            .map(sample)
-            .collect();
+        let files: Vec<PathBuf> = SAMPLES.into_iter().map(sample).collect();
         let (report, ok) = check(&files);
         assert!(ok, "{report}");
-        assert_eq!(report.lines().count(), 2);
+        assert_eq!(report.lines().count(), SAMPLES.len());
         assert!(
             report
                 .lines()

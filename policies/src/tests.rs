@@ -244,6 +244,48 @@ const VALIDATION_CASES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"fhir_ndjson\", views = [\"v.json\"] }",
+        "needs manifest",
+        "datasets[0].source",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"fhir_ndjson\", manifest = \"m.json\", files = [\"x\"], views = [\"v.json\"] }",
+        "not both",
+        "datasets[0].source",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"fhir_ndjson\", manifest = \"m.json\", views = [] }",
+        "at least one view",
+        "datasets[0].source.views",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"fhir_ndjson\", manifest = \"m.json\", views = [\"a.json\", \"b.json\"] }",
+        "2 views need a query",
+        "datasets[0].source.query",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"fhir_ndjson\", files = [\" \"], views = [\"v.json\"] }",
+        "file path is empty",
+        "datasets[0].source.files[0]",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"fhir_ndjson\", manifest = \"m.json\", views = [\"v.json\"], query = \"\" }",
+        "query is empty",
+        "datasets[0].source.query",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
+        "source = { format = \"fhir_ndjson\", manifest = \"m.json\", views = [\"v.json\"], paths = [\"x\"] }",
+        "unknown field `paths`",
+        "datasets[0].source",
+    ),
+    (
+        "source = { format = \"parquet\", path = \"data/gp_patients.parquet\" }",
         "source = { format = \"oracle\", relation = \"gp\" }",
         "unknown variant `oracle`",
         "datasets[0].source.format",
@@ -634,6 +676,25 @@ fn a_postgres_source_parses_with_its_defaults() {
     assert_eq!(w.dsn_file.as_deref(), Some("secrets/dsn"));
     assert_eq!(w.statement_timeout_seconds, 300);
     assert!(ds.source.file_path().is_none());
+}
+
+#[test]
+fn a_fhir_source_parses() {
+    let text = mutate(
+        "source = { format = \"csv\", path = \"registry.csv\" }",
+        "source = { format = \"fhir_ndjson\", files = [\"export/\"], views = [\"patient.json\"] }",
+    );
+    let p = match Policy::parse("fhir.toml", &text) {
+        Ok(p) => p,
+        Err(e) => panic!("a fhir_ndjson source must be valid:\n{e}"),
+    };
+    let ds = &p.file().datasets[1];
+    let crate::model::Source::FhirNdjson(f) = &ds.source else {
+        panic!("a FHIR source")
+    };
+    assert_eq!(f.files, ["export/"]);
+    assert_eq!((f.manifest.as_deref(), f.query.as_deref()), (None, None));
+    assert!(ds.source.file_path().is_none() && ds.source.warehouse().is_none());
 }
 
 #[test]

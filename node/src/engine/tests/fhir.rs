@@ -23,6 +23,10 @@ async fn fhir_export_answers_equal_parquet_answers_exactly() {
         .unwrap();
     let mut fhir_policy = file_policy.clone();
     fhir_policy.datasets[0].source = phm_devkit::synth::fhir::source();
+    // The sample policy reads the export the synth writes.
+    let sample: PolicyFile =
+        toml::from_str(include_str!("../../../../policies/samples/fhir_trust.toml")).unwrap();
+    assert_eq!(sample.datasets[0].source, fhir_policy.datasets[0].source);
     let file = Engine::load(&file_policy, &trust).await.unwrap();
     let fhir = Engine::load(&fhir_policy, &trust).await.unwrap();
     assert_same_admissions(&file, &fhir).await;
@@ -303,7 +307,17 @@ async fn a_damaged_export_or_an_unsupported_view_is_refused() {
     // A query that is not a plain SELECT, or names what is not there.
     let e =
         load_err(&|d, _| std::fs::write(d.join("gp.sql"), "CREATE TABLE x AS SELECT 1").unwrap());
-    assert!(e.contains("query ") && e.contains("gp.sql"), "{e}");
+    assert!(
+        e.contains("query ") && e.contains("gp.sql: Error during planning: DDL not supported"),
+        "{e}"
+    );
+    let e = load_err(&|d, _| {
+        std::fs::write(d.join("gp.sql"), "SET datafusion.execution.batch_size = 1").unwrap()
+    });
+    assert!(
+        e.contains("gp.sql: Error during planning: Statement not supported"),
+        "{e}"
+    );
     let e = load_err(&|d, _| {
         std::fs::write(d.join("gp.sql"), FIXTURE_QUERY.replace("p.place,", "")).unwrap()
     });
