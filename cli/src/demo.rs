@@ -43,6 +43,12 @@ pub struct DemoArgs {
     /// package) on a loopback port, stopped when the demo ends.
     #[arg(long)]
     pub postgres: bool,
+    /// Serve each acute trust's admissions from a FHIR Bulk Data export instead of
+    /// Parquet: the synthetic admissions are written as Patient, Encounter and
+    /// Condition NDJSON with a manifest, and the trust's policy reads them through the
+    /// sample views and query (policies/samples/fhir/).
+    #[arg(long, conflicts_with = "postgres")]
+    pub fhir: bool,
 }
 
 /// Certificates for health checks. Nodes trust only the infrastructure CA for clients,
@@ -590,6 +596,29 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<u8> {
     } else {
         None
     };
+    if a.fhir {
+        phm::outln!(
+            "Exporting each acute trust's admissions as FHIR Bulk Data (Patient, Encounter and Condition NDJSON, with a manifest) …"
+        );
+        for o in &manifest.organisations {
+            let org = dir.join(&o.ods_code);
+            if org.join("data/acute_admissions.parquet").exists() {
+                let w =
+                    tokio::task::spawn_blocking(move || phm_devkit::synth::fhir::move_trust(&org))
+                        .await?
+                        .map_err(|e| anyhow!("exporting {} as FHIR: {e}", o.ods_code))?;
+                phm::outln!(
+                    "  {}: {} patients, {} admissions (+{} outpatient), {} diagnoses (+{} problem-list entries)",
+                    o.ods_code,
+                    w.patients,
+                    w.admissions,
+                    w.outpatient,
+                    w.diagnoses,
+                    w.problems
+                );
+            }
+        }
+    }
     let synth_time = started.elapsed();
     let exe = std::env::current_exe().context("cannot find the running phm binary")?;
     let logs = dir.join("logs");

@@ -100,6 +100,7 @@ fn gender(sex: &str) -> &'static str {
 }
 
 struct Person {
+    nhs_number: Option<String>,
     age: Option<i64>,
     sex: Option<String>,
     imd: Option<i64>,
@@ -163,6 +164,12 @@ pub fn write_trust(org_dir: &Path) -> Result<Written, String> {
             text("diagnosis_group")?,
         );
         let (sex, place) = (text("sex")?, text("place")?);
+        // Absent from a policy cut down for a test: then no identifier is written.
+        let nhs = if b.column_by_name("nhs_number").is_some() {
+            text("nhs_number")?
+        } else {
+            vec![None; b.num_rows()]
+        };
         let (stay, age, imd) = (int("length_of_stay")?, int("age")?, int("imd_quintile")?);
         let date = b
             .column_by_name("admission_date")
@@ -181,6 +188,7 @@ pub fn write_trust(org_dir: &Path) -> Result<Written, String> {
                 return Err(err(&format!("row {i} has no person or admission id")));
             };
             people.entry(pid.clone()).or_insert_with(|| Person {
+                nhs_number: nhs[i].clone(),
                 age: age[i],
                 sex: sex[i].clone(),
                 imd: imd[i],
@@ -244,6 +252,9 @@ pub fn write_trust(org_dir: &Path) -> Result<Written, String> {
             ext.push(json!({"url": format!("{EXT}/national-data-opt-out"), "valueBoolean": o}));
         }
         let mut r = json!({"resourceType": "Patient", "id": id, "extension": ext});
+        if let Some(n) = &p.nhs_number {
+            r["identifier"] = json!([{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": n}]);
+        }
         if let Some(s) = &p.sex {
             r["gender"] = json!(gender(s));
         }
@@ -295,6 +306,35 @@ pub fn write_trust(org_dir: &Path) -> Result<Written, String> {
         std::fs::write(dir.join(name), body).map_err(io)?;
     }
     Ok(w)
+}
+
+/// Writes trust folder `org_dir`'s export (`write_trust`), points its policy's
+/// `acute_admissions` dataset at it, and removes the Parquet file, so the trust's node
+/// can only answer from FHIR. For `phm demo --fhir`.
+pub fn move_trust(org_dir: &Path) -> Result<Written, String> {
+    let written = write_trust(org_dir)?;
+    let policy_path = org_dir.join("policy.toml");
+    let text = std::fs::read_to_string(&policy_path)
+        .map_err(|e| format!("cannot read {}: {e}", policy_path.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", policy_path.display()))?;
+    let source = toml::Value::try_from(source()).map_err(|e| e.to_string())?;
+    let ds = doc
+        .get_mut("datasets")
+        .and_then(|d| d.as_array_mut())
+        .and_then(|d| {
+            d.iter_mut()
+                .filter_map(|x| x.as_table_mut())
+                .find(|x| x.get("name").and_then(|n| n.as_str()) == Some("acute_admissions"))
+        })
+        .ok_or_else(|| format!("{}: no acute_admissions dataset", policy_path.display()))?;
+    ds.insert("source".into(), source);
+    let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+    std::fs::write(&policy_path, text)
+        .map_err(|e| format!("cannot write {}: {e}", policy_path.display()))?;
+    let parquet = org_dir.join("data").join("acute_admissions.parquet");
+    std::fs::remove_file(&parquet).map_err(|e| format!("{}: {e}", parquet.display()))?;
+    Ok(written)
 }
 
 /// The source a trust's policy names to read the export `write_trust` wrote.

@@ -6,6 +6,7 @@
 -- refreshed. Run by the node once at load, over its own tables only.
 SELECT
     a.person_id,
+    p.nhs_number,
     a.admission_id,
     a.admitted AS admission_date,
     CASE substr(a.admission_method, 1, 1)
