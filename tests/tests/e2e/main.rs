@@ -7,6 +7,7 @@
 
 mod faults;
 mod federation;
+mod fhir;
 mod linkage;
 mod node_server;
 mod peers;
