@@ -675,26 +675,39 @@ async fn load_fhir(
     let person_type = if person_declared {
         None
     } else {
-        let t = rows.first().and_then(|b| {
-            b.schema()
-                .field_with_name(&ds.person_id)
-                .ok()
-                .map(|f| f.data_type().clone())
-        });
-        let ty = match t {
-            Some(t) if t.is_integer() => ColumnType::Integer,
+        let ty = match rows.schema.field_with_name(&ds.person_id) {
+            Ok(f) if f.data_type().is_integer() => ColumnType::Integer,
             _ => ColumnType::Text,
         };
         wanted.push((ds.person_id.clone(), ty));
         Some(arrow_type(ty))
     };
+    // Every column the policy names, with a usable type, even when there are no rows.
+    for (name, ty) in &wanted {
+        let Ok(field) = rows.schema.field_with_name(name) else {
+            return Err(DataError::MissingColumn {
+                dataset: ds.name.clone(),
+                file: file.clone(),
+                column: name.clone(),
+            });
+        };
+        if !compatible(field.data_type(), *ty) {
+            return Err(DataError::WrongType {
+                dataset: ds.name.clone(),
+                file: file.clone(),
+                column: name.clone(),
+                expected: ty.as_str(),
+                found: field.data_type().to_string(),
+            });
+        }
+    }
     let out_schema = Arc::new(Schema::new(
         wanted
             .iter()
             .map(|(n, t)| Field::new(n, arrow_type(*t), true))
             .collect::<Vec<_>>(),
     ));
-    let mut out = Vec::with_capacity(rows.len());
+    let mut out = Vec::with_capacity(rows.batches.len());
     let mut offset: u64 = 0;
     let mut missing = MissingIds::default();
     let read_err = |reason: String| DataError::Read {
@@ -702,25 +715,12 @@ async fn load_fhir(
         file: file.clone(),
         reason,
     };
-    for batch in &rows {
+    for batch in &rows.batches {
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(wanted.len());
         for (name, ty) in &wanted {
-            let Some(array) = batch.column_by_name(name) else {
-                return Err(DataError::MissingColumn {
-                    dataset: ds.name.clone(),
-                    file: file.clone(),
-                    column: name.clone(),
-                });
-            };
-            if !compatible(array.data_type(), *ty) {
-                return Err(DataError::WrongType {
-                    dataset: ds.name.clone(),
-                    file: file.clone(),
-                    column: name.clone(),
-                    expected: ty.as_str(),
-                    found: array.data_type().to_string(),
-                });
-            }
+            let array = batch
+                .column_by_name(name)
+                .ok_or_else(|| read_err(format!("column `{name}` is missing from a batch")))?;
             let typed = cast(array, &arrow_type(*ty)).map_err(|e| read_err(e.to_string()))?;
             let bad = |i: usize, reason: String| DataError::BadValue {
                 dataset: ds.name.clone(),

@@ -13,13 +13,24 @@ fn the_demo_answers_and_links_from_fhir_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
     let out = Command::new(&bins().phm)
-        .args(["demo", "--fhir", "--population", "4000", "--nodes", "3", "--dir"])
+        .args([
+            "demo",
+            "--fhir",
+            "--population",
+            "4000",
+            "--nodes",
+            "3",
+            "--dir",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "phm demo --fhir failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "phm demo --fhir failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("as FHIR Bulk Data"), "{stdout}");
     // The linked questions over acute_admissions were answered from the exports.
     assert!(stdout.contains("found in acute_admissions"), "{stdout}");
@@ -56,9 +67,10 @@ fn the_demo_answers_and_links_from_fhir_exports() {
         // The load report: outpatient encounters dropped for their class.
         let admission = format!("{}/fhir/Encounter.ndjson", org.display());
         assert!(
-            logs.lines().any(|l| l.contains("FHIR export: view `admission` (Encounter):")
-                && l.contains("no matching coding (`where[0]`, first at ")
-                && l.contains(&admission)),
+            logs.lines()
+                .any(|l| l.contains("FHIR export: view `admission` (Encounter):")
+                    && l.contains("no matching coding (`where[0]`, first at ")
+                    && l.contains(&admission)),
             "no load report for {t}"
         );
     }
