@@ -123,7 +123,7 @@ pub fn write_trust(org_dir: &Path) -> Result<Written, String> {
     let create = |name: &str| {
         let p = dir.join(name);
         File::create(&p)
-            .map(|f| BufWriter::new(f))
+            .map(BufWriter::new)
             .map_err(|e| format!("{}: {e}", p.display()))
     };
     let (mut encounters, mut conditions) =

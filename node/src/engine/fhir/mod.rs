@@ -523,12 +523,18 @@ fn read_all(inputs: &[Input], views: &[View]) -> Result<Vec<FileOutput>, FhirErr
     Ok(out)
 }
 
+/// The dataset's rows as the query gave them.
+pub(crate) struct Rows {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
 /// Reads the export and gives the dataset's rows (as the query's result) and the load
 /// report. `what` names the file the rows come from, for later errors.
 pub(crate) async fn read(
     export: &FhirExport,
     base_dir: &Path,
-) -> Result<(Vec<RecordBatch>, String, LoadReport), FhirError> {
+) -> Result<(Rows, String, LoadReport), FhirError> {
     let mut views = Vec::with_capacity(export.views.len());
     for v in &export.views {
         let p = resolve(base_dir, v);
@@ -649,9 +655,12 @@ pub(crate) async fn read(
         .sql_with_options(&sql, options)
         .await
         .map_err(|e| q_err(e.to_string()))?;
+    // The result's schema, even when it has no rows: an empty result must still have
+    // every column the policy names.
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await.map_err(|e| q_err(e.to_string()))?;
     report.dataset_rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-    Ok((batches, file, report))
+    Ok((Rows { schema, batches }, file, report))
 }
 
 #[cfg(test)]
