@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, ensure};
-use datafusion::prelude::{NdJsonReadOptions, SessionContext};
+use datafusion::prelude::{JsonReadOptions, SessionContext};
 use phm_devkit::fixture::bench_policy;
 use phm_node::engine::Engine;
 use phm_policies::model::{Column, FhirExport, Source};
@@ -146,7 +146,7 @@ fn peer_load(dir: &Path) -> Result<u64> {
         ctx.register_json(
             "obs",
             path,
-            NdJsonReadOptions::default().file_extension(".ndjson"),
+            JsonReadOptions::default().file_extension(".ndjson"),
         )
         .await?;
         let batches = ctx.sql(PEER_SQL).await?.collect().await?;
