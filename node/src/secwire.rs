@@ -44,7 +44,7 @@ pub fn up_from_proto(up: proto::SecAggUp) -> SecureIn {
                 session_nonce: p.session_nonce,
                 cohort: p.cohort,
                 params: p.params,
-                registry: p.registry,
+                registry_digest: p.registry_digest,
             })),
             Err(e) => m(e),
         },

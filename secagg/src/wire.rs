@@ -4,7 +4,7 @@
 //! before either state machine sees it.
 
 use phm_proto::proto;
-use phm_relay::{NodeId, Registry};
+use phm_relay::NodeId;
 
 use crate::crypto::Share;
 use crate::messages::{
@@ -275,7 +275,8 @@ pub struct BeginParts {
     pub session_nonce: Vec<u8>,
     pub cohort: Vec<NodeId>,
     pub params: SessionParams,
-    pub registry: Registry,
+    /// [`Registry::digest`] of the coordinator's registry: the node must hold the same.
+    pub registry_digest: [u8; 32],
 }
 
 pub fn begin_to_proto(b: &crate::Begin) -> proto::SecAggBegin {
@@ -283,7 +284,7 @@ pub fn begin_to_proto(b: &crate::Begin) -> proto::SecAggBegin {
         session_nonce: b.session_nonce.clone(),
         cohort: b.cohort.iter().map(|n| n.as_str().to_string()).collect(),
         params: Some(params_to_proto(&b.params)),
-        registry: b.registry.to_toml(),
+        registry_digest: b.registry.digest().to_vec(),
     }
 }
 
@@ -301,6 +302,6 @@ pub fn begin_from_proto(p: &proto::SecAggBegin) -> Result<BeginParts, WireError>
             .map(|s| node("begin.cohort", s))
             .collect::<Result<_, _>>()?,
         params: params_from_proto(params)?,
-        registry: Registry::parse(&p.registry).map_err(|e| err("begin.registry", e))?,
+        registry_digest: fixed("begin.registry_digest", &p.registry_digest)?,
     })
 }

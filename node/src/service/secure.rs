@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use phm_policies::Limits;
 use phm_policies::model::Rounding;
 use phm_proto::{Aggregation, Denial, DenialReason, QueryBody, SignedQuery};
-use phm_relay::{NodeId, Registry};
+use phm_relay::NodeId;
 use phm_secagg::{
     AdvertiseKeys, Begin, ConsistencySig, ForwardedShares, MaskedInput, NodePolicy, PeerKeys,
     SecAggError, SessionParams, ShareKeys, SurvivorSet, UnmaskRequest, UnmaskShares,
@@ -58,7 +58,9 @@ pub struct BeginWire {
     pub session_nonce: Vec<u8>,
     pub cohort: Vec<NodeId>,
     pub params: SessionParams,
-    pub registry: Registry,
+    /// The digest of the registry the coordinator opened the session under; the node
+    /// uses its own copy, and only if the digests match.
+    pub registry_digest: [u8; 32],
 }
 
 /// Coordinator → node, after the open.
@@ -335,6 +337,18 @@ impl Service {
             ))
             .into());
         }
+        // The registry is this node's own copy (verified again below, under the pinned
+        // key, at this instant); the coordinator only names which one it opened under.
+        let registry = peer.registry.clone();
+        if b.registry_digest != registry.digest() {
+            return Err(session_refusal(format!(
+                "the coordinator opened this session under node registry {}…, but this node holds registry serial {} ({}…): install the federation's current signed registry ([peer] registry in node.toml) and restart the node, or ask the ICS which registry is current",
+                hex::encode(&b.registry_digest[..6]),
+                registry.serial,
+                hex::encode(&registry.digest()[..6])
+            ))
+            .into());
+        }
         let query_digest = phm_relay::parse_digest(&body.digest())
             .map_err(|e| internal(format!("the query digest: {e}")))?;
         let begin = Begin {
@@ -343,7 +357,7 @@ impl Service {
             session_nonce: b.session_nonce,
             cohort: b.cohort,
             params: b.params,
-            registry: b.registry,
+            registry,
         };
         let (state, keys, joined) = phm_secagg::client::begin(
             &peer.identity,

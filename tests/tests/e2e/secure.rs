@@ -175,6 +175,54 @@ async fn first_reply(
     reply.ok_or_else(|| tonic::Status::internal("closed without a message"))
 }
 
+/// As the coordinator: open a session, read the node's terms, send a Begin naming a
+/// registry by `registry_digest`, and return the node's refusal.
+async fn refusal_after_begin(
+    ch: tonic::transport::Channel,
+    query: proto::AggregateQuery,
+    cohort: Vec<String>,
+    registry_digest: Vec<u8>,
+) -> String {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(proto::SecAggUp {
+        step: Some(Up::Open(proto::SecAggOpen { query: Some(query) })),
+    })
+    .await
+    .unwrap();
+    let mut c = proto::node_service_client::NodeServiceClient::new(ch);
+    let mut stream = c
+        .secure_aggregate(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(proto::sec_agg_down::Step::Terms(t)) = stream.message().await.unwrap().unwrap().step
+    else {
+        panic!("expected terms");
+    };
+    let n = u32::try_from(cohort.len()).unwrap();
+    tx.send(proto::SecAggUp {
+        step: Some(Up::Begin(proto::SecAggBegin {
+            session_nonce: vec![7; 32],
+            cohort,
+            params: Some(proto::SecAggParams {
+                n,
+                t_sss: n / 2 + 1,
+                t_noise: n,
+                c: 1,
+                lattice: 8,
+                gammas: t.gammas.clone(),
+                layout_digest: t.layout_digest.clone(),
+                sigma_share: 4.0,
+            }),
+            registry_digest,
+        })),
+    })
+    .await
+    .unwrap();
+    let status = stream.message().await.unwrap_err();
+    client::denial_text(&status)
+}
+
 #[test]
 fn a_node_joins_one_secure_session_per_query_id_and_refuses_a_downgrade() {
     let fed = Federation::start(20_000, 43, None);
@@ -244,6 +292,15 @@ fn a_node_joins_one_secure_session_per_query_id_and_refuses_a_downgrade() {
             client::ledger(&b, "requester:dsu").unwrap().epsilon_spent
         };
         assert_eq!(before, after, "nothing is spent before the commit step");
+        // A Begin naming another registry than the node's own: refused before any key
+        // is advertised (the node never takes a registry from the coordinator).
+        let cohort: Vec<String> = fed.ics.nodes_serving("gp_patients");
+        let text = refusal_after_begin(ch.clone(), sign(secure_body(1.0), &dsu), cohort, vec![9; 32])
+            .await;
+        assert!(
+            text.contains("the coordinator opened this session under node registry 090909090909…, but this node holds registry serial"),
+            "{text}"
+        );
     });
 }
 
