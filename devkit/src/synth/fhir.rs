@@ -15,7 +15,7 @@ use std::path::Path;
 
 use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{Date32Type, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Date32Type, Int64Type};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::json;
 
@@ -133,25 +133,21 @@ pub fn write_trust(org_dir: &Path) -> Result<Written, String> {
     let io = |e: std::io::Error| format!("{}: {e}", dir.display());
     for batch in reader {
         let b: RecordBatch = batch.map_err(|e| err(&e))?;
-        let text = |name: &str| -> Result<Vec<Option<String>>, String> {
+        let column = |name: &str, ty: &DataType| {
             let c = b
                 .column_by_name(name)
                 .ok_or_else(|| err(&format!("no column {name}")))?;
-            let c =
-                datafusion::arrow::compute::cast(c, &datafusion::arrow::datatypes::DataType::Utf8)
-                    .map_err(|e| err(&e))?;
+            datafusion::arrow::compute::cast(c, ty).map_err(|e| err(&e))
+        };
+        let text = |name: &str| -> Result<Vec<Option<String>>, String> {
+            let c = column(name, &DataType::Utf8)?;
             let s = c.as_string::<i32>();
             Ok((0..s.len())
                 .map(|i| s.is_valid(i).then(|| s.value(i).to_string()))
                 .collect())
         };
         let int = |name: &str| -> Result<Vec<Option<i64>>, String> {
-            let c = b
-                .column_by_name(name)
-                .ok_or_else(|| err(&format!("no column {name}")))?;
-            let c =
-                datafusion::arrow::compute::cast(c, &datafusion::arrow::datatypes::DataType::Int64)
-                    .map_err(|e| err(&e))?;
+            let c = column(name, &DataType::Int64)?;
             let a = c.as_primitive::<Int64Type>();
             Ok((0..a.len())
                 .map(|i| a.is_valid(i).then(|| a.value(i)))

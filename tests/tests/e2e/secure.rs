@@ -154,22 +154,37 @@ fn secure_body(epsilon: f64) -> QueryBody {
     q
 }
 
-/// Open a SecureAggregate stream to a node as the coordinator and read its first reply.
-async fn first_reply(
+/// Open a SecureAggregate stream to a node as the coordinator, sending `query` first.
+async fn open_secure(
     ch: tonic::transport::Channel,
     query: proto::AggregateQuery,
-) -> Result<proto::SecAggDown, tonic::Status> {
+) -> Result<
+    (
+        mpsc::Sender<proto::SecAggUp>,
+        tonic::Streaming<proto::SecAggDown>,
+    ),
+    tonic::Status,
+> {
     let (tx, rx) = mpsc::channel(4);
     tx.send(proto::SecAggUp {
         step: Some(Up::Open(proto::SecAggOpen { query: Some(query) })),
     })
     .await
-    .unwrap();
+    .map_err(|_| tonic::Status::internal("the stream closed before the open"))?;
     let mut c = proto::node_service_client::NodeServiceClient::new(ch);
-    let mut stream = c
+    let stream = c
         .secure_aggregate(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    Ok((tx, stream))
+}
+
+/// Open a SecureAggregate stream to a node as the coordinator and read its first reply.
+async fn first_reply(
+    ch: tonic::transport::Channel,
+    query: proto::AggregateQuery,
+) -> Result<proto::SecAggDown, tonic::Status> {
+    let (tx, mut stream) = open_secure(ch, query).await?;
     let reply = stream.message().await?;
     drop(tx);
     reply.ok_or_else(|| tonic::Status::internal("closed without a message"))
@@ -183,18 +198,7 @@ async fn refusal_after_begin(
     cohort: Vec<String>,
     registry_digest: Vec<u8>,
 ) -> String {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(proto::SecAggUp {
-        step: Some(Up::Open(proto::SecAggOpen { query: Some(query) })),
-    })
-    .await
-    .unwrap();
-    let mut c = proto::node_service_client::NodeServiceClient::new(ch);
-    let mut stream = c
-        .secure_aggregate(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_secure(ch, query).await.unwrap();
     let Some(proto::sec_agg_down::Step::Terms(t)) = stream.message().await.unwrap().unwrap().step
     else {
         panic!("expected terms");

@@ -94,6 +94,24 @@ pub struct ViewReport {
     pub dropped: BTreeMap<DropReason, Drops>,
 }
 
+impl ViewReport {
+    fn of(v: &View) -> ViewReport {
+        ViewReport {
+            name: v.name.clone(),
+            resource: v.resource.clone(),
+            ..ViewReport::default()
+        }
+    }
+
+    /// Counts `d` under `reason`, keeping the first drop's element and place.
+    fn note(&mut self, reason: DropReason, d: Drops) {
+        self.dropped
+            .entry(reason)
+            .and_modify(|x| x.count += d.count)
+            .or_insert(d);
+    }
+}
+
 /// The load report of one export.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LoadReport {
@@ -377,14 +395,7 @@ fn read_file(input: &Input, views: &[View]) -> Result<FileOutput, FhirError> {
     let mut reader = BufReader::with_capacity(1 << 20, f);
     let mut out = FileOutput {
         tables: views.iter().map(Table::new).collect(),
-        reports: views
-            .iter()
-            .map(|v| ViewReport {
-                name: v.name.clone(),
-                resource: v.resource.clone(),
-                ..ViewReport::default()
-            })
-            .collect(),
+        reports: views.iter().map(ViewReport::of).collect(),
         resources: BTreeMap::new(),
     };
     let mut line = String::new();
@@ -440,20 +451,17 @@ fn read_file(input: &Input, views: &[View]) -> Result<FileOutput, FhirError> {
                         out.tables[i].push(row).map_err(&at)?;
                     }
                 }
-                Err(d) => {
-                    report
-                        .dropped
-                        .entry(d.reason)
-                        .and_modify(|x| x.count += 1)
-                        .or_insert_with(|| Drops {
-                            count: 1,
-                            element: d.element,
-                            first: Location {
-                                file: input.path.clone(),
-                                line: n,
-                            },
-                        });
-                }
+                Err(d) => report.note(
+                    d.reason,
+                    Drops {
+                        count: 1,
+                        element: d.element,
+                        first: Location {
+                            file: input.path.clone(),
+                            line: n,
+                        },
+                    },
+                ),
             }
         }
     }
@@ -586,14 +594,7 @@ pub(crate) async fn read(
     let mut report = LoadReport {
         files: inputs.iter().map(|i| i.path.clone()).collect(),
         export_errors,
-        views: views
-            .iter()
-            .map(|v| ViewReport {
-                name: v.name.clone(),
-                resource: v.resource.clone(),
-                ..ViewReport::default()
-            })
-            .collect(),
+        views: views.iter().map(ViewReport::of).collect(),
         ..LoadReport::default()
     };
     let mut tables: Vec<Vec<RecordBatch>> = vec![Vec::new(); views.len()];
@@ -608,11 +609,7 @@ pub(crate) async fn read(
             total.kept += r.kept;
             total.rows += r.rows;
             for (reason, d) in r.dropped {
-                total
-                    .dropped
-                    .entry(reason)
-                    .and_modify(|x| x.count += d.count)
-                    .or_insert(d);
+                total.note(reason, d);
             }
         }
     }
