@@ -11,12 +11,15 @@
 //! Run: `cargo bench -p phm-node --profile bench-fast --bench fhir` (options:
 //! `--observations N`, `--files N` (the export's files, default 4), `--rounds N`).
 
+mod common;
+
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, ensure};
+use common::{arg, median};
 use datafusion::prelude::{JsonReadOptions, SessionContext};
 use phm_devkit::fixture::bench_policy;
 use phm_node::engine::Engine;
@@ -37,18 +40,6 @@ const PEER_SQL: &str = "SELECT id AS observation_id, subject['reference'] AS per
     \"effectiveDateTime\" AS obs_date, \"valueQuantity\"['value'] AS sbp \
     FROM (SELECT id, subject, \"effectiveDateTime\", \"valueQuantity\", unnest(code['coding']) AS c FROM obs) AS t \
     WHERE t.c['system'] = 'http://snomed.info/sct' AND t.c['code'] = '271649006'";
-
-fn arg(name: &str, default: usize) -> Result<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .ok_or_else(|| anyhow!("{name} needs a value"))?
-            .parse()
-            .with_context(|| format!("{name} must be a whole number")),
-        None => Ok(default),
-    }
-}
 
 /// Writes the export: `n` Observations over `n / 10` patients in `files` files.
 fn generate(dir: &Path, n: usize, files: usize) -> Result<u64> {
@@ -167,11 +158,6 @@ fn child(mode: &str, dir: &Path) -> Result<()> {
         peak_rss_mib()?
     );
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() -> Result<()> {

@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, ensure};
-use common::median;
+use common::{arg, median};
 use phm_devkit::fixture::{bench_limits, bench_policy, bench_query};
 use phm_devkit::postgres::Server;
 use phm_node::engine::Engine;
@@ -37,18 +37,6 @@ const REFERENCE: &str = "SELECT imd_quintile, sex, count(*), sum(b), avg(b) FROM
     FROM gp_patients WHERE person_id IS NOT NULL AND age >= 40) AS s \
     WHERE rn <= 1 AND imd_quintile IN (1, 2, 3, 4, 5) AND sex IN ('F', 'M') \
     GROUP BY imd_quintile, sex";
-
-fn arg(name: &str, default: usize) -> Result<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .ok_or_else(|| anyhow!("{name} needs a value"))?
-            .parse()
-            .with_context(|| format!("{name} must be a whole number")),
-        None => Ok(default),
-    }
-}
 
 fn main() -> Result<()> {
     let rows = arg("--rows", 10_000_000)?;

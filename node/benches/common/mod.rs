@@ -208,3 +208,16 @@ pub async fn submit(
     let result = result.ok_or_else(|| anyhow!("no result; progress: {progress:?}"))?;
     Ok((result, progress))
 }
+
+/// The whole-number option `name` from the command line, or `default`.
+pub fn arg(name: &str, default: usize) -> Result<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or_else(|| anyhow!("{name} needs a value"))?
+            .parse()
+            .with_context(|| format!("{name} must be a whole number")),
+        None => Ok(default),
+    }
+}
