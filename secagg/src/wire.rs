@@ -275,7 +275,7 @@ pub struct BeginParts {
     pub session_nonce: Vec<u8>,
     pub cohort: Vec<NodeId>,
     pub params: SessionParams,
-    /// [`Registry::digest`] of the coordinator's registry: the node must hold the same.
+    /// `phm_relay::Registry::digest` of the coordinator's registry: the node must hold the same.
     pub registry_digest: [u8; 32],
 }
 
