@@ -17,7 +17,7 @@ mod path;
 mod view;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +37,10 @@ pub use view::DropReason;
 use view::{Cell, Kind, View};
 
 use super::load::resolve;
+
+/// Longest line (one resource) read: far above any real resource (a Bundle-sized
+/// Patient is a few hundred KB).
+const MAX_LINE_BYTES: u64 = 64 << 20;
 
 /// Rows per Arrow batch built from a view.
 const BATCH_ROWS: usize = 65_536;
@@ -402,15 +406,30 @@ fn read_file(input: &Input, views: &[View]) -> Result<FileOutput, FhirError> {
     let mut n: u64 = 0;
     loop {
         line.clear();
-        let read = reader.read_line(&mut line).map_err(|e| FhirError::Line {
-            file: file.clone(),
-            line: n + 1,
-            reason: e.to_string(),
-        })?;
+        // At most one byte past the cap, so a file with no line breaks cannot fill the
+        // node's memory before it is refused.
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_line(&mut line)
+            .map_err(|e| FhirError::Line {
+                file: file.clone(),
+                line: n + 1,
+                reason: e.to_string(),
+            })?;
         if read == 0 {
             break;
         }
         n += 1;
+        if read as u64 > MAX_LINE_BYTES {
+            return Err(FhirError::Line {
+                file: file.clone(),
+                line: n,
+                reason: format!(
+                    "longer than {} MiB: not one resource per line (is this NDJSON?)",
+                    MAX_LINE_BYTES >> 20
+                ),
+            });
+        }
         if line.trim().is_empty() {
             continue;
         }

@@ -283,6 +283,11 @@ async fn a_damaged_export_or_an_unsupported_view_is_refused() {
         std::fs::write(&p, text).unwrap();
     });
     assert!(e.contains("Condition.ndjson, line 202: not JSON"), "{e}");
+    // A file with no line breaks is refused at the cap, not read whole.
+    let e = load_err(&|d, _| {
+        std::fs::write(d.join("export/Huge.ndjson"), vec![b' '; (64 << 20) + 10]).unwrap()
+    });
+    assert!(e.contains("Huge.ndjson, line 1: longer than 64 MiB"), "{e}");
     let e = load_err(&|d, _| std::fs::write(d.join("export/Other.ndjson"), "[1, 2]\n").unwrap());
     assert!(
         e.contains("Other.ndjson, line 1: not a FHIR resource"),
