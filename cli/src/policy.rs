@@ -121,7 +121,26 @@ fn check(files: &[PathBuf]) -> (String, bool) {
                 out.push(format!("error: cannot read {name}: {e}"));
             }
             Ok(text) => match Policy::parse(&name, &text) {
-                Ok(p) => out.push(format!("ok: {name} (version {})", short(p.version()))),
+                Ok(p) => {
+                    // A FHIR source's views and query are files beside the policy:
+                    // checked too, so a view outside the subset is found before the
+                    // node is started with it.
+                    let base = f.parent().unwrap_or(Path::new("."));
+                    let mut problems = Vec::new();
+                    for ds in &p.file().datasets {
+                        if let phm_policies::model::Source::FhirNdjson(export) = &ds.source
+                            && let Err(e) = phm_node::engine::fhir::check(export, base)
+                        {
+                            problems.push(format!("error: {name}: dataset `{}`: {e}", ds.name));
+                        }
+                    }
+                    if problems.is_empty() {
+                        out.push(format!("ok: {name} (version {})", short(p.version())));
+                    } else {
+                        failed += 1;
+                        out.extend(problems);
+                    }
+                }
                 Err(errors) => {
                     failed += 1;
                     out.push(errors.to_string());
@@ -307,6 +326,38 @@ mod tests {
             report
                 .lines()
                 .all(|l| l.starts_with("ok: ") && l.contains("(version "))
+        );
+    }
+
+    #[test]
+    fn check_reads_a_fhir_sources_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("fhir_trust.toml");
+        std::fs::copy(sample("fhir_trust.toml"), &policy).unwrap();
+        std::fs::create_dir(dir.path().join("fhir")).unwrap();
+        for f in [
+            "patient.view.json",
+            "admission.view.json",
+            "acute_admissions.sql",
+        ] {
+            std::fs::copy(
+                sample(&format!("fhir/{f}")),
+                dir.path().join("fhir").join(f),
+            )
+            .unwrap();
+        }
+        let bad = std::fs::read_to_string(sample("fhir/diagnosis.view.json"))
+            .unwrap()
+            .replace("\"select\": [", "\"constant\": [], \"select\": [");
+        std::fs::write(dir.path().join("fhir/diagnosis.view.json"), bad).unwrap();
+        let (report, ok) = check(std::slice::from_ref(&policy));
+        assert!(!ok, "{report}");
+        assert!(
+            report.contains("dataset `acute_admissions`: view ")
+                && report.contains(
+                    "diagnosis.view.json: element `constant` is outside the supported subset"
+                ),
+            "{report}"
         );
     }
 

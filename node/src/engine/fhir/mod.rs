@@ -556,12 +556,9 @@ pub(crate) struct Rows {
     pub batches: Vec<RecordBatch>,
 }
 
-/// Reads the export and gives the dataset's rows (as the query's result) and the load
-/// report. `what` names the file the rows come from, for later errors.
-pub(crate) async fn read(
-    export: &FhirExport,
-    base_dir: &Path,
-) -> Result<(Rows, String, LoadReport), FhirError> {
+/// Reads and checks every view of `export` (files relative to `base_dir`): each against
+/// the subset, names distinct.
+fn load_views(export: &FhirExport, base_dir: &Path) -> Result<Vec<View>, FhirError> {
     let mut views = Vec::with_capacity(export.views.len());
     for v in &export.views {
         let p = resolve(base_dir, v);
@@ -589,6 +586,31 @@ pub(crate) async fn read(
         }
         views.push(view);
     }
+    Ok(views)
+}
+
+/// What `phm policy check` checks of a FHIR source without reading the export: every
+/// view against the subset, and that the query file can be read. Returns the views'
+/// table names.
+pub fn check(export: &FhirExport, base_dir: &Path) -> Result<Vec<String>, FhirError> {
+    let views = load_views(export, base_dir)?;
+    if let Some(q) = &export.query {
+        let p = resolve(base_dir, q);
+        std::fs::read_to_string(&p).map_err(|e| FhirError::Read {
+            file: p.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(views.into_iter().map(|v| v.name).collect())
+}
+
+/// Reads the export and gives the dataset's rows (as the query's result) and the load
+/// report. `what` names the file the rows come from, for later errors.
+pub(crate) async fn read(
+    export: &FhirExport,
+    base_dir: &Path,
+) -> Result<(Rows, String, LoadReport), FhirError> {
+    let views = load_views(export, base_dir)?;
     let (inputs, export_errors) = inputs(export, base_dir)?;
     let query = match &export.query {
         Some(q) => {
