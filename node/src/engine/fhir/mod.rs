@@ -701,5 +701,3 @@ pub(crate) async fn read(
     Ok((Rows { schema, batches }, file, report))
 }
 
-#[cfg(test)]
-mod tests;
