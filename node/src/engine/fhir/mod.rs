@@ -700,4 +700,3 @@ pub(crate) async fn read(
     report.dataset_rows = batches.iter().map(|b| b.num_rows() as u64).sum();
     Ok((Rows { schema, batches }, file, report))
 }
-

@@ -276,10 +276,10 @@ impl View {
                 None => None,
                 Some(Value::String(t)) => {
                     let p = path(t, &format!("{at}.forEach"), false)?;
-                    if p.is_key() {
+                    if p.is_key() || p.is_test() {
                         return Err(refuse(
                             format!("{at}.forEach"),
-                            "must name elements, not keys",
+                            "must name elements, not keys or a test",
                         ));
                     }
                     Some(p)
@@ -667,6 +667,8 @@ mod tests {
         let e = refused(&|v| v["select"][0]["select"] = json!([]));
         assert_eq!(e.element, "select[0].select");
         assert!(e.reason.contains("nested select"));
+        let e = refused(&|v| v["select"][0]["forEach"] = json!("name.exists()"));
+        assert_eq!(e.element, "select[0].forEach");
         let e = refused(&|v| v["select"][0]["forEachOrNull"] = json!("name"));
         assert_eq!(e.element, "select[0].forEachOrNull");
         let e = refused(&|v| {
