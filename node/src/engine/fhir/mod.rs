@@ -17,7 +17,7 @@ mod path;
 mod view;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -388,19 +388,71 @@ struct FileOutput {
     tables: Vec<Table>,
     reports: Vec<ViewReport>,
     resources: BTreeMap<String, u64>,
+    /// Lines in the piece read, so later pieces' line numbers can be made absolute.
+    lines: u64,
 }
 
-fn read_file(input: &Input, views: &[View]) -> Result<FileOutput, FhirError> {
+/// One piece of one input: bytes `start..end`, both at line starts.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    input: usize,
+    start: u64,
+    end: u64,
+}
+
+/// Pieces of about `size` bytes each, every boundary moved to just after a line break,
+/// so a large file is read by several threads (a one-file export would otherwise use
+/// one core) and each line is read by exactly one piece.
+fn pieces(inputs: &[Input], size: u64) -> Result<Vec<Piece>, FhirError> {
+    let mut out = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let read = |e: std::io::Error| FhirError::Read {
+            file: input.path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let len = std::fs::metadata(&input.path).map_err(read)?.len();
+        let mut f = BufReader::new(std::fs::File::open(&input.path).map_err(read)?);
+        let mut start = 0;
+        while start < len {
+            let target = start.saturating_add(size);
+            let end = if target >= len {
+                len
+            } else {
+                f.seek(std::io::SeekFrom::Start(target)).map_err(read)?;
+                let mut skipped = Vec::new();
+                let n = (&mut f)
+                    .take(MAX_LINE_BYTES + 1)
+                    .read_until(b'\n', &mut skipped)
+                    .map_err(read)?;
+                (target + n as u64).min(len)
+            };
+            out.push(Piece {
+                input: i,
+                start,
+                end,
+            });
+            start = end;
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `piece` of `input`; line numbers are counted from the piece's start (`read_all`
+/// makes them absolute).
+fn read_piece(input: &Input, piece: Piece, views: &[View]) -> Result<FileOutput, FhirError> {
     let file = input.path.display().to_string();
-    let f = std::fs::File::open(&input.path).map_err(|e| FhirError::Read {
+    let io = |e: std::io::Error| FhirError::Read {
         file: file.clone(),
         reason: e.to_string(),
-    })?;
-    let mut reader = BufReader::with_capacity(1 << 20, f);
+    };
+    let mut f = std::fs::File::open(&input.path).map_err(io)?;
+    f.seek(std::io::SeekFrom::Start(piece.start)).map_err(io)?;
+    let mut reader = BufReader::with_capacity(1 << 20, f.take(piece.end - piece.start));
     let mut out = FileOutput {
         tables: views.iter().map(Table::new).collect(),
         reports: views.iter().map(ViewReport::of).collect(),
         resources: BTreeMap::new(),
+        lines: 0,
     };
     let mut line = String::new();
     let mut n: u64 = 0;
@@ -490,20 +542,30 @@ fn read_file(input: &Input, views: &[View]) -> Result<FileOutput, FhirError> {
             reason,
         })?;
     }
+    out.lines = n;
     Ok(out)
 }
 
-/// Reads the files on up to `available_parallelism` threads (a file each at a time),
-/// then joins their outputs in file order, so the tables and the report do not depend
-/// on the number of threads.
-fn read_all(inputs: &[Input], views: &[View]) -> Result<Vec<FileOutput>, FhirError> {
+/// Piece size: large enough that a piece's fixed costs vanish, small enough that a file
+/// of a few hundred MB spreads over every core.
+const PIECE_BYTES: u64 = 32 << 20;
+
+/// Reads the files in pieces (`pieces`) on up to `available_parallelism` threads, then
+/// joins the outputs in file and piece order with line numbers made absolute, so the
+/// tables, the report and any error do not depend on the number of threads or pieces.
+fn read_all(
+    inputs: &[Input],
+    views: &[View],
+    piece_bytes: u64,
+) -> Result<Vec<FileOutput>, FhirError> {
+    let pieces = pieces(inputs, piece_bytes)?;
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
-        .min(inputs.len())
+        .min(pieces.len())
         .max(1);
     let next = AtomicUsize::new(0);
     let mut results: Vec<Option<Result<FileOutput, FhirError>>> =
-        (0..inputs.len()).map(|_| None).collect();
+        (0..pieces.len()).map(|_| None).collect();
     let done: Vec<Vec<(usize, Result<FileOutput, FhirError>)>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
@@ -511,13 +573,15 @@ fn read_all(inputs: &[Input], views: &[View]) -> Result<Vec<FileOutput>, FhirErr
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(input) = inputs.get(i) else { break };
-                        let r = read_file(input, views);
+                        let Some(piece) = pieces.get(i) else { break };
+                        let r = read_piece(&inputs[piece.input], *piece, views);
                         let failed = r.is_err();
                         mine.push((i, r));
                         if failed {
-                            // Stop handing out files: the load fails anyway.
-                            next.store(inputs.len(), Ordering::Relaxed);
+                            // Stop handing out pieces: the load fails anyway. Every
+                            // earlier piece was handed out already, so the first error
+                            // in file order is still found.
+                            next.store(pieces.len(), Ordering::Relaxed);
                             break;
                         }
                     }
@@ -533,15 +597,36 @@ fn read_all(inputs: &[Input], views: &[View]) -> Result<Vec<FileOutput>, FhirErr
     for (i, r) in done.into_iter().flatten() {
         results[i] = Some(r);
     }
-    let mut out = Vec::with_capacity(inputs.len());
-    for (i, r) in results.into_iter().enumerate() {
+    let mut out = Vec::with_capacity(pieces.len());
+    // Lines before the current piece in its file.
+    let (mut current, mut before) = (usize::MAX, 0u64);
+    for (piece, r) in pieces.iter().zip(results) {
+        if piece.input != current {
+            (current, before) = (piece.input, 0);
+        }
         match r {
-            Some(r) => out.push(r?),
+            Some(Ok(mut o)) => {
+                for report in &mut o.reports {
+                    for d in report.dropped.values_mut() {
+                        d.first.line += before;
+                    }
+                }
+                before += o.lines;
+                out.push(o);
+            }
+            Some(Err(FhirError::Line { file, line, reason })) => {
+                return Err(FhirError::Line {
+                    file,
+                    line: line + before,
+                    reason,
+                });
+            }
+            Some(Err(e)) => return Err(e),
             None => {
-                // A file was left unread only because an earlier one failed, or a
+                // A piece was left unread only because an earlier one failed, or a
                 // worker panicked: either way the load cannot be complete.
                 return Err(FhirError::Read {
-                    file: inputs[i].path.display().to_string(),
+                    file: inputs[piece.input].path.display().to_string(),
                     reason: "not read (the reader stopped)".into(),
                 });
             }
@@ -610,6 +695,15 @@ pub(crate) async fn read(
     export: &FhirExport,
     base_dir: &Path,
 ) -> Result<(Rows, String, LoadReport), FhirError> {
+    read_in_pieces(export, base_dir, PIECE_BYTES).await
+}
+
+/// [`read`], with files read in pieces of about `piece_bytes`.
+async fn read_in_pieces(
+    export: &FhirExport,
+    base_dir: &Path,
+    piece_bytes: u64,
+) -> Result<(Rows, String, LoadReport), FhirError> {
     let views = load_views(export, base_dir)?;
     let (inputs, export_errors) = inputs(export, base_dir)?;
     let query = match &export.query {
@@ -625,7 +719,7 @@ pub(crate) async fn read(
     };
     let views = Arc::new(views);
     let (views2, inputs2) = (views.clone(), inputs.clone());
-    let outputs = tokio::task::spawn_blocking(move || read_all(&inputs2, &views2))
+    let outputs = tokio::task::spawn_blocking(move || read_all(&inputs2, &views2, piece_bytes))
         .await
         .map_err(|e| FhirError::Read {
             file: "(the export)".into(),
@@ -699,4 +793,87 @@ pub(crate) async fn read(
     let batches = df.collect().await.map_err(|e| q_err(e.to_string()))?;
     report.dataset_rows = batches.iter().map(|b| b.num_rows() as u64).sum();
     Ok((Rows { schema, batches }, file, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of `n` Observations, one in seven of another code (dropped), one in
+    /// eleven with a partial date (dropped), as NDJSON.
+    fn observations(n: usize) -> String {
+        (0..n)
+            .map(|i| {
+                let code = if i % 7 == 3 { "x" } else { "271649006" };
+                let date = if i % 11 == 5 { "2025-03".to_string() } else { format!("2025-03-{:02}", 1 + i % 28) };
+                format!(
+                    "{{\"resourceType\":\"Observation\",\"id\":\"o{i}\",\"code\":{{\"coding\":[{{\"system\":\"http://snomed.info/sct\",\"code\":\"{code}\"}}]}},\"subject\":{{\"reference\":\"Patient/p{}\"}},\"effectiveDateTime\":\"{date}\",\"valueQuantity\":{{\"value\":{}}}}}\n",
+                    i % 40,
+                    100 + i % 60
+                )
+            })
+            .collect()
+    }
+
+    const VIEW: &str = r#"{"resourceType": "ViewDefinition", "name": "sbp", "resource": "Observation",
+        "where": [{"path": "code.coding.where(system = 'http://snomed.info/sct' and code = '271649006').exists()"}],
+        "select": [{"column": [
+            {"name": "id", "path": "getResourceKey()"},
+            {"name": "person_id", "path": "subject.getReferenceKey(Patient)"},
+            {"name": "at", "path": "effectiveDateTime", "type": "date"},
+            {"name": "sbp", "path": "valueQuantity.value", "type": "decimal"}]}]}"#;
+
+    fn export(dir: &Path, files: &[&str]) -> FhirExport {
+        std::fs::write(dir.join("v.json"), VIEW).unwrap();
+        FhirExport {
+            manifest: None,
+            files: files.iter().map(|f| f.to_string()).collect(),
+            views: vec!["v.json".into()],
+            query: None,
+        }
+    }
+
+    /// Reading in pieces (down to one line each) gives the same rows, the same report
+    /// (first drops at the same absolute lines) and the same error at the same line as
+    /// reading each file whole.
+    #[tokio::test]
+    async fn pieces_read_exactly_what_whole_files_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.ndjson"), observations(300)).unwrap();
+        std::fs::write(
+            dir.path().join("b.ndjson"),
+            format!("\n{}", observations(77)),
+        )
+        .unwrap();
+        let x = export(dir.path(), &["a.ndjson", "b.ndjson"]);
+        let (whole, _, whole_report) = read_in_pieces(&x, dir.path(), u64::MAX).await.unwrap();
+        let whole_rows =
+            datafusion::arrow::compute::concat_batches(&whole.schema, &whole.batches).unwrap();
+        for size in [1, 700, 5_000] {
+            let (rows, _, report) = read_in_pieces(&x, dir.path(), size).await.unwrap();
+            let rows =
+                datafusion::arrow::compute::concat_batches(&rows.schema, &rows.batches).unwrap();
+            assert_eq!(rows, whole_rows, "pieces of {size} bytes");
+            assert_eq!(report, whole_report, "pieces of {size} bytes");
+        }
+        let v = &whole_report.views[0];
+        assert_eq!(v.read, 377);
+        assert_eq!(v.dropped[&DropReason::NoMatchingCoding].first.line, 4);
+        assert_eq!(v.dropped[&DropReason::PartialDate].first.line, 6);
+
+        let mut text = observations(200);
+        text.push_str("{not json\n");
+        text.push_str(&observations(50));
+        std::fs::write(dir.path().join("c.ndjson"), text).unwrap();
+        let x = export(dir.path(), &["a.ndjson", "c.ndjson"]);
+        for size in [u64::MAX, 1, 900] {
+            let Err(e) = read_in_pieces(&x, dir.path(), size).await else {
+                panic!("a bad line was read");
+            };
+            assert!(
+                e.to_string().contains("c.ndjson, line 201: not JSON"),
+                "{size}: {e}"
+            );
+        }
+    }
 }
