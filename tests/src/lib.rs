@@ -433,6 +433,36 @@ pub fn audit_verify(data_dir: &Path) -> (i32, String) {
     (code, format!("{out}{err}"))
 }
 
+/// `phm demo` with `flags` (and `--population 4000 --nodes N`) in `dir`, with `env` set;
+/// panics with its output unless it succeeds. Returns stdout.
+pub fn demo(flags: &[&str], nodes: u32, dir: &Path, env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new(&bins().phm);
+    cmd.arg("demo")
+        .args(flags)
+        .args([
+            "--population",
+            "4000",
+            "--nodes",
+            &nodes.to_string(),
+            "--dir",
+        ])
+        .arg(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => panic!("cannot run phm demo: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "phm demo {flags:?} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
 /// How a start attempt ended.
 #[derive(Debug)]
 pub enum StartOutcome {

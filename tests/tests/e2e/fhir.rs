@@ -4,33 +4,13 @@
 //! nodes answer (and link on the NHS number from `Patient.identifier`) from the export,
 //! with their load reports in the node logs and every figure inside its interval.
 
-use std::process::Command;
-
-use phm_e2e::{audit_verify, bins};
+use phm_e2e::{audit_verify, demo};
 
 #[test]
 fn the_demo_answers_and_links_from_fhir_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let out = Command::new(&bins().phm)
-        .args([
-            "demo",
-            "--fhir",
-            "--population",
-            "4000",
-            "--nodes",
-            "3",
-            "--dir",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "phm demo --fhir failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = demo(&["--fhir"], 3, &dir, &[]);
     assert!(stdout.contains("as FHIR Bulk Data"), "{stdout}");
     // The linked questions over acute_admissions were answered from the exports.
     assert!(stdout.contains("found in acute_admissions"), "{stdout}");

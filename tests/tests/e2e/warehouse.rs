@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use phm_devkit::postgres::{DSN_ENV, Server};
-use phm_e2e::{Federation, Ics, audit_verify, bins};
+use phm_e2e::{Federation, Ics, audit_verify, demo};
 
 use crate::rt;
 
@@ -53,26 +53,7 @@ fn the_demo_answers_every_question_from_postgres() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let out = Command::new(&bins().phm)
-        .args([
-            "demo",
-            "--postgres",
-            "--population",
-            "4000",
-            "--nodes",
-            "2",
-            "--dir",
-        ])
-        .arg(&dir)
-        .env(DSN_ENV, server.admin_dsn())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "phm demo --postgres failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = demo(&["--postgres"], 2, &dir, &[(DSN_ENV, server.admin_dsn())]);
     assert!(
         stdout.contains("Loading every partner's data into PostgreSQL"),
         "{stdout}"
