@@ -564,7 +564,7 @@ pub(crate) async fn load_dataset(
         Source::FhirNdjson(f) => {
             let (batches, person_type, report) =
                 load_fhir(ds, f, &checks, person_declared, base_dir).await?;
-            let mut loaded = register_memory(ctx, ds, &checks, batches, person_type, None).await?;
+            let mut loaded = register_memory(ctx, ds, &checks, batches, person_type).await?;
             loaded.fhir_report = Some(report);
             return Ok(loaded);
         }
@@ -636,7 +636,7 @@ pub(crate) async fn load_dataset(
             } else {
                 Some(DataType::Utf8)
             };
-            return register_memory(ctx, ds, &checks, batches, person_type, None).await;
+            return register_memory(ctx, ds, &checks, batches, person_type).await;
         }
     };
     finish_load(ctx, ds, &checks, person_type, fingerprint).await
@@ -763,14 +763,13 @@ async fn load_fhir(
     Ok((out, person_type, report))
 }
 
-/// Registers rows held in memory (CSV, FHIR) and measures them.
+/// Registers rows held in memory (CSV, FHIR; no file to fingerprint) and measures them.
 async fn register_memory(
     ctx: &SessionContext,
     ds: &Dataset,
     checks: &[ColumnCheck],
     batches: Vec<RecordBatch>,
     person_type: Option<DataType>,
-    fingerprint: Option<FileFingerprint>,
 ) -> Result<LoadedDataset, DataError> {
     let register = |e: datafusion::error::DataFusionError| DataError::Register {
         dataset: ds.name.clone(),
@@ -785,7 +784,7 @@ async fn register_memory(
     let mem = MemTable::try_new(schema, vec![batches]).map_err(register)?;
     ctx.register_table(TableReference::bare(ds.name.clone()), Arc::new(mem))
         .map_err(register)?;
-    finish_load(ctx, ds, checks, person_type, fingerprint).await
+    finish_load(ctx, ds, checks, person_type, None).await
 }
 
 /// The part of a load after the rows are registered: the columns the engine may read,

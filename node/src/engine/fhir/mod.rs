@@ -241,14 +241,19 @@ fn arrow(kind: Kind) -> DataType {
     }
 }
 
+/// The Arrow schema of a view's table.
+fn schema(v: &View) -> SchemaRef {
+    Arc::new(Schema::new(
+        v.columns()
+            .map(|(n, k)| Field::new(n, arrow(k), true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
 impl Table {
     fn new(v: &View) -> Table {
-        let fields: Vec<Field> = v
-            .columns()
-            .map(|(n, k)| Field::new(n, arrow(k), true))
-            .collect();
         Table {
-            schema: Arc::new(Schema::new(fields)),
+            schema: schema(v),
             builders: v.columns().map(|(_, k)| Builder::new(k)).collect(),
             len: 0,
             batches: Vec::new(),
@@ -411,6 +416,17 @@ fn pieces(inputs: &[Input], size: u64) -> Result<Vec<Piece>, FhirError> {
             reason: e.to_string(),
         };
         let len = std::fs::metadata(&input.path).map_err(read)?.len();
+        if len <= size {
+            // One piece: nothing to look for a line break in.
+            if len > 0 {
+                out.push(Piece {
+                    input: i,
+                    start: 0,
+                    end: len,
+                });
+            }
+            continue;
+        }
         let mut f = BufReader::new(std::fs::File::open(&input.path).map_err(read)?);
         let mut start = 0;
         while start < len {
@@ -751,8 +767,7 @@ async fn read_in_pieces(
 
     let ctx = SessionContext::new();
     for (v, batches) in views.iter().zip(tables) {
-        let schema = Table::new(v).schema;
-        let mem = MemTable::try_new(schema, vec![batches]).map_err(|e| FhirError::Read {
+        let mem = MemTable::try_new(schema(v), vec![batches]).map_err(|e| FhirError::Read {
             file: v.name.clone(),
             reason: e.to_string(),
         })?;

@@ -24,6 +24,8 @@ enum Step {
     Field(String),
     Where(Vec<(Vec<String>, Literal)>),
     First,
+    /// `exists()`: only ever last (the parser refuses a step after it).
+    Exists,
     ResourceKey,
     ReferenceKey(Option<String>),
 }
@@ -50,9 +52,8 @@ impl Literal {
 /// A parsed path, possibly ending in `exists()` or compared with a literal.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Path {
+    /// The steps; a last `Exists` makes the result a boolean.
     steps: Vec<Step>,
-    /// `exists()` ends the path: the result is a boolean.
-    exists: bool,
     /// `path = literal` (only in a view's `where`).
     equals: Option<Literal>,
 }
@@ -88,14 +89,7 @@ impl Path {
     pub(crate) fn parse(text: &str, comparison: bool) -> Result<Path, ParseError> {
         let mut p = Parser { s: text, at: 0 };
         let steps = p.steps()?;
-        let mut exists = false;
-        let mut steps = steps;
-        if let Some(Step::Field(f)) = steps.last()
-            && f == "exists()"
-        {
-            steps.pop();
-            exists = true;
-        }
+        let exists = steps.last() == Some(&Step::Exists);
         p.blank();
         let equals = if comparison && !exists && p.eat("=") {
             p.blank();
@@ -111,7 +105,7 @@ impl Path {
                 "expected the end of the path"
             }));
         }
-        if steps.is_empty() {
+        if steps.len() == usize::from(exists) {
             return Err(ParseError {
                 at: 0,
                 reason: "the path is empty".into(),
@@ -121,7 +115,7 @@ impl Path {
             .iter()
             .position(|s| matches!(s, Step::ResourceKey | Step::ReferenceKey(_)));
         if let Some(i) = key {
-            if i + 1 != steps.len() || exists || equals.is_some() {
+            if i + 1 != steps.len() || equals.is_some() {
                 return Err(ParseError {
                     at: 0,
                     reason: "getResourceKey() and getReferenceKey() must end the path".into(),
@@ -135,11 +129,7 @@ impl Path {
                 });
             }
         }
-        Ok(Path {
-            steps,
-            exists,
-            equals,
-        })
+        Ok(Path { steps, equals })
     }
 
     /// True when the path is a key function (its values are required).
@@ -152,7 +142,7 @@ impl Path {
 
     /// True when the result is a boolean (`exists()` or a comparison).
     pub(crate) fn is_test(&self) -> bool {
-        self.exists || self.equals.is_some()
+        self.steps.last() == Some(&Step::Exists) || self.equals.is_some()
     }
 
     /// True when the path tests a coding (a `where` on an element's `system`, as a
@@ -179,6 +169,7 @@ impl Path {
                     })
                 }),
                 Step::First => items.truncate(1),
+                Step::Exists => return Outcome::Truth(!items.is_empty()),
                 Step::ResourceKey => {
                     return Outcome::Keys(
                         items
@@ -202,9 +193,6 @@ impl Path {
                     return Outcome::Keys(keys);
                 }
             }
-        }
-        if self.exists {
-            return Outcome::Truth(!items.is_empty());
         }
         if let Some(lit) = &self.equals {
             return Outcome::Truth(matches!(items.as_slice(), [v] if lit.matches(v)));
@@ -325,7 +313,7 @@ impl Parser<'_> {
             let Some(name) = self.identifier() else {
                 return Err(self.error("expected an element name or a function"));
             };
-            if self.eat("(") {
+            let step = if self.eat("(") {
                 self.blank();
                 let step = match name.as_str() {
                     "where" => {
@@ -333,7 +321,7 @@ impl Parser<'_> {
                         Step::Where(conds)
                     }
                     "first" => Step::First,
-                    "exists" => Step::Field("exists()".into()),
+                    "exists" => Step::Exists,
                     "getResourceKey" => Step::ResourceKey,
                     "getReferenceKey" => Step::ReferenceKey(self.identifier()),
                     _ => {
@@ -347,22 +335,15 @@ impl Parser<'_> {
                 if !self.eat(")") {
                     return Err(self.error("expected `)`"));
                 }
-                if let Some(Step::Field(f)) = steps.last()
-                    && f == "exists()"
-                {
-                    self.at = start;
-                    return Err(self.error("exists() must end the path"));
-                }
-                steps.push(step);
+                step
             } else {
-                if let Some(Step::Field(f)) = steps.last()
-                    && f == "exists()"
-                {
-                    self.at = start;
-                    return Err(self.error("exists() must end the path"));
-                }
-                steps.push(Step::Field(name));
+                Step::Field(name)
+            };
+            if steps.last() == Some(&Step::Exists) {
+                self.at = start;
+                return Err(self.error("exists() must end the path"));
             }
+            steps.push(step);
             let before = self.at;
             self.blank();
             if !self.eat(".") {
