@@ -6,13 +6,17 @@
 //! alike. Cases: 1M rows where 1% of people have two rows (m = 1), and admissions-shaped
 //! files (a geometric number of rows per person, mean 3; m = 5) of 1M and 10M rows.
 //!
-//! Plans: `auto` (what a node runs: the people over m known from load), `counted` (the
-//! over-limit people counted by the query itself, for data nobody measured), `window`
+//! Plans: `unbounded` (the engine's pipeline with bounding left out: what the rest of it
+//! costs, not a plan a node may run), `auto` (what a node runs: the people over m known from load, bounded by the
+//! one-pass operator), `joined` (the same people split off by two joins and bounded by
+//! the keyed-rank window, the form `auto` replaced), `counted` (the over-limit people
+//! counted by the query itself, for data nobody measured), `window`
 //! (every row through the keyed-rank window), `random` (the window ordered by `random()`,
 //! the design this replaced; kept only in bench builds for this comparison).
 //!
 //! Run: `cargo bench -p phm-node --profile bench-fast --features bench --bench bounding`
-//! (options: `--rounds N`, `--cases 1M_1pct,adm_1M,adm_10M`).
+//! (options: `--rounds N`, `--cases 1M_1pct,adm_1M,adm_10M`, `--arms auto,joined,…`;
+//! plain SQL always runs, as the reference).
 
 mod common;
 
@@ -55,9 +59,11 @@ const CASES: [Case; 3] = [
     },
 ];
 
-const ARMS: [(&str, Option<BenchBounding>); 5] = [
+const ARMS: [(&str, Option<BenchBounding>); 7] = [
     ("plain SQL", None),
+    ("unbounded", Some(BenchBounding::Skip)),
     ("auto", Some(BenchBounding::Auto)),
+    ("joined", Some(BenchBounding::Joined)),
     ("counted", Some(BenchBounding::Counted)),
     ("window", Some(BenchBounding::Window)),
     ("random", Some(BenchBounding::Random)),
@@ -66,6 +72,8 @@ const ARMS: [(&str, Option<BenchBounding>); 5] = [
 fn main() -> Result<()> {
     let mut rounds = 7usize;
     let mut only: Option<Vec<String>> = None;
+    // Every arm by default; `--arms plain,auto` times only those (for profiling one plan).
+    let mut arms: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -79,6 +87,15 @@ fn main() -> Result<()> {
                 only = Some(
                     args.next()
                         .ok_or_else(|| anyhow!("--cases needs a list"))?
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                );
+            }
+            "--arms" => {
+                arms = Some(
+                    args.next()
+                        .ok_or_else(|| anyhow!("--arms needs a list"))?
                         .split(',')
                         .map(str::to_string)
                         .collect(),
@@ -137,7 +154,11 @@ fn main() -> Result<()> {
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); ARMS.len()];
         // Round 0 warms the page cache and every plan; it is not counted.
         for round in 0..=rounds {
-            for (i, (_, arm)) in ARMS.iter().enumerate() {
+            for (i, (name, arm)) in ARMS.iter().enumerate() {
+                let short = name.split(' ').next().unwrap_or(name);
+                if i > 0 && arms.as_ref().is_some_and(|a| !a.iter().any(|x| x == short)) {
+                    continue;
+                }
                 let t = Instant::now();
                 match arm {
                     None => {
@@ -154,6 +175,9 @@ fn main() -> Result<()> {
         }
         let plain = median(times[0].clone());
         for ((name, _), t) in ARMS.iter().zip(times) {
+            if t.is_empty() {
+                continue;
+            }
             let min = t.iter().copied().fold(f64::INFINITY, f64::min);
             let max = t.iter().copied().fold(0.0, f64::max);
             let med = median(t);

@@ -31,7 +31,7 @@ use phm_policies::model::{
 };
 use sha2::{Digest, Sha256};
 
-use super::bound::{OverLimit, PERSON_AT_LOAD};
+use super::bound::{OverLimit, PERSON_AT_LOAD, PersonIndex};
 use super::clamp::{MAX_VALUES_PER_CELL, names_a_person};
 
 /// Where in a file a problem is: CSV problems give the file's line (the header is line
@@ -540,7 +540,7 @@ async fn load_warehouse(
         // Never consulted: a warehouse query always bounds.
         over_limit: OverLimit {
             m: ds.max_rows_per_person,
-            ids: Vec::new(),
+            index: None,
             people: usize::MAX,
         },
         fingerprint: None,
@@ -876,7 +876,14 @@ pub(super) async fn over_limit(
         .collect()
         .await?;
     let people = ids.iter().map(RecordBatch::num_rows).sum();
-    Ok(OverLimit { m, ids, people })
+    let index = if people == 0 {
+        None
+    } else {
+        let columns: Vec<&dyn Array> = ids.iter().map(|b| b.column(0).as_ref()).collect();
+        let ids = datafusion::arrow::compute::concat(&columns)?;
+        Some(Arc::new(PersonIndex::new(ids)?))
+    };
+    Ok(OverLimit { m, index, people })
 }
 
 /// Reads and checks a Parquet file; returns the (normalised) type of the person id

@@ -427,7 +427,7 @@ async fn aggregate(
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        df = bound::keep(ctx, df, &columns, spec.m, key, plan)?;
+        df = bound::keep(ctx, df, &columns, spec.m, key, plan).await?;
     } else {
         df = df.select(select)?;
     }
@@ -446,7 +446,12 @@ async fn aggregate(
 pub enum Bounding {
     Auto,
     #[cfg(feature = "bench")]
+    Joined,
+    #[cfg(feature = "bench")]
     Counted,
+    /// No bounding at all: the rest of the pipeline's own cost, for the benchmark.
+    #[cfg(feature = "bench")]
+    Skip,
     #[cfg(feature = "bench")]
     Window,
     #[cfg(feature = "bench")]
@@ -500,13 +505,22 @@ pub(crate) async fn run_exact_with(
             None => Some(fallback),
         },
         #[cfg(feature = "bench")]
+        Bounding::Joined => known.map(Plan::Joined).or(Some(fallback)),
+        #[cfg(feature = "bench")]
         Bounding::Counted => Some(Plan::Counted),
+        #[cfg(feature = "bench")]
+        Bounding::Skip => None,
         #[cfg(feature = "bench")]
         Bounding::Window => Some(Plan::Window),
         #[cfg(feature = "bench")]
         Bounding::Random => Some(Plan::Random),
     };
-    let relies_on_load = matches!(plan, None | Some(Plan::Known(_)));
+    let relies_on_load = match plan {
+        None | Some(Plan::Known(_)) => true,
+        #[cfg(feature = "bench")]
+        Some(Plan::Joined(_)) => true,
+        _ => false,
+    };
     let batches = if relies_on_load && ds.file_unchanged() {
         #[cfg(test)]
         if let Some(hook) = &ds.before_scan {

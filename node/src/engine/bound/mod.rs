@@ -25,10 +25,12 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt64Array};
+#[cfg(feature = "bench")]
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{ArrayRef, UInt64Array};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::hash_utils::create_hashes_with_hasher;
-use datafusion::common::{JoinType, Result as DfResult};
+use datafusion::common::{DataFusionError, JoinType, Result as DfResult};
 use datafusion::dataframe::DataFrame;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::functions_window::expr_fn::row_number;
@@ -39,6 +41,9 @@ use datafusion::logical_expr::{
 use datafusion::prelude::{SessionContext, lit};
 use rand::RngCore;
 use siphasher::sip::SipHasher24;
+
+mod known;
+pub(crate) use known::PersonIndex;
 
 /// The person id column inside the bounded plan.
 pub(super) const PERSON: &str = "__phm_person";
@@ -102,19 +107,100 @@ impl ScalarUDFImpl for RowRank {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let arrays: Vec<ArrayRef> = ColumnarValue::values_to_arrays(&args.args)?;
-        let mut hashes = vec![0u64; args.number_rows];
-        create_hashes_with_hasher(&arrays, &self.key, &mut hashes)?;
-        // DataFusion hashes each column on its own and combines them linearly
-        // (37·h₁ + h₂), so two people's rows with the same values would rank in nearly the
-        // same order: a bias the χ² test caught (χ² = 3,742 against 44.8). Hashing the
-        // combination again under the key makes every (person, row) rank independently.
-        for h in &mut hashes {
-            let mut s = self.key.build_hasher();
-            s.write_u64(*h);
-            *h = s.finish();
-        }
+        let hashes = row_ranks(self.key, &arrays)?;
         Ok(ColumnarValue::Array(Arc::new(UInt64Array::from(hashes))))
     }
+}
+
+/// The keyed rank of each row of `columns` (all of one length): SipHash-2-4 under the
+/// query's key over the row's values in one pass, each value written with a NULL flag
+/// and, for text, its length first, so two different rows are two different inputs.
+///
+/// One hash per row rather than one per value combined: hashing each column on its own
+/// and combining (DataFusion's `create_hashes_with_hasher`, 37·h₁ + h₂) made two
+/// people's rows with the same values rank in nearly the same order, a bias the χ² test
+/// caught (χ² = 3,742 against 44.8) until the combination was hashed again; one pass over
+/// the whole row needs no second hash and costs a third of the seven finalisations.
+pub(super) fn row_ranks(key: RowKey, columns: &[ArrayRef]) -> DfResult<Vec<u64>> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{
+        Date32Type, Float64Type, Int32Type, Int64Type, UInt32Type, UInt64Type,
+    };
+    let n = columns.first().map_or(0, |c| c.len());
+    let mut rows: Vec<SipHasher24> = (0..n).map(|_| key.build_hasher()).collect();
+    for c in columns {
+        // The NULL flag, then the value; `put` writes one valid value.
+        fn each<A: Array + ?Sized>(
+            c: &A,
+            rows: &mut [SipHasher24],
+            mut put: impl FnMut(&mut SipHasher24, usize),
+        ) {
+            for (i, h) in rows.iter_mut().enumerate() {
+                if c.is_null(i) {
+                    h.write_u8(0);
+                } else {
+                    h.write_u8(1);
+                    put(h, i);
+                }
+            }
+        }
+        fn text(h: &mut SipHasher24, v: &str) {
+            h.write_usize(v.len());
+            h.write(v.as_bytes());
+        }
+        match c.data_type() {
+            DataType::Utf8View => {
+                let a = c.as_string_view();
+                each(a, &mut rows, |h, i| text(h, a.value(i)));
+            }
+            DataType::Utf8 => {
+                let a = c.as_string::<i32>();
+                each(a, &mut rows, |h, i| text(h, a.value(i)));
+            }
+            DataType::LargeUtf8 => {
+                let a = c.as_string::<i64>();
+                each(a, &mut rows, |h, i| text(h, a.value(i)));
+            }
+            DataType::Int64 => {
+                let a = c.as_primitive::<Int64Type>();
+                each(a, &mut rows, |h, i| h.write_i64(a.value(i)));
+            }
+            DataType::Int32 => {
+                let a = c.as_primitive::<Int32Type>();
+                each(a, &mut rows, |h, i| h.write_i32(a.value(i)));
+            }
+            DataType::UInt64 => {
+                let a = c.as_primitive::<UInt64Type>();
+                each(a, &mut rows, |h, i| h.write_u64(a.value(i)));
+            }
+            DataType::UInt32 => {
+                let a = c.as_primitive::<UInt32Type>();
+                each(a, &mut rows, |h, i| h.write_u32(a.value(i)));
+            }
+            DataType::Float64 => {
+                let a = c.as_primitive::<Float64Type>();
+                each(a, &mut rows, |h, i| h.write_u64(a.value(i).to_bits()));
+            }
+            DataType::Date32 => {
+                let a = c.as_primitive::<Date32Type>();
+                each(a, &mut rows, |h, i| h.write_i32(a.value(i)));
+            }
+            DataType::Boolean => {
+                let a = c.as_boolean();
+                each(a, &mut rows, |h, i| h.write_u8(u8::from(a.value(i))));
+            }
+            // Any other type: its value's own keyed hash stands for it (equal values hash
+            // alike, so identical rows still tie and different ones almost never do).
+            _ => {
+                let mut hashes = vec![0u64; n];
+                create_hashes_with_hasher([c], &key, &mut hashes)?;
+                for (h, v) in rows.iter_mut().zip(&hashes) {
+                    h.write_u64(*v);
+                }
+            }
+        }
+    }
+    Ok(rows.iter().map(Hasher::finish).collect())
 }
 
 fn rank(key: RowKey, columns: Vec<Expr>) -> Expr {
@@ -127,12 +213,12 @@ fn rank(key: RowKey, columns: Vec<Expr>) -> Expr {
     .call(columns)
 }
 
-/// The ids of the people with more than `m` rows, measured at load (one column, the
-/// person id's type).
+/// The people with more than `m` rows, measured at load.
 #[derive(Debug, Clone)]
 pub(crate) struct OverLimit {
     pub m: u32,
-    pub ids: Vec<RecordBatch>,
+    /// Their ids, indexed; `None` where nobody is over m or nothing was measured.
+    pub index: Option<Arc<PersonIndex>>,
     pub people: usize,
 }
 
@@ -141,6 +227,10 @@ pub(crate) struct OverLimit {
 pub(super) enum Plan<'a> {
     Known(&'a OverLimit),
     Counted,
+    /// [`Plan::Known`]'s split as two joins against load's list, the form the one-pass
+    /// operator replaced, for the benchmark's comparison only.
+    #[cfg(feature = "bench")]
+    Joined(&'a OverLimit),
     #[cfg(any(test, feature = "bench"))]
     Window,
     /// The window ordered by `random()` that the keyed plans replaced, for the
@@ -151,7 +241,7 @@ pub(super) enum Plan<'a> {
 
 /// Keep at most `m` rows per person of `df`, whose columns are `columns` (in order)
 /// with the person id among them as [`PERSON`]; rows must already name a person.
-pub(super) fn keep(
+pub(super) async fn keep(
     ctx: &SessionContext,
     df: DataFrame,
     columns: &[String],
@@ -171,8 +261,26 @@ pub(super) fn keep(
             if o.people == 0 {
                 return Ok(df);
             }
-            ctx.read_batches(o.ids.iter().cloned())?
-                .select(vec![ident(PERSON_AT_LOAD).alias(OVER)])?
+            // Fail closed: a list without its index must not pass rows unbounded.
+            let index = o.index.clone().ok_or_else(|| {
+                DataFusionError::Internal("the people over the limit were not indexed".into())
+            })?;
+            let person = df
+                .schema()
+                .index_of_column_by_name(None, PERSON)
+                .ok_or_else(|| {
+                    DataFusionError::Internal("the bounded rows have no person id".into())
+                })?;
+            let input = df.create_physical_plan().await?;
+            let table = known::table(input, person, index, m, key)?;
+            return ctx.read_table(Arc::new(table));
+        }
+        #[cfg(feature = "bench")]
+        Plan::Joined(o) => {
+            let ids = o.index.as_ref().map(|i| i.ids()).ok_or_else(|| {
+                DataFusionError::Internal("the people over the limit were not indexed".into())
+            })?;
+            ctx.read_batch(RecordBatch::try_from_iter([(OVER, ids)])?)?
         }
         Plan::Counted => df
             .clone()
@@ -212,7 +320,7 @@ fn window_by(df: DataFrame, columns: &[String], m: u32, order: Expr) -> DfResult
 mod tests {
     use super::*;
     use crate::engine::load::over_limit;
-    use datafusion::arrow::array::{AsArray, Int64Array, StringArray};
+    use datafusion::arrow::array::{AsArray, Int64Array, RecordBatch, StringArray};
     use datafusion::arrow::datatypes::{Field, Int64Type, Schema};
     use datafusion::common::TableReference;
     use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
@@ -239,8 +347,14 @@ mod tests {
             ],
         )
         .unwrap();
+        // Three partitions, so a person's rows arrive through several streams.
+        let n = batch.num_rows();
+        let parts: Vec<Vec<RecordBatch>> = (0..3)
+            .map(|i| vec![batch.slice(i * n / 3, (i + 1) * n / 3 - i * n / 3)])
+            .collect();
         let ctx = SessionContext::new();
-        ctx.register_batch("t", batch).unwrap();
+        let t = datafusion::catalog::MemTable::try_new(batch.schema(), parts).unwrap();
+        ctx.register_table("t", Arc::new(t)).unwrap();
         let table = TableReference::bare("t");
         let known = over_limit(&ctx, &table, "p", m).await.unwrap();
         let plan = match how {
@@ -257,6 +371,7 @@ mod tests {
             .unwrap();
         let columns = vec![PERSON.to_string(), "x".to_string()];
         let out = keep(&ctx, df, &columns, m, key, plan)
+            .await
             .unwrap()
             .collect()
             .await
@@ -321,6 +436,21 @@ mod tests {
                     got.iter().all(|x| xs.contains(x)),
                     "{p} kept a row it never had"
                 );
+            }
+        }
+    }
+
+    /// Identical rows rank alike; each still counts towards m on its own.
+    #[tokio::test]
+    async fn identical_rows_are_kept_at_most_m_times() {
+        let mut rows: Vec<(String, i64)> = (0..10).map(|_| ("twin".to_string(), 5)).collect();
+        rows.extend((0..4).map(|j| ("other".to_string(), j)));
+        rows.extend([("twin".to_string(), 6), ("twin".to_string(), 6)]);
+        for how in PLANS {
+            for m in 1..=4u32 {
+                let by = kept(&rows, m, RowKey::fixed(5, u64::from(m)), how).await;
+                assert_eq!(by["twin"].len(), m as usize, "{how}, m = {m}");
+                assert_eq!(by["other"].len(), m as usize, "{how}, m = {m}");
             }
         }
     }
