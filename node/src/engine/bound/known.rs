@@ -75,26 +75,35 @@ impl PersonIndex {
         let hasher = foldhash::fast::RandomState::default();
         let mut hashes = vec![0u64; ids.len()];
         create_hashes_with_hasher([&ids], &hasher, &mut hashes)?;
+        Ok(PersonIndex::with_hashes(ids, hasher, &hashes))
+    }
+
+    /// The index of `ids` whose hashes under `hasher` are `hashes`.
+    fn with_hashes(
+        ids: ArrayRef,
+        hasher: foldhash::fast::RandomState,
+        hashes: &[u64],
+    ) -> PersonIndex {
         let width = (ids.len() * 8).next_power_of_two().max(64);
         let shift = 64 - width.trailing_zeros();
         let mut bits = vec![0u64; width / 64];
         let mut first = HashMap::with_capacity_and_hasher(ids.len(), Default::default());
         let mut next = vec![END; ids.len()];
-        for (i, h) in (0u32..).zip(&hashes) {
+        for (i, h) in (0u32..).zip(hashes) {
             let b = (h >> shift) as usize;
             bits[b / 64] |= 1 << (b % 64);
             if let Some(prev) = first.insert(*h, i) {
                 next[i as usize] = prev;
             }
         }
-        Ok(PersonIndex {
+        PersonIndex {
             hasher,
             bits,
             shift,
             first,
             next,
             ids,
-        })
+        }
     }
 
     /// The ids indexed, for the benchmark's join plan.
@@ -112,6 +121,11 @@ impl PersonIndex {
     fn lookup(&self, persons: &ArrayRef) -> DfResult<Vec<u32>> {
         let mut hashes = vec![0u64; persons.len()];
         create_hashes_with_hasher([persons], &self.hasher, &mut hashes)?;
+        self.find(persons, &hashes)
+    }
+
+    /// [`PersonIndex::lookup`] with the rows' hashes given.
+    fn find(&self, persons: &ArrayRef, hashes: &[u64]) -> DfResult<Vec<u32>> {
         let same = make_comparator(persons.as_ref(), self.ids.as_ref(), SortOptions::default())?;
         Ok(hashes
             .iter()
@@ -381,4 +395,63 @@ fn finish(shared: &Mutex<Shared>) -> DfResult<Vec<RecordBatch>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringViewArray};
+
+    fn ids(n: usize) -> ArrayRef {
+        Arc::new(StringViewArray::from_iter_values(
+            (0..n).map(|i| format!("{:010}", 4_000_000_000u64 + 7 * i as u64)),
+        ))
+    }
+
+    /// A miss in the bitset or the map would pass a person over m unbounded: every id
+    /// indexed must be found at its own position, and ids never indexed must not be.
+    #[test]
+    fn every_person_over_m_is_found_and_nobody_else() {
+        let all = ids(200_000);
+        let index = PersonIndex::new(all.slice(0, 100_000)).unwrap();
+        let at = index.lookup(&all).unwrap();
+        for (r, p) in at.iter().enumerate() {
+            let want = if r < 100_000 { r as u32 } else { END };
+            assert_eq!(*p, want, "row {r}");
+        }
+        let ints: ArrayRef = Arc::new(Int64Array::from_iter_values(0..1000));
+        let index = PersonIndex::new(ints.slice(0, 10)).unwrap();
+        let at = index.lookup(&ints).unwrap();
+        assert_eq!(at.iter().filter(|p| **p != END).count(), 10);
+    }
+
+    /// Ids whose hashes collide are still told apart by value: two people are never
+    /// bounded together, and a person within m never borrows someone's limit.
+    #[test]
+    fn people_whose_ids_hash_alike_stay_apart() {
+        let all = ids(50);
+        let zeros = vec![0u64; 50];
+        let index = PersonIndex::with_hashes(
+            all.slice(0, 20),
+            foldhash::fast::RandomState::default(),
+            &zeros[..20],
+        );
+        let at = index.find(&all, &zeros).unwrap();
+        for (r, p) in at.iter().enumerate() {
+            let want = if r < 20 { r as u32 } else { END };
+            assert_eq!(*p, want, "row {r}");
+        }
+    }
+
+    #[test]
+    fn the_lowest_m_ranks_are_kept_whatever_the_arrival_order() {
+        let mut best = Best::new(2, 3);
+        for (i, r) in [50u64, 10, 40, 30, 20, 60, 5].iter().enumerate() {
+            best.offer(0, *r, (0, i as u32));
+        }
+        best.offer(1, 9, (1, 0));
+        let kept = best.kept(2);
+        // Ranks 5, 10 and 20 arrived as rows 6, 1 and 4.
+        assert_eq!(kept, vec![vec![1, 4, 6], vec![0]]);
+    }
 }

@@ -440,6 +440,24 @@ mod tests {
         }
     }
 
+    /// A list of people over m without its index must stop the query, not pass their
+    /// rows unbounded.
+    #[tokio::test]
+    async fn a_list_without_its_index_refuses_rather_than_passing_rows() {
+        let ctx = SessionContext::new();
+        let df = ctx.sql("SELECT 'p' AS __phm_person, 1 AS x").await.unwrap();
+        let o = OverLimit {
+            m: 1,
+            index: None,
+            people: 3,
+        };
+        let columns = vec![PERSON.to_string(), "x".to_string()];
+        let err = keep(&ctx, df, &columns, 1, RowKey::fixed(1, 2), Plan::Known(&o))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not indexed"), "{err}");
+    }
+
     /// Identical rows rank alike; each still counts towards m on its own.
     #[tokio::test]
     async fn identical_rows_are_kept_at_most_m_times() {
@@ -486,6 +504,28 @@ mod tests {
             }
             assert!(moved, "{how}: the key does not change the selection");
         }
+    }
+
+    /// One person's ten rows over 800 queries (keys), read in three partitions: each
+    /// row must be kept in 3 of 10 queries; the same χ² bound as below (P = 1e-6).
+    #[tokio::test]
+    async fn over_many_queries_each_row_is_kept_with_probability_m_over_k() {
+        let (q, k, m) = (800usize, 10usize, 3u32);
+        let rows: Vec<(String, i64)> = (0..k).map(|j| ("me".to_string(), j as i64)).collect();
+        let mut observed = vec![0f64; k];
+        for query in 0..q {
+            let mut by = kept(&rows, m, RowKey::fixed(7, query as u64), "known").await;
+            let mine = by.remove("me").unwrap();
+            assert_eq!(mine.len(), m as usize);
+            for x in mine {
+                observed[x as usize] += 1.0;
+            }
+        }
+        let p = f64::from(m) / k as f64;
+        let expected = q as f64 * p;
+        let c = q as f64 * p * (1.0 - p) * k as f64 / (k as f64 - 1.0);
+        let chi2: f64 = observed.iter().map(|o| (o - expected).powi(2) / c).sum();
+        assert!(chi2 < 44.81, "χ² = {chi2:.1} for kept counts {observed:?}");
     }
 
     /// Over 4,000 people with the same ten distinct rows, one key: each row position must
