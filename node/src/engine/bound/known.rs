@@ -5,16 +5,17 @@
 //! A query's rows stream through one [`PartitionStream`] per input partition: a row whose
 //! person is not in the index passes straight on (that person has at most m rows, so
 //! bounding could not drop one); a row of a person in the index is ranked by the query's
-//! keyed hash ([`super::row_ranks`]) and held. When the last partition's input ends, each
-//! held person's m rows of lowest rank are picked by a linear selection within that
-//! person's rows (a counting sort by person, then `select_nth_unstable` per person: no
-//! sort across people), and emitted. The rows kept are exactly the window plan's for the
-//! same key (two rows that tie on rank are identical, so which one is kept does not change
-//! the answer); the tests in `super` compare every plan.
+//! keyed hash ([`super::row_ranks`]), its batch is held, and it is offered to that
+//! person's m slots of lowest rank so far ([`Best`], shared by the partitions). When the
+//! last partition's input ends, the rows in the slots are taken from the held batches
+//! and emitted. The rows kept are exactly the window plan's for the same key (two rows
+//! that tie on rank are identical, so which one is kept does not change the answer); the
+//! tests in `super` compare every plan.
 //!
-//! Cost (BENCHMARKS.md, "Contribution bounding"): one hash lookup per row and one keyed
-//! hash per row of a person over m. Memory: the held rows, projected to the columns the
-//! aggregate reads, as the window's sort held them.
+//! Cost (BENCHMARKS.md, "Contribution bounding"): one probe per row, one keyed hash and
+//! one slot comparison per row of a person over m, and one copy of the rows kept. Memory:
+//! the rows of people over m, as the window's sort held them, and m slots per such
+//! person (fewer than their rows, since each has more than m).
 
 use std::cmp::Ordering;
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 //! each person moves a cell by at most m rows, so a query keeps at most m rows per
 //! person. Which m: each query draws a fresh 128-bit key, ranks every row by its keyed
 //! SipHash-2-4 over the row as the query sees it (person id, group keys, clamped values;
-//! DataFusion's `create_hashes_with_hasher`), and keeps each person's m lowest ranks.
+//! [`row_ranks`]), and keeps each person's m lowest ranks.
 //! The selection is therefore a function of that person's own rows and the key alone:
 //! adding, removing or reordering anyone else's rows, or reordering the file, cannot
 //! change it, and over fresh keys each of a person's k rows is kept with probability
@@ -14,12 +14,14 @@
 //!
 //! Three plans give the same rows for the same key ([`Plan`]); only their cost differs
 //! (BENCHMARKS.md, "Contribution bounding"):
-//! - [`Plan::Known`]: load counted rows per person and kept the ids of the people over m
-//!   ([`OverLimit`]); their rows go through the window, everyone else's pass through an
-//!   anti-join untouched. Valid only for the data load measured (plan.rs checks the
-//!   file's fingerprint before and after the scan and falls back otherwise).
-//! - [`Plan::Counted`]: the same split with the over-limit ids counted by this query
-//!   (one extra group-by over the person column): for data nobody measured.
+//! - [`Plan::Known`]: load counted rows per person and indexed the ids of the people
+//!   over m ([`OverLimit`], [`PersonIndex`]); one operator ([`known`]) streams everyone
+//!   else's rows through and keeps the m lowest ranks of theirs as rows arrive: one
+//!   probe per row, no join, no sort. Valid only for the data load measured (plan.rs
+//!   checks the file's fingerprint before and after the scan and falls back otherwise).
+//! - [`Plan::Counted`]: the over-limit ids counted by this query (one extra group-by over
+//!   the person column), everyone else's rows through an anti-join and theirs through
+//!   the window: for data nobody measured.
 //! - [`Plan::Window`]: the window over every row, ranked by the keyed hash.
 
 use std::hash::{BuildHasher, Hasher};
