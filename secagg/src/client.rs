@@ -93,7 +93,7 @@ pub fn begin<R: RngCore + CryptoRng>(
     policy.check(&begin.params)?;
     let participation = admit_session(prior, &begin.query_id, &facts.session_id)?;
     let (c_sk, c_pk) = crypto::keypair(rng);
-    let (s_sk, s_pk) = crypto::keypair(rng);
+    let (s_sk, s_pk) = crypto::shareable_keypair(rng)?;
     let signature = me.sign_statement(
         Protocol::SecAgg,
         &facts.session_id,
@@ -212,9 +212,7 @@ impl AwaitingPeerKeys {
         let t = ctx.params.t_sss as usize;
         let s_bytes = Zeroizing::new(self.s_sk.to_bytes());
         let s_shares = crypto::split(&s_bytes, t, n, rng)?;
-        let mut b_u = Zeroizing::new([0u8; 32]);
-        rng.try_fill_bytes(&mut b_u[..])
-            .map_err(|e| SecAggError::Rng(e.to_string()))?;
+        let b_u = crypto::secret(rng)?;
         let b_shares = crypto::split(&b_u, t, n, rng)?;
         let share_of = |shares: &[Share], node: &NodeId| -> Result<Share, SecAggError> {
             ctx.facts

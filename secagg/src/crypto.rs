@@ -1,5 +1,14 @@
 //! The cryptographic pieces the rounds are built from: X25519 key agreement, Shamir
-//! shares (vsss-rs over GF(2^8)) and the R1 share encryption (ChaCha20-Poly1305).
+//! shares (vsss-rs over the scalar field of curve25519) and the R1 share encryption
+//! (ChaCha20-Poly1305).
+//!
+//! The two secrets a node shares (its s-key and its self-mask seed b_u) are drawn as
+//! canonical scalars mod ℓ = 2^252 + … ([`secret`]), so each is one field element and a
+//! share is one evaluation of a polynomial over that field: x, then 32 bytes, as before.
+//! The first version shared arbitrary 32-byte strings over GF(2^8), one polynomial per
+//! byte; splitting and combining were a quarter of a 100-node session's CPU time
+//! (BENCHMARKS.md, "Secure aggregation"). An X25519 key from a scalar keeps ≥ 249 bits
+//! of entropy after clamping; a PRG seed keeps 252.
 //!
 //! R1 shares are encrypted under a key derived from the *ephemeral* c-key agreement
 //! (Bonawitz et al.'s design), not sealed as `phm-relay` frames to the long-term registry
@@ -11,9 +20,11 @@
 
 use chacha20poly1305::ChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+use curve25519_dalek::Scalar;
 use phm_relay::NodeId;
 use rand_core::{CryptoRng, RngCore};
-use vsss_rs::Gf256;
+use vsss_rs::curve25519::WrappedScalar;
+use vsss_rs::{DefaultShare, IdentifierPrimeField, ReadableShareSet, Share as _};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
@@ -21,7 +32,8 @@ use crate::canon::Canon;
 use crate::error::SecAggError;
 use crate::prg::share_key;
 
-/// Bytes of one Shamir share of a 32-byte secret: the x-coordinate, then 32 bytes.
+/// Bytes of one Shamir share of a secret: the x-coordinate, then the share's value as a
+/// canonical little-endian scalar.
 pub const SHARE_LEN: usize = 33;
 /// Bytes of one R1 ciphertext: two shares and the Poly1305 tag.
 pub const SHARE_CIPHERTEXT_LEN: usize = 2 * SHARE_LEN + 16;
@@ -41,10 +53,11 @@ impl std::fmt::Debug for Share {
 }
 
 impl Share {
-    /// From its wire bytes (x-coordinate first). x = 0 would be the secret itself.
+    /// From its wire bytes (x-coordinate first). x = 0 would be the secret itself; a value
+    /// that is not a canonical scalar is no share.
     pub fn from_bytes(bytes: &[u8]) -> Option<Share> {
         let arr: [u8; SHARE_LEN] = bytes.try_into().ok()?;
-        if arr[0] == 0 {
+        if arr[0] == 0 || value_of(&arr).is_none() {
             return None;
         }
         Some(Share(Zeroizing::new(arr)))
@@ -61,20 +74,60 @@ impl Share {
     }
 }
 
-/// Split a 32-byte secret into `n` shares, any `t` of which recover it; share i (from 0)
-/// has x-coordinate i + 1.
+/// A share as vsss-rs holds it: identifier and value in the scalar field.
+type FieldShare =
+    DefaultShare<IdentifierPrimeField<WrappedScalar>, IdentifierPrimeField<WrappedScalar>>;
+
+fn value_of(bytes: &[u8; SHARE_LEN]) -> Option<Scalar> {
+    let mut v = Zeroizing::new([0u8; 32]);
+    v.copy_from_slice(&bytes[1..]);
+    Option::from(Scalar::from_canonical_bytes(*v))
+}
+
+/// A fresh secret to share: a uniform scalar mod ℓ, as its canonical 32 bytes.
+pub(crate) fn secret<R: RngCore + CryptoRng>(
+    rng: &mut R,
+) -> Result<Zeroizing<[u8; 32]>, SecAggError> {
+    let mut wide = Zeroizing::new([0u8; 64]);
+    rng.try_fill_bytes(&mut wide[..])
+        .map_err(|e| SecAggError::Rng(e.to_string()))?;
+    Ok(Zeroizing::new(
+        Scalar::from_bytes_mod_order_wide(&wide).to_bytes(),
+    ))
+}
+
+/// Split a secret from [`secret`] into `n` shares, any `t` of which recover it; share i
+/// (from 0) has x-coordinate i + 1.
 pub(crate) fn split<R: RngCore + CryptoRng>(
     secret: &[u8; 32],
     t: usize,
     n: usize,
     rng: &mut R,
 ) -> Result<Vec<Share>, SecAggError> {
-    let raw = Zeroizing::new(
-        Gf256::split_array(t, n, &secret[..], rng)
-            .map_err(|e| SecAggError::Sharing(format!("{e:?}")))?,
-    );
-    raw.iter()
-        .map(|s| Share::from_bytes(s).ok_or_else(|| SecAggError::Sharing("malformed share".into())))
+    if n > usize::from(u8::MAX) {
+        return Err(SecAggError::Sharing(format!(
+            "{n} shares: at most 255 fit a one-byte x-coordinate"
+        )));
+    }
+    let value: Option<Scalar> = Scalar::from_canonical_bytes(*secret).into();
+    let value = value.ok_or_else(|| SecAggError::Sharing("the secret is not a scalar".into()))?;
+    let secret = IdentifierPrimeField(WrappedScalar(value));
+    let shares: Vec<FieldShare> = vsss_rs::shamir::split_secret(t, n, &secret, rng)
+        .map_err(|e| SecAggError::Sharing(format!("{e:?}")))?;
+    shares
+        .iter()
+        .enumerate()
+        .map(|(i, sh)| {
+            // vsss-rs numbers participants 1, 2, …; the wire's x must say the same.
+            let x = u8::try_from(i + 1).map_err(|_| SecAggError::Sharing("x > 255".into()))?;
+            if sh.identifier().0.0 != Scalar::from(x) {
+                return Err(SecAggError::Sharing(format!("share {i} is not at x = {x}")));
+            }
+            let mut bytes = Zeroizing::new([0u8; SHARE_LEN]);
+            bytes[0] = x;
+            bytes[1..].copy_from_slice(&sh.value().0.0.to_bytes());
+            Ok(Share(bytes))
+        })
         .collect()
 }
 
@@ -86,14 +139,18 @@ pub(crate) fn combine(shares: &[&Share]) -> Result<Zeroizing<[u8; 32]>, String> 
     if xs.len() != shares.len() || shares.len() < 2 {
         return Err("shares must have distinct x-coordinates, at least two".into());
     }
-    let raw: Zeroizing<Vec<Vec<u8>>> =
-        Zeroizing::new(shares.iter().map(|s| s.0.to_vec()).collect());
-    let secret = Zeroizing::new(Gf256::combine_array(&*raw).map_err(|e| format!("{e:?}"))?);
-    let arr: [u8; 32] = secret
-        .as_slice()
-        .try_into()
-        .map_err(|_| "recovered secret has the wrong length".to_string())?;
-    Ok(Zeroizing::new(arr))
+    let field: Vec<FieldShare> = shares
+        .iter()
+        .map(|s| {
+            let v = value_of(&s.0).ok_or("a share's value is not a scalar")?;
+            Ok(FieldShare::with_identifier_and_value(
+                IdentifierPrimeField(WrappedScalar(Scalar::from(s.x()))),
+                IdentifierPrimeField(WrappedScalar(v)),
+            ))
+        })
+        .collect::<Result<_, String>>()?;
+    let secret = field.combine().map_err(|e| format!("{e:?}"))?;
+    Ok(Zeroizing::new(secret.0.0.to_bytes()))
 }
 
 /// A fresh X25519 key pair.
@@ -101,6 +158,15 @@ pub(crate) fn keypair<R: RngCore + CryptoRng>(rng: &mut R) -> (StaticSecret, [u8
     let sk = StaticSecret::random_from_rng(rng);
     let pk = PublicKey::from(&sk).to_bytes();
     (sk, pk)
+}
+
+/// A fresh X25519 key pair whose secret is a [`secret`] scalar, so it can be shared.
+pub(crate) fn shareable_keypair<R: RngCore + CryptoRng>(
+    rng: &mut R,
+) -> Result<(StaticSecret, [u8; 32]), SecAggError> {
+    let sk = StaticSecret::from(*secret(rng)?);
+    let pk = PublicKey::from(&sk).to_bytes();
+    Ok((sk, pk))
 }
 
 /// X25519(sk, peer), refusing a low-order peer key (all-zero output).
@@ -191,7 +257,11 @@ mod tests {
     #[test]
     fn any_threshold_subset_recovers_and_fewer_do_not() {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
-        let secret = [0xA5u8; 32];
+        assert!(
+            split(&[0xA5u8; 32], 3, 5, &mut rng).is_err(),
+            "not a scalar"
+        );
+        let secret = *super::secret(&mut rng).unwrap();
         let shares = split(&secret, 3, 5, &mut rng).unwrap();
         assert_eq!(
             shares.iter().map(Share::x).collect::<Vec<_>>(),
@@ -203,6 +273,9 @@ mod tests {
         assert_ne!(*combine(&pick(&[0, 1])).unwrap(), secret);
         assert!(combine(&pick(&[0, 0, 1])).is_err());
         assert!(Share::from_bytes(&[0u8; SHARE_LEN]).is_none());
+        let mut not_scalar = [0xFFu8; SHARE_LEN];
+        not_scalar[0] = 1;
+        assert!(Share::from_bytes(&not_scalar).is_none());
     }
 
     #[test]
