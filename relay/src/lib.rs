@@ -27,8 +27,8 @@ mod tests;
 
 pub use error::{IdentityFileError, RelayError};
 pub use frame::{
-    ENC_LEN, Header, Protocol, SIGNATURE_LEN, SealedFrame, TAG_LEN, max_plaintext_len, open, seal,
-    seal_with_rng,
+    ENC_LEN, Header, Protocol, SIGNATURE_LEN, SealedFrame, StatementCheck, TAG_LEN,
+    max_plaintext_len, open, seal, seal_with_rng, verify_statements,
 };
 pub use identity::{
     HpkePublicKey, MAX_FEDERATION_ID_LEN, MAX_NODE_ID_LEN, NodeId, NodeIdentity, NodePublic,

@@ -739,6 +739,47 @@ fn statements_are_bound_to_protocol_session_and_kind() {
     );
 }
 
+/// A batch passes only if every statement does, and names the first that does not.
+#[test]
+fn a_batch_of_statements_names_the_first_bad_signature() {
+    let f = fed();
+    let (a, b) = (f.a.public(), f.b.public());
+    let sa =
+        f.a.sign_statement(Protocol::SecAgg, &[3; 32], "keys", b"a's keys");
+    let sb =
+        f.b.sign_statement(Protocol::SecAgg, &[3; 32], "keys", b"b's keys");
+    let check = |signer, body: &'static [u8], signature: &[u8]| (signer, body, signature.to_vec());
+    let run = |items: &[(&crate::NodePublic, &[u8], Vec<u8>)]| {
+        let checks: Vec<crate::StatementCheck<'_>> = items
+            .iter()
+            .map(|(signer, body, signature)| crate::StatementCheck {
+                signer,
+                body,
+                signature,
+            })
+            .collect();
+        crate::verify_statements(Protocol::SecAgg, &[3; 32], "keys", &checks)
+    };
+    assert_eq!(run(&[]), Ok(()));
+    assert_eq!(
+        run(&[check(a, b"a's keys", &sa), check(b, b"b's keys", &sb)]),
+        Ok(())
+    );
+    // b's signature over another body; a's signature presented as b's; a short one.
+    assert_eq!(
+        run(&[check(a, b"a's keys", &sa), check(b, b"a's keys", &sb)]),
+        Err(1)
+    );
+    assert_eq!(
+        run(&[check(b, b"a's keys", &sa), check(b, b"b's keys", &sb)]),
+        Err(0)
+    );
+    assert_eq!(
+        run(&[check(a, b"a's keys", &sa), check(b, b"b's keys", &sb[..63])]),
+        Err(1)
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The registry
 

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use phm_relay::{NodeId, NodeIdentity, Protocol};
+use phm_relay::{NodeId, NodeIdentity, Protocol, StatementCheck, verify_statements};
 use rand_core::{CryptoRng, RngCore};
 use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
@@ -165,6 +165,8 @@ impl AwaitingPeerKeys {
         let round = Round::ShareKeys;
         let mut u1: BTreeMap<NodeId, AdvertiseKeys> = BTreeMap::new();
         let mut seen_keys: BTreeSet<[u8; 32]> = BTreeSet::new();
+        // Signatures are checked together once every entry has passed the other checks.
+        let mut signed = Vec::with_capacity(peers.keys.len());
         for k in &peers.keys {
             let member = ctx
                 .facts
@@ -185,21 +187,24 @@ impl AwaitingPeerKeys {
                     return Err(SecAggError::OwnKeysSubstituted);
                 }
             } else {
-                member
-                    .verify_statement(
-                        Protocol::SecAgg,
-                        ctx.session_id(),
-                        KEYS_KIND,
-                        &AdvertiseKeys::statement_body(&k.c_pk, &k.s_pk),
-                        &k.signature,
-                    )
-                    .map_err(|_| SecAggError::KeySignature(k.node.clone()))?;
+                let body = AdvertiseKeys::statement_body(&k.c_pk, &k.s_pk);
+                signed.push((member, body, k));
             }
             if !seen_keys.insert(k.c_pk) || !seen_keys.insert(k.s_pk) {
                 return Err(SecAggError::RepeatedKey(k.node.clone()));
             }
             u1.insert(k.node.clone(), k.clone());
         }
+        let checks: Vec<StatementCheck<'_>> = signed
+            .iter()
+            .map(|(member, body, k)| StatementCheck {
+                signer: member,
+                body,
+                signature: &k.signature,
+            })
+            .collect();
+        verify_statements(Protocol::SecAgg, ctx.session_id(), KEYS_KIND, &checks)
+            .map_err(|i| SecAggError::KeySignature(signed[i].2.node.clone()))?;
         if !u1.contains_key(&ctx.me) {
             return Err(SecAggError::Protocol {
                 round,
@@ -563,6 +568,7 @@ impl AwaitingUnmask {
         // Defensive: R3 already refused this, but the rule is "never unmask a short sum".
         ctx.need(round, self.u3.len(), ctx.params.t_noise)?;
         let mut signers = BTreeSet::new();
+        let mut checks = Vec::with_capacity(req.signatures.len());
         for s in &req.signatures {
             if self.u3.binary_search(&s.from).is_err() {
                 return Err(SecAggError::NotAMember {
@@ -581,16 +587,14 @@ impl AwaitingUnmask {
                 .facts
                 .member(&s.from)
                 .ok_or_else(|| SecAggError::NotInCohort(s.from.clone()))?;
-            member
-                .verify_statement(
-                    Protocol::SecAgg,
-                    ctx.session_id(),
-                    U3_KIND,
-                    &self.body,
-                    &s.signature,
-                )
-                .map_err(|_| SecAggError::InconsistentSurvivorSet(s.from.clone()))?;
+            checks.push(StatementCheck {
+                signer: member,
+                body: &self.body,
+                signature: &s.signature,
+            });
         }
+        verify_statements(Protocol::SecAgg, ctx.session_id(), U3_KIND, &checks)
+            .map_err(|i| SecAggError::InconsistentSurvivorSet(req.signatures[i].from.clone()))?;
         ctx.need(round, signers.len(), ctx.params.t_sss)?;
         let mut b_shares = Vec::with_capacity(self.u3.len());
         for v in &self.u3 {

@@ -536,14 +536,30 @@ fn inconsistent_survivor_sets_get_no_shares() {
     }
     let node3 = waiting.remove(3);
     assert_eq!(node3.survivors().len(), 4);
-    // Everyone's signatures: node 3 sees others' signatures on another set.
+    // Everyone's signatures: node 4's is from outside the set node 3 signed (refused
+    // before any signature is checked, since signatures are checked as one batch).
     let err = node3
         .unmask(&UnmaskRequest {
             signatures: sigs.clone(),
         })
         .err()
         .unwrap();
-    assert!(matches!(err, SecAggError::InconsistentSurvivorSet(_)));
+    assert!(
+        matches!(err, SecAggError::NotAMember { set: "U3", .. }),
+        "{err:?}"
+    );
+    // Node 4 (told everyone survived) sees node 3's signature on another set, and names it.
+    let node4 = waiting.remove(3);
+    let err = node4
+        .unmask(&UnmaskRequest {
+            signatures: sigs.clone(),
+        })
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        SecAggError::InconsistentSurvivorSet(fed.ids[3].node_id().clone())
+    );
     // Only its own: fewer than t_sss.
     let node = waiting.remove(0);
     let only_own = UnmaskRequest {
