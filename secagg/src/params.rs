@@ -9,7 +9,7 @@ use crate::canon::Canon;
 use crate::encoding::Encoding;
 use crate::error::SecAggError;
 
-/// Largest cohort: Shamir over GF(2^8) has 255 non-zero x-coordinates.
+/// Largest cohort: a share's x-coordinate is one byte on the wire (1..=255).
 pub const MAX_COHORT: usize = 255;
 
 /// Label of the parameters' canonical bytes (bound into the session id).
