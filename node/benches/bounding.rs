@@ -69,6 +69,12 @@ const ARMS: [(&str, Option<BenchBounding>); 7] = [
     ("random", Some(BenchBounding::Random)),
 ];
 
+/// A comma-separated option value, as a list.
+fn list(value: Option<String>, option: &str) -> Result<Vec<String>> {
+    let value = value.ok_or_else(|| anyhow!("{option} needs a list"))?;
+    Ok(value.split(',').map(str::to_string).collect())
+}
+
 fn main() -> Result<()> {
     let mut rounds = 7usize;
     let mut only: Option<Vec<String>> = None;
@@ -83,24 +89,8 @@ fn main() -> Result<()> {
                     .and_then(|v| v.parse().ok())
                     .ok_or_else(|| anyhow!("--rounds needs a number"))?;
             }
-            "--cases" => {
-                only = Some(
-                    args.next()
-                        .ok_or_else(|| anyhow!("--cases needs a list"))?
-                        .split(',')
-                        .map(str::to_string)
-                        .collect(),
-                );
-            }
-            "--arms" => {
-                arms = Some(
-                    args.next()
-                        .ok_or_else(|| anyhow!("--arms needs a list"))?
-                        .split(',')
-                        .map(str::to_string)
-                        .collect(),
-                );
-            }
+            "--cases" => only = Some(list(args.next(), "--cases")?),
+            "--arms" => arms = Some(list(args.next(), "--arms")?),
             // cargo bench passes --bench; anything else is a mistake worth saying.
             "--bench" => {}
             other => return Err(anyhow!("unknown option {other}")),
