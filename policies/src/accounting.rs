@@ -12,6 +12,8 @@
 //! converted to (epsilon, delta) once, with the policy's delta, when the ledger is
 //! read or checked. Basic composition then joins the three parts:
 //! `epsilon = pure + eps(rho)` and `delta = thresholds + (rho > 0 ? delta_conv : 0)`.
+//! `eps(rho)` is OpenDP's conversion ([`epsilon_of_rho`]); at ε = 1, δ = 1e-6 it lets a
+//! query have 1.39× the ρ the classic bound allowed, so Gaussian noise 0.85× as wide.
 
 use crate::model::Mechanism;
 use serde::{Deserialize, Serialize};
@@ -117,18 +119,61 @@ pub fn plan(
     (spend, threshold_epsilon)
 }
 
-/// The standard zCDP → (epsilon, delta) conversion (Bun and Steinke 2016,
-/// Proposition 1.3): rho-zCDP implies (rho + 2 sqrt(rho ln(1/delta)), delta)-DP.
+/// ε of a ρ-zCDP release at δ, by OpenDP's conversion (`ZeroConcentratedDivergence`'s
+/// privacy profile, the bound of Canonne, Kamath and Steinke 2020), which is never above
+/// the classic ρ + 2√(ρ ln(1/δ)) (Bun and Steinke 2016, Proposition 1.3) and well below it
+/// at the ρ and δ PHM queries use. Should OpenDP refuse the inputs, the classic bound,
+/// always valid and looser, is what is returned: a spend is never under-counted.
 pub fn epsilon_of_rho(rho: f64, delta: f64) -> f64 {
+    use opendp::combinators::ConcentratedMeasure as _;
+    use opendp::measures::ZeroConcentratedDivergence;
+    let classic = classic_epsilon_of_rho(rho, delta);
+    if rho.is_nan() || rho <= 0.0 {
+        return classic;
+    }
+    match ZeroConcentratedDivergence::convert(rho).and_then(|p| p.epsilon(delta)) {
+        Ok(e) if e.is_finite() && e >= 0.0 && e <= classic => e,
+        _ => classic,
+    }
+}
+
+/// Bun and Steinke's conversion: ρ-zCDP implies (ρ + 2√(ρ ln(1/δ)), δ)-DP.
+pub fn classic_epsilon_of_rho(rho: f64, delta: f64) -> f64 {
     rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
 }
 
-/// The rho whose conversion at `delta` spends exactly `epsilon` (a hair under, so
-/// rounding can never push the conversion over).
+/// The largest ρ whose conversion at `delta` ([`epsilon_of_rho`]) spends at most
+/// `epsilon`, a hair under so rounding can never push the conversion over: found by
+/// bisection between the classic bound's ρ, which the tighter conversion always allows,
+/// and ε itself, more than any conversion allows.
 pub fn rho_for(epsilon: f64, delta: f64) -> f64 {
     let l = (1.0 / delta).ln();
-    let r = ((l + epsilon).sqrt() - l.sqrt()).powi(2);
-    r * (1.0 - 1e-9)
+    let mut lo = ((l + epsilon).sqrt() - l.sqrt()).powi(2) * (1.0 - 1e-9);
+    let mut hi = epsilon;
+    if lo.is_nan() || lo <= 0.0 || hi.is_nan() || hi <= lo {
+        return lo.max(0.0);
+    }
+    // ε(ρ) ≤ ε exactly when OpenDP's δ(ρ, ε) ≤ δ, and δ is one evaluation where ε is a
+    // search of its own.
+    let allowed = |rho: f64| {
+        use opendp::combinators::ConcentratedMeasure as _;
+        use opendp::measures::ZeroConcentratedDivergence;
+        ZeroConcentratedDivergence::convert(rho)
+            .and_then(|p| p.delta(epsilon))
+            .is_ok_and(|d| d <= delta)
+    };
+    for _ in 0..64 {
+        let mid = 0.5 * (lo + hi);
+        if allowed(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+        if hi - lo <= lo * 1e-12 {
+            break;
+        }
+    }
+    lo * (1.0 - 1e-9)
 }
 
 #[cfg(test)]
@@ -158,7 +203,13 @@ mod tests {
         for (eps, delta) in [(0.1, 1e-9), (1.0, 1e-6), (5.0, 1e-12)] {
             let r = rho_for(eps, delta);
             let back = epsilon_of_rho(r, delta);
-            assert!(back <= eps && back > eps * (1.0 - 1e-9), "{eps} {back}");
+            assert!(back <= eps && back > eps * (1.0 - 1e-6), "{eps} {back}");
+            // Tighter than the classic conversion: more ρ for the same ε.
+            let classic = classic_epsilon_of_rho(r, delta);
+            assert!(
+                classic > back * 1.05,
+                "{eps}: classic {classic}, OpenDP {back}"
+            );
         }
     }
 
@@ -177,7 +228,7 @@ mod tests {
         assert_eq!(d, delta);
         // One query alone costs exactly what was asked.
         let (eps1, _) = one.effective(delta);
-        assert!((eps1 - 0.1).abs() < 1e-9);
+        assert!(eps1 <= 0.1 && (eps1 - 0.1).abs() < 1e-6, "{eps1}");
     }
 
     #[test]
