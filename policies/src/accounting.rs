@@ -16,6 +16,8 @@
 //! query have 1.39× the ρ the classic bound allowed, so Gaussian noise 0.85× as wide.
 
 use crate::model::Mechanism;
+use opendp::combinators::ConcentratedMeasure as _;
+use opendp::measures::ZeroConcentratedDivergence;
 use serde::{Deserialize, Serialize};
 
 /// The planned privacy cost of one query, before it runs.
@@ -125,8 +127,6 @@ pub fn plan(
 /// at the ρ and δ PHM queries use. Should OpenDP refuse the inputs, the classic bound,
 /// always valid and looser, is what is returned: a spend is never under-counted.
 pub fn epsilon_of_rho(rho: f64, delta: f64) -> f64 {
-    use opendp::combinators::ConcentratedMeasure as _;
-    use opendp::measures::ZeroConcentratedDivergence;
     let classic = classic_epsilon_of_rho(rho, delta);
     if rho.is_nan() || rho <= 0.0 {
         return classic;
@@ -156,8 +156,6 @@ pub fn rho_for(epsilon: f64, delta: f64) -> f64 {
     // ε(ρ) ≤ ε exactly when OpenDP's δ(ρ, ε) ≤ δ, and δ is one evaluation where ε is a
     // search of its own.
     let allowed = |rho: f64| {
-        use opendp::combinators::ConcentratedMeasure as _;
-        use opendp::measures::ZeroConcentratedDivergence;
         ZeroConcentratedDivergence::convert(rho)
             .and_then(|p| p.delta(epsilon))
             .is_ok_and(|d| d <= delta)

@@ -303,16 +303,16 @@ impl PartitionStream for Partition {
                 ));
             }
         };
-        let (settings, shared) = (self.settings.clone(), self.shared.clone());
         let passing = input
             .and_then({
-                let (settings, shared) = (settings.clone(), shared.clone());
+                let (settings, shared) = (self.settings.clone(), self.shared.clone());
                 move |batch| {
                     let out = split(&settings, &shared, &batch);
                     async move { out }
                 }
             })
             .try_filter(|b| futures::future::ready(b.num_rows() > 0));
+        let shared = self.shared.clone();
         let held = stream::once(async move { finish(&shared) })
             .map_ok(|batches| stream::iter(batches.into_iter().map(Ok)))
             .try_flatten();
@@ -331,16 +331,16 @@ fn split(
     batch: &RecordBatch,
 ) -> DfResult<RecordBatch> {
     let at = settings.index.lookup(batch.column(settings.person))?;
-    let within = BooleanArray::from_iter(at.iter().map(|&p| Some(p == END)));
-    let heavy: Vec<u32> = (0u32..)
+    // The rows of people over m, and who each one's person is.
+    let (heavy, people): (Vec<u32>, Vec<u32>) = (0u32..)
         .zip(&at)
         .filter(|(_, p)| **p != END)
-        .map(|(r, _)| r)
-        .collect();
+        .map(|(r, p)| (r, *p))
+        .unzip();
     if heavy.is_empty() {
         return Ok(batch.clone());
     }
-    let people: Vec<u32> = at.iter().copied().filter(|&p| p != END).collect();
+    let within = BooleanArray::from_iter(at.iter().map(|&p| Some(p == END)));
     let rows = take_record_batch(batch, &UInt32Array::from(heavy))?;
     let ranks = super::row_ranks(settings.key, rows.columns())?;
     let rows = compact(rows)?;

@@ -241,6 +241,14 @@ pub(super) enum Plan<'a> {
     Random,
 }
 
+/// Load's index of the people over m. Fail closed: a list without its index must not
+/// pass rows unbounded.
+fn indexed(o: &OverLimit) -> DfResult<Arc<PersonIndex>> {
+    o.index.clone().ok_or_else(|| {
+        DataFusionError::Internal("the people over the limit were not indexed".into())
+    })
+}
+
 /// Keep at most `m` rows per person of `df`, whose columns are `columns` (in order)
 /// with the person id among them as [`PERSON`]; rows must already name a person.
 pub(super) async fn keep(
@@ -263,10 +271,7 @@ pub(super) async fn keep(
             if o.people == 0 {
                 return Ok(df);
             }
-            // Fail closed: a list without its index must not pass rows unbounded.
-            let index = o.index.clone().ok_or_else(|| {
-                DataFusionError::Internal("the people over the limit were not indexed".into())
-            })?;
+            let index = indexed(o)?;
             let person = df
                 .schema()
                 .index_of_column_by_name(None, PERSON)
@@ -279,10 +284,7 @@ pub(super) async fn keep(
         }
         #[cfg(feature = "bench")]
         Plan::Joined(o) => {
-            let ids = o.index.as_ref().map(|i| i.ids()).ok_or_else(|| {
-                DataFusionError::Internal("the people over the limit were not indexed".into())
-            })?;
-            ctx.read_batch(RecordBatch::try_from_iter([(OVER, ids)])?)?
+            ctx.read_batch(RecordBatch::try_from_iter([(OVER, indexed(o)?.ids())])?)?
         }
         Plan::Counted => df
             .clone()
