@@ -1675,6 +1675,7 @@ mod tests {
                 sum_variance: vs,
                 noisy_count: c,
                 count_variance: vc,
+                centre: 0.0,
             }),
             mechanism: proto::NoiseMechanism::DiscreteGaussian as i32,
             ..Default::default()
@@ -2810,6 +2811,7 @@ mod tests {
                 sum_variance: 2.0 * bs * bs,
                 noisy_count: c,
                 count_variance: dl_variance(bc),
+                centre: 0.0,
             }),
             mechanism: proto::NoiseMechanism::DiscreteLaplace as i32,
             ..Default::default()

@@ -894,6 +894,7 @@ fn layout_rows(
                             sum_variance: s_sd * s_sd,
                             noisy_count: c_v,
                             count_variance: c_sd * c_sd,
+                            centre: 0.0,
                         },
                         sum: noise(s_sd),
                         count: noise(c_sd),

@@ -159,6 +159,7 @@ pub fn bench_limits(m: u32) -> Result<Limits, String> {
         name: name.into(),
         column_type: t,
         bounds,
+        never_null: false,
     };
     let bmi = || Some(col("bmi", ColumnType::Real, Some((10.0, 60.0))));
     let mut l = engine_limits(

@@ -71,8 +71,9 @@ impl Spend {
     }
 }
 
-/// Plan what a query spends: an even split of `epsilon`, one share per aggregate
-/// plus one for key selection when keys are thresholded. Thresholding is
+/// Plan what a query spends: an even split of `epsilon`, one share per measurement
+/// (`measures`: the noisy vectors its aggregates are formed from) plus one for key
+/// selection when keys are thresholded. Thresholding is
 /// (share, delta)-DP; the rest is pure epsilon (discrete Laplace) or rho-zCDP
 /// (discrete Gaussian, converted at `delta`, halved when thresholding also takes a
 /// delta). Returns the spend and the epsilon share of key selection (0 when no key is
@@ -81,14 +82,14 @@ impl Spend {
 pub fn plan(
     mechanism: Mechanism,
     epsilon: f64,
-    aggregates: usize,
+    measurements: usize,
     thresholded: bool,
     delta: f64,
 ) -> (Spend, f64) {
     if !(epsilon.is_finite() && epsilon > 0.0) {
         return (Spend::ZERO, 0.0);
     }
-    let shares = aggregates as f64 + if thresholded { 1.0 } else { 0.0 };
+    let shares = measurements as f64 + if thresholded { 1.0 } else { 0.0 };
     let share = if shares > 0.0 {
         epsilon / shares
     } else {

@@ -162,6 +162,8 @@ pub struct ColumnLimits {
     pub column_type: ColumnType,
     /// Clamping bounds for numeric columns.
     pub bounds: Option<(f64, f64)>,
+    /// Declared `never_null` (and checked at load).
+    pub never_null: bool,
 }
 
 /// The full set of group keys a group-by column releases.

@@ -222,6 +222,7 @@ fn column_limits(c: &Column) -> ColumnLimits {
         name: c.name.clone(),
         column_type: c.column_type,
         bounds: c.bounds.map(|[lo, hi]| (lo, hi)),
+        never_null: c.never_null,
     }
 }
 
@@ -361,7 +362,7 @@ pub(crate) fn evaluate(
         )
         .0
     } else {
-        plan_spend(policy, q, thresholded, &mut t)
+        plan_spend(policy, q, &checks.aggregates, thresholded, &mut t)
     };
     let charges = ledger_charges(q, requester, project, spend.delta, now, &mut t);
     note_release_rules(policy, &mut t);
@@ -1305,13 +1306,22 @@ fn check_opt_out(policy: &Policy, q: &QueryBody, d: &Dataset, t: &mut Trace) -> 
 /// What the query will spend (`accounting::plan`), planned here so the ledger can
 /// be charged before anything runs; refuses a thresholded query whose key-selection
 /// share is below the policy's minimum.
-fn plan_spend(policy: &Policy, q: &QueryBody, thresholded: bool, t: &mut Trace) -> Spend {
+fn plan_spend(
+    policy: &Policy,
+    q: &QueryBody,
+    aggregates: &[AggregateLimits],
+    thresholded: bool,
+    t: &mut Trace,
+) -> Spend {
     let r = &policy.file().release;
     let e = q.epsilon;
+    // Shares go to measurements, not aggregates (`measures`): figures formed from
+    // the same noisy vector are post-processing of it.
+    let measured = crate::measures::measures(aggregates).len().max(1);
     let (spend, threshold_epsilon) =
-        accounting::plan(r.mechanism, e, q.aggregates.len(), thresholded, r.delta);
+        accounting::plan(r.mechanism, e, measured, thresholded, r.delta);
     if thresholded && e.is_finite() && e > 0.0 {
-        let shares = q.aggregates.len() + 1;
+        let shares = measured + 1;
         let subject = format!("epsilon {e}");
         if threshold_epsilon < r.min_threshold_epsilon {
             t.refuse(

@@ -7,6 +7,7 @@ pub mod decision;
 mod domain;
 mod evaluate;
 pub mod linking;
+pub mod measures;
 pub mod model;
 mod parse;
 mod validate;

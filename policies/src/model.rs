@@ -500,6 +500,11 @@ pub struct Column {
     pub group: Grouping,
     #[serde(default)]
     pub aggregate: bool,
+    /// The column has a value in every row. Load checks it (a NULL or NaN refuses the
+    /// file), and AVG over it then shares the rows-per-key count instead of noising its
+    /// own count of values (see `measures`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub never_null: bool,
     /// Clamping bounds [lower, upper] for numeric columns that are aggregated or
     /// binned.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -43,10 +43,14 @@ pub enum TotalKind {
 /// The noisy parts of a mean, so a coordinator can form a ratio estimate across nodes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MeanParts {
+    /// The noisy sum of the values, each minus `centre`.
     pub noisy_sum: f64,
     pub sum_variance: f64,
     pub noisy_count: f64,
     pub count_variance: f64,
+    /// What each value was shifted by before summing (the middle of its bounds, or 0):
+    /// the mean is `centre + noisy_sum / noisy_count`.
+    pub centre: f64,
 }
 
 /// One released figure.
@@ -185,12 +189,14 @@ impl From<MeanParts> for proto::MeanParts {
             sum_variance,
             noisy_count,
             count_variance,
+            centre,
         } = p;
         proto::MeanParts {
             noisy_sum,
             sum_variance,
             noisy_count,
             count_variance,
+            centre,
         }
     }
 }
@@ -321,11 +327,13 @@ fn cell_of(key: &[String], c: proto::Cell) -> Result<Cell, MalformedResult> {
             non_negative(&at("mean.sum_variance"), m.sum_variance)?;
             finite(&at("mean.noisy_count"), m.noisy_count)?;
             non_negative(&at("mean.count_variance"), m.count_variance)?;
+            finite(&at("mean.centre"), m.centre)?;
             Some(MeanParts {
                 noisy_sum: m.noisy_sum,
                 sum_variance: m.sum_variance,
                 noisy_count: m.noisy_count,
                 count_variance: m.count_variance,
+                centre: m.centre,
             })
         }
     };
@@ -501,6 +509,7 @@ mod tests {
                                     sum_variance: 4.0,
                                     noisy_count: 10.0,
                                     count_variance: 2.0,
+                                    centre: 1.5,
                                 }),
                             },
                         ],

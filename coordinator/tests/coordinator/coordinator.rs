@@ -62,6 +62,7 @@ async fn combined_intervals_cover_the_exact_answer_at_the_stated_rate() {
                         sum_variance: sd_sum * sd_sum,
                         noisy_count: noisy_c2,
                         count_variance: sd_count * sd_count,
+                        centre: 0.0,
                     });
                     proto::ResultRow {
                         key: vec![format!("g{g}")],

@@ -68,6 +68,7 @@ fn col(name: &str, t: ColumnType) -> Column {
         filter: false,
         group: Grouping::No,
         aggregate: false,
+        never_null: false,
         bounds: None,
         domain: None,
         bin_edges: None,
@@ -115,8 +116,13 @@ fn measure(name: &str, t: ColumnType, bounds: [f64; 2], edges: Option<Vec<f64>>)
     }
 }
 
+/// Every synthetic record has an age, so the policy says so: AVG(age) then shares the
+/// rows-per-key count (load checks the declaration).
 fn age() -> Column {
-    measure("age", ColumnType::Integer, [0.0, 110.0], None)
+    Column {
+        never_null: true,
+        ..measure("age", ColumnType::Integer, [0.0, 110.0], None)
+    }
 }
 
 fn imd() -> Column {

@@ -108,6 +108,18 @@ impl Lattice {
         self.lo_units.abs().max(self.hi_units.abs()) as f64 * self.step
     }
 
+    /// The lattice point at the middle of the clamping interval (rounded down): what a
+    /// mean's values are centred on before summing.
+    pub fn centre_units(&self) -> i64 {
+        self.lo_units + (self.hi_units - self.lo_units) / 2
+    }
+
+    /// The largest |value − centre| of one clamped row: about (hi − lo) / 2.
+    pub fn centred_max_abs(&self) -> f64 {
+        let c = self.centre_units();
+        (self.hi_units - c).max(c - self.lo_units) as f64 * self.step
+    }
+
     /// A sum in steps as a value; exact while |units| <= 2^53.
     pub fn value_of(&self, units: i64) -> f64 {
         units as f64 * self.step

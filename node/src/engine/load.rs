@@ -294,6 +294,8 @@ pub(crate) struct ColumnCheck {
     pub categories: Option<HashSet<String>>,
     /// Bounds a declared numeric group key must lie within.
     pub bounds: Option<(f64, f64)>,
+    /// Declared `never_null`: a NULL (or NaN) in any row refuses the load.
+    pub required: bool,
 }
 
 pub(crate) fn arrow_type(t: ColumnType) -> DataType {
@@ -374,6 +376,12 @@ pub(crate) fn label_at(array: &dyn Array, i: usize) -> Option<String> {
 fn check_values(array: &dyn Array, check: &ColumnCheck) -> Result<(), (usize, String)> {
     for i in 0..array.len() {
         if array.is_null(i) {
+            if check.required {
+                return Err((
+                    i,
+                    "is empty, but the policy declares this column never_null".into(),
+                ));
+            }
             continue;
         }
         if check.ty == ColumnType::Real {
@@ -485,6 +493,7 @@ pub(crate) fn column_checks(
             ty: c.column_type,
             categories,
             bounds,
+            required: c.never_null,
         });
     }
     // The opt-out flag must exist (as a boolean) wherever it applies, declared or not.
@@ -507,6 +516,7 @@ pub(crate) fn column_checks(
             ty: ColumnType::Boolean,
             categories: None,
             bounds: None,
+            required: false,
         });
     }
     if let Some(c) = checks.iter().find(|c| c.name == ds.person_id)

@@ -109,6 +109,7 @@ fn exact_cell(alias: &str, value: f64, mean: Option<(f64, f64)>) -> Cell {
             sum_variance: 0.0,
             noisy_count: c,
             count_variance: 0.0,
+            centre: 0.0,
         }),
     }
 }

@@ -181,6 +181,7 @@ fn col(name: &str, ty: ColumnType, bounds: Option<(f64, f64)>) -> ColumnLimits {
         name: name.into(),
         column_type: ty,
         bounds,
+        never_null: false,
     }
 }
 
@@ -1055,12 +1056,15 @@ async fn mean_interval_is_the_delta_method_from_its_parts() {
     for row in &r.rows {
         let c = &row.cells[0];
         let p = c.mean.as_ref().unwrap();
-        let mean = p.noisy_sum / p.noisy_count;
+        // AVG(bmi) alone: its values are summed centred on the middle of [10, 60].
+        assert_eq!(p.centre, 35.0);
+        let mean = p.centre + p.noisy_sum / p.noisy_count;
         assert!((c.noisy_value - mean).abs() < 1e-12);
         let var = p.sum_variance / p.noisy_count.powi(2)
             + p.noisy_sum.powi(2) * p.count_variance / p.noisy_count.powi(4);
         assert!((c.variance - var).abs() <= 1e-12 * var.max(1.0));
-        let half = 1.959_963_984_540_054 * var.sqrt();
+        // Laplace noise: the Laplace's own 95% multiplier ln(20)/√2.
+        let half = 20f64.ln() / 2f64.sqrt() * var.sqrt();
         assert!((c.ci95.0 - (mean - half)).abs() < 1e-9);
         assert!((c.ci95.1 - (mean + half)).abs() < 1e-9);
     }

@@ -587,6 +587,13 @@ impl Source {
         let mut conditions: Vec<(String, &'static str, String)> = Vec::new();
         for c in checks {
             let q = Postgres.quote(&c.name);
+            if c.required {
+                conditions.push((
+                    c.name.clone(),
+                    "is empty (NULL), but the policy declares this column never_null",
+                    format!("{q} IS NULL"),
+                ));
+            }
             if c.ty == ColumnType::Real {
                 conditions.push((
                     c.name.clone(),
