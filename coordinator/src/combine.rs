@@ -947,8 +947,22 @@ fn total_cell(
 /// count's interval reaches zero the mean is not reported at all.
 fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals) -> (Cell, f64) {
     let n = u32::try_from(parts.len()).unwrap_or(u32::MAX);
-    let s: f64 = parts.iter().map(|m| m.parts.noisy_sum).sum();
-    let vs: f64 = parts.iter().map(|m| m.parts.sum_variance).sum();
+    // Each partner's mean is `c_i + S_i / C_i` (its values summed centred on c_i, the
+    // middle of its bounds, or c_i = 0). Over partners the mean is `c0 + A / C` with
+    // `A = Σ (S_i + (c_i − c0)·C_i)`: when every partner used the same centre (the
+    // same bounds, the usual case) the second term vanishes; otherwise A's noise
+    // includes the counts' noise scaled by `d_i = c_i − c0`, correlated with C's.
+    let c0 = parts.first().map_or(0.0, |m| m.parts.centre);
+    let d = |m: &MeanNoise| m.parts.centre - c0;
+    let s: f64 = parts
+        .iter()
+        .map(|m| m.parts.noisy_sum + d(m) * m.parts.noisy_count)
+        .sum();
+    let vs: f64 = parts
+        .iter()
+        .map(|m| m.parts.sum_variance + d(m) * d(m) * m.parts.count_variance)
+        .sum();
+    let cov: f64 = parts.iter().map(|m| d(m) * m.parts.count_variance).sum();
     let cnt: f64 = parts.iter().map(|m| m.parts.noisy_count).sum();
     let vc: f64 = parts.iter().map(|m| m.parts.count_variance).sum();
     if cnt <= 0.0 {
@@ -959,12 +973,23 @@ fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals
         );
         return (cell, cnt);
     }
+    // A's noise: each partner's sum noise, and (mixed centres only) a real-valued twin
+    // of its count noise scaled by d_i, as the delta method's multiplier treats counts.
+    let mut sum_noise: Vec<Noise> = parts.iter().map(|m| m.sum).collect();
+    sum_noise.extend(parts.iter().filter(|m| d(m) != 0.0).map(|m| {
+        let shape = match m.count {
+            Noise::Known(dist) => Some(dist.shape),
+            Noise::Unknown { .. } => None,
+        };
+        Noise::new(shape, false, 0.0, d(m) * d(m) * m.parts.count_variance)
+    }));
     let noise = PartNoises {
-        sum: parts.iter().map(|m| m.sum).collect(),
+        sum: sum_noise,
         count: parts.iter().map(|m| m.count).collect(),
     };
     let ratio = s / cnt;
-    let se = ((vs + ratio * ratio * vc) / (cnt * cnt)).sqrt();
+    // var(A/C) ≈ (var A − 2R·cov(A, C) + R²·var C) / C², R = A / C.
+    let se = ((vs - 2.0 * ratio * cov + ratio * ratio * vc).max(0.0) / (cnt * cnt)).sqrt();
     let relative_error = vc.sqrt() / cnt;
     let (lo, hi, note) = if relative_error <= MEAN_MAX_COUNT_RELATIVE_ERROR {
         noise.delta_method_interval(ratio, se, iv)
@@ -981,7 +1006,9 @@ fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals
         };
         interval
     };
-    let (mut e, mut lo, mut hi) = (ratio, lo, hi);
+    // The centre is a constant: it shifts the estimate and its interval alike. (The
+    // box interval above bounds A / C whatever the correlation of A and C.)
+    let (mut e, mut lo, mut hi) = (c0 + ratio, c0 + lo, c0 + hi);
     if rounded {
         (e, lo, hi) = (round_to(e, 0.1), floor_to(lo, 0.1), ceil_to(hi, 0.1));
     }
@@ -1830,6 +1857,51 @@ mod tests {
         let (lo, hi) = (50.0 - 2.2 * se - 0.1, 50.0 + 2.2 * se + 0.1);
         assert!(cell.ci95_low >= lo && cell.ci95_high <= hi, "{cell:?}");
         assert!(((cell.ci95_low * 10.0).round() - cell.ci95_low * 10.0).abs() < 1e-9);
+    }
+
+    fn centred_mean_cell(alias: &str, s: f64, vs: f64, c: f64, vc: f64, centre: f64) -> proto::Cell {
+        let mut cell = mean_cell(alias, s, vs, c, vc);
+        cell.noisy_value = centre + s / c;
+        cell.estimate = cell.noisy_value;
+        if let Some(p) = cell.mean.as_mut() {
+            p.centre = centre;
+        }
+        cell
+    }
+
+    #[test]
+    fn centred_means_shift_by_their_centre_and_mixed_centres_carry_the_covariance() {
+        let e = expected(&[AggregateKind::Mean], &[]);
+        let node = |id: &str, s, c, centre| {
+            answer(
+                &e,
+                id,
+                "",
+                vec![(vec![], vec![centred_mean_cell("a0", s, 400.0, c, 4.0, centre)])],
+                STANDALONE,
+            )
+        };
+        // Same centre: the mean is 35 + (−500 + 300) / 200 = 34, and the standard error
+        // is the uncentred formula's with the centred sum: ((800 + 1·8) / 200²)^½.
+        let c = combine(&e, &[node("A", -500.0, 100.0, 35.0), node("B", 300.0, 100.0, 35.0)]);
+        let cell = &c.rows[0].cells[0];
+        assert_eq!(cell.estimate, 34.0);
+        assert!((cell.standard_error - (808.0f64 / 40_000.0).sqrt()).abs() < 1e-12);
+        assert!(cell.ci95_low < 34.0 && cell.ci95_high > 34.0);
+        // Mixed centres: A summed around 35, B around 0. Plain sums are 3000 and 3300,
+        // so the mean is 6300 / 200 = 31.5. With c0 = 35: A = −500 + (3300 − 35·100)
+        // = −700, R = −3.5, var A = 800 + 35²·4 = 5700, cov(A, C) = −35·4 = −140:
+        // var = (5700 − 2·3.5·140 + 3.5²·8) / 200² = 4818 / 40000.
+        let c = combine(&e, &[node("A", -500.0, 100.0, 35.0), node("B", 3300.0, 100.0, 0.0)]);
+        let cell = &c.rows[0].cells[0];
+        assert!((cell.estimate - 31.5).abs() < 1e-9, "{cell:?}");
+        let var = (5700.0 - 2.0 * 3.5 * 140.0 + 3.5f64.powi(2) * 8.0) / 40_000.0;
+        assert!((cell.standard_error - var.sqrt()).abs() < 1e-12, "{cell:?}");
+        // The same figures uncentred give the same estimate (the centres are
+        // bookkeeping for the estimate; for the noise they are not).
+        let plain = combine(&e, &[node("A", 3000.0, 100.0, 0.0), node("B", 3300.0, 100.0, 0.0)]);
+        let p = &plain.rows[0].cells[0];
+        assert!((p.estimate - cell.estimate).abs() < 1e-9);
     }
 
     #[test]
