@@ -1859,7 +1859,14 @@ mod tests {
         assert!(((cell.ci95_low * 10.0).round() - cell.ci95_low * 10.0).abs() < 1e-9);
     }
 
-    fn centred_mean_cell(alias: &str, s: f64, vs: f64, c: f64, vc: f64, centre: f64) -> proto::Cell {
+    fn centred_mean_cell(
+        alias: &str,
+        s: f64,
+        vs: f64,
+        c: f64,
+        vc: f64,
+        centre: f64,
+    ) -> proto::Cell {
         let mut cell = mean_cell(alias, s, vs, c, vc);
         cell.noisy_value = centre + s / c;
         cell.estimate = cell.noisy_value;
@@ -1877,13 +1884,22 @@ mod tests {
                 &e,
                 id,
                 "",
-                vec![(vec![], vec![centred_mean_cell("a0", s, 400.0, c, 4.0, centre)])],
+                vec![(
+                    vec![],
+                    vec![centred_mean_cell("a0", s, 400.0, c, 4.0, centre)],
+                )],
                 STANDALONE,
             )
         };
         // Same centre: the mean is 35 + (−500 + 300) / 200 = 34, and the standard error
         // is the uncentred formula's with the centred sum: ((800 + 1·8) / 200²)^½.
-        let c = combine(&e, &[node("A", -500.0, 100.0, 35.0), node("B", 300.0, 100.0, 35.0)]);
+        let c = combine(
+            &e,
+            &[
+                node("A", -500.0, 100.0, 35.0),
+                node("B", 300.0, 100.0, 35.0),
+            ],
+        );
         let cell = &c.rows[0].cells[0];
         assert_eq!(cell.estimate, 34.0);
         assert!((cell.standard_error - (808.0f64 / 40_000.0).sqrt()).abs() < 1e-12);
@@ -1892,14 +1908,23 @@ mod tests {
         // so the mean is 6300 / 200 = 31.5. With c0 = 35: A = −500 + (3300 − 35·100)
         // = −700, R = −3.5, var A = 800 + 35²·4 = 5700, cov(A, C) = −35·4 = −140:
         // var = (5700 − 2·3.5·140 + 3.5²·8) / 200² = 4818 / 40000.
-        let c = combine(&e, &[node("A", -500.0, 100.0, 35.0), node("B", 3300.0, 100.0, 0.0)]);
+        let c = combine(
+            &e,
+            &[
+                node("A", -500.0, 100.0, 35.0),
+                node("B", 3300.0, 100.0, 0.0),
+            ],
+        );
         let cell = &c.rows[0].cells[0];
         assert!((cell.estimate - 31.5).abs() < 1e-9, "{cell:?}");
         let var = (5700.0 - 2.0 * 3.5 * 140.0 + 3.5f64.powi(2) * 8.0) / 40_000.0;
         assert!((cell.standard_error - var.sqrt()).abs() < 1e-12, "{cell:?}");
         // The same figures uncentred give the same estimate (the centres are
         // bookkeeping for the estimate; for the noise they are not).
-        let plain = combine(&e, &[node("A", 3000.0, 100.0, 0.0), node("B", 3300.0, 100.0, 0.0)]);
+        let plain = combine(
+            &e,
+            &[node("A", 3000.0, 100.0, 0.0), node("B", 3300.0, 100.0, 0.0)],
+        );
         let p = &plain.rows[0].cells[0];
         assert!((p.estimate - cell.estimate).abs() < 1e-9);
     }

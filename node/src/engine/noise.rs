@@ -423,7 +423,11 @@ fn sum_vector(
             Ok(l.value_of(units as i64))
         })
         .collect::<Result<Vec<f64>, EngineError>>()?;
-    Ok((sums, m as f64 * l.centred_max_abs(), l.value_of(l.centre_units())))
+    Ok((
+        sums,
+        m as f64 * l.centred_max_abs(),
+        l.value_of(l.centre_units()),
+    ))
 }
 
 /// One OpenDP measurement per measure; returns the noised vectors and the summed
@@ -439,7 +443,9 @@ fn noise_measures(
     let mut loss_total = 0.0;
     for measure in &plan.list {
         let measured = match measure {
-            Measure::Rows => Measured::Counts(noise_counts(&exact.counts, m, limits.mechanism, unit)?),
+            Measure::Rows => {
+                Measured::Counts(noise_counts(&exact.counts, m, limits.mechanism, unit)?)
+            }
             Measure::Values(column) => {
                 let v = exact.value(column).ok_or_else(|| missing_column(column))?;
                 Measured::Counts(noise_counts(&v.counts, m, limits.mechanism, unit)?)
@@ -471,7 +477,9 @@ fn formed<'a>(
 ) -> Result<Vec<Noisy<'a>>, EngineError> {
     let counts = |i: usize| match vectors.get(i) {
         Some(Measured::Counts(n)) => Ok(n),
-        _ => Err(EngineError::Noise(format!("measurement {i} is not a count"))),
+        _ => Err(EngineError::Noise(format!(
+            "measurement {i} is not a count"
+        ))),
     };
     let sums = |i: usize| match vectors.get(i) {
         Some(Measured::Sums { noised, centre }) => Ok((noised, *centre)),
@@ -486,7 +494,9 @@ fn formed<'a>(
             Some(Formed::Sum { sum }) => Ok(Noisy::Sum(sums(*sum)?.0)),
             Some(Formed::Mean { sum, count }) => {
                 if let (Some(Measure::Rows), Some(c)) = (plan.list.get(*count), &a.column)
-                    && exact.value(&c.name).is_none_or(|v| v.counts != exact.counts)
+                    && exact
+                        .value(&c.name)
+                        .is_none_or(|v| v.counts != exact.counts)
                 {
                     return Err(EngineError::InvalidLimits(format!(
                         "column `{}` is declared never_null but has empty values in the \
@@ -857,7 +867,11 @@ mod measure_tests {
             assert_eq!(p.centre, 55.0);
             assert_eq!(p.noisy_count, row.cells[0].noisy_value);
             // Sensitivity 110 / 2 at epsilon 0.5: b = 110, variance 2 b².
-            assert!(close(p.sum_variance, 2.0 * 110.0 * 110.0), "{}", p.sum_variance);
+            assert!(
+                close(p.sum_variance, 2.0 * 110.0 * 110.0),
+                "{}",
+                p.sum_variance
+            );
         }
     }
 
@@ -874,7 +888,11 @@ mod measure_tests {
             let p = row.cells[1].mean.unwrap();
             // Three measurements at 0.5 each: rows, centred sum, values.
             assert!(close(row.cells[0].noise_scale, 2.0));
-            assert!(close(p.sum_variance, 2.0 * 110.0 * 110.0), "{}", p.sum_variance);
+            assert!(
+                close(p.sum_variance, 2.0 * 110.0 * 110.0),
+                "{}",
+                p.sum_variance
+            );
             assert!(close(p.count_variance, discrete_laplace_variance(2.0)));
         }
     }
