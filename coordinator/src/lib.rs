@@ -9,6 +9,7 @@ pub mod fanout;
 pub mod history;
 pub mod link;
 pub mod model;
+pub mod rates;
 pub mod secure;
 pub mod server;
 pub mod wire;
