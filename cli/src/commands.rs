@@ -148,6 +148,20 @@ pub struct QueryArgs {
     /// beside plain mode's: with few partners plain mode can be more accurate.
     #[arg(long)]
     pub secure: bool,
+    /// Rates: each group's first COUNT(*) (the events) per this many people, the people
+    /// being the first COUNT(*) of --denominator's query for the same group; 95%
+    /// intervals include the Poisson variation of the events and both counts' noise.
+    #[arg(long, requires = "denominator", value_name = "N")]
+    pub rate_per: Option<f64>,
+    /// The people a rate is over: a query with the same GROUP BY whose first aggregate is
+    /// COUNT(*). It runs as a query of its own, spending --epsilon again.
+    #[arg(long, requires = "rate_per", value_name = "SQL")]
+    pub denominator: Option<String>,
+    /// Also directly age-standardise each rate over the European Standard Population
+    /// 2013, the age bands being this group column (e.g. "bin(age, 5)"); rates are then
+    /// per group of the other columns.
+    #[arg(long, requires = "rate_per", value_name = "GROUP COLUMN")]
+    pub standardise: Option<String>,
     /// The query, in the SQL subset (SELECT … FROM dataset [WHERE …] [GROUP BY …]).
     pub sql: String,
 }
@@ -210,21 +224,79 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
             a.epsilon
         )));
     }
-    let (requester, key, connection, channel) = sign_in(&a.key, &a.connect).await?;
+    let denominator = match &a.denominator {
+        Some(sql) => Some(crate::sql::parse(sql).map_err(|e| {
+            ClientError::Input(format!("--denominator: {}", e.render(sql)))
+        })?),
+        None => None,
+    };
+    let signed_in = sign_in(&a.key, &a.connect).await?;
     let aggregates = parsed.aggregates.clone();
+    let result = submit_one(a, &signed_in, parsed, a.query_id.clone()).await?;
+    let Some(den) = denominator else {
+        match a.format {
+            Format::Json => crate::outln!("{}", render::json(&result)),
+            Format::Csv => crate::out!("{}", render::csv(&result)),
+            Format::Table => crate::out!("{}", render::table_report(&result, &aggregates)),
+        }
+        return Ok(answered_code(&result));
+    };
+    let den_aggregates = den.aggregates.clone();
+    // The denominator is its own query: a derived id keeps a rerun with --query-id idempotent.
+    let den_id = a.query_id.as_ref().map(|id| format!("{id}-denominator"));
+    let people = submit_one(a, &signed_in, den, den_id).await?;
+    let table = crate::rates::Rates::of(
+        &result,
+        &aggregates,
+        &people,
+        &den_aggregates,
+        a.rate_per.unwrap_or(1000.0),
+        a.standardise.as_deref(),
+    )
+    .map_err(ClientError::Input)?;
+    match a.format {
+        Format::Json => crate::outln!(
+            "{}",
+            serde_json::json!({
+                "events": render::json(&result),
+                "people": render::json(&people),
+                "rates": table.json(),
+            })
+        ),
+        Format::Csv => crate::out!("{}", table.csv()),
+        Format::Table => {
+            crate::out!("{}", render::table_report(&result, &aggregates));
+            crate::outln!("\nPeople (--denominator):");
+            crate::out!("{}", render::table_report(&people, &den_aggregates));
+            crate::out!("\n{}", table.table());
+        }
+    }
+    match answered_code(&result) {
+        0 => Ok(answered_code(&people)),
+        code => Ok(code),
+    }
+}
+
+/// Sign, submit and wait for one query's combined result.
+async fn submit_one(
+    a: &QueryArgs,
+    (requester, key, connection, channel): &(String, phm_proto::signing::PrivateKey, Connection, tonic::transport::Channel),
+    parsed: crate::sql::SqlQuery,
+    query_id: Option<String>,
+) -> Result<proto::CombinedResult, ClientError> {
     let mut body = client::query_body(
         parsed,
         &a.key.federation,
-        &requester,
+        requester,
         a.purpose,
         a.project.clone(),
         a.epsilon,
-        a.query_id.clone(),
+        query_id,
     );
     if a.secure {
         body.aggregation = phm_proto::Aggregation::SecureSum;
     }
-    let signed = body.sign(&key);
+    let signed = body.sign(key);
     let pb = progress_bar(a.format);
     let mut on_progress = |p: &proto::NodeProgress| {
         if p.nodes_total > 0 {
@@ -233,30 +305,30 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
         pb.inc(1);
         pb.set_message(progress_message(p));
     };
-    let outcome = client::submit(channel, &connection.url, signed, &mut on_progress).await;
+    let outcome = client::submit(channel.clone(), &connection.url, signed, &mut on_progress).await;
     pb.finish_and_clear();
-    let result = outcome?.result;
+    Ok(outcome?.result)
+}
+
+/// 0 when some partner answered; otherwise what the first refusal (or nobody) says,
+/// reported on stderr.
+fn answered_code(result: &proto::CombinedResult) -> u8 {
     let coverage = result.coverage.clone().unwrap_or_default();
-    match a.format {
-        Format::Json => crate::outln!("{}", render::json(&result)),
-        Format::Csv => crate::out!("{}", render::csv(&result)),
-        Format::Table => crate::out!("{}", render::table_report(&result, &aggregates)),
+    if !coverage.answered.is_empty() {
+        return 0;
     }
-    if coverage.answered.is_empty() {
-        // Nobody answered: say why, with the first refusal as the headline.
-        if let Some(r) = coverage.refused.first() {
-            eprintln!(
-                "refused: {} — {} ({})",
-                render::reason_name(r.reason),
-                r.message,
-                render::node_label(r.node.as_ref())
-            );
-            return Ok(exit::REFUSED);
-        }
-        eprintln!("error: no partner answered (see coverage above)");
-        return Ok(exit::FAILURE);
+    // Nobody answered: say why, with the first refusal as the headline.
+    if let Some(r) = coverage.refused.first() {
+        eprintln!(
+            "refused: {} — {} ({})",
+            render::reason_name(r.reason),
+            r.message,
+            render::node_label(r.node.as_ref())
+        );
+        return exit::REFUSED;
     }
-    Ok(0)
+    eprintln!("error: no partner answered (see coverage above)");
+    exit::FAILURE
 }
 
 pub const BUDGET_HELP: &str = "\

@@ -414,39 +414,24 @@ async fn questions_and_report(
         &["IMD quintile", "age"],
         "on register",
     );
-    // Quintile totals: the headline inequality.
-    let mut by_q: BTreeMap<String, (f64, f64, f64, f64)> = BTreeMap::new();
-    for row in &den.rows {
-        let (Some(d), Some(n)) = (row.cells.first(), find_cell(num, &row.key, "diabetics")) else {
-            continue;
-        };
-        let e = by_q.entry(row.key[0].clone()).or_default();
-        e.0 += n.estimate;
-        e.1 += n.standard_error.powi(2);
-        e.2 += d.estimate;
-        e.3 += d.standard_error.powi(2);
+    // Quintile totals, crude and age-standardised (ESP2013): the headline inequality,
+    // with the age structure of each quintile taken out.
+    let aggs = |sql: &str| phm::sql::parse(sql).map(|q| q.aggregates);
+    let (Ok(num_aggs), Ok(den_aggs)) = (
+        aggs(questions::DIABETES_BY_IMD_AGE.sql),
+        aggs(questions::POPULATION_BY_IMD_AGE.sql),
+    ) else {
+        anyhow::bail!("the demo's own diabetes questions do not parse");
+    };
+    match phm::rates::Rates::of(num, &num_aggs, den, &den_aggs, 1000.0, Some("bin(age, 20)")) {
+        Ok(t) => {
+            phm::outln!("   Diabetes per 1,000 registered patients, by IMD quintile:");
+            for line in t.table().lines() {
+                phm::outln!("   {line}");
+            }
+        }
+        Err(e) => phm::outln!("   (no rates: {e})"),
     }
-    let line: Vec<String> = by_q
-        .iter()
-        .filter(|(_, v)| v.2 > 0.0)
-        .map(|(q, v)| {
-            let n = proto::CombinedCell {
-                estimate: v.0,
-                standard_error: v.1.sqrt(),
-                ..Default::default()
-            };
-            let d = proto::CombinedCell {
-                estimate: v.2,
-                standard_error: v.3.sqrt(),
-                ..Default::default()
-            };
-            format!(
-                "Q{q} {}",
-                ratio(&n, &d).map(pct).unwrap_or_else(|| "–".into())
-            )
-        })
-        .collect();
-    phm::outln!("   All ages, by IMD quintile: {}", line.join(" · "));
     footer(&[num, den], "DSU's");
 
     phm::outln!("\n2. Hypertension prevalence by ethnic group (DSU, planning)");

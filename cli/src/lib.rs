@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod rates;
 pub mod registry;
 pub mod render;
 /// The development kit's synthetic ICS, demo questions and development PKI.

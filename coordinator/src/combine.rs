@@ -1148,7 +1148,10 @@ fn combine_group(
     cells
 }
 
-fn low_count_reason(threshold: f64) -> String {
+/// The reason a combined cell gives when it is suppressed as a small count (so that
+/// derived figures such as rates can tell it from the other suppression rules: it says
+/// only that the count is at or below `threshold`).
+pub fn low_count_reason(threshold: f64) -> String {
     format!(
         "Suppressed: the group's combined count is at or below {threshold}, the strictest \
          minimum reportable count among the answering partners."
