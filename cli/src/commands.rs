@@ -225,9 +225,10 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
         )));
     }
     let denominator = match &a.denominator {
-        Some(sql) => Some(crate::sql::parse(sql).map_err(|e| {
-            ClientError::Input(format!("--denominator: {}", e.render(sql)))
-        })?),
+        Some(sql) => Some(
+            crate::sql::parse(sql)
+                .map_err(|e| ClientError::Input(format!("--denominator: {}", e.render(sql))))?,
+        ),
         None => None,
     };
     let signed_in = sign_in(&a.key, &a.connect).await?;
@@ -280,7 +281,12 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
 /// Sign, submit and wait for one query's combined result.
 async fn submit_one(
     a: &QueryArgs,
-    (requester, key, connection, channel): &(String, phm_proto::signing::PrivateKey, Connection, tonic::transport::Channel),
+    (requester, key, connection, channel): &(
+        String,
+        phm_proto::signing::PrivateKey,
+        Connection,
+        tonic::transport::Channel,
+    ),
     parsed: crate::sql::SqlQuery,
     query_id: Option<String>,
 ) -> Result<proto::CombinedResult, ClientError> {

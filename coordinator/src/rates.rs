@@ -295,7 +295,8 @@ fn weighted(terms: &[(f64, Count, Count, String)], per: f64) -> Result<Rate, Rat
         }
         let (oe, ne) = (o.estimate, n.estimate);
         y += w * oe / ne;
-        v += w * w
+        v += w
+            * w
             * ((oe.max(0.0) + o.noise_variance) / (ne * ne)
                 + oe * oe * n.noise_variance / ne.powi(4));
         w_max = w_max.max(w / ne);
@@ -384,7 +385,10 @@ mod tests {
             band_weights(&[5.0, 10.0]),
             Err(RateError::MissingBand(0, 4))
         ));
-        assert!(matches!(band_weights(&[0.0, 12.0]), Err(RateError::Band(_))));
+        assert!(matches!(
+            band_weights(&[0.0, 12.0]),
+            Err(RateError::Band(_))
+        ));
     }
 
     #[test]
@@ -432,7 +436,11 @@ mod tests {
             for (i, b) in bands.iter().enumerate() {
                 events.push(fig(&[q, b], Some(10.0 * (i + 1) as f64)));
                 // Quintile 2 has one band suppressed.
-                let n = if q == "2" && *b == "40" { None } else { Some(1000.0) };
+                let n = if q == "2" && *b == "40" {
+                    None
+                } else {
+                    Some(1000.0)
+                };
                 people.push(fig(&[q, b], n));
             }
         }
@@ -443,7 +451,11 @@ mod tests {
         assert!((crude.estimate - 150.0 / 5000.0 * 1000.0).abs() < 1e-9);
         let dsr = t[0].standardised.clone().unwrap().unwrap();
         let w = band_weights(&[0.0, 20.0, 40.0, 60.0, 80.0]).unwrap();
-        let want: f64 = w.iter().enumerate().map(|(i, w)| w * 10.0 * (i + 1) as f64).sum();
+        let want: f64 = w
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w * 10.0 * (i + 1) as f64)
+            .sum();
         assert!((dsr.estimate - want).abs() < 1e-9, "{dsr:?}");
         assert!(matches!(t[1].crude, Err(RateError::Suppressed(_))));
         // Without an age column: one crude rate per key.

@@ -327,3 +327,103 @@ fn a_partner_whose_policy_reads_the_total_differently_is_flagged_and_the_total_i
         "a disagreement is read the conservative way"
     );
 }
+
+/// `phm query --rate-per 1000 --denominator … --standardise "bin(age, 20)"`: both
+/// queries run through the real coordinator and nodes; each IMD quintile gets a crude
+/// rate (events / people × 1000, from the two DP counts) and an ESP2013 age-standardised
+/// rate, and their intervals cover the synthetic truth (10 intervals, judged against a
+/// binomial floor at failure probability 1e-6).
+#[test]
+fn rates_per_thousand_are_formed_from_two_dp_counts_and_age_standardised() {
+    let fed = Federation::start(30_000, 23, None);
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fed.ics.root.join("reference_answers.json")).unwrap(),
+    )
+    .unwrap();
+    let truth = |id: &str, alias: &str| -> Vec<(Vec<String>, f64)> {
+        let q = reference["questions"]
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["id"] == id))
+            .unwrap_or_else(|| panic!("reference answer {id}"));
+        q["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let key = r["key"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|k| k.as_str().unwrap().to_string())
+                    .collect();
+                (key, r["values"][alias].as_f64().unwrap_or(0.0))
+            })
+            .collect()
+    };
+    let events = phm_devkit::questions::DIABETES_BY_IMD_AGE.sql;
+    let people = phm_devkit::questions::POPULATION_BY_IMD_AGE.sql;
+    let out = fed.query_json(
+        "dsu",
+        &[
+            "--purpose",
+            "planning",
+            "--epsilon",
+            "1",
+            "--rate-per",
+            "1000",
+            "--denominator",
+            people,
+            "--standardise",
+            "bin(age, 20)",
+        ],
+        events,
+    );
+    let rates = &out["rates"];
+    assert_eq!(rates["standard"], "ESP2013", "{rates}");
+    let rows = rates["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "one row per IMD quintile: {rates}");
+    let (o, n) = (
+        truth("diabetes_by_imd_age", "diabetics"),
+        truth("population_by_imd_age", "people"),
+    );
+    let weights =
+        phm_coordinator::rates::band_weights(&[0.0, 20.0, 40.0, 60.0, 80.0, 100.0]).unwrap();
+    let (mut intervals, mut covered) = (0usize, 0usize);
+    for row in rows {
+        let q = row["stratum"][0].as_str().unwrap().to_string();
+        let band = |key: &[String], b: usize| key[0] == q && key[1] == format!("{}", b * 20);
+        let get = |t: &[(Vec<String>, f64)], b: usize| {
+            t.iter().find(|(k, _)| band(k, b)).map_or(0.0, |x| x.1)
+        };
+        let (to, tn): (f64, f64) = (0..6)
+            .map(|b| (get(&o, b), get(&n, b)))
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        let dsr: f64 = (0..6)
+            .filter(|&b| get(&n, b) > 0.0)
+            .map(|b| weights[b] * get(&o, b) / get(&n, b))
+            .sum::<f64>()
+            * 1000.0;
+        let crude = &row["crude"];
+        let (e, p) = (
+            crude["events"].as_f64().unwrap(),
+            crude["people"].as_f64().unwrap(),
+        );
+        let est = crude["estimate"].as_f64().unwrap();
+        assert!((est - 1000.0 * e / p).abs() < 1e-9 * est.max(1.0), "{row}");
+        for (r, exact) in [(crude, 1000.0 * to / tn), (&row["standardised"], dsr)] {
+            let (lo, hi, est) = (
+                r["ci95_low"].as_f64().unwrap(),
+                r["ci95_high"].as_f64().unwrap(),
+                r["estimate"].as_f64().unwrap(),
+            );
+            assert!(lo <= est && est <= hi, "{r}");
+            intervals += 1;
+            covered += usize::from(lo <= exact && exact <= hi);
+        }
+    }
+    let floor = binomial_floor(intervals, 0.95);
+    assert!(
+        covered > floor,
+        "only {covered} of {intervals} rate intervals cover the truth (floor {floor}): {rates}"
+    );
+}
