@@ -9,6 +9,8 @@
 //!   practice sample, narrowed to a test's columns) and the benchmark's data.
 //! - [`pki`]: one development PKI (an infrastructure CA, a people CA, leaves by role).
 //! - [`postgres`]: a real PostgreSQL server for the warehouse tests and demo.
+//! - [`privacy_audit`]: the empirical privacy audit (neighbouring datasets, Clopper–Pearson
+//!   lower bounds on ε).
 //! - [`launch`]: one local-federation launcher (nodes and a coordinator as processes on
 //!   loopback ports chosen at run time).
 
@@ -16,5 +18,6 @@ pub mod fixture;
 pub mod launch;
 pub mod pki;
 pub mod postgres;
+pub mod privacy_audit;
 pub mod questions;
 pub mod synth;

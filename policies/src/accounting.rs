@@ -19,6 +19,8 @@ use crate::model::Mechanism;
 use opendp::combinators::ConcentratedMeasure as _;
 use opendp::measures::ZeroConcentratedDivergence;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 /// The planned privacy cost of one query, before it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -128,6 +130,11 @@ pub fn plan(
 /// at the ρ and δ PHM queries use. Should OpenDP refuse the inputs, the classic bound,
 /// always valid and looser, is what is returned: a spend is never under-counted.
 pub fn epsilon_of_rho(rho: f64, delta: f64) -> f64 {
+    static CACHE: Memo = OnceLock::new();
+    memo(&CACHE, rho, delta, || epsilon_of_rho_uncached(rho, delta))
+}
+
+fn epsilon_of_rho_uncached(rho: f64, delta: f64) -> f64 {
     let classic = classic_epsilon_of_rho(rho, delta);
     if rho.is_nan() || rho <= 0.0 {
         return classic;
@@ -148,6 +155,32 @@ pub fn classic_epsilon_of_rho(rho: f64, delta: f64) -> f64 {
 /// bisection between the classic bound's ρ, which the tighter conversion always allows,
 /// and ε itself, more than any conversion allows.
 pub fn rho_for(epsilon: f64, delta: f64) -> f64 {
+    static CACHE: Memo = OnceLock::new();
+    memo(&CACHE, epsilon, delta, || rho_for_uncached(epsilon, delta))
+}
+
+/// Results of a pure function of two floats, by their bits. OpenDP's conversions are
+/// searches of their own (a few milliseconds per [`rho_for`]), and a node asks for
+/// the same few (ε, δ) on every query of a policy. Bounded: cleared when full.
+type Memo = OnceLock<Mutex<HashMap<(u64, u64), f64>>>;
+
+fn memo(cache: &'static Memo, a: f64, b: f64, f: impl FnOnce() -> f64) -> f64 {
+    let key = (a.to_bits(), b.to_bits());
+    let cache = cache.get_or_init(Default::default);
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).copied()) {
+        return v;
+    }
+    let v = f();
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= 4096 {
+            c.clear();
+        }
+        c.insert(key, v);
+    }
+    v
+}
+
+fn rho_for_uncached(epsilon: f64, delta: f64) -> f64 {
     let l = (1.0 / delta).ln();
     let mut lo = ((l + epsilon).sqrt() - l.sqrt()).powi(2) * (1.0 - 1e-9);
     let mut hi = epsilon;

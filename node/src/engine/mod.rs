@@ -16,6 +16,8 @@ mod load;
 mod noise;
 mod plan;
 mod post;
+#[cfg(any(test, feature = "bench"))]
+pub mod privacy_audit;
 mod secure;
 mod warehouse;
 

@@ -201,6 +201,61 @@ fn noise_sums(
     }
 }
 
+/// The noise scale for `epsilon` and the smallest threshold whose delta fits, for m
+/// rows per person: a search through OpenDP's privacy map (a few dozen maps), the same
+/// for every query with the same (m, ε, δ), so remembered. What is remembered is only
+/// what the search found; the measurement's own map is still checked on every use.
+///
+/// The threshold is one above the smallest that OpenDP's map accepts: the map counts
+/// the noise tail strictly above the threshold, but the mechanism also releases a key
+/// whose noisy count equals it (opendp/opendp#2922), so the map at t − 1 is the true δ
+/// at t.
+fn threshold_parameters(
+    m: i64,
+    epsilon: f64,
+    delta: f64,
+    loss: impl Fn(f64, i64) -> Result<(f64, f64), EngineError>,
+) -> Result<(f64, i64), EngineError> {
+    type Found = HashMap<(i64, u64, u64), (f64, i64)>;
+    static FOUND: std::sync::OnceLock<std::sync::Mutex<Found>> = std::sync::OnceLock::new();
+    let key = (m, epsilon.to_bits(), delta.to_bits());
+    let found = FOUND.get_or_init(Default::default);
+    if let Some(v) = found.lock().ok().and_then(|f| f.get(&key).copied()) {
+        return Ok(v);
+    }
+    // The epsilon part does not depend on the threshold.
+    let (scale, _) = calibrate(m as f64 / epsilon, epsilon, |s| Ok(loss(s, m)?.0))?;
+    // Smallest threshold whose delta fits: grow until it does, then bisect.
+    let mut hi = m.saturating_add((scale.ceil() as i64).max(1));
+    let mut guard = 0;
+    while loss(scale, hi)?.1 > delta {
+        hi = hi.saturating_mul(2);
+        guard += 1;
+        if guard > 62 {
+            return Err(EngineError::Noise(format!(
+                "no threshold achieves delta {delta}"
+            )));
+        }
+    }
+    let mut lo = m;
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if loss(scale, mid)?.1 <= delta {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let threshold = (if loss(scale, lo)?.1 <= delta { lo } else { hi }) + 1;
+    if let Ok(mut f) = found.lock() {
+        if f.len() >= 1024 {
+            f.clear();
+        }
+        f.insert(key, (scale, threshold));
+    }
+    Ok((scale, threshold))
+}
+
 /// DP key selection for observed keys: OpenDP's Laplace threshold mechanism on the
 /// per-key counts. Returns the positions of the keys released and the (epsilon, delta)
 /// the measurement's map reports for one person (up to m rows in up to m keys).
@@ -225,32 +280,13 @@ fn threshold_keys(
         .map_err(noise_err)
     };
     let loss = |scale: f64, threshold: i64| make(scale, threshold)?.map(&d_in).map_err(noise_err);
-    // The epsilon part does not depend on the threshold.
-    let (scale, _) = calibrate(m as f64 / epsilon, epsilon, |s| Ok(loss(s, m)?.0))?;
-    // Smallest threshold whose delta fits: grow until it does, then bisect.
-    let mut hi = m.saturating_add((scale.ceil() as i64).max(1));
-    let mut guard = 0;
-    while loss(scale, hi)?.1 > delta {
-        hi = hi.saturating_mul(2);
-        guard += 1;
-        if guard > 62 {
-            return Err(EngineError::Noise(format!(
-                "no threshold achieves delta {delta}"
-            )));
-        }
-    }
-    let mut lo = m;
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if loss(scale, mid)?.1 <= delta {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    let threshold = if loss(scale, lo)?.1 <= delta { lo } else { hi };
+    let (scale, threshold) = threshold_parameters(m, epsilon, delta, loss)?;
     let meas = make(scale, threshold)?;
-    let (eps, del) = meas.map(&d_in).map_err(noise_err)?;
+    let (eps, _) = meas.map(&d_in).map_err(noise_err)?;
+    // OpenDP 0.16's map understates δ: it keeps noisy counts *at or above* the
+    // threshold but counts only the tail strictly above it (opendp/opendp#2922; our
+    // privacy audit found the same). The δ of threshold t is the map's at t − 1.
+    let (_, del) = loss(scale, threshold - 1)?;
     let data: HashMap<u64, i64> = counts
         .iter()
         .enumerate()
@@ -825,6 +861,43 @@ mod measure_tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 1e-9 * b.abs().max(1.0)
+    }
+
+    /// A key held by one person (m rows in up to m keys) is released with probability
+    /// `1 − (1 − P[Z ≥ T − m])^m`, Z discrete Laplace, T the threshold; that exact
+    /// figure must be within the δ the query was given, and is what `threshold_keys`
+    /// reports. OpenDP's own map reports less (opendp/opendp#2922): using its threshold
+    /// as is fails this test.
+    #[test]
+    fn a_key_held_by_one_person_is_released_with_probability_at_most_delta() {
+        for (m, epsilon, delta) in [(1i64, 0.5, 1e-3), (1, 1.0, 1e-9), (3, 0.5, 1e-6)] {
+            let domain =
+                MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default());
+            let metric = L0PInfDistance(AbsoluteDistance::<i64>::default());
+            let d_in = (u32::try_from(m).unwrap(), m, m);
+            let loss = |scale: f64, threshold: i64| {
+                make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+                    domain.clone(),
+                    metric.clone(),
+                    scale,
+                    threshold,
+                    None,
+                )
+                .map_err(noise_err)?
+                .map(&d_in)
+                .map_err(noise_err)
+            };
+            let (scale, threshold) = threshold_parameters(m, epsilon, delta, loss).unwrap();
+            let q = (-1.0 / scale).exp();
+            let tail = q.powi((threshold - m) as i32) / (1.0 + q);
+            let exact = 1.0 - (1.0 - tail).powi(m as i32);
+            assert!(exact <= delta * (1.0 + 1e-9), "m {m}: exact {exact} > δ {delta}");
+            let (_, _, reported) = threshold_keys(&[1], m, epsilon, delta).unwrap();
+            assert!(
+                reported >= exact * (1.0 - 1e-6),
+                "m {m}: reported δ {reported} below the exact {exact}"
+            );
+        }
     }
 
     #[test]
