@@ -284,7 +284,7 @@ async fn main() -> Result<()> {
         let best = peer_rmse.iter().copied().fold(f64::INFINITY, f64::min);
         let fastest = peer_s.iter().copied().fold(f64::INFINITY, f64::min);
         println!(
-            "| {name} | {:.4} | {} | **{:.2}×** | {:.3} | {} | {:.2}× |",
+            "| {name} | {:.4} | {} | **{:.2}×** | {:.4} | {} | {:.4}× |",
             rmse[i],
             peer_rmse
                 .iter()

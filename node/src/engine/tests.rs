@@ -1048,6 +1048,22 @@ async fn discrete_gaussian_interval_coverage_and_variance() {
     );
 }
 
+/// A column the policy declares `never_null` (so AVG over it shares COUNT(*)'s noisy
+/// count) is checked at load: one empty value refuses the file, naming the column.
+#[tokio::test]
+async fn a_never_null_column_with_an_empty_value_refuses_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write_parquet(&dir.path().join("gp.parquet"), &batch(&people()));
+    let mut p = policy("parquet", "gp.parquet", 1);
+    for c in p.datasets.iter_mut().flat_map(|d| d.columns.iter_mut()) {
+        if c.name == "bmi" {
+            c.never_null = true;
+        }
+    }
+    let err = Engine::load(&p, dir.path()).await.unwrap_err().to_string();
+    assert!(err.contains("bmi") && err.contains("never_null"), "{err}");
+}
+
 #[tokio::test]
 async fn mean_interval_is_the_delta_method_from_its_parts() {
     let (_d, engine) = parquet_engine().await;

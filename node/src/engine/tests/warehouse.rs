@@ -500,6 +500,13 @@ async fn load_checks_the_relation_with_aggregate_statements() {
             1,
             "missing",
         ),
+        // The sample declares age never_null (AVG(age) then shares COUNT(*)).
+        (
+            "UPDATE gp SET age = NULL WHERE person_id IN ('p5', 'p6', 'p7')",
+            "age",
+            3,
+            "never_null",
+        ),
     ];
     for (update, column, count, reason) in cases {
         pg.sql(&format!(
