@@ -38,7 +38,7 @@ pub struct Finding {
     /// ε lower bound at the stated confidence (0 when the event shows nothing).
     pub epsilon_lower: f64,
     pub event: String,
-    /// Empirical P[S] on the dataset the event favours and on the other.
+    /// Empirical `P[S]` on the dataset the event favours and on the other.
     pub p: f64,
     pub q: f64,
     pub trials: usize,

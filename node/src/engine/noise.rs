@@ -871,8 +871,7 @@ mod measure_tests {
     #[test]
     fn a_key_held_by_one_person_is_released_with_probability_at_most_delta() {
         for (m, epsilon, delta) in [(1i64, 0.5, 1e-3), (1, 1.0, 1e-9), (3, 0.5, 1e-6)] {
-            let domain =
-                MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default());
+            let domain = MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default());
             let metric = L0PInfDistance(AbsoluteDistance::<i64>::default());
             let d_in = (u32::try_from(m).unwrap(), m, m);
             let loss = |scale: f64, threshold: i64| {
@@ -891,7 +890,10 @@ mod measure_tests {
             let q = (-1.0 / scale).exp();
             let tail = q.powi((threshold - m) as i32) / (1.0 + q);
             let exact = 1.0 - (1.0 - tail).powi(m as i32);
-            assert!(exact <= delta * (1.0 + 1e-9), "m {m}: exact {exact} > δ {delta}");
+            assert!(
+                exact <= delta * (1.0 + 1e-9),
+                "m {m}: exact {exact} > δ {delta}"
+            );
             let (_, _, reported) = threshold_keys(&[1], m, epsilon, delta).unwrap();
             assert!(
                 reported >= exact * (1.0 - 1e-6),
