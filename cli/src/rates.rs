@@ -266,3 +266,94 @@ fn csv_field(s: &str) -> String {
         s.to_string()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use phm_proto::proto::{CombinedCell, CombinedRow};
+
+    fn result(alias: &str, rows: &[(&str, &str, Option<f64>)]) -> CombinedResult {
+        CombinedResult {
+            group_columns: vec!["imd_quintile".into(), "bin(age, 20)".into()],
+            min_reportable_count: 7.0,
+            rows: rows
+                .iter()
+                .map(|(q, a, v)| CombinedRow {
+                    key: vec![(*q).into(), (*a).into()],
+                    cells: vec![CombinedCell {
+                        alias: alias.into(),
+                        estimate: v.unwrap_or(0.0),
+                        standard_error: 2.0,
+                        suppressed: v.is_none(),
+                        suppression_reason: if v.is_none() {
+                            low_count_reason(7.0)
+                        } else {
+                            String::new()
+                        },
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn count(alias: &str) -> Vec<Aggregate> {
+        vec![Aggregate {
+            alias: alias.into(),
+            kind: AggregateKind::Count,
+            column: None,
+        }]
+    }
+
+    /// A band suppressed as small is taken as half the threshold (3.5) with the
+    /// variance of a uniform on [0, 7] added; the table says so; the age column must
+    /// be one of the group columns.
+    #[test]
+    fn small_suppressed_bands_are_imputed_and_bad_columns_are_refused() {
+        let bands = ["0", "20", "40", "60", "80"];
+        let ev: Vec<(&str, &str, Option<f64>)> = bands
+            .iter()
+            .map(|b| ("1", *b, if *b == "0" { None } else { Some(103.0) }))
+            .collect();
+        let pp: Vec<(&str, &str, Option<f64>)> =
+            bands.iter().map(|b| ("1", *b, Some(1000.0))).collect();
+        let (e, p) = (result("cases", &ev), result("people", &pp));
+        let t = Rates::of(
+            &e,
+            &count("cases"),
+            &p,
+            &count("people"),
+            1000.0,
+            Some("bin(age, 20)"),
+        )
+        .unwrap();
+        let crude = t.rows[0].crude.clone().unwrap();
+        assert!(
+            (crude.events - (4.0 * 103.0 + 3.5)).abs() < 1e-9,
+            "{crude:?}"
+        );
+        assert!(
+            t.table()
+                .contains("1 count suppressed as small (at or below 7) is taken")
+        );
+        assert!(t.csv().lines().count() == 2, "{}", t.csv());
+        let err = Rates::of(
+            &e,
+            &count("cases"),
+            &p,
+            &count("people"),
+            1000.0,
+            Some("age"),
+        )
+        .unwrap_err();
+        assert!(err.contains("no such group column"), "{err}");
+        let mut other = p.clone();
+        other.group_columns = vec!["sex".into(), "bin(age, 20)".into()];
+        let err =
+            Rates::of(&e, &count("cases"), &other, &count("people"), 1000.0, None).unwrap_err();
+        assert!(err.contains("same GROUP BY"), "{err}");
+    }
+}

@@ -856,6 +856,18 @@ fn decode_participation(query_id: &str, v: &[u8]) -> phm_secagg::Participation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sled releases its file lock from a background thread after the drop, so a
+    /// reopen in the same process may have to wait a moment on a busy machine.
+    fn reopen(path: &std::path::Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(s) = Store::open(path) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(40));
+        }
+        Store::open(path).unwrap()
+    }
     use phm_policies::model::Period;
 
     const DELTA: f64 = 1e-9;
@@ -935,7 +947,7 @@ mod tests {
         ));
         // Durable: after a restart the record is there and still blocks a new session.
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let back = store.secagg_participation(&k).unwrap().unwrap();
         assert_eq!((back.session_id, back.stage), ([1; 32], Stage::Spent));
         assert!(store.join_secagg(&k, &second).is_err());
@@ -1161,16 +1173,7 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             spend(&store, std::slice::from_ref(&c), 1.5).unwrap();
         }
-        // sled releases its file lock from a background thread after the drop, so
-        // the reopen may have to wait a moment on a busy machine.
-        let store = (0..50)
-            .find_map(|_| {
-                Store::open(dir.path()).ok().or_else(|| {
-                    std::thread::sleep(std::time::Duration::from_millis(40));
-                    None
-                })
-            })
-            .expect("the store reopens once sled has let go of it");
+        let store = reopen(dir.path());
         assert_eq!(store.spent(&c.key()).unwrap(), pure(1.5));
     }
 
@@ -1288,7 +1291,7 @@ mod tests {
         );
         // Survives a restart.
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(
             store.cached_release(&q, "d2", "c1").unwrap(),
             charged(false)
