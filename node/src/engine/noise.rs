@@ -791,6 +791,7 @@ mod measure_tests {
     //! a noisy vector, the noise each is given, and the centred mean's interval.
     use super::super::clamp::Lattice;
     use super::super::plan::ValueColumn;
+    use super::super::privacy_audit::age;
     use super::*;
     use phm_policies::model::ColumnType;
     use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits};
@@ -799,15 +800,6 @@ mod measure_tests {
     /// People per group; ages sum to 3600 (mean 40) in F and 4500 (mean 50) in M.
     const N: i64 = 90;
     const TRUE_MEANS: [f64; 2] = [40.0, 50.0];
-
-    fn age(never_null: bool) -> ColumnLimits {
-        ColumnLimits {
-            name: "age".into(),
-            column_type: ColumnType::Integer,
-            bounds: Some((0.0, 110.0)),
-            never_null,
-        }
-    }
 
     fn agg(alias: &str, kind: AggregateKind, column: Option<ColumnLimits>) -> AggregateLimits {
         AggregateLimits {

@@ -32,7 +32,8 @@ pub struct AuditPath {
 
 const EPSILON: f64 = 1.0;
 
-fn age(never_null: bool) -> ColumnLimits {
+/// The audit's (and the noise tests') value column: age in [0, 110].
+pub(crate) fn age(never_null: bool) -> ColumnLimits {
     ColumnLimits {
         name: "age".into(),
         column_type: ColumnType::Integer,
