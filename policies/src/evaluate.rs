@@ -1317,7 +1317,26 @@ fn plan_spend(
     let e = q.epsilon;
     // Shares go to measurements, not aggregates (`measures`): figures formed from
     // the same noisy vector are post-processing of it.
-    let measured = crate::measures::measures(aggregates).len().max(1);
+    let plan = crate::measures::measures(aggregates);
+    let measured = plan.len().max(1);
+    if !plan.is_empty() && e.is_finite() && e > 0.0 {
+        t.allow(
+            format!("epsilon {e}"),
+            "release",
+            format!(
+                "split evenly over {} noisy measurement{}{}: {}; every figure asked for is \
+                 formed from these, so figures that share one pay for it once",
+                plan.len(),
+                if plan.len() == 1 { "" } else { "s" },
+                if thresholded {
+                    " and key selection"
+                } else {
+                    ""
+                },
+                plan.describe()
+            ),
+        );
+    }
     let (spend, threshold_epsilon) =
         accounting::plan(r.mechanism, e, measured, thresholded, r.delta);
     if thresholded && e.is_finite() && e > 0.0 {

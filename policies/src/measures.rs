@@ -70,6 +70,27 @@ impl Measures {
         self.list.is_empty()
     }
 
+    /// The measurements in words, for `phm policy explain`: e.g. "rows per key; sum of
+    /// age centred on the middle of its bounds".
+    pub fn describe(&self) -> String {
+        self.list
+            .iter()
+            .map(|m| match m {
+                Measure::Rows => "rows per key".to_string(),
+                Measure::Values(c) => format!("values of {c} per key"),
+                Measure::Sum {
+                    column,
+                    centred: false,
+                } => format!("sum of {column}"),
+                Measure::Sum {
+                    column,
+                    centred: true,
+                } => format!("sum of {column} centred on the middle of its bounds"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     fn position(&mut self, m: Measure) -> usize {
         if let Some(i) = self.list.iter().position(|x| *x == m) {
             return i;
@@ -185,6 +206,10 @@ mod tests {
             ]
         );
         assert_eq!(m.formed[1], Some(Formed::Mean { sum: 1, count: 2 }));
+        assert_eq!(
+            m.describe(),
+            "rows per key; sum of bmi centred on the middle of its bounds; values of bmi per key"
+        );
     }
 
     #[test]
