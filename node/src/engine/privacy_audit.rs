@@ -109,6 +109,19 @@ struct Release {
 }
 
 impl Release {
+    /// The noisy value of cell 0 of key "a", the usual output.
+    fn of(limits: Limits, d: Exact, d2: Exact) -> Release {
+        Release {
+            limits,
+            d,
+            d2,
+            key: "a",
+            cell: 0,
+            displayed: false,
+            presence: false,
+        }
+    }
+
     fn into_path(self, name: &'static str, claim: Claim) -> AuditPath {
         let self_presence = self.presence;
         let shared = std::rc::Rc::new(RefCell::new(self));
@@ -166,44 +179,32 @@ pub fn paths() -> Result<Vec<AuditPath>, String> {
     let count = [agg(AggregateKind::Count, None)];
     // COUNT: 90 people, then one more.
     out.push(
-        Release {
-            limits: limits(&count, false)?,
-            d: exact(&count, &[("a", 90, 3600.0)], false)?,
-            d2: exact(&count, &[("a", 91, 3600.0)], false)?,
-            key: "a",
-            cell: 0,
-            displayed: false,
-            presence: false,
-        }
+        Release::of(
+            limits(&count, false)?,
+            exact(&count, &[("a", 90, 3600.0)], false)?,
+            exact(&count, &[("a", 91, 3600.0)], false)?,
+        )
         .into_path("count (discrete Laplace)", pure(EPSILON)),
     );
     // COUNT with m = 3: the new person has three rows, all in the cell.
     let mut l3 = limits(&count, false)?;
     l3.max_rows_per_person = 3;
     out.push(
-        Release {
-            limits: l3,
-            d: exact(&count, &[("a", 90, 3600.0)], false)?,
-            d2: exact(&count, &[("a", 93, 3600.0)], false)?,
-            key: "a",
-            cell: 0,
-            displayed: false,
-            presence: false,
-        }
+        Release::of(
+            l3,
+            exact(&count, &[("a", 90, 3600.0)], false)?,
+            exact(&count, &[("a", 93, 3600.0)], false)?,
+        )
         .into_path("count, 3 rows per person", pure(EPSILON)),
     );
     // SUM(age): the new person is 110, the bound.
     let sum = [agg(AggregateKind::Sum, Some(age(false)))];
     out.push(
-        Release {
-            limits: limits(&sum, false)?,
-            d: exact(&sum, &[("a", 90, 3600.0)], false)?,
-            d2: exact(&sum, &[("a", 91, 3710.0)], false)?,
-            key: "a",
-            cell: 0,
-            displayed: false,
-            presence: false,
-        }
+        Release::of(
+            limits(&sum, false)?,
+            exact(&sum, &[("a", 90, 3600.0)], false)?,
+            exact(&sum, &[("a", 91, 3710.0)], false)?,
+        )
         .into_path("sum (Laplace on the lattice)", pure(EPSILON)),
     );
     // COUNT and AVG(age) of a never-null column: shared count, centred sum; the new
@@ -214,13 +215,12 @@ pub fn paths() -> Result<Vec<AuditPath>, String> {
     ];
     out.push(
         Release {
-            limits: limits(&mean, false)?,
-            d: exact(&mean, &[("a", 90, 3600.0)], false)?,
-            d2: exact(&mean, &[("a", 91, 3710.0)], false)?,
-            key: "a",
             cell: 1,
-            displayed: false,
-            presence: false,
+            ..Release::of(
+                limits(&mean, false)?,
+                exact(&mean, &[("a", 90, 3600.0)], false)?,
+                exact(&mean, &[("a", 91, 3710.0)], false)?,
+            )
         }
         .into_path("mean (centred sum / shared count)", pure(EPSILON)),
     );
@@ -231,13 +231,12 @@ pub fn paths() -> Result<Vec<AuditPath>, String> {
     lr.min_reportable_count = 7.0;
     out.push(
         Release {
-            limits: lr,
-            d: exact(&count, &[("a", 8, 0.0)], false)?,
-            d2: exact(&count, &[("a", 9, 0.0)], false)?,
-            key: "a",
-            cell: 0,
             displayed: true,
-            presence: false,
+            ..Release::of(
+                lr,
+                exact(&count, &[("a", 8, 0.0)], false)?,
+                exact(&count, &[("a", 9, 0.0)], false)?,
+            )
         }
         .into_path("rounding and suppression after noise", pure(EPSILON)),
     );
@@ -247,13 +246,13 @@ pub fn paths() -> Result<Vec<AuditPath>, String> {
     lt.delta = 1e-3;
     out.push(
         Release {
-            limits: lt,
-            d: exact(&count, &[("a", 500, 0.0), ("z", 1, 0.0)], true)?,
-            d2: exact(&count, &[("a", 500, 0.0)], true)?,
             key: "z",
-            cell: 0,
-            displayed: false,
             presence: true,
+            ..Release::of(
+                lt,
+                exact(&count, &[("a", 500, 0.0), ("z", 1, 0.0)], true)?,
+                exact(&count, &[("a", 500, 0.0)], true)?,
+            )
         }
         .into_path(
             "thresholded key selection",
@@ -268,15 +267,11 @@ pub fn paths() -> Result<Vec<AuditPath>, String> {
     lg.mechanism = Mechanism::DiscreteGaussian;
     lg.delta = 1e-6;
     out.push(
-        Release {
-            limits: lg,
-            d: exact(&count, &[("a", 90, 0.0)], false)?,
-            d2: exact(&count, &[("a", 91, 0.0)], false)?,
-            key: "a",
-            cell: 0,
-            displayed: false,
-            presence: false,
-        }
+        Release::of(
+            lg,
+            exact(&count, &[("a", 90, 0.0)], false)?,
+            exact(&count, &[("a", 91, 0.0)], false)?,
+        )
         .into_path(
             "count (discrete Gaussian, zCDP)",
             Claim {
