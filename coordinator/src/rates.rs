@@ -30,9 +30,12 @@
 //! of five (the keys of `bin(age, w)` for w a multiple of 5, or declared bin edges at
 //! such ages), starting at 0. A band [a, b) takes the ESP2013 weight of every five-year
 //! band inside it; the last band takes everything from its lower edge up (so bins at
-//! 90, 95, 100, … fold into ESP's 90+). A band missing from the answer (suppressed by
-//! a partner, or not released) refuses the standardised rate: leaving it out would
-//! silently re-weight the rest.
+//! 90, 95, 100, … fold into ESP's 90+). Bands are taken as the answer gives them,
+//! each running to the next lower edge: a declared age domain always releases every
+//! band (zeros included), and a band released but suppressed to protect a partner
+//! refuses its stratum's rate ([`rate_table`]), since leaving it out would silently
+//! re-weight the rest. (The CLI imputes a band suppressed only as *small*; see
+//! `phm::rates`.)
 
 use statrs::function::gamma::checked_gamma_lr;
 
