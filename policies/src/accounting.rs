@@ -73,31 +73,47 @@ impl Spend {
     }
 }
 
+/// A query's plan: what it spends, and how that is divided between its noisy
+/// measurements and key selection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planned {
+    pub spend: Spend,
+    /// How many equal shares ε is split into: the measurements (at least one) and,
+    /// when keys are thresholded, key selection.
+    pub shares: usize,
+    /// ε of key selection (0 when no key is thresholded).
+    pub key_selection: f64,
+    /// Each measurement's budget in the mechanism's own measure: ε for the discrete
+    /// Laplace, ρ for the discrete Gaussian (which composes in ρ).
+    pub per_measurement: f64,
+}
+
 /// Plan what a query spends: an even split of `epsilon`, one share per measurement
-/// (`measures`: the noisy vectors its aggregates are formed from) plus one for key
-/// selection when keys are thresholded. Thresholding is
+/// (`measures`: the noisy vectors its aggregates are formed from; at least one) plus
+/// one for key selection when keys are thresholded. Thresholding is
 /// (share, delta)-DP; the rest is pure epsilon (discrete Laplace) or rho-zCDP
 /// (discrete Gaussian, converted at `delta`, halved when thresholding also takes a
-/// delta). Returns the spend and the epsilon share of key selection (0 when no key is
-/// thresholded). The decision plans with this before the ledger is charged, and the
-/// engine noises with it, so the two cannot disagree.
+/// delta). The decision plans with this before the ledger is charged, and the engine
+/// noises with it, so the two cannot disagree.
 pub fn plan(
     mechanism: Mechanism,
     epsilon: f64,
     measurements: usize,
     thresholded: bool,
     delta: f64,
-) -> (Spend, f64) {
+) -> Planned {
+    let measurements = measurements.max(1);
+    let shares = measurements + usize::from(thresholded);
     if !(epsilon.is_finite() && epsilon > 0.0) {
-        return (Spend::ZERO, 0.0);
+        return Planned {
+            spend: Spend::ZERO,
+            shares,
+            key_selection: 0.0,
+            per_measurement: 0.0,
+        };
     }
-    let shares = measurements as f64 + if thresholded { 1.0 } else { 0.0 };
-    let share = if shares > 0.0 {
-        epsilon / shares
-    } else {
-        epsilon
-    };
-    let threshold_epsilon = if thresholded { share } else { 0.0 };
+    let share = epsilon / shares as f64;
+    let key_selection = if thresholded { share } else { 0.0 };
     let spend = match mechanism {
         Mechanism::DiscreteLaplace => Spend {
             epsilon,
@@ -111,17 +127,26 @@ pub fn plan(
                 (0.0, delta)
             };
             Spend {
-                epsilon: threshold_epsilon,
+                epsilon: key_selection,
                 delta: delta_t,
                 rho: if delta_conv > 0.0 && delta_conv < 1.0 {
-                    rho_for(epsilon - threshold_epsilon, delta_conv)
+                    rho_for(epsilon - key_selection, delta_conv)
                 } else {
                     0.0
                 },
             }
         }
     };
-    (spend, threshold_epsilon)
+    let per_measurement = match mechanism {
+        Mechanism::DiscreteLaplace => share,
+        Mechanism::DiscreteGaussian => spend.rho / measurements as f64,
+    };
+    Planned {
+        spend,
+        shares,
+        key_selection,
+        per_measurement,
+    }
 }
 
 /// ε of a ρ-zCDP release at δ, by OpenDP's conversion (`ZeroConcentratedDivergence`'s

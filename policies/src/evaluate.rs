@@ -360,7 +360,7 @@ pub(crate) fn evaluate(
             false,
             r.delta,
         )
-        .0
+        .spend
     } else {
         plan_spend(policy, q, &checks.aggregates, thresholded, &mut t)
     };
@@ -1318,7 +1318,6 @@ fn plan_spend(
     // Shares go to measurements, not aggregates (`measures`): figures formed from
     // the same noisy vector are post-processing of it.
     let plan = crate::measures::measures(aggregates);
-    let measured = plan.len().max(1);
     if !plan.is_empty() && e.is_finite() && e > 0.0 {
         t.allow(
             format!("epsilon {e}"),
@@ -1337,10 +1336,9 @@ fn plan_spend(
             ),
         );
     }
-    let (spend, threshold_epsilon) =
-        accounting::plan(r.mechanism, e, measured, thresholded, r.delta);
+    let planned = accounting::plan(r.mechanism, e, plan.len(), thresholded, r.delta);
+    let (threshold_epsilon, shares) = (planned.key_selection, planned.shares);
     if thresholded && e.is_finite() && e > 0.0 {
-        let shares = measured + 1;
         let subject = format!("epsilon {e}");
         if threshold_epsilon < r.min_threshold_epsilon {
             t.refuse(
@@ -1366,7 +1364,7 @@ fn plan_spend(
             );
         }
     }
-    spend
+    planned.spend
 }
 
 fn check_epsilon(

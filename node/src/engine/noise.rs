@@ -330,27 +330,23 @@ pub(crate) fn release_private(mut exact: Exact, limits: &Limits) -> Result<Relea
     check_limits(&exact, limits)?;
     let m = i64::from(limits.max_rows_per_person);
     let plan = measures(&exact.aggregates);
-    // Even split: one share per measurement, plus one for key selection when keys are
-    // thresholded (`measures` says why even).
-    let measured = plan.len().max(1) as f64;
-    let shares = measured + if exact.thresholded { 1.0 } else { 0.0 };
-    let share = limits.epsilon / shares;
-    // The decision charged the ledger with this same plan; noise to exactly it.
-    let (planned, _) = phm_policies::accounting::plan(
+    // The decision charged the ledger with this same plan (an even split over the
+    // measurements and key selection; `measures` says why even); noise to exactly it.
+    let planned = phm_policies::accounting::plan(
         limits.mechanism,
         limits.epsilon,
-        plan.len().max(1),
+        plan.len(),
         exact.thresholded,
         limits.delta,
     );
-    let (threshold_eps, delta_rest) = select_keys(&mut exact, limits, m, share, planned.delta)?;
-    // Budget per measurement, in the mechanism's own measure (rho for the Gaussian,
-    // composed in rho on the ledger).
-    let unit = match limits.mechanism {
-        Mechanism::DiscreteLaplace => share,
-        Mechanism::DiscreteGaussian => planned.rho / measured,
-    };
-    let (vectors, loss_total) = noise_measures(&exact, &plan, limits, m, unit)?;
+    let (threshold_eps, delta_rest) = select_keys(
+        &mut exact,
+        limits,
+        m,
+        planned.key_selection,
+        planned.spend.delta,
+    )?;
+    let (vectors, loss_total) = noise_measures(&exact, &plan, limits, m, planned.per_measurement)?;
     let epsilon_spent = threshold_eps
         + match limits.mechanism {
             Mechanism::DiscreteLaplace => loss_total,
