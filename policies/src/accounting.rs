@@ -155,8 +155,10 @@ pub fn plan(
 /// at the ρ and δ PHM queries use. Should OpenDP refuse the inputs, the classic bound,
 /// always valid and looser, is what is returned: a spend is never under-counted.
 pub fn epsilon_of_rho(rho: f64, delta: f64) -> f64 {
-    static CACHE: Memo = OnceLock::new();
-    memo(&CACHE, rho, delta, || epsilon_of_rho_uncached(rho, delta))
+    static CACHE: Memo<(u64, u64), f64> = Memo::new(4096);
+    CACHE.get_or((rho.to_bits(), delta.to_bits()), || {
+        epsilon_of_rho_uncached(rho, delta)
+    })
 }
 
 fn epsilon_of_rho_uncached(rho: f64, delta: f64) -> f64 {
@@ -180,29 +182,52 @@ pub fn classic_epsilon_of_rho(rho: f64, delta: f64) -> f64 {
 /// bisection between the classic bound's ρ, which the tighter conversion always allows,
 /// and ε itself, more than any conversion allows.
 pub fn rho_for(epsilon: f64, delta: f64) -> f64 {
-    static CACHE: Memo = OnceLock::new();
-    memo(&CACHE, epsilon, delta, || rho_for_uncached(epsilon, delta))
+    static CACHE: Memo<(u64, u64), f64> = Memo::new(4096);
+    CACHE.get_or((epsilon.to_bits(), delta.to_bits()), || {
+        rho_for_uncached(epsilon, delta)
+    })
 }
 
-/// Results of a pure function of two floats, by their bits. OpenDP's conversions are
-/// searches of their own (a few milliseconds per [`rho_for`]), and a node asks for
-/// the same few (ε, δ) on every query of a policy. Bounded: cleared when full.
-type Memo = OnceLock<Mutex<HashMap<(u64, u64), f64>>>;
+/// Remembered results of a pure, slow computation: OpenDP's conversions and searches
+/// (a few milliseconds each), which a node repeats with the same few inputs on every
+/// query of a policy. Keys are the inputs (floats by their bits); only successes are
+/// kept; bounded, cleared when full.
+pub struct Memo<K, V> {
+    capacity: usize,
+    map: OnceLock<Mutex<HashMap<K, V>>>,
+}
 
-fn memo(cache: &'static Memo, a: f64, b: f64, f: impl FnOnce() -> f64) -> f64 {
-    let key = (a.to_bits(), b.to_bits());
-    let cache = cache.get_or_init(Default::default);
-    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).copied()) {
-        return v;
-    }
-    let v = f();
-    if let Ok(mut c) = cache.lock() {
-        if c.len() >= 4096 {
-            c.clear();
+impl<K: Eq + std::hash::Hash, V: Copy> Memo<K, V> {
+    pub const fn new(capacity: usize) -> Memo<K, V> {
+        Memo {
+            capacity,
+            map: OnceLock::new(),
         }
-        c.insert(key, v);
     }
-    v
+
+    /// The remembered value for `key`, or `f`'s, remembered when it succeeds.
+    pub fn get_or_try<E>(&self, key: K, f: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
+        let map = self.map.get_or_init(Default::default);
+        if let Some(v) = map.lock().ok().and_then(|m| m.get(&key).copied()) {
+            return Ok(v);
+        }
+        let v = f()?;
+        if let Ok(mut m) = map.lock() {
+            if m.len() >= self.capacity {
+                m.clear();
+            }
+            m.insert(key, v);
+        }
+        Ok(v)
+    }
+
+    /// [`Memo::get_or_try`] for a computation that cannot fail.
+    pub fn get_or(&self, key: K, f: impl FnOnce() -> V) -> V {
+        match self.get_or_try::<std::convert::Infallible>(key, || Ok(f())) {
+            Ok(v) => v,
+            Err(never) => match never {},
+        }
+    }
 }
 
 fn rho_for_uncached(epsilon: f64, delta: f64) -> f64 {

@@ -216,13 +216,19 @@ fn threshold_parameters(
     delta: f64,
     loss: impl Fn(f64, i64) -> Result<(f64, f64), EngineError>,
 ) -> Result<(f64, i64), EngineError> {
-    type Found = HashMap<(i64, u64, u64), (f64, i64)>;
-    static FOUND: std::sync::OnceLock<std::sync::Mutex<Found>> = std::sync::OnceLock::new();
-    let key = (m, epsilon.to_bits(), delta.to_bits());
-    let found = FOUND.get_or_init(Default::default);
-    if let Some(v) = found.lock().ok().and_then(|f| f.get(&key).copied()) {
-        return Ok(v);
-    }
+    static FOUND: Memo<(i64, u64, u64), (f64, i64)> = Memo::new(1024);
+    FOUND.get_or_try((m, epsilon.to_bits(), delta.to_bits()), || {
+        search_threshold(m, epsilon, delta, &loss)
+    })
+}
+
+/// [`threshold_parameters`]' search.
+fn search_threshold(
+    m: i64,
+    epsilon: f64,
+    delta: f64,
+    loss: &impl Fn(f64, i64) -> Result<(f64, f64), EngineError>,
+) -> Result<(f64, i64), EngineError> {
     // The epsilon part does not depend on the threshold.
     let (scale, _) = calibrate(m as f64 / epsilon, epsilon, |s| Ok(loss(s, m)?.0))?;
     // Smallest threshold whose delta fits: grow until it does, then bisect.
@@ -247,12 +253,6 @@ fn threshold_parameters(
         }
     }
     let threshold = (if loss(scale, lo)?.1 <= delta { lo } else { hi }) + 1;
-    if let Ok(mut f) = found.lock() {
-        if f.len() >= 1024 {
-            f.clear();
-        }
-        f.insert(key, (scale, threshold));
-    }
     Ok((scale, threshold))
 }
 
@@ -301,7 +301,7 @@ fn threshold_keys(
     Ok((keep, eps, del))
 }
 
-use phm_policies::accounting::epsilon_of_rho;
+use phm_policies::accounting::{Memo, epsilon_of_rho};
 use phm_policies::measures::{Formed, Measure, Measures, measures};
 
 /// One noised measurement (`phm_policies::measures`): a count vector, or a sum vector
