@@ -508,6 +508,20 @@ pub mod noise_sum {
             }
         }
 
+        /// This noise multiplied by `k`, on the reals (an integer lattice scaled by `k`
+        /// is not the integers, so a count's noise becomes its real-valued twin).
+        pub fn scaled(&self, k: f64) -> Noise {
+            match self.real_valued() {
+                Noise::Known(d) => Noise::Known(Dist {
+                    scale: d.scale * k.abs(),
+                    ..d
+                }),
+                Noise::Unknown { variance } => Noise::Unknown {
+                    variance: variance * k * k,
+                },
+            }
+        }
+
         pub fn variance(&self) -> f64 {
             match self {
                 Noise::Known(d) => d.variance(),
@@ -976,13 +990,12 @@ fn mean_cell(alias: &str, parts: &[MeanNoise], rounded: bool, iv: &mut Intervals
     // A's noise: each partner's sum noise, and (mixed centres only) a real-valued twin
     // of its count noise scaled by d_i, as the delta method's multiplier treats counts.
     let mut sum_noise: Vec<Noise> = parts.iter().map(|m| m.sum).collect();
-    sum_noise.extend(parts.iter().filter(|m| d(m) != 0.0).map(|m| {
-        let shape = match m.count {
-            Noise::Known(dist) => Some(dist.shape),
-            Noise::Unknown { .. } => None,
-        };
-        Noise::new(shape, false, 0.0, d(m) * d(m) * m.parts.count_variance)
-    }));
+    sum_noise.extend(
+        parts
+            .iter()
+            .filter(|m| d(m) != 0.0)
+            .map(|m| m.count.scaled(d(m))),
+    );
     let noise = PartNoises {
         sum: sum_noise,
         count: parts.iter().map(|m| m.count).collect(),

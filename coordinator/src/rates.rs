@@ -205,12 +205,17 @@ pub fn rate_table(
             })
             .collect();
     };
+    // A key without its age band.
+    let stratum_of = |key: &[String]| -> Vec<String> {
+        key.iter()
+            .enumerate()
+            .filter(|(i, _)| *i != a)
+            .map(|(_, k)| k.clone())
+            .collect()
+    };
     let mut strata: Vec<Vec<String>> = Vec::new();
     for (key, _) in people {
-        let mut s = key.clone();
-        if a < s.len() {
-            s.remove(a);
-        }
+        let s = stratum_of(key);
         if !strata.contains(&s) {
             strata.push(s);
         }
@@ -220,13 +225,7 @@ pub fn rate_table(
         .map(|stratum| {
             let bands: Result<Vec<Band>, RateError> = people
                 .iter()
-                .filter(|(key, _)| {
-                    let mut s = key.clone();
-                    if a < s.len() {
-                        s.remove(a);
-                    }
-                    s == stratum
-                })
+                .filter(|(key, _)| stratum_of(key) == stratum)
                 .map(|(key, n)| {
                     let label = key.get(a).cloned().unwrap_or_default();
                     let lower: f64 = label.parse().map_err(|_| RateError::Band(label.clone()))?;

@@ -210,6 +210,11 @@ fn run_peers(
     Ok(serde_json::from_str(&std::fs::read_to_string(out)?)?)
 }
 
+/// A text field of a peer's JSON, or `missing` when it has none.
+fn text<'a>(v: &'a Value, key: &str, missing: &'a str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or(missing)
+}
+
 fn num(v: &Value, path: &[&str]) -> Result<f64> {
     let mut x = v;
     for p in path {
@@ -264,10 +269,7 @@ async fn main() -> Result<()> {
     println!(
         "| aggregate | this node RMSE | {} | ratio to the better peer | node s | peers s | speed ratio (node / faster peer) |",
         list.iter()
-            .map(|p| format!(
-                "{} RMSE",
-                p.get("name").and_then(Value::as_str).unwrap_or("?")
-            ))
+            .map(|p| format!("{} RMSE", text(p, "name", "?")))
             .collect::<Vec<_>>()
             .join(" | ")
     );
@@ -306,7 +308,7 @@ async fn main() -> Result<()> {
         list.iter()
             .map(|p| format!(
                 "{} {:.3}",
-                p.get("name").and_then(Value::as_str).unwrap_or("?"),
+                text(p, "name", "?"),
                 num(p, &["combined_median_s"]).unwrap_or(f64::NAN)
             ))
             .collect::<Vec<_>>()
@@ -315,11 +317,11 @@ async fn main() -> Result<()> {
     for p in list {
         println!(
             "{} {}: ε read back {}, δ {}; {}",
-            p.get("name").and_then(Value::as_str).unwrap_or("?"),
-            p.get("version").and_then(Value::as_str).unwrap_or("?"),
+            text(p, "name", "?"),
+            text(p, "version", "?"),
             num(p, &["epsilon_reported"]).unwrap_or(f64::NAN),
             num(p, &["delta_reported"]).unwrap_or(f64::NAN),
-            p.get("notes").and_then(Value::as_str).unwrap_or(""),
+            text(p, "notes", ""),
         );
     }
     Ok(())
