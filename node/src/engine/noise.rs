@@ -785,60 +785,27 @@ mod link_noise_tests {
 mod measure_tests {
     //! The measurements behind a release (`phm_policies::measures`): which figures share
     //! a noisy vector, the noise each is given, and the centred mean's interval.
-    use super::super::clamp::Lattice;
-    use super::super::plan::ValueColumn;
-    use super::super::privacy_audit::age;
+    use super::super::privacy_audit::{self as audit, age, agg};
     use super::*;
-    use phm_policies::model::ColumnType;
-    use phm_policies::{AggregateLimits, ColumnLimits, GroupDomain, GroupLimits};
+    use phm_policies::AggregateLimits;
     use phm_proto::AggregateKind;
 
     /// People per group; ages sum to 3600 (mean 40) in F and 4500 (mean 50) in M.
     const N: i64 = 90;
     const TRUE_MEANS: [f64; 2] = [40.0, 50.0];
 
-    fn agg(alias: &str, kind: AggregateKind, column: Option<ColumnLimits>) -> AggregateLimits {
-        AggregateLimits {
-            alias: alias.into(),
-            kind,
-            column,
-        }
-    }
-
+    /// Two groups of N people (the audit's fixture), with `value_counts` ages known.
     fn exact(aggregates: Vec<AggregateLimits>, value_counts: [i64; 2]) -> Exact {
-        Exact {
-            group_columns: vec!["sex".into()],
-            keys: vec![vec!["F".into()], vec!["M".into()]],
-            thresholded: false,
-            counts: vec![N, N],
-            values: vec![ValueColumn {
-                name: "age".into(),
-                bounds: (0.0, 110.0),
-                lattice: Lattice::for_bounds(0.0, 110.0).unwrap(),
-                sums: vec![3600.0, 4500.0],
-                counts: value_counts.to_vec(),
-            }],
-            aggregates,
-        }
+        let keys = [("F", N, 3600.0), ("M", N, 4500.0)];
+        let mut e = audit::exact(&aggregates, &keys, false).unwrap();
+        e.values[0].counts = value_counts.to_vec();
+        e
     }
 
+    /// The audit's limits (m = 1, discrete Laplace, nothing suppressed) at `epsilon`.
     fn limits(aggregates: &[AggregateLimits], epsilon: f64) -> Limits {
-        let sex = GroupLimits {
-            column: ColumnLimits {
-                name: "sex".into(),
-                column_type: ColumnType::Text,
-                bounds: None,
-                never_null: false,
-            },
-            label: "sex".into(),
-            domain: GroupDomain::Categories(vec!["F".into(), "M".into()]),
-        };
-        let mut l =
-            phm_devkit::fixture::engine_limits("t", vec![sex], aggregates.to_vec(), epsilon)
-                .unwrap();
-        l.max_rows_per_person = 1;
-        l.mechanism = Mechanism::DiscreteLaplace;
-        l.min_reportable_count = 0.0;
+        let mut l = audit::limits(aggregates, false).unwrap();
+        l.epsilon = epsilon;
         l
     }
 
@@ -894,9 +861,9 @@ mod measure_tests {
     fn count_sum_and_mean_of_one_column_are_two_measurements() {
         let r = release(
             vec![
-                agg("n", AggregateKind::Count, None),
-                agg("s", AggregateKind::Sum, Some(age(true))),
-                agg("m", AggregateKind::Mean, Some(age(true))),
+                agg(AggregateKind::Count, None),
+                agg(AggregateKind::Sum, Some(age(true))),
+                agg(AggregateKind::Mean, Some(age(true))),
             ],
             1.0,
         );
@@ -920,8 +887,8 @@ mod measure_tests {
     fn a_mean_without_its_sum_is_centred_on_the_middle_of_its_bounds() {
         let r = release(
             vec![
-                agg("n", AggregateKind::Count, None),
-                agg("m", AggregateKind::Mean, Some(age(true))),
+                agg(AggregateKind::Count, None),
+                agg(AggregateKind::Mean, Some(age(true))),
             ],
             1.0,
         );
@@ -942,8 +909,8 @@ mod measure_tests {
     fn a_mean_of_a_column_that_may_be_null_noises_its_own_count() {
         let r = release(
             vec![
-                agg("n", AggregateKind::Count, None),
-                agg("m", AggregateKind::Mean, Some(age(false))),
+                agg(AggregateKind::Count, None),
+                agg(AggregateKind::Mean, Some(age(false))),
             ],
             1.5,
         );
@@ -963,8 +930,8 @@ mod measure_tests {
     #[test]
     fn a_never_null_column_with_empty_values_fails_closed() {
         let aggs = vec![
-            agg("n", AggregateKind::Count, None),
-            agg("m", AggregateKind::Mean, Some(age(true))),
+            agg(AggregateKind::Count, None),
+            agg(AggregateKind::Mean, Some(age(true))),
         ];
         let l = limits(&aggs, 1.0);
         let err = release_private(exact(aggs, [N - 1, N]), &l).unwrap_err();
@@ -979,8 +946,8 @@ mod measure_tests {
     #[test]
     fn the_centred_mean_covers_at_the_stated_rate_with_the_stated_variance() {
         let aggs = vec![
-            agg("n", AggregateKind::Count, None),
-            agg("m", AggregateKind::Mean, Some(age(true))),
+            agg(AggregateKind::Count, None),
+            agg(AggregateKind::Mean, Some(age(true))),
         ];
         let l = limits(&aggs, 1.0);
         let (mut covered, mut samples, mut sq, mut stated) = (0usize, 0usize, 0.0, 0.0);

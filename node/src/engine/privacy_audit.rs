@@ -42,7 +42,7 @@ pub(crate) fn age(never_null: bool) -> ColumnLimits {
     }
 }
 
-fn agg(kind: AggregateKind, column: Option<ColumnLimits>) -> AggregateLimits {
+pub(crate) fn agg(kind: AggregateKind, column: Option<ColumnLimits>) -> AggregateLimits {
     AggregateLimits {
         alias: format!("{kind:?}").to_lowercase(),
         kind,
@@ -51,7 +51,7 @@ fn agg(kind: AggregateKind, column: Option<ColumnLimits>) -> AggregateLimits {
 }
 
 /// One group (or, thresholded, observed keys), ages summing to `sum` over `n` people.
-fn exact(
+pub(crate) fn exact(
     aggregates: &[AggregateLimits],
     keys: &[(&str, i64, f64)],
     thresholded: bool,
@@ -72,7 +72,7 @@ fn exact(
     })
 }
 
-fn limits(aggregates: &[AggregateLimits], thresholded: bool) -> Result<Limits, String> {
+pub(crate) fn limits(aggregates: &[AggregateLimits], thresholded: bool) -> Result<Limits, String> {
     let g = GroupLimits {
         column: ColumnLimits {
             name: "g".into(),
