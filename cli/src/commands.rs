@@ -231,6 +231,9 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
         ),
         None => None,
     };
+    if let Some(den) = &denominator {
+        check_rate_args(a, &parsed, den)?;
+    }
     let signed_in = sign_in(&a.key, &a.connect).await?;
     let aggregates = parsed.aggregates.clone();
     let result = submit_one(a, &signed_in, parsed, a.query_id.clone()).await?;
@@ -276,6 +279,43 @@ async fn query_inner(a: &QueryArgs, parsed: crate::sql::SqlQuery) -> Result<u8, 
         0 => Ok(answered_code(&people)),
         code => Ok(code),
     }
+}
+
+/// What `Rates::of` would refuse once both queries had spent, checked before either
+/// is sent: a base that is not a positive number, group keys that differ, an age
+/// column that is not one of them.
+fn check_rate_args(
+    a: &QueryArgs,
+    events: &crate::sql::SqlQuery,
+    people: &crate::sql::SqlQuery,
+) -> Result<(), ClientError> {
+    if let Some(per) = a.rate_per
+        && !(per.is_finite() && per > 0.0)
+    {
+        return Err(ClientError::Input(format!(
+            "--rate-per must be a positive number (1000 for per 1,000), got {per}"
+        )));
+    }
+    let labels = |q: &crate::sql::SqlQuery| -> Vec<String> {
+        q.group_by.iter().map(phm_proto::GroupKey::label).collect()
+    };
+    let (ours, theirs) = (labels(events), labels(people));
+    if ours != theirs {
+        return Err(ClientError::Input(format!(
+            "--denominator groups by ({}) but the query by ({}): rates need the same GROUP BY",
+            theirs.join(", "),
+            ours.join(", ")
+        )));
+    }
+    if let Some(col) = &a.standardise
+        && !ours.contains(col)
+    {
+        return Err(ClientError::Input(format!(
+            "--standardise {col:?}: the query has no such group column (it groups by {})",
+            ours.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// Sign, submit and wait for one query's combined result.

@@ -671,3 +671,52 @@ fn query_without_a_client_certificate_says_what_to_give() {
         "{err}"
     );
 }
+
+/// Rate arguments the rate table would refuse are refused before either query is sent
+/// (so nothing is spent): here the coordinator's address is unreachable, and exit 2
+/// (bad input) rather than 3 shows no connection was tried.
+#[test]
+fn bad_rate_arguments_are_refused_before_anything_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("missing.key");
+    let people = "SELECT imd_quintile, COUNT(*) AS people FROM gp_patients GROUP BY imd_quintile";
+    let by_sex = "SELECT sex, COUNT(*) AS people FROM gp_patients GROUP BY sex";
+    for (extra, want) in [
+        (
+            vec!["--rate-per", "0", "--denominator", by_sex],
+            "--rate-per must be",
+        ),
+        (
+            vec!["--rate-per", "1000", "--denominator", people],
+            "same GROUP BY",
+        ),
+        (
+            vec![
+                "--rate-per",
+                "1000",
+                "--denominator",
+                by_sex,
+                "--standardise",
+                "bin(age, 5)",
+            ],
+            "no such group column",
+        ),
+    ] {
+        let mut args = vec![
+            "query",
+            "--federation",
+            "synthetic-ics",
+            "--coordinator",
+            "https://127.0.0.1:1",
+            "--key",
+            key.to_str().unwrap(),
+            "--purpose",
+            "planning",
+        ];
+        args.extend(extra);
+        args.push(SQL);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(want), "{}", text(&out.stderr));
+    }
+}
